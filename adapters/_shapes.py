@@ -1,0 +1,96 @@
+"""The FHIR JSON shapes the adapters read, as msgspec Structs.
+
+Only the elements a booking needs are declared; everything else in the body (text, meta, contained,
+reasonCode, requestedPeriod, ...) is skipped by the decoder without being built. Every field is
+optional and accepts JSON null as "absent", so the Structs describe R4 and STU3 alike; a present
+field of the wrong JSON type fails the decode, and the adapter turns msgspec's `$.a[0].b` location
+into the FHIR path of the element.
+
+`Coding` is decoded straight into the canonical `Coding` (its unknown keys such as `userSelected`
+are ignored), so a CodeableConcept's codings go into the canonical booking without a copy.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from gateway.canonical import Coding
+
+_OPTS = {"frozen": True, "gc": False, "forbid_unknown_fields": False}
+
+
+class Reference(msgspec.Struct, **_OPTS):
+    reference: str | None = None
+
+
+class CodeableConcept(msgspec.Struct, **_OPTS):
+    coding: tuple[Coding, ...] | None = None
+    text: str | None = None
+
+
+class Identifier(msgspec.Struct, **_OPTS):
+    system: str | None = None
+    value: str | None = None
+
+
+class Participant(msgspec.Struct, **_OPTS):
+    # `type` is not needed: a participant counts only through its actor's reference
+    actor: Reference | None = None
+
+
+class Extension(msgspec.Struct, **_OPTS):
+    url: str | None = None
+    valueString: str | None = None
+
+
+class Param(msgspec.Struct, **_OPTS):
+    """One Parameters.parameter. `resource` stays raw: only the appointment resource is decoded,
+    so another parameter's resource (IHE's patient-resource, say) is never read."""
+
+    name: str | None = None
+    valueString: str | None = None
+    valueUri: str | None = None
+    valueIdentifier: Identifier | None = None
+    valueReference: Reference | None = None
+    resource: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
+
+
+class Body(msgspec.Struct, **_OPTS):
+    """A request body: an Appointment (R4 or STU3) or a Parameters, told apart by resourceType.
+
+    The two resources share no element names, so one Struct decodes either in a single pass.
+    `fullUrl` and `resource` are only there to recognise a Bundle entry sent by mistake.
+    """
+
+    resourceType: str | None = None
+    # Appointment
+    identifier: tuple[Identifier, ...] | None = None
+    status: str | None = None
+    serviceCategory: tuple[CodeableConcept, ...] | CodeableConcept | None = None  # R4 array, STU3 single
+    serviceType: tuple[CodeableConcept, ...] | None = None
+    specialty: tuple[CodeableConcept, ...] | None = None
+    appointmentType: CodeableConcept | None = None
+    start: str | None = None
+    end: str | None = None
+    comment: str | None = None
+    slot: tuple[Reference, ...] | None = None
+    participant: tuple[Participant, ...] | None = None
+    # Parameters
+    parameter: tuple[Param, ...] | None = None
+    # a Bundle entry ({"fullUrl", "resource"}) is not a resource
+    fullUrl: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
+    resource: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
+
+
+class CernerBody(Body, **_OPTS):
+    """Cerner adds its extensions (action-comment may carry a comment)."""
+
+    extension: tuple[Extension, ...] | None = None
+
+
+class Head(msgspec.Struct, **_OPTS):
+    """Only decoded on the error path, to say what kind of body failed."""
+
+    resourceType: object = None
+    fullUrl: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
+    resource: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET

@@ -1,0 +1,121 @@
+"""The gateway's one error hierarchy. Each error carries what its OperationOutcome needs; the
+rendering happens in one place (`gateway.fhir.operation_outcome`).
+
+A leaf module, importable by adapters. Messages must never carry patient data: they name FHIR paths
+and codes, never values taken from the patient's record.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+Severity = Literal["fatal", "error", "warning", "information"]
+
+
+class Issue(msgspec.Struct, frozen=True, omit_defaults=True):
+    """One OperationOutcome.issue. `code` is from http://hl7.org/fhir/issue-type."""
+
+    code: str
+    diagnostics: str
+    expression: tuple[str, ...] = ()
+    severity: Severity = "error"
+    details_code: str | None = None  # e.g. Salesforce's errorCode, shown in issue.details.coding
+
+
+class GatewayError(Exception):
+    status: int = 500
+    code: str = "exception"
+
+    def __init__(
+        self,
+        diagnostics: str | None = None,
+        *,
+        expression: tuple[str, ...] | list[str] = (),
+        issues: list[Issue] | None = None,
+        retry_after: int | None = None,
+        details_code: str | None = None,
+    ) -> None:
+        if issues is None:
+            issues = [
+                Issue(
+                    code=self.code,
+                    diagnostics=diagnostics or self.__class__.__doc__ or "error",
+                    expression=tuple(expression),
+                    details_code=details_code,
+                )
+            ]
+        self.issues = issues
+        self.retry_after = retry_after
+        super().__init__(issues[0].diagnostics)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)} if self.retry_after is not None else {}
+
+
+class InvalidRequest(GatewayError):
+    """The body is not JSON, not FHIR, or not the resource expected."""
+
+    status, code = 400, "structure"
+
+
+class Unauthorized(GatewayError):
+    """No inbound key, or an unknown one."""
+
+    status, code = 401, "login"
+
+
+class Forbidden(GatewayError):
+    """The key belongs to another source."""
+
+    status, code = 403, "forbidden"
+
+
+class NotFound(GatewayError):
+    status, code = 404, "not-found"
+
+
+class PayloadTooLarge(GatewayError):
+    status, code = 413, "too-costly"
+
+
+class UnsupportedMediaType(GatewayError):
+    status, code = 415, "not-supported"
+
+
+class InFlight(GatewayError):
+    """The same idempotency key is still being processed."""
+
+    status, code = 409, "conflict"
+
+
+class Unprocessable(GatewayError):
+    """A Salesforce rule is broken or a code has no mapping."""
+
+    status, code = 422, "business-rule"
+
+
+class IdempotencyKeyReused(Unprocessable):
+    """The idempotency key was used before with another booking."""
+
+    code = "conflict"
+
+
+class SalesforceRefused(Unprocessable):
+    """Salesforce refused the booking (a 4xx, or isSuccess false)."""
+
+    code = "processing"
+
+
+class SalesforceFailed(GatewayError):
+    """Salesforce failed: a 5xx, or an answer that cannot be read."""
+
+    status, code = 502, "exception"
+
+
+class Unavailable(GatewayError):
+    """Redis or Salesforce is unavailable, or Salesforce's request limit is reached."""
+
+    status, code = 503, "transient"

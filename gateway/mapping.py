@@ -1,0 +1,177 @@
+"""Canonical booking -> Salesforce booking request, translating codes through the source's maps.
+
+Collects every problem instead of stopping at the first, so an integration engineer sees all that is
+wrong with a payload in one answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import msgspec
+
+from gateway.canonical import CanonicalBooking, Concept, Participant
+from gateway.codemaps import SourceMaps
+from gateway.errors import Issue
+from gateway.salesforce.wire import BookingRequest, SfParticipant, SfSlot
+from gateway.settings import SourceSettings
+
+# category -> the canonical field that feeds it (contract: "Which FHIR element feeds which category")
+_ARRAY_CATEGORIES = (
+    ("appointmentTypes", "appointment_types"),
+    ("serviceTypes", "service_types"),
+    ("serviceCategories", "service_categories"),
+    ("specialties", "specialties"),
+)
+# Salesforce can book without a specialty; a specialty that does not map is dropped with a warning.
+_OPTIONAL = frozenset({"specialties"})
+# workTypeId and channelId are looked up from these elements' codings
+_SCALAR_FEEDS = ("appointment_types", "service_types")
+
+
+class Mapped(msgspec.Struct, frozen=True):
+    request: BookingRequest
+    issues: tuple[Issue, ...]  # errors and warnings found while mapping
+    used: tuple[str, ...]  # "<file> $.group[i] <code>" for each map entry used
+    maps_version: str
+
+
+def _codes(
+    maps: SourceMaps, category: str, concept: Concept, issues: list[Issue], used: list[str]
+) -> list[str] | None:
+    """Salesforce codes for one concept in one category; None when no coding had a group."""
+    found: list[str] | None = None
+    for ci, coding in enumerate(concept.codings):
+        if not coding.system or not coding.code:
+            continue
+        group = maps.group(category, coding.system)
+        if group is None:
+            continue  # contract: a system with no group is ignored for that category
+        hit = group.lookup(coding.code)
+        if hit is None:
+            issues.append(
+                Issue(
+                    code="code-invalid",
+                    diagnostics=f"code {coding.code!r} of system {coding.system} has no {category} "
+                    f"mapping in {group.file} $.group[{group.index}]",
+                    expression=(f"{concept.path}.coding[{ci}]",),
+                )
+            )
+            continue
+        found = found if found is not None else []
+        used.append(f"{group.file} $.group[{group.index}] {coding.code}")
+        found.extend(c for c in hit if c not in found)
+    return found
+
+
+def _unmapped_issue(concept: Concept, category: str, *, optional: bool) -> Issue:
+    why = ""
+    if any(not c.system for c in concept.codings):
+        why = " (a coding without a system cannot be mapped safely)"
+    elif not concept.codings:
+        why = " (it has text only, no coding)"
+    return Issue(
+        code="informational" if optional else "code-invalid",
+        severity="warning" if optional else "error",
+        diagnostics=f"no coding maps to a Salesforce {category} code{why}"
+        + ("; dropped" if optional else ""),
+        expression=(concept.path,),
+    )
+
+
+def _scalar(
+    maps: SourceMaps, category: str, concepts: Iterable[Concept], issues: list[Issue], used: list[str]
+) -> str | None:
+    """The workTypeId or channelId the concepts map to; two different values is an error."""
+    values: dict[str, str] = {}
+    for concept in concepts:
+        codes = _codes(maps, category, concept, issues, used)
+        for code in codes or ():
+            values.setdefault(code, concept.path)
+    if len(values) > 1:
+        issues.append(
+            Issue(
+                code="business-rule",
+                diagnostics=f"the codes map to {len(values)} different {category} values; one is needed",
+                expression=tuple(dict.fromkeys(values.values())),
+            )
+        )
+        return None
+    return next(iter(values)) if values else None
+
+
+def _sf_participants(participants: Iterable[Participant]) -> tuple[SfParticipant, ...]:
+    return tuple(SfParticipant(reference=r) for r in dict.fromkeys(p.reference for p in participants))
+
+
+def _slots(booking: CanonicalBooking, issues: list[Issue]) -> tuple[SfSlot, ...] | None:
+    if not booking.slots:
+        return None
+    practitioners = [p.reference for p in booking.participants if p.kind == "Practitioner"]
+    practitioners = list(dict.fromkeys(practitioners))
+    if len(practitioners) == 1:
+        return tuple(SfSlot(id=s.id, reference=practitioners[0]) for s in booking.slots)
+    if practitioners and len(practitioners) == len(booking.slots):
+        return tuple(SfSlot(id=s.id, reference=r) for s, r in zip(booking.slots, practitioners))
+    issues.append(
+        Issue(
+            code="required" if not practitioners else "business-rule",
+            diagnostics="each slot is sent with its practitioner's reference: "
+            + ("there is no Practitioner participant" if not practitioners
+               else f"{len(booking.slots)} slots cannot be paired with {len(practitioners)} practitioners"),
+            expression=tuple(s.path for s in booking.slots),
+        )
+    )
+    return None
+
+
+def map_booking(booking: CanonicalBooking, source: SourceSettings, maps: SourceMaps) -> Mapped:
+    issues: list[Issue] = []
+    used: list[str] = []
+    arrays: dict[str, tuple[str, ...] | None] = {}
+
+    work_type = _scalar(
+        maps, "workTypeId", (c for f in _SCALAR_FEEDS for c in getattr(booking, f)), issues, used
+    )
+    channel = _scalar(
+        maps, "channelId", (c for f in _SCALAR_FEEDS for c in getattr(booking, f)), issues, used
+    )
+    for category, field in _ARRAY_CATEGORIES:
+        out: list[str] = []
+        for concept in getattr(booking, field):
+            codes = _codes(maps, category, concept, issues, used)
+            if codes:
+                out.extend(c for c in codes if c not in out)
+                continue
+            # a concept that found its workTypeId is satisfied: the visit type is known
+            if field in _SCALAR_FEEDS and _maps_to_work_type(maps, concept):
+                continue
+            issues.append(_unmapped_issue(concept, category, optional=category in _OPTIONAL))
+        arrays[category] = tuple(out) or None
+
+    request = BookingRequest(
+        participants=_sf_participants(booking.participants),
+        startDate=booking.start.text if booking.start else None,
+        endDate=booking.end.text if booking.end else None,
+        workTypeId=work_type,
+        channelId=channel or source.channel_id,
+        timeZone=booking.time_zone or source.time_zone,
+        sourceSystem=source.source_system,
+        appointmentTypes=arrays["appointmentTypes"],
+        serviceTypes=arrays["serviceTypes"],
+        serviceCategories=arrays["serviceCategories"],
+        specialties=arrays["specialties"],
+        slots=_slots(booking, issues),
+        comment=booking.comment,
+    )
+    return Mapped(request=request, issues=tuple(issues), used=tuple(used), maps_version=maps.version)
+
+
+def _maps_to_work_type(maps: SourceMaps, concept: Concept) -> bool:
+    """Whether one of the concept's codings resolved to a workTypeId."""
+    for coding in concept.codings:
+        if coding.system and coding.code:
+            group = maps.group("workTypeId", coding.system)
+            if group is not None and group.lookup(coding.code):
+                return True
+    return False

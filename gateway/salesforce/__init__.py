@@ -1,0 +1,1 @@
+"""Salesforce Health Cloud: wire models, authentication and the appointment-management client."""

@@ -1,0 +1,54 @@
+"""Salesforce's wire shapes, as msgspec Structs. A leaf module: imports nothing of the gateway."""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class SfParticipant(msgspec.Struct, frozen=True, omit_defaults=True):
+    reference: str
+    isReferenceRequired: bool | None = None
+
+
+class SfSlot(msgspec.Struct, frozen=True):
+    id: str
+    reference: str
+
+
+class BookingRequest(msgspec.Struct, frozen=True, omit_defaults=True):
+    """Body of `POST …/connect/health/appointment-management/appointment` (and PUT, with `id`)."""
+
+    participants: tuple[SfParticipant, ...]
+    startDate: str | None = None
+    endDate: str | None = None
+    workTypeId: str | None = None
+    channelId: str | None = None
+    timeZone: str | None = None
+    sourceSystem: str | None = None
+    appointmentTypes: tuple[str, ...] | None = None
+    serviceTypes: tuple[str, ...] | None = None
+    serviceCategories: tuple[str, ...] | None = None
+    specialties: tuple[str, ...] | None = None
+    slots: tuple[SfSlot, ...] | None = None
+    comment: str | None = None
+    id: str | None = None
+
+
+class SfError(msgspec.Struct, frozen=True, omit_defaults=True):
+    """One Salesforce error: `{"message", "errorCode", "fields"}`."""
+
+    message: str | None = None
+    errorCode: str | None = None
+    fields: list[str] | None = None
+
+
+class TokenAnswer(msgspec.Struct, frozen=True, omit_defaults=True):
+    """The OAuth token endpoint's answer. Salesforce sends no `expires_in` and no refresh token."""
+
+    access_token: str
+    instance_url: str
+    token_type: str = "Bearer"
+    issued_at: str | None = None
+    id: str | None = None
+    signature: str | None = None
+    scope: str | None = None

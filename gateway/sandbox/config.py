@@ -1,0 +1,33 @@
+"""The sandbox's settings: which credentials it accepts and which of Salesforce's documented
+variations (status code, answer shape, error-list name) it answers with, so the gateway can be
+tested against each variation the samples show."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+
+class SandboxConfig(msgspec.Struct, kw_only=True, frozen=True):
+    client_id: str = "sandbox-client-id"
+    client_secret: str | None = "sandbox-client-secret"
+    # JWT bearer flow: enabled only when a certificate is given. PEM text of an X.509 certificate.
+    username: str | None = "integration@sandbox.example"
+    certificate_pem: str | None = None
+    audience: str = "https://login.salesforce.com"
+    # The org's newest API version; the sandbox serves this one and older (appointment API: 65.0+).
+    api_version: str = "66.0"
+    daily_limit: int = 15000
+    answer_status: Literal[200, 201] = 201
+    answer_shape: Literal["object", "array"] = "object"
+    error_key: Literal["error", "errorMessages"] = "error"
+    # Salesforce sessions time out after idleness, not at a fixed expiry; None disables it.
+    session_timeout_s: float | None = 7200.0
+    # One doc page requires channelId; off by default because the other does not.
+    require_channel_id: bool = False
+    # Get Slots: free slots of this length inside these UTC working hours.
+    slot_minutes: int = 30
+    workday_start_hour: int = 9
+    workday_end_hour: int = 17
+    max_slot_range_days: int = 62

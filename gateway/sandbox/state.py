@@ -1,0 +1,355 @@
+"""The sandbox's mutable state: issued sessions, stored appointments, faults and counters.
+
+The sandbox is usually served from a background thread while a test reads or changes this state from
+its own thread, so every access goes through a lock and readers get snapshots, never live objects.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import secrets
+import threading
+import time
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+import msgspec
+
+from gateway.salesforce.wire import BookingRequest
+from gateway.sandbox.config import SandboxConfig
+
+_CHECKSUM_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ012345"
+_BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+
+
+def salesforce_id(prefix: str, number: int) -> str:
+    """An 18-character id with Salesforce's case-safety suffix, so clients that check it can."""
+    digits = ""
+    n = number
+    for _ in range(10):
+        n, r = divmod(n, 62)
+        digits = _BASE62[r] + digits
+    short = f"{prefix}Hs{digits}"
+    assert len(short) == 15
+    suffix = ""
+    for chunk in range(3):
+        bits = 0
+        for i, ch in enumerate(short[chunk * 5 : chunk * 5 + 5]):
+            if "A" <= ch <= "Z":
+                bits |= 1 << i
+        suffix += _CHECKSUM_ALPHABET[bits]
+    return short + suffix
+
+
+def sf_datetime(value: datetime) -> str:
+    """Salesforce's REST rendering of a dateTime field: UTC, milliseconds, `+0000`."""
+    utc = value.astimezone(timezone.utc)
+    return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}+0000"
+
+
+ORG_ID = salesforce_id("00D", 1)
+USER_ID = salesforce_id("005", 1)
+
+
+class Counters(msgspec.Struct, kw_only=True):
+    """What tests count: grants (did the client re-authenticate?) and calls (did it retry?)."""
+
+    token_requests: int = 0
+    token_grants: int = 0
+    token_refusals: int = 0
+    api_calls: int = 0  # calls counted against the daily limit, as in Sforce-Limit-Info
+    book_calls: int = 0  # every POST …/appointment received, whatever the outcome
+    update_calls: int = 0
+    cancel_calls: int = 0
+    slots_calls: int = 0
+    query_calls: int = 0
+    invalid_session: int = 0
+    limit_refusals: int = 0
+    server_errors: int = 0
+    dropped_connections: int = 0
+
+
+class FaultsView(msgspec.Struct, kw_only=True):
+    latency_ms: int = 0
+    request_limit_exceeded: int = 0
+    server_error: int = 0
+    server_error_status: int = 503
+    drop_after_store: int = 0
+    tokens_expired: int = 0  # how many times expire_tokens was triggered
+
+
+class FaultsUpdate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Body of `POST /sandbox/faults`; absent fields keep their value."""
+
+    latency_ms: int | None = None
+    expire_tokens: bool = False
+    request_limit_exceeded: int | None = None
+    server_error: int | None = None
+    server_error_status: Literal[500, 503] | None = None
+    drop_after_store: int | None = None
+
+
+class SandboxFaults:
+    """Switchable failures. Counted faults (`request_limit_exceeded`, `server_error`,
+    `drop_after_store`) fire on the next N matching calls, then switch themselves off."""
+
+    def __init__(self, on_expire_tokens: Any) -> None:
+        self._lock = threading.Lock()
+        self._on_expire_tokens = on_expire_tokens
+        self._view = FaultsView()
+
+    def set(
+        self,
+        *,
+        latency_ms: int | None = None,
+        request_limit_exceeded: int | None = None,
+        server_error: int | None = None,
+        server_error_status: int | None = None,
+        drop_after_store: int | None = None,
+        expire_tokens: bool = False,
+    ) -> FaultsView:
+        changes = {
+            k: v
+            for k, v in {
+                "latency_ms": latency_ms,
+                "request_limit_exceeded": request_limit_exceeded,
+                "server_error": server_error,
+                "server_error_status": server_error_status,
+                "drop_after_store": drop_after_store,
+            }.items()
+            if v is not None
+        }
+        for name, value in changes.items():
+            if value < 0:
+                raise ValueError(f"{name} must not be negative")
+        if server_error_status is not None and server_error_status not in (500, 503):
+            raise ValueError("server_error_status must be 500 or 503")
+        with self._lock:
+            self._view = msgspec.structs.replace(self._view, **changes)
+        if expire_tokens:
+            self.expire_tokens()
+        return self.snapshot()
+
+    def apply(self, update: FaultsUpdate) -> FaultsView:
+        return self.set(
+            latency_ms=update.latency_ms,
+            request_limit_exceeded=update.request_limit_exceeded,
+            server_error=update.server_error,
+            server_error_status=update.server_error_status,
+            drop_after_store=update.drop_after_store,
+            expire_tokens=update.expire_tokens,
+        )
+
+    def expire_tokens(self) -> None:
+        """Invalidate every token issued so far, as a revoked or timed-out session would be."""
+        self._on_expire_tokens()
+        with self._lock:
+            self._view = msgspec.structs.replace(self._view, tokens_expired=self._view.tokens_expired + 1)
+
+    @property
+    def latency_ms(self) -> int:
+        with self._lock:
+            return self._view.latency_ms
+
+    def server_error_status(self) -> int:
+        with self._lock:
+            return self._view.server_error_status
+
+    def take(self, name: Literal["request_limit_exceeded", "server_error", "drop_after_store"]) -> bool:
+        """Consume one occurrence of a counted fault; True if it fires for this call."""
+        with self._lock:
+            remaining = getattr(self._view, name)
+            if remaining <= 0:
+                return False
+            self._view = msgspec.structs.replace(self._view, **{name: remaining - 1})
+            return True
+
+    def snapshot(self) -> FaultsView:
+        with self._lock:
+            return self._view
+
+    def reset(self) -> None:
+        with self._lock:
+            self._view = FaultsView()
+
+
+class StoredAppointment(msgspec.Struct, kw_only=True, frozen=True):
+    """One booking as the sandbox holds it. Replaced, never mutated, so snapshots stay valid."""
+
+    id: str
+    number: int
+    status: Literal["Scheduled", "Cancelled"]
+    request: dict[str, Any]  # the last book/update body exactly as received
+    booking: BookingRequest
+    start: datetime
+    end: datetime
+    created_at: datetime
+    updated_at: datetime
+    cancellation_reason: str | None = None
+    cancel_comment: str | None = None
+
+    def participant_ids(self, kind: str) -> list[str]:
+        prefix = kind + "/"
+        return [p.reference[len(prefix) :] for p in self.booking.participants if p.reference.startswith(prefix)]
+
+    def service_appointment(self) -> dict[str, Any]:
+        """The ServiceAppointment record Health Cloud would keep for this booking. Fields ending
+        in `__c` are the sandbox's own (a real org would need them as custom fields)."""
+        b = self.booking
+        first = lambda values: values[0] if values else None  # noqa: E731
+        return {
+            "Id": self.id,
+            "AppointmentNumber": f"SA-{self.number:04d}",
+            # The ServiceAppointment picklist spells "Canceled"; the Connect answer "Cancelled".
+            "Status": "Canceled" if self.status == "Cancelled" else "Scheduled",
+            "SchedStartTime": sf_datetime(self.start),
+            "SchedEndTime": sf_datetime(self.end),
+            "Comments": b.comment,
+            "WorkTypeId": b.workTypeId,
+            "ParentRecordId": first(self.participant_ids("Patient")),
+            "ServiceTerritoryId": first(self.participant_ids("Facility")),
+            "AppointmentType": first(b.appointmentTypes),
+            "EngagementChannelTypeId": b.channelId,
+            "CancellationReason": self.cancellation_reason,
+            "CreatedDate": sf_datetime(self.created_at),
+            "LastModifiedDate": sf_datetime(self.updated_at),
+            "SourceSystem__c": b.sourceSystem,
+            "PractitionerId__c": first(self.participant_ids("Practitioner")),
+            "DeviceId__c": first(self.participant_ids("Device")),
+            "ExternalSlotId__c": b.slots[0].id if b.slots else None,
+            "TimeZone__c": b.timeZone,
+        }
+
+    def listing(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "status": self.status,
+            "request": self.request,
+            "cancellationReason": self.cancellation_reason,
+            "createdAt": sf_datetime(self.created_at),
+            "updatedAt": sf_datetime(self.updated_at),
+            "serviceAppointment": self.service_appointment(),
+        }
+
+
+class _Session(msgspec.Struct):
+    last_used: float
+
+
+class SandboxState:
+    """Everything the sandbox remembers; `app.state.sandbox` is one of these."""
+
+    def __init__(self, config: SandboxConfig) -> None:
+        self._lock = threading.RLock()
+        self.config = config
+        self._session_timeout_s = config.session_timeout_s
+        self.daily_limit = config.daily_limit
+        self._sessions: dict[str, _Session] = {}
+        self._appointments: dict[str, StoredAppointment] = {}
+        self._next_number = 1
+        self._counters = Counters()
+        self.faults = SandboxFaults(on_expire_tokens=self._expire_sessions)
+
+    # sessions ---------------------------------------------------------------------------------
+    def issue_token(self) -> str:
+        token = f"{ORG_ID[:15]}!{secrets.token_urlsafe(48)}"  # Salesforce's shape: org id, '!', opaque
+        with self._lock:
+            self._sessions[token] = _Session(last_used=time.monotonic())
+        return token
+
+    def check_token(self, token: str) -> bool:
+        """Valid if issued here, not expired by the fault, and not idle past the session timeout."""
+        now = time.monotonic()
+        with self._lock:
+            session = self._sessions.get(token)
+            if session is None:
+                return False
+            if self._session_timeout_s is not None and now - session.last_used > self._session_timeout_s:
+                del self._sessions[token]
+                return False
+            session.last_used = now
+            return True
+
+    def _expire_sessions(self) -> None:
+        with self._lock:
+            self._sessions.clear()
+
+    @staticmethod
+    def token_signature(secret: str | None, identity_url: str, issued_at: str) -> str:
+        key = (secret or "").encode()
+        digest = hmac.new(key, (identity_url + issued_at).encode(), hashlib.sha256).digest()
+        return base64.b64encode(digest).decode()
+
+    # counters ---------------------------------------------------------------------------------
+    def count(self, name: str, by: int = 1) -> int:
+        with self._lock:
+            value = getattr(self._counters, name) + by
+            setattr(self._counters, name, value)
+            return value
+
+    def counters(self) -> Counters:
+        with self._lock:
+            return msgspec.structs.replace(self._counters)
+
+    def api_usage(self) -> int:
+        with self._lock:
+            return self._counters.api_calls
+
+    def try_consume_api_call(self) -> tuple[bool, int]:
+        """Count one call against the daily limit; (False, used) once the allowance is spent."""
+        with self._lock:
+            used = self._counters.api_calls
+            if used >= self.daily_limit:
+                return False, used
+            self._counters.api_calls = used + 1
+            return True, used + 1
+
+    # appointments -----------------------------------------------------------------------------
+    def store_new(self, request: dict[str, Any], booking: BookingRequest, start: datetime, end: datetime) -> StoredAppointment:
+        now = datetime.now(timezone.utc)
+        with self._lock:
+            number = self._next_number
+            self._next_number += 1
+            appt = StoredAppointment(
+                id=salesforce_id("08p", number),
+                number=number,
+                status="Scheduled",
+                request=request,
+                booking=booking,
+                start=start,
+                end=end,
+                created_at=now,
+                updated_at=now,
+            )
+            self._appointments[appt.id] = appt
+            return appt
+
+    def replace(self, appt_id: str, **changes: Any) -> StoredAppointment | None:
+        with self._lock:
+            current = self._appointments.get(appt_id)
+            if current is None:
+                return None
+            updated = msgspec.structs.replace(current, updated_at=datetime.now(timezone.utc), **changes)
+            self._appointments[appt_id] = updated
+            return updated
+
+    def get(self, appt_id: str) -> StoredAppointment | None:
+        with self._lock:
+            if len(appt_id) == 15:  # Salesforce accepts the case-sensitive 15-char form too
+                return next((a for a in self._appointments.values() if a.id[:15] == appt_id), None)
+            return self._appointments.get(appt_id)
+
+    def appointments(self) -> list[StoredAppointment]:
+        with self._lock:
+            return list(self._appointments.values())
+
+    def reset(self) -> None:
+        """Forget bookings, sessions, counters and faults: a fresh org for the next scenario."""
+        with self._lock:
+            self._appointments.clear()
+            self._sessions.clear()
+            self._next_number = 1
+            self._counters = Counters()
+        self.faults.reset()

@@ -1,0 +1,141 @@
+"""Serve an ASGI app with uvicorn in a background thread.
+
+Tests, the demo run and the benchmarks need real HTTP (real sockets, real keep-alive, real
+connection drops) without a subprocess whose state they could not inspect. The port is bound here,
+before uvicorn starts, so an ephemeral port is known the moment `start()` returns.
+
+Uvicorn's own logging is off: the project logs with structlog and no server may log bodies or headers.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import socket
+import threading
+import time
+from types import TracebackType
+from typing import Any
+
+import uvicorn
+
+__all__ = ["ThreadedServer"]
+
+
+def _best(module: str, preferred: str, fallback: str) -> str:
+    return preferred if importlib.util.find_spec(module) is not None else fallback
+
+
+class ThreadedServer:
+    """One uvicorn server on 127.0.0.1 in a daemon thread; usable as a context manager.
+
+    `uvicorn_options` pass straight to `uvicorn.Config` (e.g. `timeout_keep_alive`, `limit_concurrency`)
+    and may override the defaults chosen here, except the logging switches.
+    """
+
+    def __init__(
+        self,
+        app: Any,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        startup_timeout: float = 10.0,
+        shutdown_timeout: float = 5.0,
+        **uvicorn_options: Any,
+    ) -> None:
+        self.app = app
+        self.host = host
+        self._requested_port = port
+        self._startup_timeout = startup_timeout
+        self._shutdown_timeout = shutdown_timeout
+        options: dict[str, Any] = {
+            "loop": _best("uvloop", "uvloop", "asyncio"),
+            "http": _best("httptools", "httptools", "h11"),
+            "lifespan": "auto",
+            "timeout_graceful_shutdown": shutdown_timeout,
+        }
+        options.update(uvicorn_options)
+        # Never let uvicorn configure logging or write access lines, whatever the caller passed.
+        options.update(log_config=None, access_log=False, server_header=False)
+        self._options = options
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+        self._socket: socket.socket | None = None
+        self._error: BaseException | None = None
+        self.port: int | None = None
+
+    @property
+    def url(self) -> str:
+        if self.port is None:
+            raise RuntimeError("server not started")
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def started(self) -> bool:
+        return self._server is not None and self._server.started
+
+    def start(self) -> ThreadedServer:
+        """Bind, start serving, and return only once uvicorn accepts connections."""
+        if self._thread is not None:
+            raise RuntimeError("server already started")
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self.host, self._requested_port))
+        except OSError:
+            sock.close()
+            raise
+        sock.set_inheritable(True)
+        self._socket = sock
+        self.port = sock.getsockname()[1]
+        config = uvicorn.Config(self.app, host=self.host, port=self.port, **self._options)
+        server = uvicorn.Server(config)
+        self._server = server
+
+        def run() -> None:
+            try:
+                server.run(sockets=[sock])
+            except BaseException as exc:  # noqa: BLE001 - reported to the starting thread
+                self._error = exc
+
+        self._thread = threading.Thread(target=run, name=f"uvicorn-{self.port}", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + self._startup_timeout
+        while not server.started:
+            if not self._thread.is_alive():
+                self._cleanup_socket()
+                raise RuntimeError("server thread ended before listening") from self._error
+            if time.monotonic() > deadline:
+                self.stop()
+                raise TimeoutError(f"server did not start within {self._startup_timeout}s")
+            time.sleep(0.005)
+        return self
+
+    def stop(self) -> None:
+        """Ask uvicorn to shut down gracefully; force it if connections linger."""
+        server, thread = self._server, self._thread
+        if server is None or thread is None:
+            return
+        server.should_exit = True
+        thread.join(self._shutdown_timeout + 1.0)
+        if thread.is_alive():
+            server.force_exit = True
+            thread.join(5.0)
+        self._cleanup_socket()
+        self._server = None
+        self._thread = None
+
+    def _cleanup_socket(self) -> None:
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
+
+    def __enter__(self) -> ThreadedServer:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
