@@ -13,6 +13,7 @@ import msgspec
 import redis.asyncio as redis
 from litestar import Litestar, Request, Response, get, post
 from litestar.exceptions import HTTPException
+from litestar.params import FromPath
 from redis.exceptions import RedisError
 
 from gateway import codemaps
@@ -164,15 +165,15 @@ def create_app(settings: Settings, *, extra_keys: dict[str, list[str]] | None = 
             )
 
     @post("/fhir/{source:str}/Appointment", status_code=201)
-    async def book(request: Request, source: str) -> Response[bytes]:
+    async def book(request: Request, source: FromPath[str]) -> Response[bytes]:
         return await _handle(request, source, dry_run=False)
 
     @post("/fhir/{source:str}/Appointment/$book", status_code=201)
-    async def book_operation(request: Request, source: str) -> Response[bytes]:
+    async def book_operation(request: Request, source: FromPath[str]) -> Response[bytes]:
         return await _handle(request, source, dry_run=False)
 
     @post("/fhir/{source:str}/Appointment/$translate", status_code=200)
-    async def translate(request: Request, source: str) -> Response[bytes]:
+    async def translate(request: Request, source: FromPath[str]) -> Response[bytes]:
         return await _handle(request, source, dry_run=True)
 
     @get("/health/live")

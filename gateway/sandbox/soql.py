@@ -352,18 +352,16 @@ def parse(q: str) -> Query:
     return _Parser(q).parse()
 
 
-def run(query: Query, records: list[dict[str, Any]]) -> tuple[int, list[dict[str, Any]]]:
-    """(totalSize, selected records) for an already-parsed query."""
+def run(query: Query, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The full records a parsed query matches, ordered, offset and limited; the caller projects."""
     matched = [r for r in records if all(c(r) for c in query.conditions)]
     for name, desc, nulls_first in reversed(query.order):
         present = [r for r in matched if r.get(name) is not None]
         absent = [r for r in matched if r.get(name) is None]
-        sort_key = (lambda r: _parse_dt(r[name])) if FIELD_TYPES[name] == "datetime" else (lambda r: str(r[name]).lower())
-        present.sort(key=sort_key, reverse=desc)
+        if FIELD_TYPES[name] == "datetime":
+            present.sort(key=lambda r: _parse_dt(r[name]), reverse=desc)
+        else:
+            present.sort(key=lambda r: str(r[name]).lower(), reverse=desc)
         matched = absent + present if nulls_first else present + absent
     matched = matched[query.offset :]
-    if query.limit is not None:
-        matched = matched[: query.limit]
-    if query.count_only:
-        return len(matched), []
-    return len(matched), [{f: r.get(f) for f in query.fields} for r in matched]
+    return matched if query.limit is None else matched[: query.limit]

@@ -297,14 +297,13 @@ class SandboxState:
         with self._lock:
             return self._counters.api_calls
 
-    def try_consume_api_call(self) -> tuple[bool, int]:
-        """Count one call against the daily limit; (False, used) once the allowance is spent."""
+    def try_consume_api_call(self) -> bool:
+        """Count one call against the daily limit; False once the allowance is spent."""
         with self._lock:
-            used = self._counters.api_calls
-            if used >= self.daily_limit:
-                return False, used
-            self._counters.api_calls = used + 1
-            return True, used + 1
+            if self._counters.api_calls >= self.daily_limit:
+                return False
+            self._counters.api_calls += 1
+            return True
 
     # appointments -----------------------------------------------------------------------------
     def store_new(self, request: dict[str, Any], booking: BookingRequest, start: datetime, end: datetime) -> StoredAppointment:

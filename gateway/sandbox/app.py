@@ -1,0 +1,555 @@
+"""The Health Cloud sandbox: the project's own stand-in for a Salesforce org, over real HTTP.
+
+It answers the way salesforce.md says Salesforce answers (OAuth token endpoint, appointment
+management, SOQL query, error bodies, `Sforce-Limit-Info`), enforces the booking rules, and can be
+told to misbehave (latency, expired sessions, spent limits, server errors, connections dropped after
+a booking was stored) so the gateway's handling of each can be tested end to end.
+
+Handlers return raw ASGI responses: the sandbox picks every status, header and byte itself, and one
+fault needs to break the response half-way. Nothing here logs; no body or header is ever written out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+import logging
+import re
+import time
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import jwt
+import msgspec
+from cryptography import x509
+from litestar import Litestar, Request, Response, get, patch, post, put
+from litestar.exceptions import HTTPException, MethodNotAllowedException, NotFoundException
+from litestar.response.base import ASGIResponse
+from litestar.types import ASGIApp, Receive, Scope, Send
+
+from gateway.salesforce.wire import BookingRequest, SfError
+from gateway.sandbox.config import SandboxConfig
+from gateway.sandbox.rules import (
+    CancelRequest,
+    SlotsRequest,
+    check_booking,
+    decode_body,
+    error,
+    missing,
+    parse_instant,
+)
+from gateway.sandbox import soql
+from gateway.sandbox.state import ORG_ID, USER_ID, FaultsUpdate, SandboxState, StoredAppointment
+
+__all__ = ["create_sandbox_app", "SandboxConnectionDropped"]
+
+JWT_GRANT = "urn:ietf:params:oauth:grant-type:jwt-bearer"
+APPOINTMENTS = "/services/data/{version:str}/connect/health/appointment-management"
+APPOINTMENT_API_MIN = (65, 0)
+_JSON = "application/json"
+_encoder = msgspec.json.Encoder()
+
+
+class SandboxConnectionDropped(Exception):
+    """Raised on purpose after the response head went out, so uvicorn closes the socket mid-answer."""
+
+
+class _QuietDrops(logging.Filter):
+    """Uvicorn reports an exception after the response started as an error; for the deliberate
+    drop fault that report is noise, so it is dropped. Other errors still reach the log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        seen = 0
+        while exc is not None and seen < 10:
+            if isinstance(exc, SandboxConnectionDropped):
+                return False
+            exc = exc.__cause__ or exc.__context__
+            seen += 1
+        return True
+
+
+_QUIET_DROPS = _QuietDrops()
+
+
+def _install_quiet_drops() -> None:
+    logger = logging.getLogger("uvicorn.error")
+    if _QUIET_DROPS not in logger.filters:
+        logger.addFilter(_QUIET_DROPS)
+
+
+# answers ---------------------------------------------------------------------------------------
+
+
+def _json(status: int, body: Any, headers: dict[str, str] | None = None) -> ASGIResponse:
+    return ASGIResponse(body=_encoder.encode(body), status_code=status, media_type=_JSON, headers=headers)
+
+
+def _limit_header(sb: SandboxState) -> dict[str, str]:
+    return {"Sforce-Limit-Info": f"api-usage={sb.api_usage()}/{sb.daily_limit}"}
+
+
+def _api(sb: SandboxState, status: int, body: Any) -> ASGIResponse:
+    """Every answer under /services/data carries the org's API usage, errors included."""
+    return _json(status, body, _limit_header(sb))
+
+
+def _errors(sb: SandboxState, status: int, *errors: SfError) -> ASGIResponse:
+    return _api(sb, status, list(errors))
+
+
+def _oauth_error(status: int, code: str, description: str) -> ASGIResponse:
+    return _json(status, {"error": code, "error_description": description})
+
+
+def _not_found(sb: SandboxState) -> ASGIResponse:
+    return _errors(sb, 404, SfError(message="The requested resource does not exist", errorCode="NOT_FOUND"))
+
+
+def _outcome(sb: SandboxState, appt_id: str, status: str) -> Any:
+    cfg = sb.config
+    body = {"id": appt_id, "isSuccess": True, "status": status, cfg.error_key: []}
+    return [body] if cfg.answer_shape == "array" else body
+
+
+class _DropAfterHeaders:
+    """Send the status line and headers, announcing a body, then fail: the client sees a response
+    begin and the connection close, exactly the uncertain outcome a real network can produce."""
+
+    def __init__(self, status: int, body: bytes, headers: dict[str, str]) -> None:
+        self.status = status
+        self.headers = [
+            (b"content-type", _JSON.encode()),
+            (b"content-length", str(len(body)).encode()),
+            *((k.lower().encode(), v.encode()) for k, v in headers.items()),
+        ]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status, "headers": self.headers})
+        raise SandboxConnectionDropped("connection dropped after the booking was stored (sandbox fault)")
+
+
+# the gate every API call passes ----------------------------------------------------------------
+
+_VERSION = re.compile(r"v(\d+)\.(\d+)")
+
+
+def _version(text: str) -> tuple[int, int] | None:
+    m = _VERSION.fullmatch(text)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+async def _gate(request: Request[Any, Any, Any], sb: SandboxState, version: str, *, minimum: tuple[int, int] | None = None) -> ASGIResponse | None:
+    """Faults, session, limits and version, in the order a client would meet them in Salesforce:
+    an outage before anything, then the session, then the allowance."""
+    faults = sb.faults
+    latency = faults.latency_ms
+    if latency > 0:
+        await asyncio.sleep(latency / 1000)
+    if faults.take("server_error"):
+        sb.count("server_errors")
+        status = faults.server_error_status()
+        if status == 503:
+            err = SfError(message="Server is temporarily unavailable. Try again later.", errorCode="SERVER_UNAVAILABLE")
+        else:
+            err = SfError(
+                message="An unexpected error occurred. Please include this ErrorId if you contact support: 1234567890-12345 (-1234567890)",
+                errorCode="UNKNOWN_EXCEPTION",
+            )
+        return _errors(sb, status, err)
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip() or not sb.check_token(token.strip()):
+        sb.count("invalid_session")
+        return _errors(sb, 401, SfError(message="Session expired or invalid", errorCode="INVALID_SESSION_ID"))
+    if faults.take("request_limit_exceeded") or not sb.try_consume_api_call():
+        sb.count("limit_refusals")
+        return _errors(sb, 403, SfError(message="TotalRequests Limit exceeded.", errorCode="REQUEST_LIMIT_EXCEEDED"))
+    wanted = _version(version)
+    newest = _version("v" + sb.config.api_version)
+    if wanted is None or newest is None or wanted > newest or (minimum is not None and wanted < minimum):
+        return _not_found(sb)
+    return None
+
+
+def _sandbox(request: Request[Any, Any, Any]) -> SandboxState:
+    return request.app.state.sandbox  # type: ignore[no-any-return]
+
+
+# OAuth -----------------------------------------------------------------------------------------
+
+
+@post("/services/oauth2/token")
+async def token(request: Request[Any, Any, Any]) -> ASGIApp:
+    """Client-credentials and JWT-bearer grants. Like Salesforce: no expires_in, no refresh token."""
+    sb = _sandbox(request)
+    cfg = sb.config
+    sb.count("token_requests")
+    form = await request.form()
+    grant = form.get("grant_type")
+    if grant == "client_credentials":
+        client_id, client_secret = form.get("client_id"), form.get("client_secret")
+        basic = request.headers.get("authorization", "")
+        if basic.lower().startswith("basic ") and not client_id:
+            try:
+                client_id, _, client_secret = base64.b64decode(basic[6:].strip()).decode().partition(":")
+            except (binascii.Error, ValueError):
+                client_id = client_secret = None
+        if not client_id or not hmac.compare_digest(str(client_id).encode(), cfg.client_id.encode()):
+            sb.count("token_refusals")
+            return _oauth_error(400, "invalid_client", "invalid client credentials")
+        if cfg.client_secret is None or not client_secret or not hmac.compare_digest(
+            str(client_secret).encode(), cfg.client_secret.encode()
+        ):
+            sb.count("token_refusals")
+            return _oauth_error(400, "invalid_client", "invalid client credentials")
+    elif grant == JWT_GRANT:
+        refusal = _check_assertion(request, form.get("assertion"))
+        if refusal is not None:
+            sb.count("token_refusals")
+            return refusal
+    else:
+        sb.count("token_refusals")
+        return _oauth_error(400, "unsupported_grant_type", "grant type not supported")
+
+    base = str(request.base_url).rstrip("/")
+    issued_at = str(int(time.time() * 1000))
+    identity = f"{base}/id/{ORG_ID}/{USER_ID}"
+    access_token = sb.issue_token()
+    sb.count("token_grants")
+    return _json(
+        200,
+        {
+            "access_token": access_token,
+            "signature": SandboxState.token_signature(cfg.client_secret, identity, issued_at),
+            "instance_url": base,
+            "id": identity,
+            "token_type": "Bearer",
+            "issued_at": issued_at,
+        },
+    )
+
+
+def _check_assertion(request: Request[Any, Any, Any], assertion: Any) -> ASGIResponse | None:
+    sb = _sandbox(request)
+    cfg = sb.config
+    key = request.app.state.sandbox_jwt_key
+    if not assertion or not isinstance(assertion, str):
+        return _oauth_error(400, "invalid_grant", "assertion missing")
+    if key is None or cfg.username is None:
+        return _oauth_error(400, "invalid_grant", "JWT bearer flow is not configured for this client")
+    try:
+        header = jwt.get_unverified_header(assertion)
+    except jwt.PyJWTError:
+        return _oauth_error(400, "invalid_grant", "invalid assertion")
+    if header.get("alg") != "RS256":
+        return _oauth_error(400, "invalid_grant", "invalid assertion")
+    try:
+        claims = jwt.decode(
+            assertion,
+            key=key,
+            algorithms=["RS256"],
+            audience=cfg.audience,
+            options={"require": ["exp", "iss", "sub", "aud"]},
+        )
+    except jwt.ExpiredSignatureError:
+        return _oauth_error(400, "invalid_grant", "expired assertion")
+    except jwt.InvalidAudienceError:
+        return _oauth_error(400, "invalid_grant", "audience is invalid")
+    except jwt.InvalidSignatureError:
+        return _oauth_error(400, "invalid_grant", "invalid assertion signature")
+    except jwt.PyJWTError:
+        return _oauth_error(400, "invalid_grant", "invalid assertion")
+    if claims.get("iss") != cfg.client_id:
+        return _oauth_error(400, "invalid_client", "client identifier invalid")
+    if claims.get("sub") != cfg.username:
+        return _oauth_error(400, "invalid_grant", "user hasn't approved this consumer")
+    return None
+
+
+# appointment management ------------------------------------------------------------------------
+
+
+@post(APPOINTMENTS + "/appointment")
+async def book(request: Request[Any, Any, Any], version: str) -> ASGIApp:
+    sb = _sandbox(request)
+    sb.count("book_calls")
+    if (refusal := await _gate(request, sb, version, minimum=APPOINTMENT_API_MIN)) is not None:
+        return refusal
+    booking, raw, errors = decode_body(await request.body(), BookingRequest)
+    start = end = None
+    if not errors:
+        errors, start, end = check_booking(booking, require_channel_id=sb.config.require_channel_id)
+    if errors or start is None or raw is None:
+        return _errors(sb, 400, *errors)
+    appt = sb.store_new(raw, booking, start, end or start + timedelta(minutes=sb.config.slot_minutes))
+    status, answer = sb.config.answer_status, _outcome(sb, appt.id, "Scheduled")
+    if sb.faults.take("drop_after_store"):
+        sb.count("dropped_connections")
+        return _DropAfterHeaders(status, _encoder.encode(answer), _limit_header(sb))
+    return _api(sb, status, answer)
+
+
+@put(APPOINTMENTS + "/appointment/{appointment_id:str}")
+async def update(request: Request[Any, Any, Any], version: str, appointment_id: str) -> ASGIApp:
+    sb = _sandbox(request)
+    sb.count("update_calls")
+    if (refusal := await _gate(request, sb, version, minimum=APPOINTMENT_API_MIN)) is not None:
+        return refusal
+    current = sb.get(appointment_id)
+    if current is None:
+        return _not_found(sb)
+    booking, raw, errors = decode_body(await request.body(), BookingRequest)
+    start = end = None
+    if not errors:
+        errors, start, end = check_booking(booking, require_channel_id=sb.config.require_channel_id)
+        errors += _id_errors(booking.id, current)
+    if errors or start is None or raw is None:
+        return _errors(sb, 400, *errors)
+    sb.replace(
+        current.id,
+        request=raw,
+        booking=booking,
+        start=start,
+        end=end or start + timedelta(minutes=sb.config.slot_minutes),
+        status="Scheduled",
+        cancellation_reason=None,
+        cancel_comment=None,
+    )
+    return _api(sb, 200, _outcome(sb, current.id, "Scheduled"))
+
+
+@patch(APPOINTMENTS + "/appointment/{appointment_id:str}")
+async def cancel(request: Request[Any, Any, Any], version: str, appointment_id: str) -> ASGIApp:
+    sb = _sandbox(request)
+    sb.count("cancel_calls")
+    if (refusal := await _gate(request, sb, version, minimum=APPOINTMENT_API_MIN)) is not None:
+        return refusal
+    current = sb.get(appointment_id)
+    if current is None:
+        return _not_found(sb)
+    body, _, errors = decode_body(await request.body(), CancelRequest)
+    if not errors:
+        errors = _id_errors(body.id, current)
+        if not body.status:
+            errors.append(missing("status"))
+        elif body.status.lower() not in ("cancelled", "canceled"):
+            errors.append(error("INVALID_INPUT", "status must be Cancelled.", "status"))
+        if body.comment is not None and len(body.comment) > 256:
+            errors.append(error("STRING_TOO_LONG", "comment: data value too large (max length=256)", "comment"))
+    if errors:
+        return _errors(sb, 400, *errors)
+    sb.replace(current.id, status="Cancelled", cancellation_reason=body.cancellationReason, cancel_comment=body.comment)
+    return _api(sb, 200, _outcome(sb, current.id, "Cancelled"))
+
+
+def _id_errors(body_id: str | None, current: StoredAppointment) -> list[SfError]:
+    if not body_id:
+        return [missing("id")]
+    if body_id != current.id and body_id != current.id[:15]:
+        return [error("INVALID_INPUT", "The id in the body does not match the id in the URL.", "id")]
+    return []
+
+
+@post(APPOINTMENTS + "/slots")
+async def slots(request: Request[Any, Any, Any], version: str) -> ASGIApp:
+    """Deterministic free slots: every `slot_minutes` inside the UTC working day, per resource,
+    minus what is already booked for that resource, so search-then-book behaves like an org."""
+    sb = _sandbox(request)
+    cfg = sb.config
+    sb.count("slots_calls")
+    if (refusal := await _gate(request, sb, version, minimum=APPOINTMENT_API_MIN)) is not None:
+        return refusal
+    body, _, errors = decode_body(await request.body(), SlotsRequest)
+    start = end = None
+    if not errors:
+        if not body.resources:
+            errors.append(missing("resources"))
+        elif any(not r.resourceId for r in body.resources):
+            errors.append(missing("resourceId"))
+        for name in ("startDate", "endDate"):
+            value = getattr(body, name)
+            if not value:
+                errors.append(missing(name))
+            elif parse_instant(value) is None:
+                errors.append(error("INVALID_INPUT", f"{name} must be an ISO-8601 date-time with a time zone.", name))
+        if not errors:
+            start, end = parse_instant(body.startDate), parse_instant(body.endDate)
+            if start is None or end is None or end <= start:
+                errors.append(error("INVALID_INPUT", "endDate must be after startDate.", "endDate"))
+            elif end - start > timedelta(days=cfg.max_slot_range_days):
+                errors.append(
+                    error("INVALID_INPUT", f"The date range must not exceed {cfg.max_slot_range_days} days.", "endDate")
+                )
+    if errors or start is None or end is None:
+        return _errors(sb, 400, *errors)
+    found = [slot for resource in body.resources for slot in _free_slots(sb, resource, start, end)]
+    return _api(sb, 200, {"isSuccess": True, "slots": found, cfg.error_key: []})
+
+
+def _iso_z(value: datetime) -> str:
+    return value.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _free_slots(sb: SandboxState, resource: Any, start: datetime, end: datetime) -> list[dict[str, Any]]:
+    cfg = sb.config
+    kind = "Device" if (resource.resourceType or "").lower() == "device" else "Practitioner"
+    busy = [
+        (a.start, a.end)
+        for a in sb.appointments()
+        if a.status == "Scheduled" and resource.resourceId in a.participant_ids(kind)
+    ]
+    step = timedelta(minutes=cfg.slot_minutes)
+    found: list[dict[str, Any]] = []
+    day = start.astimezone(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
+    while day < end:
+        t = day + timedelta(hours=cfg.workday_start_hour)
+        closing = day + timedelta(hours=cfg.workday_end_hour)
+        while t + step <= closing:
+            if t >= start and t + step <= end and not any(b0 < t + step and t < b1 for b0, b1 in busy):
+                found.append(
+                    {
+                        "id": f"{resource.resourceId}-{t:%Y%m%d%H%M}",
+                        "startTime": _iso_z(t),
+                        "endTime": _iso_z(t + step),
+                        "status": "SlotAvailable",
+                        "resourceId": resource.resourceId,
+                        "resourceType": resource.resourceType or kind,
+                        "serviceTerritoryId": resource.serviceTerritoryId,
+                        "serviceResourceId": resource.serviceResourceId,
+                        "reference": f"{kind}/{resource.resourceId}",
+                    }
+                )
+            t += step
+        day += timedelta(days=1)
+    return found
+
+
+# REST query and record --------------------------------------------------------------------------
+
+
+def _record(version: str, fields: dict[str, Any], record_id: str) -> dict[str, Any]:
+    url = f"/services/data/{version}/sobjects/{soql.SOBJECT}/{record_id}"
+    return {"attributes": {"type": soql.SOBJECT, "url": url}, **fields}
+
+
+@get("/services/data/{version:str}/query")
+async def query(request: Request[Any, Any, Any], version: str) -> ASGIApp:
+    sb = _sandbox(request)
+    sb.count("query_calls")
+    if (refusal := await _gate(request, sb, version)) is not None:
+        return refusal
+    q = request.query_params.get("q")
+    if not q:
+        return _errors(sb, 400, SfError(message="A query string (q) is required.", errorCode="MALFORMED_QUERY"))
+    try:
+        parsed = soql.parse(q)
+    except soql.SoqlError as exc:
+        return _errors(sb, 400, SfError(message=exc.message, errorCode=exc.code))
+    matched = soql.run(parsed, [a.service_appointment() for a in sb.appointments()])
+    records = [] if parsed.count_only else [
+        _record(version, {f: row.get(f) for f in parsed.fields}, row["Id"]) for row in matched
+    ]
+    return _api(sb, 200, {"totalSize": len(matched), "done": True, "records": records})
+
+
+@get("/services/data/{version:str}/sobjects/ServiceAppointment/{record_id:str}")
+async def service_appointment(request: Request[Any, Any, Any], version: str, record_id: str) -> ASGIApp:
+    sb = _sandbox(request)
+    if (refusal := await _gate(request, sb, version)) is not None:
+        return refusal
+    appt = sb.get(record_id)
+    if appt is None:
+        return _not_found(sb)
+    return _api(sb, 200, _record(version, appt.service_appointment(), appt.id))
+
+
+# sandbox-only fixtures (no auth: a test and demo aid, never part of Salesforce) -------------------
+
+
+@get("/sandbox/appointments")
+async def list_appointments(request: Request[Any, Any, Any]) -> ASGIApp:
+    return _json(200, [a.listing() for a in _sandbox(request).appointments()])
+
+
+@get("/sandbox/faults")
+async def get_faults(request: Request[Any, Any, Any]) -> ASGIApp:
+    return _json(200, _sandbox(request).faults.snapshot())
+
+
+@post("/sandbox/faults")
+async def set_faults(request: Request[Any, Any, Any]) -> ASGIApp:
+    sb = _sandbox(request)
+    try:
+        update = msgspec.json.decode(await request.body() or b"{}", type=FaultsUpdate)
+        view = sb.faults.apply(update)
+    except (msgspec.DecodeError, ValueError) as exc:
+        return _json(400, {"error": str(exc)})
+    return _json(200, view)
+
+
+@get("/sandbox/counters")
+async def get_counters(request: Request[Any, Any, Any]) -> ASGIApp:
+    return _json(200, _sandbox(request).counters())
+
+
+@post("/sandbox/reset")
+async def reset(request: Request[Any, Any, Any]) -> ASGIApp:
+    _sandbox(request).reset()
+    return _json(200, {"reset": True})
+
+
+# errors Litestar itself raises (unknown path, wrong method), in Salesforce's shape ------------------
+
+
+def _http_error(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    if isinstance(exc, NotFoundException):
+        status, code, message = 404, "NOT_FOUND", "The requested resource does not exist"
+    elif isinstance(exc, MethodNotAllowedException):
+        status, code, message = 405, "METHOD_NOT_ALLOWED", f"HTTP Method '{request.method}' not allowed."
+    elif isinstance(exc, HTTPException):
+        status, code, message = exc.status_code, "INVALID_INPUT", "The request could not be processed."
+    else:
+        status, code, message = 500, "UNKNOWN_EXCEPTION", "An unexpected error occurred."
+    headers = _limit_header(request.app.state.sandbox) if request.url.path.startswith("/services/data") else {}
+    return Response(
+        content=_encoder.encode([{"message": message, "errorCode": code}]),
+        status_code=status,
+        media_type=_JSON,
+        headers=headers,
+    )
+
+
+def create_sandbox_app(config: SandboxConfig | None = None) -> Litestar:
+    """A fresh org: its state is `app.state.sandbox` (a `SandboxState`), faults at `.faults`."""
+    config = config or SandboxConfig()
+    jwt_key = None
+    if config.certificate_pem:
+        pem = config.certificate_pem
+        cert = x509.load_pem_x509_certificate(pem.encode() if isinstance(pem, str) else pem)
+        jwt_key = cert.public_key()
+    _install_quiet_drops()
+    app = Litestar(
+        route_handlers=[
+            token,
+            book,
+            update,
+            cancel,
+            slots,
+            query,
+            service_appointment,
+            list_appointments,
+            get_faults,
+            set_faults,
+            get_counters,
+            reset,
+        ],
+        exception_handlers={HTTPException: _http_error, Exception: _http_error},
+        logging_config=None,
+        openapi_config=None,
+        debug=False,
+    )
+    app.state.sandbox = SandboxState(config)
+    app.state.sandbox_jwt_key = jwt_key
+    return app

@@ -1,0 +1,115 @@
+"""Shared fixtures: a real Redis (REDIS_URL, else an embedded server), the Health Cloud sandbox over
+real HTTP, and gateway apps built by the factory against both.
+
+Every run uses its own Redis key prefix and deletes its keys at the end, because the Redis at
+REDIS_URL is shared by every run on the machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import msgspec
+import pytest
+import redis
+
+from gateway.embedded_redis import EmbeddedRedis
+from gateway.sandbox import SandboxConfig, create_sandbox_app
+from gateway.server import ThreadedServer
+from gateway.settings import SalesforceConnection, Settings, load_file_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "config"
+CORPUS = ROOT.parent / "shared" / "corpus"
+
+# inbound keys used by the tests, one per configured source
+KEYS = {"cerner": "test-cerner-key", "epic": "test-epic-key", "fhir": "test-fhir-key"}
+CLIENT_ID, CLIENT_SECRET = "test-client", "test-secret-3f9a1c"
+
+
+def digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    if os.environ.get("REDIS_URL"):
+        yield os.environ["REDIS_URL"]
+        return
+    with EmbeddedRedis(appendonly=False) as server:
+        yield server.url
+
+
+@pytest.fixture(scope="session")
+def key_prefix(redis_url: str) -> Iterator[str]:
+    prefix = f"ehrgw-test-{uuid.uuid4().hex[:12]}"
+    yield prefix
+    client = redis.Redis.from_url(redis_url)
+    keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+@pytest.fixture
+def prefix(key_prefix: str) -> str:
+    """A prefix of its own for each test, so records and tokens never leak between tests."""
+    return f"{key_prefix}:{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def sandbox_config(request: pytest.FixtureRequest) -> SandboxConfig:
+    """Override per test with `@pytest.mark.parametrize("sandbox_config", [{...}], indirect=True)`."""
+    return SandboxConfig(client_id=CLIENT_ID, client_secret=CLIENT_SECRET, **getattr(request, "param", {}))
+
+
+@pytest.fixture
+def sandbox(sandbox_config: SandboxConfig) -> Iterator[ThreadedServer]:
+    app = create_sandbox_app(sandbox_config)
+    with ThreadedServer(app) as server:
+        yield server
+
+
+def make_settings(
+    redis_url: str, prefix: str, login_url: str, *, config_dir: Path = CONFIG, **file_overrides: object
+) -> Settings:
+    file = load_file_settings(config_dir)
+    sources = {
+        name: msgspec.structs.replace(src, api_keys_sha256=(digest(KEYS[name]),)) if name in KEYS else src
+        for name, src in file.sources.items()
+    }
+    file = msgspec.structs.replace(file, sources=sources, redis=msgspec.structs.replace(file.redis, key_prefix=prefix),
+                                   **file_overrides)
+    return Settings(
+        config_dir=config_dir,
+        file=file,
+        salesforce=SalesforceConnection(login_url=login_url, client_id=CLIENT_ID, client_secret=CLIENT_SECRET),
+        redis_url=redis_url,
+    )
+
+
+@pytest.fixture
+def settings(redis_url: str, prefix: str, sandbox: ThreadedServer) -> Settings:
+    return make_settings(redis_url, prefix, sandbox.url)
+
+
+@pytest.fixture
+async def gateway(settings: Settings) -> AsyncIterator[object]:
+    from litestar.testing import AsyncTestClient
+
+    from gateway.app import create_app
+
+    async with AsyncTestClient(create_app(settings)) as client:
+        yield client
+
+
+def corpus(path: str) -> bytes:
+    return (CORPUS / path).read_bytes()
+
+
+def auth(source: str = "cerner", **headers: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {KEYS[source]}", "Content-Type": "application/fhir+json", **headers}

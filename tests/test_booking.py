@@ -1,0 +1,136 @@
+"""The booking path end to end: gateway app -> real Redis -> Health Cloud sandbox over real HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+
+import msgspec
+import pytest
+
+from gateway.fhir import SALESFORCE_ERROR_SYSTEM, SALESFORCE_ID_SYSTEM
+from tests.conftest import auth, corpus
+
+VIDEO_VISIT = "cerner-millennium-r4/r4_appointment_video_visit_entry.json"
+PATIENT_ID = "12724066"
+
+
+def state(sandbox):
+    return sandbox.app.state.sandbox
+
+
+def booking_variant(minute: int) -> bytes:
+    """The corpus's Cerner appointment at another time: a different booking."""
+    data = msgspec.json.decode(corpus(VIDEO_VISIT))
+    data["start"] = f"2026-12-01T13:{minute:02d}:00Z"
+    data["end"] = f"2026-12-01T14:{minute:02d}:00Z"
+    return msgspec.json.encode(data)
+
+
+async def test_books_the_cerner_appointment(gateway, sandbox):
+    r = await gateway.post("/fhir/cerner/Appointment", content=corpus(VIDEO_VISIT), headers=auth(**{"Idempotency-Key": "k-1"}))
+    assert r.status_code == 201, r.text
+    body = r.json()
+    stored = state(sandbox).appointments()
+    assert len(stored) == 1
+    assert body["resourceType"] == "Appointment" and body["status"] == "booked"
+    assert body["id"] == stored[0].id
+    assert r.headers["location"] == f"/fhir/cerner/Appointment/{stored[0].id}"
+    assert r.headers["content-type"].startswith("application/fhir+json")
+    assert {"system": SALESFORCE_ID_SYSTEM, "value": stored[0].id} in body["identifier"]
+    sent = stored[0].request
+    assert sent["sourceSystem"] == "cerner"
+    assert sent["workTypeId"] == "08qxx0000000002AAA"
+    assert sent["serviceTypes"] == ["2572307911"] and sent["serviceCategories"] == ["DIAGNOSTIC"]
+    assert sent["startDate"] == "2020-07-10T13:00:00.000Z" and sent["endDate"] == "2020-07-10T13:15:00.000Z"
+    assert sent["slots"] == [{"id": "21265426-633867-6828001-60", "reference": "Practitioner/593923"}]
+    assert {p["reference"] for p in sent["participants"]} == {"Patient/12724066", "Practitioner/593923", "Facility/21304876"}
+    assert sent["timeZone"] == "America/Chicago"
+
+
+async def test_retry_is_replayed_byte_for_byte(gateway, sandbox):
+    headers = auth(**{"Idempotency-Key": '"retry-1"'})
+    first = await gateway.post("/fhir/cerner/Appointment", content=corpus(VIDEO_VISIT), headers=headers)
+    again = await gateway.post("/fhir/cerner/Appointment", content=corpus(VIDEO_VISIT), headers=auth(**{"Idempotency-Key": "retry-1"}))
+    assert first.status_code == again.status_code == 201
+    assert again.content == first.content
+    assert again.headers["idempotent-replayed"] == "true"
+    assert "idempotent-replayed" not in first.headers
+    assert again.headers["location"] == first.headers["location"]
+    assert len(state(sandbox).appointments()) == 1
+
+
+async def test_without_a_key_the_same_booking_is_recognised(gateway, sandbox):
+    first = await gateway.post("/fhir/cerner/Appointment", content=corpus(VIDEO_VISIT), headers=auth())
+    again = await gateway.post("/fhir/cerner/Appointment", content=corpus(VIDEO_VISIT), headers=auth())
+    other = await gateway.post("/fhir/cerner/Appointment", content=booking_variant(30), headers=auth())
+    assert (first.status_code, again.status_code, other.status_code) == (201, 201, 201)
+    assert again.content == first.content and again.headers["idempotent-replayed"] == "true"
+    assert other.json()["id"] != first.json()["id"]
+    assert len(state(sandbox).appointments()) == 2
+
+
+async def test_key_identifier_derivation(gateway, sandbox):
+    """Without a header the key comes from Appointment.identifier: same identifier, other content
+    is a reused key."""
+    data = msgspec.json.decode(corpus(VIDEO_VISIT))
+    data["identifier"] = [{"system": "urn:oid:2.16.840.1.113883.3.13.6", "value": "A-1001"}]
+    first = await gateway.post("/fhir/cerner/Appointment", content=msgspec.json.encode(data), headers=auth())
+    data["end"] = "2020-07-10T13:30:00.000Z"
+    second = await gateway.post("/fhir/cerner/Appointment", content=msgspec.json.encode(data), headers=auth())
+    assert first.status_code == 201
+    assert {"system": "urn:oid:2.16.840.1.113883.3.13.6", "value": "A-1001"} in first.json()["identifier"]
+    assert second.status_code == 422 and second.json()["issue"][0]["code"] == "conflict"
+    assert len(state(sandbox).appointments()) == 1
+
+
+async def test_key_reused_with_another_booking_is_422(gateway, sandbox):
+    h = auth(**{"Idempotency-Key": "same"})
+    assert (await gateway.post("/fhir/cerner/Appointment", content=booking_variant(1), headers=h)).status_code == 201
+    r = await gateway.post("/fhir/cerner/Appointment", content=booking_variant(2), headers=h)
+    assert r.status_code == 422
+    assert r.json()["issue"][0]["expression"] == ["Idempotency-Key"]
+    assert len(state(sandbox).appointments()) == 1
+
+
+async def test_concurrent_duplicates_make_one_appointment(gateway, sandbox):
+    state(sandbox).faults.set(latency_ms=300)
+    h = auth(**{"Idempotency-Key": "burst"})
+    answers = await asyncio.gather(*(gateway.post("/fhir/cerner/Appointment", content=corpus(VIDEO_VISIT), headers=h) for _ in range(8)))
+    statuses = sorted(a.status_code for a in answers)
+    assert len(state(sandbox).appointments()) == 1
+    assert statuses.count(201) >= 1 and set(statuses) <= {201, 409}
+    for a in answers:
+        if a.status_code == 409:
+            assert int(a.headers["retry-after"]) >= 1
+            assert a.json()["issue"][0]["code"] == "conflict"
+    # once done, every retry is the one answer
+    final = await gateway.post("/fhir/cerner/Appointment", content=corpus(VIDEO_VISIT), headers=h)
+    assert final.status_code == 201 and final.json()["id"] == state(sandbox).appointments()[0].id
+
+
+async def test_refusal_before_forwarding_is_not_stored(gateway, sandbox):
+    h = auth(**{"Idempotency-Key": "fix-then-retry"})
+    bad = msgspec.json.decode(corpus(VIDEO_VISIT))
+    del bad["start"]
+    r = await gateway.post("/fhir/cerner/Appointment", content=msgspec.json.encode(bad), headers=h)
+    assert r.status_code == 422 and "Appointment.start" in r.json()["issue"][0]["expression"]
+    fixed = await gateway.post("/fhir/cerner/Appointment", content=corpus(VIDEO_VISIT), headers=h)
+    assert fixed.status_code == 201 and "idempotent-replayed" not in fixed.headers
+    assert state(sandbox).counters().book_calls == 1
+
+
+@pytest.mark.parametrize("sandbox_config", [{"require_channel_id": True}], indirect=True)
+async def test_salesforce_refusal_is_final_and_replayed(gateway, sandbox):
+    """This sandbox requires channelId (one Salesforce page says it is required); the source has
+    none, so Salesforce refuses: 422 with its errorCode, stored as the final answer."""
+    h = auth(**{"Idempotency-Key": "sf-refuses"})
+    r = await gateway.post("/fhir/cerner/Appointment", content=corpus(VIDEO_VISIT), headers=h)
+    assert r.status_code == 422
+    issue = r.json()["issue"][0]
+    assert issue["code"] == "processing"
+    assert issue["details"]["coding"][0]["system"] == SALESFORCE_ERROR_SYSTEM
+    assert issue["details"]["coding"][0]["code"] == "REQUIRED_FIELD_MISSING"
+    assert PATIENT_ID not in r.text
+    again = await gateway.post("/fhir/cerner/Appointment", content=corpus(VIDEO_VISIT), headers=h)
+    assert again.status_code == 422 and again.content == r.content and again.headers["idempotent-replayed"] == "true"
+    assert state(sandbox).counters().book_calls == 1 and state(sandbox).appointments() == []
