@@ -14,6 +14,8 @@ from typing import Literal
 import msgspec
 import yaml
 
+from gateway.settings import element_message
+
 TARGET_PREFIX = "urn:ehr-gateway:salesforce:"
 CATEGORIES = (
     "appointmentTypes",
@@ -127,7 +129,7 @@ def _compile_file(path: Path, shown: str, problems: list[str]) -> list[tuple[str
     try:
         cmap = msgspec.convert(raw, _ConceptMap)
     except msgspec.ValidationError as exc:
-        problems.append(f"{shown}: {exc}")
+        problems.append(f"{shown}: {element_message(exc)}")
         return []
     if cmap.resourceType != "ConceptMap":
         problems.append(f"{shown}: $.resourceType: expected 'ConceptMap', got {cmap.resourceType!r}")

@@ -24,6 +24,12 @@ class ConfigError(Exception):
     """The configuration is invalid; the message names the file and element."""
 
 
+def element_message(exc: msgspec.ValidationError) -> str:
+    """msgspec says "Expected `str`, got `int` - at `$.a.b`"; engineers read "$.a.b: Expected …"."""
+    what, sep, where = str(exc).rpartition(" - at ")
+    return f"{where.strip('`')}: {what}" if sep else str(exc)
+
+
 class SourceSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     adapter: Literal["fhir", "cerner", "epic", "hl7v2"]
     source_system: str
@@ -120,8 +126,7 @@ def load_file_settings(config_dir: Path) -> FileSettings:
     try:
         settings = msgspec.convert(raw, FileSettings)
     except msgspec.ValidationError as exc:
-        # msgspec names the element as `$.sources.cerner.adapter`
-        raise ConfigError(f"{path}: {exc}") from None
+        raise ConfigError(f"{path}: {element_message(exc)}") from None
     problems = []
     for name, src in settings.sources.items():
         where = f"$.sources.{name}"

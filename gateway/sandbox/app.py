@@ -26,6 +26,7 @@ import msgspec
 from cryptography import x509
 from litestar import Litestar, Request, Response, get, patch, post, put
 from litestar.exceptions import HTTPException, MethodNotAllowedException, NotFoundException
+from litestar.params import FromPath
 from litestar.response.base import ASGIResponse
 from litestar.types import ASGIApp, Receive, Scope, Send
 
@@ -272,7 +273,7 @@ def _check_assertion(request: Request[Any, Any, Any], assertion: Any) -> ASGIRes
 
 
 @post(APPOINTMENTS + "/appointment")
-async def book(request: Request[Any, Any, Any], version: str) -> ASGIApp:
+async def book(request: Request[Any, Any, Any], version: FromPath[str]) -> ASGIApp:
     sb = _sandbox(request)
     sb.count("book_calls")
     if (refusal := await _gate(request, sb, version, minimum=APPOINTMENT_API_MIN)) is not None:
@@ -292,7 +293,7 @@ async def book(request: Request[Any, Any, Any], version: str) -> ASGIApp:
 
 
 @put(APPOINTMENTS + "/appointment/{appointment_id:str}")
-async def update(request: Request[Any, Any, Any], version: str, appointment_id: str) -> ASGIApp:
+async def update(request: Request[Any, Any, Any], version: FromPath[str], appointment_id: FromPath[str]) -> ASGIApp:
     sb = _sandbox(request)
     sb.count("update_calls")
     if (refusal := await _gate(request, sb, version, minimum=APPOINTMENT_API_MIN)) is not None:
@@ -321,7 +322,7 @@ async def update(request: Request[Any, Any, Any], version: str, appointment_id: 
 
 
 @patch(APPOINTMENTS + "/appointment/{appointment_id:str}")
-async def cancel(request: Request[Any, Any, Any], version: str, appointment_id: str) -> ASGIApp:
+async def cancel(request: Request[Any, Any, Any], version: FromPath[str], appointment_id: FromPath[str]) -> ASGIApp:
     sb = _sandbox(request)
     sb.count("cancel_calls")
     if (refusal := await _gate(request, sb, version, minimum=APPOINTMENT_API_MIN)) is not None:
@@ -353,7 +354,7 @@ def _id_errors(body_id: str | None, current: StoredAppointment) -> list[SfError]
 
 
 @post(APPOINTMENTS + "/slots")
-async def slots(request: Request[Any, Any, Any], version: str) -> ASGIApp:
+async def slots(request: Request[Any, Any, Any], version: FromPath[str]) -> ASGIApp:
     """Deterministic free slots: every `slot_minutes` inside the UTC working day, per resource,
     minus what is already booked for that resource, so search-then-book behaves like an org."""
     sb = _sandbox(request)
@@ -435,7 +436,7 @@ def _record(version: str, fields: dict[str, Any], record_id: str) -> dict[str, A
 
 
 @get("/services/data/{version:str}/query")
-async def query(request: Request[Any, Any, Any], version: str) -> ASGIApp:
+async def query(request: Request[Any, Any, Any], version: FromPath[str]) -> ASGIApp:
     sb = _sandbox(request)
     sb.count("query_calls")
     if (refusal := await _gate(request, sb, version)) is not None:
@@ -455,7 +456,7 @@ async def query(request: Request[Any, Any, Any], version: str) -> ASGIApp:
 
 
 @get("/services/data/{version:str}/sobjects/ServiceAppointment/{record_id:str}")
-async def service_appointment(request: Request[Any, Any, Any], version: str, record_id: str) -> ASGIApp:
+async def service_appointment(request: Request[Any, Any, Any], version: FromPath[str], record_id: FromPath[str]) -> ASGIApp:
     sb = _sandbox(request)
     if (refusal := await _gate(request, sb, version)) is not None:
         return refusal
