@@ -35,6 +35,17 @@ def digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def log_file(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Every gateway log line of the run goes to one file, so tests can read what was logged."""
+    from gateway.logs import configure
+
+    path = tmp_path_factory.mktemp("logs") / "gateway.log"
+    with path.open("a", buffering=1) as stream:
+        configure(stream=stream)
+        yield path
+
+
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
     if os.environ.get("REDIS_URL"):
