@@ -408,8 +408,10 @@ class R4Adapter:
             prefix = f"Parameters.parameter[{appt[0]}].resource"
             return self._appointment(self._decode(appt[1], prefix), prefix, extras)
         if self.identifier_only_book and (extras.participants or extras.identifiers):
+            # Epic's form has ids only: what is missing belongs in an appt-resource Appointment,
+            # so refusals name paths inside the one the caller should send
             return CanonicalBooking(
-                resource_path="Parameters",
+                resource_path="Parameters.parameter.where(name='appt-resource').resource",
                 identifiers=tuple(extras.identifiers),
                 participants=tuple(extras.participants),
                 unresolved_participants=tuple(extras.unresolved),

@@ -261,7 +261,7 @@ def check_cerner_entry_resource(b: CanonicalBooking) -> None:
 
 def check_epic_book(b: CanonicalBooking) -> None:
     # Epic's own $book: identifiers only; the rules step refuses what is missing
-    assert b.resource_path == "Parameters"
+    assert b.resource_path == "Parameters.parameter.where(name='appt-resource').resource"
     assert people(b) == [
         ("Patient", "Patient/efvHwbc1k1CQ9XjM1zvvefQ3", "Parameters.parameter[0].valueIdentifier")
     ]

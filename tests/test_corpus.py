@@ -19,6 +19,7 @@ from gateway.settings import load_file_settings
 from tests.conftest import CONFIG, CORPUS
 
 PARTICIPANT = "Appointment.participant"
+APPT_RESOURCE = "Parameters.parameter.where(name='appt-resource').resource"
 CODES = ("Appointment.appointmentType", "Appointment.serviceType", "Appointment.serviceCategory")
 
 # file -> (source, expected): "translates", or (status, {issue code: paths that must be named})
@@ -38,7 +39,8 @@ EXPECTED: dict[str, tuple[str, object]] = {
     "argonaut-scheduling/Appointment-proposed-appt2.json": ("epic", (422, {"required": {PARTICIPANT}})),
     "argonaut-scheduling/Appointment-proposed-appt3.json": ("epic", (422, {"required": {PARTICIPANT}})),
     # Epic's own $book carries only ids from $find: no times, no participants but the patient, no codes
-    "epic/epic-stu3-appointment-book-request.json": ("epic", (422, {"required": set()})),
+    "epic/epic-stu3-appointment-book-request.json": ("epic", (422, {"required": {
+        f"{APPT_RESOURCE}.start", f"{APPT_RESOURCE}.end", f"{APPT_RESOURCE}.participant"}})),
     # the official R4 example's trap: serviceType 52 with no system cannot be mapped
     "fhir-r4-official/Appointment-example.json": ("fhir", (422, {"code-invalid": {"Appointment.serviceType[0]"}})),
     "fhir-r4-official/Appointment-2docs.json": ("fhir", (422, {"code-invalid": {"Appointment.serviceType[0]"},
