@@ -51,10 +51,22 @@ class ApiUsage:
 
 
 def make_http_client(tuning: SalesforceTuning) -> httpx.AsyncClient:
-    limits = httpx.Limits(max_connections=tuning.max_concurrent_calls + 4, keepalive_expiry=60)
+    """httpx's API over aiohttp: 2,038 forwarded requests/s against 693 for httpx's own transport
+    in benchmarks/transport.py. The session is explicit so that it keeps no cookie jar (Salesforce
+    sets cookies we must not replay) and uses httpx's CA bundle; it is created on first use, inside
+    the running loop. Neither httpx nor this transport has a total timeout: `_send` adds one."""
+
+    def session() -> aiohttp.ClientSession:
+        connector = aiohttp.TCPConnector(
+            limit=tuning.max_concurrent_calls + 4, keepalive_timeout=60, ssl=httpx.create_ssl_context()
+        )
+        return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar())
+
     return httpx.AsyncClient(
-        transport=AiohttpTransport(limits=limits),
-        timeout=httpx.Timeout(tuning.timeout_seconds, connect=tuning.connect_timeout_seconds),
+        transport=AiohttpTransport(client=session),
+        # connect -> aiohttp sock_connect, read -> per-read, pool -> aiohttp connect (wait + connect)
+        timeout=httpx.Timeout(tuning.timeout_seconds, connect=tuning.connect_timeout_seconds,
+                              pool=tuning.connect_timeout_seconds),
         follow_redirects=False,
     )
 
@@ -65,7 +77,7 @@ def _never_sent(exc: BaseException) -> bool:
     httpx-aiohttp maps every aiohttp connection error to httpx.ConnectTimeout, including a server
     that dropped the connection after reading the request; only the original cause tells them apart.
     """
-    cause = exc.__cause__
+    cause = exc if isinstance(exc, aiohttp.ClientError) else exc.__cause__
     if isinstance(cause, aiohttp.ClientError):
         return isinstance(cause, aiohttp.ClientConnectorError)
     return isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout))
@@ -151,7 +163,8 @@ class SalesforceClient:
                 response = await self._http.request(method, token.instance_url + path, content=body, headers=headers)
                 await response.aread()
                 return response
-        except (httpx.HTTPError, TimeoutError) as exc:
+        except (httpx.HTTPError, aiohttp.ClientError, TimeoutError) as exc:
+            # aiohttp.ClientError: the transport lets a malformed response through unmapped
             if _never_sent(exc):
                 raise Unavailable(
                     "Salesforce cannot be reached; nothing was sent",
