@@ -84,7 +84,6 @@ class ThreadedServer:
         except OSError:
             sock.close()
             raise
-        sock.set_inheritable(True)
         self._socket = sock
         self.port = sock.getsockname()[1]
         config = uvicorn.Config(self.app, host=self.host, port=self.port, **self._options)

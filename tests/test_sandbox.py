@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import copy
+import ssl
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -102,33 +103,55 @@ class Running:
         return r.json()
 
 
+_TLS = ssl.create_default_context()  # built once: each httpx.Client would otherwise load the CA bundle
+
+
+def _start(pem: str, **overrides: Any) -> Running:
+    settings: dict[str, Any] = {
+        "client_id": CLIENT_ID,
+        "client_secret": CLIENT_SECRET,
+        "username": USERNAME,
+        "certificate_pem": pem,
+    }
+    settings.update(overrides)
+    app = create_sandbox_app(SandboxConfig(**settings))
+    server = ThreadedServer(app).start()
+    client = httpx.Client(base_url=server.url, timeout=10, verify=_TLS)
+    return Running(server=server, state=app.state.sandbox, client=client)
+
+
+def _close(running: Running) -> None:
+    running.client.close()
+    running.server.stop()
+
+
 @pytest.fixture
 def start_sandbox(certificate_pem: str) -> Iterator[Any]:
+    """A sandbox with its own settings, for the tests that need non-default ones."""
     started: list[Running] = []
 
     def start(**overrides: Any) -> Running:
-        settings: dict[str, Any] = {
-            "client_id": CLIENT_ID,
-            "client_secret": CLIENT_SECRET,
-            "username": USERNAME,
-            "certificate_pem": certificate_pem,
-        }
-        settings.update(overrides)
-        app = create_sandbox_app(SandboxConfig(**settings))
-        server = ThreadedServer(app).start()
-        running = Running(server=server, state=app.state.sandbox, client=httpx.Client(base_url=server.url, timeout=10))
-        started.append(running)
-        return running
+        started.append(_start(certificate_pem, **overrides))
+        return started[-1]
 
     yield start
     for running in started:
-        running.client.close()
-        running.server.stop()
+        _close(running)
+
+
+@pytest.fixture(scope="module")
+def _shared(certificate_pem: str) -> Iterator[Running]:
+    running = _start(certificate_pem)
+    yield running
+    _close(running)
 
 
 @pytest.fixture
-def sandbox(start_sandbox: Any) -> Running:
-    return start_sandbox()
+def sandbox(_shared: Running) -> Running:
+    """The default-settings sandbox, reset to a fresh org (no bookings, sessions, counters, faults)."""
+    _shared.state.reset()
+    _shared._token = None
+    return _shared
 
 
 def booking(**changes: Any) -> dict[str, Any]:
@@ -181,6 +204,15 @@ def test_threaded_server_listens_on_an_ephemeral_port_and_stops(certificate_pem:
 
 def test_threaded_server_sends_no_server_header(sandbox: Running) -> None:
     assert "server" not in sandbox.client.get("/sandbox/faults").headers
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"answer_status": 204}, {"answer_shape": "list"}, {"error_key": "errors"}, {"api_version": "v66"}, {"slot_minutes": 0}],
+)
+def test_config_refuses_values_the_sandbox_cannot_honour(bad: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        SandboxConfig(**bad)
 
 
 # --- OAuth ----------------------------------------------------------------------------------------
@@ -797,7 +829,7 @@ def test_drop_after_store_stores_then_breaks_the_connection(sandbox: Running) ->
 async def test_drop_after_store_with_an_async_client(sandbox: Running) -> None:
     headers = sandbox.auth()
     sandbox.state.faults.set(drop_after_store=1)
-    async with httpx.AsyncClient(base_url=sandbox.url, timeout=5) as client:
+    async with httpx.AsyncClient(base_url=sandbox.url, timeout=5, verify=_TLS) as client:
         with pytest.raises(httpx.RemoteProtocolError):
             await client.post(BOOK, json=booking(), headers=headers)
         assert (await client.post(BOOK, json=booking(), headers=headers)).status_code == 201
@@ -806,7 +838,7 @@ async def test_drop_after_store_with_an_async_client(sandbox: Running) -> None:
 
 async def test_concurrent_bookings_get_unique_ids(sandbox: Running) -> None:
     headers = sandbox.auth()
-    async with httpx.AsyncClient(base_url=sandbox.url, timeout=10) as client:
+    async with httpx.AsyncClient(base_url=sandbox.url, timeout=10, verify=_TLS) as client:
         answers = await asyncio.gather(
             *(
                 client.post(BOOK, json=booking(startDate=f"2030-02-{d:02d}T10:00:00Z", endDate=DROP), headers=headers)

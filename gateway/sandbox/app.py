@@ -142,7 +142,9 @@ def _version(text: str) -> tuple[int, int] | None:
     return (int(m.group(1)), int(m.group(2))) if m else None
 
 
-async def _gate(request: Request[Any, Any, Any], sb: SandboxState, version: str, *, minimum: tuple[int, int] | None = None) -> ASGIResponse | None:
+async def _gate(
+    request: Request[Any, Any, Any], sb: SandboxState, version: str, *, minimum: tuple[int, int] | None = None
+) -> ASGIResponse | None:
     """Faults, session, limits and version, in the order a client would meet them in Salesforce:
     an outage before anything, then the session, then the allowance."""
     faults = sb.faults

@@ -31,3 +31,18 @@ class SandboxConfig(msgspec.Struct, kw_only=True, frozen=True):
     workday_start_hour: int = 9
     workday_end_hour: int = 17
     max_slot_range_days: int = 62
+
+    def __post_init__(self) -> None:
+        # Structs are not validated on construction; a typo here would make every test lie quietly.
+        if self.answer_status not in (200, 201):
+            raise ValueError("answer_status must be 200 or 201")
+        if self.answer_shape not in ("object", "array"):
+            raise ValueError("answer_shape must be 'object' or 'array'")
+        if self.error_key not in ("error", "errorMessages"):
+            raise ValueError("error_key must be 'error' or 'errorMessages'")
+        if not self.api_version.replace(".", "", 1).isdigit() or "." not in self.api_version:
+            raise ValueError("api_version must look like '66.0'")
+        if self.daily_limit < 0 or self.slot_minutes <= 0:
+            raise ValueError("daily_limit must be >= 0 and slot_minutes > 0")
+        if not 0 <= self.workday_start_hour < self.workday_end_hour <= 24:
+            raise ValueError("working hours must satisfy 0 <= start < end <= 24")

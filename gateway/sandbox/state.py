@@ -198,7 +198,6 @@ class StoredAppointment(msgspec.Struct, kw_only=True, frozen=True):
         """The ServiceAppointment record Health Cloud would keep for this booking. Fields ending
         in `__c` are the sandbox's own (a real org would need them as custom fields)."""
         b = self.booking
-        first = lambda values: values[0] if values else None  # noqa: E731
         return {
             "Id": self.id,
             "AppointmentNumber": f"SA-{self.number:04d}",
@@ -208,16 +207,16 @@ class StoredAppointment(msgspec.Struct, kw_only=True, frozen=True):
             "SchedEndTime": sf_datetime(self.end),
             "Comments": b.comment,
             "WorkTypeId": b.workTypeId,
-            "ParentRecordId": first(self.participant_ids("Patient")),
-            "ServiceTerritoryId": first(self.participant_ids("Facility")),
-            "AppointmentType": first(b.appointmentTypes),
+            "ParentRecordId": _first(self.participant_ids("Patient")),
+            "ServiceTerritoryId": _first(self.participant_ids("Facility")),
+            "AppointmentType": _first(b.appointmentTypes),
             "EngagementChannelTypeId": b.channelId,
             "CancellationReason": self.cancellation_reason,
             "CreatedDate": sf_datetime(self.created_at),
             "LastModifiedDate": sf_datetime(self.updated_at),
             "SourceSystem__c": b.sourceSystem,
-            "PractitionerId__c": first(self.participant_ids("Practitioner")),
-            "DeviceId__c": first(self.participant_ids("Device")),
+            "PractitionerId__c": _first(self.participant_ids("Practitioner")),
+            "DeviceId__c": _first(self.participant_ids("Device")),
             "ExternalSlotId__c": b.slots[0].id if b.slots else None,
             "TimeZone__c": b.timeZone,
         }
@@ -232,6 +231,10 @@ class StoredAppointment(msgspec.Struct, kw_only=True, frozen=True):
             "updatedAt": sf_datetime(self.updated_at),
             "serviceAppointment": self.service_appointment(),
         }
+
+
+def _first(values: Any) -> Any:
+    return values[0] if values else None
 
 
 class _Session(msgspec.Struct):
