@@ -108,6 +108,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except CodeMapError as exc:
         return _fail("code maps refused:\n" + "\n".join(exc.problems))
 
+    # uvicorn's own logger is silenced (it may print request data), so check the port here and say
+    # plainly when it is taken
+    import socket
+
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((args.host, args.port))
+        except OSError as exc:
+            return _fail(f"cannot listen on {args.host}:{args.port}: {exc.strerror}")
+
     embedded = sandbox_server = None
     try:
         if settings.redis_url is None:
