@@ -105,14 +105,18 @@ def _unexpected(request: Request, exc: Exception) -> Response[bytes]:
     return _error_response(error)
 
 
-def create_app(settings: Settings, *, extra_keys: dict[str, list[str]] | None = None) -> Litestar:
-    """Build the gateway. `extra_keys` adds inbound key digests per source (the demo's keys)."""
+def create_app(settings: Settings, *, extra_keys: dict[str, list[str]] | None = None, workers: int = 1) -> Litestar:
+    """Build the gateway. `extra_keys` adds inbound key digests per source (the demo's keys);
+    `workers` is how many processes share this instance's Salesforce call limit."""
     maps = codemaps.load_all(settings.config_dir, list(settings.sources))  # a bad map stops the start
     if settings.salesforce is None:
         raise ValueError("create_app needs a Salesforce connection (the serve command supplies the sandbox's)")
     if settings.redis_url is None:
         raise ValueError("create_app needs a Redis URL (the serve command starts an embedded Redis)")
     cfg = settings.file
+    # salesforce.max_concurrent_calls bounds the whole instance: each worker gets its share
+    per_worker = max(1, cfg.salesforce.max_concurrent_calls // max(1, workers))
+    cfg = msgspec.structs.replace(cfg, salesforce=msgspec.structs.replace(cfg.salesforce, max_concurrent_calls=per_worker))
     redis_client = redis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
     http = make_http_client(cfg.salesforce)
     tokens = TokenProvider(
@@ -230,4 +234,4 @@ def app_from_env() -> Litestar:
     sandbox = settings.salesforce is not None and settings.salesforce.login_url.startswith("http://127.0.0.1:")
     if os.environ.get("EHR_GATEWAY_DEMO_KEYS") == "1" and sandbox:
         extra = {s: [key_digest(DEMO_KEY.format(source=s))] for s in settings.sources}
-    return create_app(settings, extra_keys=extra)
+    return create_app(settings, extra_keys=extra, workers=int(os.environ.get("EHR_GATEWAY_WORKERS", "1")))

@@ -100,6 +100,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     configure()
     config_dir = _config_dir(args).resolve()
     os.environ["EHR_GATEWAY_CONFIG"] = str(config_dir)
+    os.environ["EHR_GATEWAY_WORKERS"] = str(args.workers)
     try:
         settings = load_settings(config_dir)
         load_all(config_dir, list(settings.sources))  # a bad map stops the start here, named

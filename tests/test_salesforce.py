@@ -177,3 +177,25 @@ async def test_jwt_bearer_flow_books(redis_url, prefix, tmp_path, monkeypatch):
             r = await book(client, "jwt")
             assert r.status_code == 201, r.text
         assert server.app.state.sandbox.counters().token_grants == 1
+
+
+async def test_concurrent_calls_are_bounded(redis_url, prefix, sandbox):
+    """With a bound of 2 and Salesforce taking 300 ms a call, 6 bookings need three rounds: the
+    lower bound on the wall time cannot be met if more than 2 calls ran at once."""
+    import time
+
+    from litestar.testing import AsyncTestClient
+
+    from gateway.app import create_app
+    from gateway.settings import SalesforceTuning
+    from tests.conftest import make_settings
+
+    settings = make_settings(redis_url, prefix, sandbox.url, salesforce=SalesforceTuning(max_concurrent_calls=4))
+    async with AsyncTestClient(create_app(settings, workers=2)) as client:  # 4 per instance, 2 per worker
+        assert (await book(client, "warm")).status_code == 201  # the token, outside the timing
+        state(sandbox).faults.set(latency_ms=300)
+        started = time.perf_counter()
+        answers = await asyncio.gather(*(book(client, f"bound-{i}") for i in range(6)))
+        elapsed = time.perf_counter() - started
+    assert [a.status_code for a in answers] == [201] * 6
+    assert elapsed >= 0.9
