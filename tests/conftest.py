@@ -11,8 +11,10 @@ import hashlib
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
+import httpx
 import msgspec
 import pytest
 import redis
@@ -108,13 +110,20 @@ def settings(redis_url: str, prefix: str, sandbox: ThreadedServer) -> Settings:
     return make_settings(redis_url, prefix, sandbox.url)
 
 
-@pytest.fixture
-async def gateway(settings: Settings) -> AsyncIterator[object]:
-    from litestar.testing import AsyncTestClient
-
+@asynccontextmanager
+async def serve_gateway(settings: Settings, **options: object) -> AsyncIterator[httpx.AsyncClient]:
+    """The gateway on a real port (its own thread and loop), and an HTTP client for it. Litestar's
+    in-process test client runs requests one at a time, which would hide every race."""
     from gateway.app import create_app
 
-    async with AsyncTestClient(create_app(settings)) as client:
+    with ThreadedServer(create_app(settings, **options)) as server:  # type: ignore[arg-type]
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+            yield client
+
+
+@pytest.fixture
+async def gateway(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    async with serve_gateway(settings) as client:
         yield client
 
 

@@ -96,13 +96,10 @@ async def test_limit_info_is_read_and_exposed(gateway, sandbox):
 
 
 async def test_unreachable_salesforce_is_503_and_nothing_kept(redis_url, prefix):
-    from litestar.testing import AsyncTestClient
-
-    from gateway.app import create_app
-    from tests.conftest import make_settings
+    from tests.conftest import make_settings, serve_gateway
 
     settings = make_settings(redis_url, prefix, "http://127.0.0.1:9")  # discard port: refused
-    async with AsyncTestClient(create_app(settings)) as client:
+    async with serve_gateway(settings) as client:
         r = await book(client, "nowhere")
         assert r.status_code == 503 and "retry-after" in r.headers
         ready = await client.get("/health/ready")
@@ -154,13 +151,10 @@ def _rsa_and_certificate():
 
 
 async def test_jwt_bearer_flow_books(redis_url, prefix, tmp_path, monkeypatch):
-    from litestar.testing import AsyncTestClient
-
-    from gateway.app import create_app
     from gateway.sandbox import SandboxConfig, create_sandbox_app
     from gateway.server import ThreadedServer
     from gateway.settings import salesforce_from_env
-    from tests.conftest import make_settings
+    from tests.conftest import make_settings, serve_gateway
 
     key_pem, cert_pem = _rsa_and_certificate()
     key_file = tmp_path / "sf.key"
@@ -173,7 +167,7 @@ async def test_jwt_bearer_flow_books(redis_url, prefix, tmp_path, monkeypatch):
         conn = salesforce_from_env(env)
         assert conn.flow == "jwt_bearer" and key_pem not in repr(conn)
         settings = msgspec.structs.replace(make_settings(redis_url, prefix, server.url), salesforce=conn)
-        async with AsyncTestClient(create_app(settings)) as client:
+        async with serve_gateway(settings) as client:
             r = await book(client, "jwt")
             assert r.status_code == 201, r.text
         assert server.app.state.sandbox.counters().token_grants == 1
@@ -184,14 +178,11 @@ async def test_concurrent_calls_are_bounded(redis_url, prefix, sandbox):
     lower bound on the wall time cannot be met if more than 2 calls ran at once."""
     import time
 
-    from litestar.testing import AsyncTestClient
-
-    from gateway.app import create_app
     from gateway.settings import SalesforceTuning
-    from tests.conftest import make_settings
+    from tests.conftest import make_settings, serve_gateway
 
     settings = make_settings(redis_url, prefix, sandbox.url, salesforce=SalesforceTuning(max_concurrent_calls=4))
-    async with AsyncTestClient(create_app(settings, workers=2)) as client:  # 4 per instance, 2 per worker
+    async with serve_gateway(settings, workers=2) as client:  # 4 per instance, 2 per worker
         assert (await book(client, "warm")).status_code == 201  # the token, outside the timing
         state(sandbox).faults.set(latency_ms=300)
         started = time.perf_counter()
