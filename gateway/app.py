@@ -157,7 +157,9 @@ def create_app(settings: Settings, *, extra_keys: dict[str, list[str]] | None = 
             return _error_response(error, request_id)
         except HTTPException as exc:  # body over the size limit, raised while reading it
             status = exc.status_code
-            return _litestar_error(request, exc)
+            response = _litestar_error(request, exc)
+            response.headers["X-Request-ID"] = request_id
+            return response
         finally:
             sf = trace.salesforce
             log.info(

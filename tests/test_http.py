@@ -49,7 +49,9 @@ async def test_json_with_charset_is_accepted(gateway):
 
 async def test_body_too_large_413(gateway):
     huge = b'{"resourceType":"Appointment","comment":"' + b"x" * 1_100_000 + b'"}'
-    assert_outcome(await gateway.post("/fhir/cerner/Appointment", content=huge, headers=auth()), 413)
+    r = await gateway.post("/fhir/cerner/Appointment", content=huge, headers=auth())
+    assert_outcome(r, 413)
+    assert len(r.headers["x-request-id"]) == 16
 
 
 @pytest.mark.parametrize(
