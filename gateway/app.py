@@ -53,9 +53,10 @@ class Inbound:
                 self._owner[digest] = name
 
     def authorize(self, source: str, authorization: str | None) -> None:
-        if not authorization or not authorization.startswith("Bearer ") or len(authorization) < 8:
+        scheme, _, key = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():  # the scheme is case-insensitive (RFC 9110)
             raise Unauthorized("an inbound key is required: Authorization: Bearer <key>")
-        owner = self._owner.get(key_digest(authorization[7:].strip()))
+        owner = self._owner.get(key_digest(key.strip()))
         if owner is None:
             raise Unauthorized("unknown key")
         if not hmac.compare_digest(owner, source):

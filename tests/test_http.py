@@ -154,3 +154,24 @@ async def test_health_live_and_ready(gateway):
 async def test_keys_never_leave_in_answers(gateway):
     r = await gateway.post("/fhir/cerner/Appointment", content=corpus(VIDEO_VISIT), headers=auth("epic"))
     assert KEYS["epic"] not in r.text and KEYS["cerner"] not in r.text
+
+
+async def test_bearer_scheme_is_case_insensitive(gateway):
+    r = await gateway.post("/fhir/cerner/Appointment/$translate", content=corpus(VIDEO_VISIT),
+                           headers={**auth(), "Authorization": f"bearer {KEYS['cerner']}"})
+    assert r.status_code == 200
+    assert_outcome(await gateway.post("/fhir/cerner/Appointment/$translate", content=corpus(VIDEO_VISIT),
+                                      headers={**auth(), "Authorization": f"Basic {KEYS['cerner']}"}), 401)
+
+
+async def test_redis_down_fails_closed(prefix, sandbox):
+    """No idempotency record, no booking: 503 with Retry-After, and Salesforce never called."""
+    from tests.conftest import make_settings, serve_gateway
+
+    settings = make_settings("redis://127.0.0.1:9/0", prefix, sandbox.url)  # nothing listens there
+    async with serve_gateway(settings) as client:
+        r = await client.post("/fhir/cerner/Appointment", content=corpus(VIDEO_VISIT), headers=auth())
+        body = assert_outcome(r, 503, "transient")
+        assert int(r.headers["retry-after"]) > 0 and "nothing was sent" in body["issue"][0]["details"]["text"]
+        assert (await client.get("/health/ready")).status_code == 503
+    assert sandbox.app.state.sandbox.counters().book_calls == 0
