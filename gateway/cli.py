@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
+import signal
 import sys
 from pathlib import Path
 
@@ -90,6 +91,10 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
     return 0
 
 
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -149,6 +154,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 print(f"    {source:<10} Authorization: Bearer {DEMO_KEY.format(source=source)}")
         print(f"ehr-gateway on http://{args.host}:{args.port} with {args.workers} worker(s)")
         sys.stdout.flush()
+        # uvicorn re-raises SIGTERM after its graceful shutdown; turning it into SystemExit lets the
+        # `finally` below stop the embedded Redis and the sandbox instead of leaving them behind
+        signal.signal(signal.SIGTERM, _exit_on_signal)
         uvicorn.run(
             "gateway.app:app_from_env", factory=True, host=args.host, port=args.port, workers=args.workers,
             log_config=None, access_log=False, server_header=False, timeout_keep_alive=30,

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.conftest import CORPUS, ROOT
 
@@ -26,13 +27,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_serve_with_embedded_defaults_books_the_demo(tmp_path: Path):
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if text.encode() in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+    return found
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_serve_with_embedded_defaults_books_the_demo(tmp_path: Path, workers: int):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SALESFORCE_", "REDIS_URL"))}
     env["EHR_GATEWAY_DATA"] = str(tmp_path / "data")
     out = (tmp_path / "stdout").open("w+")
     exe = Path(sys.executable).with_name("ehr-gateway")
-    proc = subprocess.Popen([str(exe), "serve", "--port", str(port), "--workers", "2"], cwd=ROOT, env=env,
+    proc = subprocess.Popen([str(exe), "serve", "--port", str(port), "--workers", str(workers)], cwd=ROOT, env=env,
                             stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         base = f"http://127.0.0.1:{port}"
@@ -63,9 +77,13 @@ def test_serve_with_embedded_defaults_books_the_demo(tmp_path: Path):
         assert [a["id"] for a in listing] == [r.json()["id"]]
         assert "12724066" not in (tmp_path / "stdout").read_text()  # the patient id: never logged
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+        proc.send_signal(signal.SIGTERM)  # as an operator or a process manager stops it
         try:
             proc.wait(15)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+        leftovers = _processes_mentioning(str(tmp_path))
+        if leftovers:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert leftovers == [], "the embedded Redis outlived the gateway"
     assert (tmp_path / "data" / "redis" / "appendonly.aof").exists() or any((tmp_path / "data" / "redis").glob("appendonly*"))
