@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import hmac
 import os
 import secrets
 import time
@@ -22,7 +21,7 @@ from gateway.errors import (
     Forbidden,
     GatewayError,
     InvalidRequest,
-    Issue,
+    MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
     Unauthorized,
@@ -36,6 +35,8 @@ from gateway.salesforce.client import SalesforceClient, make_http_client
 from gateway.settings import Settings, load_settings
 
 _ACCEPTED_MEDIA = ("application/fhir+json", "application/json")
+# accepted only while the loopback sandbox stands in for Salesforce (see app_from_env)
+DEMO_KEY = "demo-{source}-key"
 _json = msgspec.json.Encoder()
 
 
@@ -59,7 +60,7 @@ class Inbound:
         owner = self._owner.get(key_digest(key.strip()))
         if owner is None:
             raise Unauthorized("unknown key")
-        if not hmac.compare_digest(owner, source):
+        if owner != source:
             raise Forbidden("this key belongs to another source")
 
 
@@ -80,30 +81,25 @@ def _error_response(error: GatewayError, request_id: str | None = None) -> Respo
     return Response(error_body(error), status_code=error.status, headers=headers)
 
 
-_HTTP_STATUS_ERRORS: dict[int, type[GatewayError]] = {
-    400: InvalidRequest,
-    404: NotFound,
-    413: PayloadTooLarge,
-    415: UnsupportedMediaType,
+_LITESTAR_REFUSALS: dict[int, tuple[type[GatewayError], str]] = {
+    404: (NotFound, "no such endpoint"),
+    405: (MethodNotAllowed, "method not allowed"),
+    413: (PayloadTooLarge, "the body is too large"),
+    415: (UnsupportedMediaType, "send application/fhir+json or application/json"),
 }
 
 
 def _litestar_error(request: Request, exc: HTTPException) -> Response[bytes]:
     """Litestar's own refusals (no route, wrong method, body too large) as OperationOutcomes."""
-    cls = _HTTP_STATUS_ERRORS.get(exc.status_code)
-    if cls is not None:
-        return _error_response(cls({404: "no such endpoint", 413: "the body is too large"}.get(exc.status_code, "bad request")))
-    error = GatewayError("method not allowed" if exc.status_code == 405 else "request refused")
-    error.status = exc.status_code
-    error.issues = [Issue(code="not-supported" if exc.status_code == 405 else "processing", diagnostics=str(error))]
-    return _error_response(error)
+    fallback = (InvalidRequest, "bad request") if exc.status_code < 500 else (GatewayError, "internal error")
+    cls, message = _LITESTAR_REFUSALS.get(exc.status_code, fallback)
+    return _error_response(cls(message))
 
 
 def _unexpected(request: Request, exc: Exception) -> Response[bytes]:
     # a bug: say so without a trace or any request data; log only the exception type
     log.error("unhandled", error=type(exc).__name__, path=request.url.path)
-    error = GatewayError("internal error")
-    return _error_response(error)
+    return _error_response(GatewayError("internal error"))
 
 
 def create_app(settings: Settings, *, extra_keys: dict[str, list[str]] | None = None, workers: int = 1) -> Litestar:
@@ -167,7 +163,8 @@ def create_app(settings: Settings, *, extra_keys: dict[str, list[str]] | None = 
                 "request", request_id=request_id, source=source, op="translate" if dry_run else "book",
                 status=status, idempotency=trace.idempotency, sf_status=sf.status,
                 sf_ms=round(sf.latency_ms, 2) if sf.status or sf.latency_ms else None,
-                sf_error=sf.error_code, sf_in_doubt=sf.in_doubt or None, maps=trace.maps_version,
+                sf_error=sf.error_code, sf_in_doubt=sf.in_doubt or None, sf_reauth=sf.retried_auth or None,
+                maps=trace.maps_version,
                 ms=round((time.perf_counter() - started) * 1000, 2), pid=pid,
             )
 
@@ -227,7 +224,6 @@ def create_app(settings: Settings, *, extra_keys: dict[str, list[str]] | None = 
 def app_from_env() -> Litestar:
     """Entry point for `uvicorn --factory` workers: the serve command leaves everything in the
     environment (config folder, REDIS_URL, Salesforce connection or the sandbox's)."""
-    from gateway.cli import DEMO_KEY
     from gateway.logs import configure
 
     configure()

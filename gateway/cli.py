@@ -13,9 +13,6 @@ import msgspec
 
 from gateway.settings import ConfigError, default_config_dir, load_file_settings, load_settings
 
-DEMO_KEY = "demo-{source}-key"
-
-
 def _config_dir(args: argparse.Namespace) -> Path:
     return Path(args.config) if args.config else default_config_dir()
 
@@ -133,6 +130,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             os.environ["REDIS_URL"] = embedded.url
             print(f"REDIS_URL is not set: started an embedded Redis ({embedded.url}, append-only file on)")
         if settings.salesforce is None:
+            from gateway.app import DEMO_KEY
             from gateway.sandbox import SandboxConfig, create_sandbox_app
             from gateway.server import ThreadedServer
 

@@ -77,6 +77,10 @@ class NotFound(GatewayError):
     status, code = 404, "not-found"
 
 
+class MethodNotAllowed(GatewayError):
+    status, code = 405, "not-supported"
+
+
 class PayloadTooLarge(GatewayError):
     status, code = 413, "too-costly"
 

@@ -81,11 +81,15 @@ def _unmapped_issue(concept: Concept, category: str, *, optional: bool) -> Issue
 
 def _scalar(
     maps: SourceMaps, category: str, concepts: Iterable[Concept], issues: list[Issue], used: list[str]
-) -> str | None:
-    """The workTypeId or channelId the concepts map to; two different values is an error."""
+) -> tuple[str | None, set[str]]:
+    """The workTypeId or channelId the concepts map to (two different values is an error), and
+    the paths of the concepts that resolved to one."""
     values: dict[str, str] = {}
+    resolved: set[str] = set()
     for concept in concepts:
         codes = _codes(maps, category, concept, issues, used)
+        if codes:
+            resolved.add(concept.path)
         for code in codes or ():
             values.setdefault(code, concept.path)
     if len(values) > 1:
@@ -96,8 +100,8 @@ def _scalar(
                 expression=tuple(dict.fromkeys(values.values())),
             )
         )
-        return None
-    return next(iter(values)) if values else None
+        return None, resolved
+    return (next(iter(values)) if values else None), resolved
 
 
 def _sf_participants(participants: Iterable[Participant]) -> tuple[SfParticipant, ...]:
@@ -130,12 +134,9 @@ def map_booking(booking: CanonicalBooking, source: SourceSettings, maps: SourceM
     used: list[str] = []
     arrays: dict[str, tuple[str, ...] | None] = {}
 
-    work_type = _scalar(
-        maps, "workTypeId", (c for f in _SCALAR_FEEDS for c in getattr(booking, f)), issues, used
-    )
-    channel = _scalar(
-        maps, "channelId", (c for f in _SCALAR_FEEDS for c in getattr(booking, f)), issues, used
-    )
+    feeds = [c for f in _SCALAR_FEEDS for c in getattr(booking, f)]
+    work_type, typed = _scalar(maps, "workTypeId", feeds, issues, used)
+    channel, _ = _scalar(maps, "channelId", feeds, issues, used)
     for category, field in _ARRAY_CATEGORIES:
         out: list[str] = []
         for concept in getattr(booking, field):
@@ -144,7 +145,7 @@ def map_booking(booking: CanonicalBooking, source: SourceSettings, maps: SourceM
                 out.extend(c for c in codes if c not in out)
                 continue
             # a concept that found its workTypeId is satisfied: the visit type is known
-            if field in _SCALAR_FEEDS and _maps_to_work_type(maps, concept):
+            if concept.path in typed:
                 continue
             issues.append(_unmapped_issue(concept, category, optional=category in _OPTIONAL))
         arrays[category] = tuple(out) or None
@@ -166,12 +167,3 @@ def map_booking(booking: CanonicalBooking, source: SourceSettings, maps: SourceM
     )
     return Mapped(request=request, issues=tuple(issues), used=tuple(used), maps_version=maps.version)
 
-
-def _maps_to_work_type(maps: SourceMaps, concept: Concept) -> bool:
-    """Whether one of the concept's codings resolved to a workTypeId."""
-    for coding in concept.codings:
-        if coding.system and coding.code:
-            group = maps.group("workTypeId", coding.system)
-            if group is not None and group.lookup(coding.code):
-                return True
-    return False

@@ -15,7 +15,6 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import msgspec
 
-ADAPTER_NAMES = ("fhir", "cerner", "epic", "hl7v2")
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 _SOURCE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 

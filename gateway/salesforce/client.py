@@ -112,17 +112,12 @@ class SalesforceClient:
         tokens: TokenProvider,
         http: httpx.AsyncClient,
     ) -> None:
-        self._conn = conn
         self._tuning = tuning
         self._tokens = tokens
         self._http = http
         self._gate = asyncio.Semaphore(tuning.max_concurrent_calls)
         self._base = f"/services/data/v{conn.api_version}/connect/health/appointment-management"
         self.usage = ApiUsage()
-
-    @property
-    def tokens(self) -> TokenProvider:
-        return self._tokens
 
     async def book(self, request: BookingRequest, record: CallRecord) -> Booked:
         body = _encoder.encode(request)

@@ -294,15 +294,23 @@ async def book(request: Request[Any, Any, Any], version: FromPath[str]) -> ASGIA
     return _api(sb, status, answer)
 
 
-@put(APPOINTMENTS + "/appointment/{appointment_id:str}")
-async def update(request: Request[Any, Any, Any], version: FromPath[str], appointment_id: FromPath[str]) -> ASGIApp:
-    sb = _sandbox(request)
-    sb.count("update_calls")
+async def _existing(
+    request: Request[Any, Any, Any], sb: SandboxState, counter: str, version: str, appointment_id: str
+) -> StoredAppointment | ASGIApp:
+    """Update and Cancel start alike: count the call, pass the gate, find the appointment."""
+    sb.count(counter)
     if (refusal := await _gate(request, sb, version, minimum=APPOINTMENT_API_MIN)) is not None:
         return refusal
     current = sb.get(appointment_id)
-    if current is None:
-        return _not_found(sb)
+    return current if current is not None else _not_found(sb)
+
+
+@put(APPOINTMENTS + "/appointment/{appointment_id:str}")
+async def update(request: Request[Any, Any, Any], version: FromPath[str], appointment_id: FromPath[str]) -> ASGIApp:
+    sb = _sandbox(request)
+    current = await _existing(request, sb, "update_calls", version, appointment_id)
+    if not isinstance(current, StoredAppointment):
+        return current
     booking, raw, errors = decode_body(await request.body(), BookingRequest)
     start = end = None
     if not errors:
@@ -326,12 +334,9 @@ async def update(request: Request[Any, Any, Any], version: FromPath[str], appoin
 @patch(APPOINTMENTS + "/appointment/{appointment_id:str}")
 async def cancel(request: Request[Any, Any, Any], version: FromPath[str], appointment_id: FromPath[str]) -> ASGIApp:
     sb = _sandbox(request)
-    sb.count("cancel_calls")
-    if (refusal := await _gate(request, sb, version, minimum=APPOINTMENT_API_MIN)) is not None:
-        return refusal
-    current = sb.get(appointment_id)
-    if current is None:
-        return _not_found(sb)
+    current = await _existing(request, sb, "cancel_calls", version, appointment_id)
+    if not isinstance(current, StoredAppointment):
+        return current
     body, _, errors = decode_body(await request.body(), CancelRequest)
     if not errors:
         errors = _id_errors(body.id, current)
