@@ -124,6 +124,16 @@ def _type_error(exc: msgspec.ValidationError, root: str) -> InvalidRequest:
     )
 
 
+def _not_json(exc: msgspec.DecodeError | UnicodeDecodeError | RecursionError) -> InvalidRequest:
+    if isinstance(exc, UnicodeDecodeError):  # its position is within one string, not the body
+        return InvalidRequest("The body is not valid JSON (a string in it is not UTF-8)")
+    if isinstance(exc, RecursionError):  # msgspec's own depth guard: arrays or objects nested too deep
+        return InvalidRequest("The body nests arrays or objects too deeply")
+    m = _BYTE.search(str(exc))
+    where = f" (malformed at byte {m.group(1)})" if m else " (it is empty or truncated)"
+    return InvalidRequest(f"The body is not valid JSON{where}")
+
+
 def resolve_reference(ref: str) -> tuple[str, str] | None:
     """`Patient/1`, `https://host/base/Patient/1` or `Patient/1/_history/2` -> ("Patient", "1").
 
@@ -234,10 +244,10 @@ class R4Adapter:
             # slow path only: find out whether the body itself is the problem before blaming a field
             root = self._check_head(raw, prefix)
             raise _type_error(exc, root) from None
-        except msgspec.DecodeError as exc:
-            m = _BYTE.search(str(exc))
-            where = f" (malformed at byte {m.group(1)})" if m else " (it is empty or truncated)"
-            raise InvalidRequest(f"The body is not valid JSON{where}") from None
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+            # msgspec raises UnicodeDecodeError, not DecodeError, for bad UTF-8 inside a string it reads,
+            # and RecursionError for nesting past its depth limit
+            raise _not_json(exc) from None
         self._check_type(res.resourceType, res.fullUrl, res.resource, prefix)
         return res
 
@@ -252,6 +262,10 @@ class R4Adapter:
                 f"{what} must be a FHIR resource (a JSON object), not {got}",
                 expression=(prefix,) if prefix else (),
             ) from None
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+            # the typed decode stops at the first wrong type, before it sees that the JSON is broken
+            # further on (trailing bytes, bad UTF-8); this whole-body decode does see it
+            raise _not_json(exc) from None
         rt = head.resourceType
         if rt is not None and not isinstance(rt, str):
             path = f"{prefix}.resourceType" if prefix else "resourceType"

@@ -109,6 +109,7 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="ehr-bench-"))
     procs: list[subprocess.Popen] = []
+    client: redis.Redis | None = None
     embedded = None
     prefix = f"ehrgw-bench-{uuid.uuid4().hex[:8]}"
     try:
@@ -174,8 +175,6 @@ def main() -> None:
         sample = next((k for k in keys if b":idem:" in k), None)
         if sample:
             print(f"  one idempotency record: {client.memory_usage(sample)} bytes (MEMORY USAGE)")
-        for i in range(0, len(keys), 1000):
-            client.delete(*keys[i:i + 1000])
     finally:
         for proc in procs:
             proc.send_signal(signal.SIGTERM)
@@ -184,6 +183,11 @@ def main() -> None:
                 proc.wait(15)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        # only now: a stopping gateway writes its last request-log batch
+        if client is not None:
+            keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+            for i in range(0, len(keys), 1000):
+                client.delete(*keys[i:i + 1000])
         if embedded is not None:
             embedded.stop()
         shutil.rmtree(tmp, ignore_errors=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import secrets
@@ -13,12 +14,14 @@ import redis.asyncio as redis
 from litestar import Litestar, Request, Response, get, post
 from litestar.exceptions import HTTPException
 from litestar.params import FromPath
-from redis.exceptions import RedisError
 
-from gateway import codemaps
+from gateway.admin import AdminAuth, AdminDeps, Audit, admin_router
 from gateway.booking import Answer, Booker, Trace
+from gateway.breaker import CircuitBreaker
 from gateway.errors import (
     Forbidden,
+    IdempotencyKeyReused,
+    SalesforceRefused,
     GatewayError,
     InvalidRequest,
     MethodNotAllowed,
@@ -28,11 +31,20 @@ from gateway.errors import (
     UnsupportedMediaType,
 )
 from gateway.fhir import FHIR_JSON, error_body
-from gateway.idempotency import IdempotencyStore, parse_key_header
+from gateway.idempotency import REDIS_FAILURES, IdempotencyStore, parse_key_header
+from gateway.livemaps import LiveMaps
 from gateway.logs import log
+from gateway.metrics import Metrics
+from gateway.queue import BookingQueue
+from gateway.ratelimit import RateLimiter
+from gateway.requestlog import KEEP_INPUT, Entry, LoggedIssue, RequestLog, Sealed
+from gateway.requestlog import key_digest as log_key_digest
+from gateway.sealing import Sealer, sealer_from_env
+from gateway.smart import SmartAuth, TokenError
 from gateway.salesforce.auth import TokenProvider
 from gateway.salesforce.client import SalesforceClient, make_http_client
 from gateway.settings import Settings, load_settings
+from gateway.worker import QueueWorker
 
 _ACCEPTED_MEDIA = ("application/fhir+json", "application/json")
 # accepted only while the loopback sandbox stands in for Salesforce (see app_from_env)
@@ -53,13 +65,18 @@ class Inbound:
             for digest in (*source.api_keys_sha256, *(extra or {}).get(name, ())):
                 self._owner[digest] = name
 
-    def authorize(self, source: str, authorization: str | None) -> None:
+    def digests(self) -> set[str]:
+        return set(self._owner)
+
+    async def authorize(self, source: str, authorization: str | None, smart: SmartAuth | None = None) -> None:
         scheme, _, key = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not key.strip():  # the scheme is case-insensitive (RFC 9110)
             raise Unauthorized("an inbound key is required: Authorization: Bearer <key>")
         owner = self._owner.get(key_digest(key.strip()))
+        if owner is None and smart is not None:
+            owner = await smart.source_of(key.strip())  # a SMART access token: one Redis read
         if owner is None:
-            raise Unauthorized("unknown key")
+            raise Unauthorized("unknown key or token")
         if owner != source:
             raise Forbidden("this key belongs to another source")
 
@@ -102,10 +119,41 @@ def _unexpected(request: Request, exc: Exception) -> Response[bytes]:
     return _error_response(GatewayError("internal error"))
 
 
-def create_app(settings: Settings, *, extra_keys: dict[str, list[str]] | None = None, workers: int = 1) -> Litestar:
+def _outcome(status: int, trace: Trace, error: GatewayError | None) -> str:
+    if status in (200, 201):
+        return "replayed" if trace.idempotency == "done" else "booked"
+    if status == 202:
+        return "queued"
+    if trace.refusal is not None or isinstance(error, SalesforceRefused) or (status == 422 and trace.idempotency == "done"):
+        return "refused"
+    if isinstance(error, IdempotencyKeyReused) or status == 409:
+        return "conflict"
+    if status == 422:
+        return "unmapped"
+    if status == 429:
+        return "throttled"
+    return "failed" if status >= 500 else "rejected"
+
+
+def create_app(
+    settings: Settings, *, extra_keys: dict[str, list[str]] | None = None, workers: int = 1,
+    run_queue_workers: bool = True, sealer: Sealer | None = None,
+) -> Litestar:
     """Build the gateway. `extra_keys` adds inbound key digests per source (the demo's keys);
-    `workers` is how many processes share this instance's Salesforce call limit."""
-    maps = codemaps.load_all(settings.config_dir, list(settings.sources))  # a bad map stops the start
+    `workers` is how many processes share this instance's Salesforce call limit;
+    `run_queue_workers` starts the durable queue's delivery in this process (the default)."""
+    metrics = Metrics(sources=settings.sources)
+
+    def _reloaded(source: str, ok: bool, version: str | None) -> None:
+        metrics.codemap_reload(source, ok)
+        if ok and version:
+            metrics.codemap_version(source, version)
+
+    # checked at start (a bad map stops it), then followed: a changed map is picked up without a restart
+    maps = LiveMaps(settings.config_dir, list(settings.sources), on_reload=_reloaded,
+                    interval_seconds=settings.file.codemaps.reload_seconds)
+    for source, version in maps.versions().items():
+        metrics.codemap_version(source, version)
     if settings.salesforce is None:
         raise ValueError("create_app needs a Salesforce connection (the serve command supplies the sandbox's)")
     if settings.redis_url is None:
@@ -114,34 +162,64 @@ def create_app(settings: Settings, *, extra_keys: dict[str, list[str]] | None = 
     # salesforce.max_concurrent_calls bounds the whole instance: each worker gets its share
     per_worker = max(1, cfg.salesforce.max_concurrent_calls // max(1, workers))
     cfg = msgspec.structs.replace(cfg, salesforce=msgspec.structs.replace(cfg.salesforce, max_concurrent_calls=per_worker))
-    redis_client = redis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
+    redis_client = connect_redis(settings.redis_url, cluster=cfg.redis.cluster)
     http = make_http_client(cfg.salesforce)
     tokens = TokenProvider(
         settings.salesforce, http, redis_client, cfg.redis.key_prefix,
         cache_seconds=cfg.salesforce.token_cache_seconds,
         retry_after=cfg.salesforce.unavailable_retry_after_seconds,
     )
-    client = SalesforceClient(settings.salesforce, cfg.salesforce, tokens, http)
+    b = cfg.breaker
+    breaker = CircuitBreaker(
+        redis_client, cfg.redis.key_prefix, failure_ratio=b.failure_ratio, min_calls=b.min_calls,
+        window_seconds=b.window_seconds, open_seconds=b.open_seconds, sync_interval_seconds=b.sync_interval_seconds,
+        # a probe's slot is held no longer than its call can last
+        probe_timeout_seconds=cfg.salesforce.timeout_seconds + cfg.salesforce.connect_timeout_seconds + 1,
+    )
+    client = SalesforceClient(settings.salesforce, cfg.salesforce, tokens, http, breaker)
     store = IdempotencyStore(
         redis_client, cfg.redis.key_prefix,
         lease_seconds=cfg.idempotency.lease_seconds, retention_hours=cfg.idempotency.retention_hours,
     )
-    booker = Booker(settings.sources, maps, store, client, in_flight_retry_after=cfg.idempotency.in_flight_retry_after_seconds)
+    queue_sources = [name for name, src in settings.sources.items() if src.delivery == "queue"]
+    data_sealer = sealer if sealer is not None else sealer_from_env()
+    queue = BookingQueue(
+        redis_client, cfg.redis.key_prefix, max_attempts=cfg.queue.max_attempts,
+        backoff_base_seconds=cfg.queue.backoff_base_seconds, backoff_max_seconds=cfg.queue.backoff_max_seconds,
+    )
+    booker = Booker(
+        settings.sources, maps, store, client, queue if queue_sources else None,
+        in_flight_retry_after=cfg.idempotency.in_flight_retry_after_seconds,
+        in_doubt_settle_seconds=cfg.idempotency.in_doubt_settle_seconds, sealer=data_sealer,
+    )
+    # an entry whose consumer went quiet for a whole lease is taken over by another worker
+    background: list[asyncio.Task[None]] = []
+    reqlog = RequestLog(
+        redis_client, cfg.redis.key_prefix, sealer=data_sealer,
+        max_entries=cfg.request_log.max_entries, retention_hours=cfg.request_log.retention_hours,
+        flush_seconds=cfg.request_log.flush_seconds,
+    )
+    worker = QueueWorker(booker, queue, queue_sources, cfg.queue, reclaim_idle_seconds=cfg.idempotency.lease_seconds,
+                         request_log=reqlog)
     inbound = Inbound(settings, extra_keys)
+    smart = SmartAuth(settings.sources, redis_client, cfg.redis.key_prefix, http)
+    limiter = RateLimiter(redis_client, cfg.redis.key_prefix,
+                          {name: src.rate_limit_per_minute or 0 for name, src in settings.sources.items()})
     pid = os.getpid()
 
     async def _handle(request: Request, source: str, dry_run: bool) -> Response[bytes]:
         started = time.perf_counter()
         request_id = secrets.token_hex(8)
         trace = Trace()
-        status = 500
+        status, body, key, error = 500, None, None, None
         try:
             booker.source(source)
-            inbound.authorize(source, request.headers.get("authorization"))
+            await inbound.authorize(source, request.headers.get("authorization"), smart)
+            await limiter.check(source)  # after the key: strangers cannot spend a source's allowance
             _check_media(request)
             body = await request.body()
             if dry_run:
-                prepared = booker.prepare(source, body)
+                prepared = booker.prepare(source, body, trace)
                 status = 200
                 return Response(_json.encode(prepared.mapped.request), status_code=200,
                                 headers={"Content-Type": "application/json", "X-Request-ID": request_id})
@@ -149,24 +227,80 @@ def create_app(settings: Settings, *, extra_keys: dict[str, list[str]] | None = 
             answer = await booker.book(source, body, key, trace)
             status = answer.status
             return _respond(answer, request_id)
-        except GatewayError as error:
-            status = error.status
-            return _error_response(error, request_id)
+        except GatewayError as exc:
+            status, error = exc.status, exc
+            return _error_response(exc, request_id)
         except HTTPException as exc:  # body over the size limit, raised while reading it
             status = exc.status_code
             response = _litestar_error(request, exc)
             response.headers["X-Request-ID"] = request_id
             return response
         finally:
-            sf = trace.salesforce
-            log.info(
-                "request", request_id=request_id, source=source, op="translate" if dry_run else "book",
-                status=status, idempotency=trace.idempotency, sf_status=sf.status,
-                sf_ms=round(sf.latency_ms, 2) if sf.status or sf.latency_ms else None,
-                sf_error=sf.error_code, sf_in_doubt=sf.in_doubt or None, sf_reauth=sf.retried_auth or None,
-                maps=trace.maps_version,
-                ms=round((time.perf_counter() - started) * 1000, 2), pid=pid,
-            )
+            _summarise(request_id, source, "translate" if dry_run else "book", status, trace, started, error,
+                       body if status != 401 and status != 403 else None, request.headers.get("content-type"), key)
+
+    async def replay(entry: Entry) -> Entry:
+        """An operator's replay of a logged booking from its sealed input, through the same path."""
+        sealed = reqlog.unseal(entry)
+        if sealed is None or sealed.input is None:
+            raise NotFound("this entry kept no input to replay")
+        started = time.perf_counter()
+        request_id = secrets.token_hex(8)
+        trace = Trace()
+        status, error = 500, None
+        body = sealed.input.encode()
+        try:
+            answer = await booker.book(entry.source, body, sealed.idempotency_key, trace, retry_refusal=True)
+            status = answer.status
+        except GatewayError as exc:
+            status, error = exc.status, exc
+        finally:
+            new = _summarise(request_id, entry.source, "replay", status, trace, started, error, body,
+                             sealed.media_type, sealed.idempotency_key, replay_of=entry.id)
+        await reqlog.link_replay(entry.id, request_id)
+        return new
+
+    def _summarise(request_id: str, source: str, op: str, status: int, trace: Trace, started: float,
+                   error: GatewayError | None, body: bytes | None, media_type: str | None, key: str | None,
+                   replay_of: str | None = None) -> Entry:
+        """The request's one log line and its request-log entry."""
+        sf = trace.salesforce
+        ms = round((time.perf_counter() - started) * 1000, 2)
+        log.info(
+            "request", request_id=request_id, source=source, op=op,
+            status=status, idempotency=trace.idempotency, sf_status=sf.status,
+            sf_ms=round(sf.latency_ms, 2) if sf.status or sf.latency_ms else None,
+            sf_error=sf.error_code, sf_in_doubt=sf.in_doubt or None, sf_reauth=sf.retried_auth or None,
+            looked_up=trace.looked_up, adopted=trace.adopted or None, parked=trace.parked,
+            # more than one ServiceAppointment matched the look-up: worth an operator's look
+            lookup_matches=trace.lookup.matches if (trace.lookup.matches or 0) > 1 else None,
+            maps=trace.maps_version, ms=ms, pid=pid,
+        )
+        outcome = _outcome(status, trace, error)
+        metrics.request(source if source in settings.sources else "other", op, outcome, status, ms / 1000)
+        if trace.idempotency != "none":
+            metrics.idempotency(source, trace.idempotency)
+        for operation, call in (("book", sf), ("lookup", trace.lookup)):
+            if call.status is not None or call.error_code is not None:
+                metrics.salesforce_call(operation, call.latency_ms / 1000, call.error_code)
+        entry = Entry(
+            id=request_id, time_ms=int(time.time() * 1000), source=source, op=op, outcome=outcome, status=status,
+            idempotency=trace.idempotency if trace.idempotency != "none" else None,
+            sf_status=sf.status, sf_id=trace.salesforce_id, sf_error=sf.error_code,
+            ms=ms, sf_ms=round(sf.latency_ms, 2) if sf.status else None,
+            maps_version=trace.maps_version, maps_used=trace.maps_used,
+            issues=tuple(LoggedIssue(i.code, i.diagnostics, i.expression)
+                         for i in ((error or trace.refusal).issues if (error or trace.refusal) else ())),
+            key_digest=log_key_digest(source, trace.key_material) if trace.key_material else None,
+            replay_of=replay_of,
+        )
+        if op != "translate" and source in settings.sources:
+            keep = outcome in KEEP_INPUT and body is not None and reqlog.keeps_inputs
+            sealed = Sealed(patient=trace.patient, input=body.decode("utf-8", "replace") if keep and body else None,
+                            media_type=media_type, idempotency_key=key)
+            entry = msgspec.structs.replace(entry, has_input=keep, sealed=reqlog.seal(request_id, sealed))
+            reqlog.record(entry)
+        return entry
 
     @post("/fhir/{source:str}/Appointment", status_code=201)
     async def book(request: Request, source: FromPath[str]) -> Response[bytes]:
@@ -190,7 +324,7 @@ def create_app(settings: Settings, *, extra_keys: dict[str, list[str]] | None = 
         try:
             await redis_client.ping()
             checks["redis"] = "pass"
-        except RedisError:
+        except REDIS_FAILURES:
             checks["redis"] = "fail"
         if checks["redis"] == "pass":
             try:
@@ -201,24 +335,102 @@ def create_app(settings: Settings, *, extra_keys: dict[str, list[str]] | None = 
         else:
             checks["salesforce_auth"] = "unknown"
         ok = all(v == "pass" for v in checks.values())
-        body = {"status": "pass" if ok else "fail", "checks": checks,
+        body = {"status": "pass" if ok else "fail", "checks": checks, "circuit": breaker.state,
                 "salesforce_api_usage": {"used": client.usage.used, "limit": client.usage.limit}}
         return Response(_json.encode(body), status_code=200 if ok else 503, media_type="application/json",
                         headers={} if ok else {"Retry-After": "5"})
 
+    async def _start() -> None:
+        background.append(asyncio.create_task(maps.run(), name="codemaps"))
+        background.append(asyncio.create_task(_gauges(), name="gauges"))
+        background.append(asyncio.create_task(breaker.run(), name="circuit-breaker"))
+        background.append(asyncio.create_task(reqlog.run(), name="request-log"))
+        if queue_sources and run_queue_workers:
+            background.append(asyncio.create_task(worker.run(), name="queue-worker"))
+
+    minted = [0]
+
+    def _token_refreshes() -> None:
+        for _ in range(tokens.refreshes - minted[0]):
+            metrics.token_refresh()
+        minted[0] = tokens.refreshes
+
+    async def _gauges() -> None:
+        """Values that are states, not events: read every few seconds for /metrics."""
+        while True:
+            _token_refreshes()
+            metrics.circuit(breaker.state)
+            metrics.api_usage(client.usage.used, client.usage.limit)
+            for source in queue_sources:
+                try:
+                    depth = await queue.depth(source)
+                    metrics.queue_depth(source, depth["ready"], depth["delayed"], depth["dead"])
+                except REDIS_FAILURES:
+                    pass
+            await asyncio.sleep(5)
+
+    @post("/auth/token", status_code=200)
+    async def token(request: Request) -> Response[bytes]:
+        """SMART Backend Services token endpoint (client credentials with a JWT assertion)."""
+        headers = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+        try:
+            form = {k: v for k, v in (await request.form()).items() if isinstance(v, str)}
+            # the audience an assertion names: this endpoint, as the client reached it
+            answer = await smart.issue(form, str(request.url).split("?", 1)[0])
+        except TokenError as exc:
+            log.info("token", status=exc.status, error=exc.error)
+            return Response(exc.body(), status_code=exc.status, media_type="application/json", headers=headers)
+        log.info("token", status=200)
+        return Response(_json.encode(answer), status_code=200, media_type="application/json", headers=headers)
+
+    @get("/metrics")
+    async def metrics_page() -> Response[bytes]:
+        _token_refreshes()
+        metrics.circuit(breaker.state)
+        metrics.api_usage(client.usage.used, client.usage.limit)
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    admin = admin_router(AdminDeps(
+        auth=AdminAuth(settings.file.admin, inbound.digests(), redis_client, cfg.redis.key_prefix, smart),
+        audit=Audit(redis_client, cfg.redis.key_prefix), log=reqlog, booker=booker, queue=queue, store=store,
+        queue_sources=queue_sources, replay=replay, maps=maps,
+        usage=lambda: {"api_used": client.usage.used, "api_limit": client.usage.limit, "circuit": breaker.state},
+    ))
+
     async def _close() -> None:
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
+        await reqlog.flush()
         await http.aclose()
         await redis_client.aclose()
 
-    return Litestar(
-        route_handlers=[book, book_operation, translate, live, ready],
+    app = Litestar(
+        route_handlers=[book, book_operation, translate, live, ready, metrics_page, token, admin],
         exception_handlers={HTTPException: _litestar_error, Exception: _unexpected},
+        on_startup=[_start],
         on_shutdown=[_close],
         request_max_body_size=cfg.limits.max_body_bytes,
         logging_config=None,
         openapi_config=None,
         debug=False,
     )
+    app.state.queue = queue
+    app.state.store = store
+    app.state.breaker = breaker
+    app.state.request_log = reqlog
+    app.state.replay = replay
+    return app
+
+
+def connect_redis(url: str, *, cluster: bool = False) -> Any:
+    """One Redis client for the process; with `cluster`, the URL names any node of a Redis Cluster."""
+    if cluster:
+        from redis.asyncio.cluster import RedisCluster
+
+        return RedisCluster.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+    return redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
 
 
 def app_from_env() -> Litestar:

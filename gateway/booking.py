@@ -2,30 +2,45 @@
 adapter -> canonical booking -> code maps -> Salesforce rules -> idempotency -> Salesforce -> answer.
 
 `prepare` is pure (no I/O): the dry run and the CLI use it alone. `book` adds the idempotency record
-and the Salesforce call. No booking is sent without its record claimed first.
+and the Salesforce call; `deliver_queued` is the queue worker's way in. No booking is sent without
+its record's lease, and no attempt that may follow one that reached Salesforce sends before looking
+the booking up (`_deliver`): that is what makes each booking one appointment.
 """
 
 from __future__ import annotations
 
+import math
+import time
 from dataclasses import dataclass, field
+
+import msgspec
 
 from adapters import get_adapter
 from gateway.canonical import CanonicalBooking
 from gateway.codemaps import EMPTY, SourceMaps
 from gateway.errors import (
+    CircuitOpen,
     GatewayError,
     IdempotencyKeyReused,
     InFlight,
+    Issue,
     NotFound,
+    SalesforceFailed,
     SalesforceRefused,
+    Unavailable,
     Unprocessable,
 )
-from gateway.fhir import FHIR_JSON, booked_appointment, error_body
-from gateway.idempotency import IdempotencyStore, fingerprint, key_material
+from gateway.fhir import FHIR_JSON, booked_appointment, error_body, operation_outcome
+from gateway.idempotency import REDIS_FAILURES, Claim, IdempotencyStore, fingerprint, key_material
 from gateway.mapping import Mapped, map_booking
+from gateway.queue import BookingQueue, QueuedBooking
 from gateway.rules import check
 from gateway.salesforce.client import CallRecord, SalesforceClient
+from gateway.salesforce.wire import BookingRequest
+from gateway.sealing import Sealer
 from gateway.settings import SourceSettings
+
+_encoder = msgspec.json.Encoder()
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +62,17 @@ class Trace:
 
     idempotency: str = "none"
     salesforce: CallRecord = field(default_factory=CallRecord)
+    lookup: CallRecord = field(default_factory=CallRecord)
+    looked_up: str | None = None  # found | absent | failed: the check of an earlier attempt
+    adopted: bool = False  # answered with the appointment an earlier attempt made
+    parked: str | None = None  # released | in-doubt | queued: the lease given back without an answer
+    paused_for: int | None = None  # the circuit was open: seconds until Salesforce may be tried
     maps_version: str | None = None
+    maps_used: tuple[str, ...] = ()
+    patient: str | None = None  # PHI: only ever sealed into the request log
+    key_material: str | None = None  # what the idempotency record is keyed on (may hold identifiers)
+    salesforce_id: str | None = None
+    refusal: SalesforceRefused | None = None  # Salesforce refused: answered (422), not raised
 
 
 class Booker:
@@ -57,15 +82,26 @@ class Booker:
         maps: dict[str, SourceMaps],
         store: IdempotencyStore | None = None,
         client: SalesforceClient | None = None,
+        queue: BookingQueue | None = None,
         *,
         in_flight_retry_after: int = 2,
+        in_doubt_settle_seconds: float = 60.0,
+        sealer: Sealer | None = None,
     ) -> None:
         self._sources = sources
         self._maps = maps
         self._adapters = {name: get_adapter(s.adapter) for name, s in sources.items() if s.adapter != "hl7v2"}
         self._store = store
         self._client = client
+        self._queue = queue
+        self._sealer = sealer  # patient data waiting in the queue is sealed at rest
         self._in_flight_retry_after = in_flight_retry_after
+        self._settle_ms = int(in_doubt_settle_seconds * 1000)
+        self._settle_retry_after = max(1, math.ceil(in_doubt_settle_seconds))
+
+    @property
+    def sources(self) -> dict[str, SourceSettings]:
+        return self._sources
 
     def source(self, name: str) -> SourceSettings:
         found = self._sources.get(name)
@@ -73,7 +109,7 @@ class Booker:
             raise NotFound("no source of that name is configured", expression=("source",))
         return found
 
-    def prepare(self, source_name: str, body: bytes) -> Prepared:
+    def prepare(self, source_name: str, body: bytes, trace: Trace | None = None) -> Prepared:
         """Parse, map and check; raises with every problem found, changes nothing anywhere."""
         source = self.source(source_name)
         adapter = self._adapters.get(source_name)
@@ -81,24 +117,32 @@ class Booker:
             raise NotFound("this source takes HL7 v2 over MLLP, not FHIR over HTTP")
         booking = adapter.parse(body)
         mapped = map_booking(booking, source, self._maps.get(source_name, EMPTY))
+        if trace is not None:  # for the request log, refused or not
+            trace.maps_version, trace.maps_used = mapped.maps_version, mapped.used
+            trace.patient = next((p.reference for p in booking.participants if p.kind == "Patient"), None)
         issues = list(mapped.issues) + check(booking, mapped.request)
         if any(i.severity in ("error", "fatal") for i in issues):
             raise Unprocessable(issues=sorted(issues, key=lambda i: i.severity != "error"))
         return Prepared(booking, mapped)
 
-    async def book(self, source_name: str, body: bytes, key_header: str | None, trace: Trace) -> Answer:
+    async def book(self, source_name: str, body: bytes, key_header: str | None, trace: Trace,
+                   *, retry_refusal: bool = False) -> Answer:
+        """`retry_refusal`: an operator's replay; a refusal stored for this booking is forgotten so
+        the booking is tried again (with the maps as they are now)."""
         assert self._store is not None and self._client is not None, "booking needs Redis and Salesforce"
-        prepared = self.prepare(source_name, body)  # refusals found here are never stored
-        trace.maps_version = prepared.mapped.maps_version
+        prepared = self.prepare(source_name, body, trace)  # refusals found here are never stored
         fp = fingerprint(prepared.booking)
-        key = self._store.record_key(source_name, key_material(key_header, prepared.booking, fp))
+        material = key_material(key_header, prepared.booking, fp)
+        trace.key_material = material
+        key = self._store.record_key(source_name, material)
         claim = await self._store.claim(key, fp)
+        if retry_refusal and claim.state == "done" and claim.status >= 400 and await self._store.forget_refusal(key, fp):
+            claim = await self._store.claim(key, fp)
         trace.idempotency = claim.state
         if claim.state == "done":
-            headers = {"Content-Type": FHIR_JSON, "Idempotent-Replayed": "true"}
-            if claim.location:
-                headers["Location"] = claim.location
-            return Answer(claim.status, claim.body, headers)
+            return _replayed(claim)
+        if claim.state == "queued":
+            return _accepted()
         if claim.state == "busy":
             raise InFlight(
                 "a booking with this idempotency key is still being processed",
@@ -108,21 +152,170 @@ class Booker:
             raise IdempotencyKeyReused(
                 "this idempotency key was used before with a different booking", expression=("Idempotency-Key",)
             )
-
+        source = self.source(source_name)
+        # a queue source keeps its lease through a failure, so the booking passes to the queue whole
+        held = self._queue is not None and source.delivery == "queue"
+        job = _Job(source_name, prepared.booking, prepared.mapped.request, claim, hold=held)
         try:
-            booked = await self._client.book(prepared.mapped.request, trace.salesforce)
+            return await self._deliver(job, trace)
+        except (Unavailable, SalesforceFailed) as failure:
+            if not held:
+                raise
+            return await self._enqueue(job, fp, failure, trace)
+
+    async def deliver_queued(self, item: QueuedBooking, trace: Trace) -> str:
+        """The queue worker's attempt at one entry: 'done' (booked, adopted, refused or already
+        settled), 'retry' (Salesforce still cannot take it), 'paused' (the circuit is open: not
+        tried) or 'busy' (someone else holds the lease)."""
+        assert self._store is not None
+        claim = await self._store.claim(item.record_key, item.fingerprint, by_queue=True, since_ms=item.since_ms)
+        trace.idempotency = claim.state
+        if claim.state in ("done", "mismatch"):
+            return "done"
+        if claim.state == "busy":
+            return "busy"
+        raw_booking, raw_request = item.booking, item.request
+        if item.sealed:
+            if self._sealer is None:
+                raise Unavailable("a queued booking is sealed and this gateway has no data key")
+            context = item.record_key.encode()
+            raw_booking, raw_request = self._sealer.open(raw_booking, context), self._sealer.open(raw_request, context)
+        booking = msgspec.json.decode(raw_booking, type=CanonicalBooking)
+        request = msgspec.json.decode(raw_request, type=BookingRequest)
+        try:
+            await self._deliver(_Job(item.source, booking, request, claim), trace)
+        except CircuitOpen as paused:
+            trace.paused_for = paused.retry_after  # Salesforce was not tried: no attempt spent
+            return "paused"
+        except (Unavailable, SalesforceFailed):
+            return "retry"
+        return "done"
+
+    async def _deliver(self, job: _Job, trace: Trace) -> Answer:
+        """The lease holder's work: settle an earlier attempt's doubt, send, and store the outcome.
+        On a transient failure the record is parked (in doubt if this attempt may have reached
+        Salesforce) and the error raised; `trace.parked` then says the lease was given back."""
+        assert self._store is not None and self._client is not None
+        claim = job.claim
+        if claim.doubt:
+            # never re-send blind: an earlier attempt may have booked it
+            try:
+                found = await self._client.find_booking(job.request, claim.since_ms, trace.lookup)
+            except CircuitOpen:
+                trace.looked_up = "failed"
+                await self._park(job, trace, in_doubt=False)
+                raise
+            except GatewayError:
+                trace.looked_up = "failed"
+                await self._park(job, trace, in_doubt=False)
+                raise Unavailable(
+                    "an earlier attempt's outcome is unknown and Salesforce cannot be asked yet; nothing was sent",
+                    retry_after=self._settle_retry_after,
+                ) from None
+            trace.looked_up = "found" if found else "absent"
+            if found:
+                return await self._finish(job, found, trace, adopted=True)
+            wait_ms = self._settle_ms - (claim.now_ms - claim.sent_ms)
+            if wait_ms > 0:
+                # Salesforce may still be working on the earlier request: wait before sending again
+                await self._park(job, trace, in_doubt=False)
+                raise Unavailable(
+                    "an earlier attempt's outcome is not settled yet; nothing was sent",
+                    retry_after=max(1, math.ceil(wait_ms / 1000)),
+                )
+        try:
+            booked = await self._client.book(job.request, trace.salesforce)
         except SalesforceRefused as refused:
             # Salesforce's refusal is this booking's final answer: a retry gets it again
+            trace.refusal = refused
             answer = Answer(refused.status, error_body(refused), {"Content-Type": FHIR_JSON})
             await self._store.complete(claim, answer.status, answer.body)
             return answer
-        except GatewayError:
-            # Not booked as far as the gateway can tell: free the key so the EHR's retry is a fresh
-            # attempt. A lost answer after sending (trace.salesforce.in_doubt) is freed too for now;
-            # the look-up before re-sending such a booking is not built yet.
-            await self._store.release(claim)
+        except GatewayError as failure:
+            if not trace.salesforce.in_doubt:
+                await self._park(job, trace, in_doubt=False)  # certainly not sent
+                raise
+            # the answer was lost: a dropped connection after the write is found at once
+            try:
+                found = await self._client.find_booking(job.request, claim.since_ms, trace.lookup)
+            except GatewayError:
+                found = None
+            trace.looked_up = "found" if found else "absent"
+            if found:
+                return await self._finish(job, found, trace, adopted=True)
+            await self._park(job, trace, in_doubt=True)
+            failure.retry_after = failure.retry_after or self._settle_retry_after
             raise
-        location = f"/fhir/{source_name}/Appointment/{booked.id}"
-        answer = Answer(201, booked_appointment(prepared.booking, booked.id), {"Content-Type": FHIR_JSON, "Location": location})
-        await self._store.complete(claim, 201, answer.body, location)
+        return await self._finish(job, booked.id, trace)
+
+    async def _finish(self, job: _Job, salesforce_id: str, trace: Trace, *, adopted: bool = False) -> Answer:
+        assert self._store is not None
+        trace.adopted = adopted
+        trace.salesforce_id = salesforce_id
+        location = f"/fhir/{job.source}/Appointment/{salesforce_id}"
+        answer = Answer(201, booked_appointment(job.booking, salesforce_id),
+                        {"Content-Type": FHIR_JSON, "Location": location})
+        await self._store.complete(job.claim, 201, answer.body, location)
         return answer
+
+    async def _park(self, job: _Job, trace: Trace, *, in_doubt: bool) -> None:
+        assert self._store is not None
+        job.in_doubt = in_doubt or job.claim.doubt
+        if job.hold:
+            return
+        await self._store.park(job.claim, in_doubt=in_doubt)
+        trace.parked = "in-doubt" if job.in_doubt else "released"
+
+    async def _enqueue(self, job: _Job, fp: str, failure: GatewayError, trace: Trace) -> Answer:
+        """Salesforce cannot take it now: the durable queue takes the booking over, answered 202.
+        The entry is written before the record says 'queued', so a crash between the two leaves a
+        lapsing lease (the next holder looks before sending), never a record with no entry."""
+        assert self._store is not None and self._queue is not None
+        claim = job.claim
+        request, booking = _encoder.encode(job.request), _encoder.encode(job.booking)
+        if self._sealer is not None:
+            request, booking = self._sealer.seal(request, claim.key.encode()), self._sealer.seal(booking, claim.key.encode())
+        item = QueuedBooking(
+            record_key=claim.key, fingerprint=fp, source=job.source, sealed=self._sealer is not None,
+            request=request, booking=booking,
+            accepted_ms=claim.now_ms, since_ms=claim.since_ms,
+            last_error=failure.issues[0].details_code or trace.salesforce.error_code or type(failure).__name__,
+        )
+        try:
+            await self._queue.add(item)
+        except REDIS_FAILURES:
+            await self._store.park(claim, in_doubt=job.in_doubt)
+            raise Unavailable("Salesforce is unavailable and the queue cannot be written", retry_after=5) from None
+        await self._store.park(claim, in_doubt=job.in_doubt, queued=True)
+        trace.parked = "queued"
+        return _accepted()
+
+
+class _Job:
+    """One booking in the hands of the lease holder."""
+
+    __slots__ = ("source", "booking", "request", "claim", "hold", "in_doubt")
+
+    def __init__(self, source: str, booking: CanonicalBooking, request: BookingRequest, claim: Claim,
+                 *, hold: bool = False) -> None:
+        self.source, self.booking, self.request, self.claim = source, booking, request, claim
+        self.hold = hold  # keep the lease through a failure (the caller hands the booking on)
+        self.in_doubt = False  # this or an earlier attempt may have reached Salesforce
+
+
+def _replayed(claim: Claim) -> Answer:
+    headers = {"Content-Type": FHIR_JSON, "Idempotent-Replayed": "true"}
+    if claim.location:
+        headers["Location"] = claim.location
+    return Answer(claim.status, claim.body, headers)
+
+
+_ACCEPTED = operation_outcome([Issue(
+    code="informational", severity="information",
+    diagnostics="Salesforce cannot take the booking now; it is held in the durable queue and will be "
+                "delivered. Send the same request again to learn the outcome.",
+)])
+
+
+def _accepted() -> Answer:
+    return Answer(202, _ACCEPTED, {"Content-Type": FHIR_JSON, "Retry-After": "30"})

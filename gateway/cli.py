@@ -1,4 +1,4 @@
-"""The `ehr-gateway` command: serve, sandbox, codemaps check, translate."""
+"""The `ehr-gateway` command: serve, sandbox, codemaps check, translate, queue, requests."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import msgspec
 
-from gateway.settings import ConfigError, default_config_dir, load_file_settings, load_settings
+from gateway.settings import ConfigError, FileSettings, default_config_dir, load_file_settings, load_settings
 
 def _config_dir(args: argparse.Namespace) -> Path:
     return Path(args.config) if args.config else default_config_dir()
@@ -122,10 +122,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
         except OSError as exc:
             return _fail(f"cannot listen on {args.host}:{args.port}: {exc.strerror}")
 
+    from gateway.metrics import prepare_multiprocess_dir
+    from gateway.sealing import ensure_key_file
+
+    data_root = Path(os.environ.get("EHR_GATEWAY_DATA", ".ehr-gateway")).resolve()
+    if not os.environ.get("EHR_GATEWAY_DATA_KEY") and not os.environ.get("EHR_GATEWAY_DATA_KEY_FILE"):
+        # inputs kept for replays are sealed; without a configured key, one is made for this data folder
+        key_file = ensure_key_file(data_root / "data.key")
+        os.environ["EHR_GATEWAY_DATA_KEY_FILE"] = str(key_file)
+        print(f"EHR_GATEWAY_DATA_KEY is not set: kept inputs are sealed with {key_file} (owner-only)")
+    # every worker writes its metrics there; /metrics on any worker reads them all
+    prepare_multiprocess_dir(data_root / "metrics")
     embedded = sandbox_server = None
     try:
         if settings.redis_url is None:
-            data_dir = Path(os.environ.get("EHR_GATEWAY_DATA", ".ehr-gateway")) / "redis"
+            data_dir = data_root / "redis"
             embedded = EmbeddedRedis(data_dir.resolve()).start()
             os.environ["REDIS_URL"] = embedded.url
             print(f"REDIS_URL is not set: started an embedded Redis ({embedded.url}, append-only file on)")
@@ -150,15 +161,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print("  demo sources and keys (accepted only while the sandbox stands in for Salesforce):")
             for source in settings.sources:
                 print(f"    {source:<10} Authorization: Bearer {DEMO_KEY.format(source=source)}")
-        print(f"ehr-gateway on http://{args.host}:{args.port} with {args.workers} worker(s)")
+        tls = settings.file.tls
+        ssl: dict[str, str] = {}
+        if tls.certificate_file and tls.key_file:
+            ssl = {"ssl_certfile": str(config_dir / tls.certificate_file), "ssl_keyfile": str(config_dir / tls.key_file)}
+        scheme = "https" if ssl else "http"
+        print(f"ehr-gateway on {scheme}://{args.host}:{args.port} with {args.workers} worker(s)")
         sys.stdout.flush()
         # uvicorn re-raises SIGTERM after its graceful shutdown; turning it into SystemExit lets the
         # `finally` below stop the embedded Redis and the sandbox instead of leaving them behind
         signal.signal(signal.SIGTERM, _exit_on_signal)
         uvicorn.run(
             "gateway.app:app_from_env", factory=True, host=args.host, port=args.port, workers=args.workers,
-            log_config=None, access_log=False, server_header=False, timeout_keep_alive=30,
-            loop="uvloop", http="httptools",
+            log_config=None, access_log=False, server_header=False,
+            timeout_keep_alive=int(settings.file.limits.keep_alive_seconds),
+            limit_concurrency=settings.file.limits.max_connections,
+            loop="uvloop", http="httptools", **ssl,  # type: ignore[arg-type]
         )
     finally:
         if sandbox_server is not None:
@@ -166,6 +184,155 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if embedded is not None:
             embedded.stop()
     return 0
+
+
+def _redis_url_for_tools() -> str | None:
+    """REDIS_URL, else the embedded Redis that `serve` keeps in EHR_GATEWAY_DATA."""
+    if os.environ.get("REDIS_URL"):
+        return os.environ["REDIS_URL"]
+    sock = Path(os.environ.get("EHR_GATEWAY_DATA", ".ehr-gateway")) / "redis" / "redis.sock"
+    return f"unix://{sock.resolve()}" if sock.exists() else None
+
+
+def _when(ms: int) -> str:
+    from datetime import datetime, timezone
+
+    return datetime.fromtimestamp(ms / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ") if ms else "-"
+
+
+def _tool_settings(args: argparse.Namespace) -> tuple[FileSettings, str] | int:
+    """The operators' tools read Redis directly: the config (for the key prefix) and the Redis URL,
+    or the exit code of the failure, already reported."""
+    try:
+        file_settings = load_file_settings(_config_dir(args))
+    except ConfigError as exc:
+        return _fail(str(exc))
+    url = _redis_url_for_tools()
+    if url is None:
+        return _fail("REDIS_URL is not set and no embedded Redis is running here")
+    return file_settings, url
+
+
+def cmd_queue(args: argparse.Namespace) -> int:
+    """The durable queue, for operators: list shows no patient data, only where each entry stands."""
+    import asyncio
+
+    from redis.exceptions import RedisError
+
+    from gateway.app import connect_redis
+    from gateway.idempotency import IdempotencyStore
+    from gateway.queue import BookingQueue
+
+    found = _tool_settings(args)
+    if isinstance(found, int):
+        return found
+    file_settings, url = found
+    queue_sources = [n for n, s in file_settings.sources.items() if s.delivery == "queue"]
+    source = getattr(args, "source", None)
+    if source is not None and source not in file_settings.sources:
+        return _fail(f"no source named {source!r} is configured")
+
+    async def run() -> int:
+        client = connect_redis(url, cluster=file_settings.redis.cluster)
+        prefix = file_settings.redis.key_prefix
+        queue = BookingQueue(client, prefix)
+        try:
+            if args.queue_command == "list":
+                rows = []
+                for name in [source] if source else queue_sources:
+                    for e in await queue.list(name):
+                        i = e.item
+                        rows.append((name, e.where, e.id, str(i.attempts), _when(i.accepted_ms),
+                                     _when(i.due_ms), i.last_error or "-"))
+                header = ("source", "state", "entry", "attempts", "accepted", "due", "last error")
+                widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
+                for row in [header, *rows]:
+                    print("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+                return 0
+            if args.queue_command == "replay":
+                if not await queue.replay(args.source, args.entry):
+                    return _fail(f"no dead-letter entry {args.entry} for {args.source}")
+                print(f"{args.entry}: back in the {args.source} queue")
+                return 0
+            dropped = await queue.drop(args.source, args.entry)
+            if dropped is None:
+                return _fail(f"no dead-letter entry {args.entry} for {args.source}")
+            store = IdempotencyStore(client, prefix, lease_seconds=1, retention_hours=1)
+            await store.unqueue(dropped.record_key)  # the EHR's next retry starts afresh (looking first)
+            print(f"{args.entry}: dropped; the booking was not made")
+            return 0
+        except RedisError as exc:
+            return _fail(f"Redis: {type(exc).__name__}")
+        finally:
+            await client.aclose()
+
+    return asyncio.run(run())
+
+
+def _request_table(entries: list, title: str):  # type: ignore[no-untyped-def]
+    from rich.table import Table
+
+    colours = {"booked": "green", "replayed": "cyan", "queued": "yellow", "refused": "red", "unmapped": "magenta",
+               "conflict": "yellow", "rejected": "bright_black", "failed": "bold red"}
+    table = Table(title=title, expand=False)
+    for column in ("time (UTC)", "id", "source", "op", "outcome", "status", "idempotency", "salesforce", "error",
+                   "ms", "maps"):
+        table.add_column(column, overflow="fold")  # ids are never cut short
+    for e in entries:
+        when = _when(e.time_ms)
+        table.add_row(
+            when, e.id, e.source, e.op, f"[{colours.get(e.outcome, 'white')}]{e.outcome}[/]", str(e.status),
+            e.idempotency or "-", f"{e.sf_status or '-'} {e.sf_id or ''}".strip(), e.sf_error or "-",
+            f"{e.ms:.1f}", e.maps_version or "-",
+        )
+    return table
+
+
+def cmd_requests(args: argparse.Namespace) -> int:
+    """The request log as a table (no patient data): newest first, or followed live."""
+    import asyncio
+
+    from rich.console import Console
+    from rich.live import Live
+
+    from gateway.app import connect_redis
+    from gateway.requestlog import OUTCOMES, RequestLog
+
+    found = _tool_settings(args)
+    if isinstance(found, int):
+        return found
+    file_settings, url = found
+    if getattr(args, "outcome", None) and args.outcome not in OUTCOMES:
+        return _fail(f"--outcome is one of {', '.join(OUTCOMES)}")
+    console = Console()
+
+    async def run() -> int:
+        client = connect_redis(url, cluster=file_settings.redis.cluster)
+        reqlog = RequestLog(client, file_settings.redis.key_prefix, sealer=None)
+        try:
+            if args.requests_command == "show":
+                entry = await reqlog.get(args.id)
+                if entry is None:
+                    return _fail(f"no request log entry {args.id}")
+                console.print_json(msgspec.json.encode(reqlog.view(entry, phi=False)).decode())
+                return 0
+            async def table():  # type: ignore[no-untyped-def]
+                found = await reqlog.search(source=args.source, outcome=args.outcome, limit=args.limit)
+                return _request_table(found, "ehr-gateway requests")
+            if not args.follow:
+                console.print(await table())
+                return 0
+            with Live(await table(), console=console, refresh_per_second=2) as live:
+                while True:
+                    await asyncio.sleep(1)
+                    live.update(await table())
+        finally:
+            await client.aclose()
+
+    try:
+        return asyncio.run(run())
+    except KeyboardInterrupt:
+        return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -196,6 +363,29 @@ def build_parser() -> argparse.ArgumentParser:
     translate.add_argument("file")
     translate.add_argument("--config")
     translate.set_defaults(func=cmd_translate)
+
+    queue = sub.add_parser("queue", help="the durable queue: list, replay or drop entries")
+    queue.add_argument("--config")
+    queue_sub = queue.add_subparsers(dest="queue_command", required=True)
+    q_list = queue_sub.add_parser("list", help="every entry: ready, delayed or dead (no patient data)")
+    q_list.add_argument("--source")
+    for name, text in (("replay", "send a dead-letter entry back to its queue"),
+                       ("drop", "give up a dead-letter entry (the booking is not made)")):
+        cmd = queue_sub.add_parser(name, help=text)
+        cmd.add_argument("source")
+        cmd.add_argument("entry", help="the entry id shown by `queue list`")
+    queue.set_defaults(func=cmd_queue)
+
+    requests = sub.add_parser("requests", help="the request log: a table, or followed live (no patient data)")
+    requests.add_argument("--config")
+    requests.add_argument("--source")
+    requests.add_argument("--outcome")
+    requests.add_argument("--limit", type=int, default=30)
+    requests.add_argument("--follow", action="store_true", help="keep the table up to date")
+    requests.set_defaults(func=cmd_requests, requests_command="list")
+    req_sub = requests.add_subparsers(dest="requests_command")
+    show = req_sub.add_parser("show", help="one entry, whole")
+    show.add_argument("id")
     return parser
 
 

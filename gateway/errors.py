@@ -89,10 +89,12 @@ class UnsupportedMediaType(GatewayError):
     status, code = 415, "not-supported"
 
 
-class InFlight(GatewayError):
-    """The same idempotency key is still being processed."""
-
+class Conflict(GatewayError):
     status, code = 409, "conflict"
+
+
+class InFlight(Conflict):
+    """The same idempotency key is still being processed."""
 
 
 class Unprocessable(GatewayError):
@@ -113,6 +115,12 @@ class SalesforceRefused(Unprocessable):
     code = "processing"
 
 
+class TooManyRequests(GatewayError):
+    """The source is over its rate limit."""
+
+    status, code = 429, "throttled"
+
+
 class SalesforceFailed(GatewayError):
     """Salesforce failed: a 5xx, or an answer that cannot be read."""
 
@@ -123,3 +131,7 @@ class Unavailable(GatewayError):
     """Redis or Salesforce is unavailable, or Salesforce's request limit is reached."""
 
     status, code = 503, "transient"
+
+
+class CircuitOpen(Unavailable):
+    """Salesforce calls are paused after repeated failures; nothing was sent."""

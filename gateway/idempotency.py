@@ -1,10 +1,12 @@
-"""Idempotency records in Redis: each booking becomes one Salesforce call, whatever the retries.
+"""Idempotency records in Redis: each booking becomes one appointment, whatever the retries.
 
-A record is a hash: the booking's fingerprint, the state (`f` in flight, with a lease and the holder's
-token, or `d` done, with the final answer). Claim-or-replay is one round trip (one Lua script); storing
-the answer is one more. Every write after the claim is checked against the holder's token, so a slow
-old holder can never overwrite a newer result. Lease times come from the Redis server's clock, so
-gateways on different machines agree on them.
+A record is a hash: the booking's fingerprint and a state: leased (`f`, with the holder's token and
+lease end), in doubt (`u`: an attempt may have reached Salesforce and its answer was lost), queued
+(`q`: the durable queue owns delivery) or done (`d`, with the final answer). Claim-or-replay is one
+round trip (one Lua script); storing the answer is one more. A claim that takes a record over from a
+lapsed lease or from doubt says so, and its holder looks the booking up before sending. Every write
+after the claim is checked against the holder's token, so a slow old holder can never overwrite a
+newer result. Times come from the Redis server's clock, so gateways on different machines agree.
 """
 
 from __future__ import annotations
@@ -19,37 +21,88 @@ import redis.asyncio as redis
 from redis.exceptions import RedisError
 
 from gateway.canonical import CanonicalBooking
+
+# What a Redis call can raise when Redis or the link to it fails. redis-py lets some transport
+# errors through unwrapped (a write on a connection torn down under it raises AttributeError or
+# TypeError; redis-py issue #4287), so they are caught here, around the Redis call alone.
+REDIS_FAILURES: tuple[type[BaseException], ...] = (RedisError, OSError, AttributeError, TypeError)
 from gateway.errors import InvalidRequest, Unavailable
 
+# Record fields: fp (booking fingerprint), st (f leased, u in doubt, q queued, d done), tok and lease
+# (the holder's token and lease end), dbt ('1': an earlier attempt may have reached Salesforce), since
+# (first attempt, for the look-up), sent (when the last doubtful attempt ended), q ('1': the durable
+# queue owns delivery), code/body/loc (the final answer).
+# ARGV: fp, token, lease ms, retention ms, mode ('e' the EHR's request, 'q' the queue worker), since.
 _CLAIM = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local rec = redis.call('HMGET', KEYS[1], 'fp', 'st', 'lease', 'code', 'body', 'loc')
-if not rec[2] then
-  redis.call('HSET', KEYS[1], 'fp', ARGV[1], 'st', 'f', 'tok', ARGV[2], 'lease', now + tonumber(ARGV[3]))
+local r = redis.call('HMGET', KEYS[1], 'fp', 'st', 'lease', 'code', 'body', 'loc', 'dbt', 'since', 'sent', 'q')
+local lease = now + tonumber(ARGV[3])
+if not r[2] then
+  if ARGV[5] == 'q' then
+    -- a queued booking whose record is gone (dropped, or outlived): its history is unknown
+    redis.call('HSET', KEYS[1], 'fp', ARGV[1], 'st', 'f', 'tok', ARGV[2], 'lease', lease,
+               'since', ARGV[6], 'dbt', '1', 'sent', '0', 'q', '1')
+    redis.call('PEXPIRE', KEYS[1], ARGV[4])
+    return {'takeover', '1', ARGV[6], '0', tostring(now)}
+  end
+  redis.call('HSET', KEYS[1], 'fp', ARGV[1], 'st', 'f', 'tok', ARGV[2], 'lease', lease, 'since', now)
   redis.call('PEXPIRE', KEYS[1], ARGV[4])
-  return {'new'}
+  return {'new', tostring(now)}
 end
-if rec[1] ~= ARGV[1] then return {'mismatch'} end
-if rec[2] == 'd' then return {'done', rec[4], rec[5], rec[6]} end
-local lease = tonumber(rec[3])
-if lease <= now then
-  redis.call('HSET', KEYS[1], 'tok', ARGV[2], 'lease', now + tonumber(ARGV[3]))
-  return {'takeover'}
-end
-return {'busy', tostring(lease - now)}
+if r[1] ~= ARGV[1] then return {'mismatch'} end
+if r[2] == 'd' then return {'done', r[4], r[5], r[6]} end
+if ARGV[5] == 'e' and r[10] == '1' then return {'queued'} end
+if r[2] == 'f' and tonumber(r[3]) > now then return {'busy', tostring(tonumber(r[3]) - now)} end
+local doubt, sent = r[7] or '0', r[9] or '0'
+if r[2] == 'f' then doubt, sent = '1', r[3] end  -- the lapsed holder may have sent; its call ended by then
+redis.call('HSET', KEYS[1], 'st', 'f', 'tok', ARGV[2], 'lease', lease, 'dbt', doubt, 'sent', sent)
+return {'takeover', doubt, r[8] or tostring(now), sent, tostring(now)}
 """
 
 _COMPLETE = """
 if redis.call('HGET', KEYS[1], 'tok') ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'st', 'd', 'code', ARGV[2], 'body', ARGV[3], 'loc', ARGV[4])
-redis.call('HDEL', KEYS[1], 'lease', 'tok')
+redis.call('HDEL', KEYS[1], 'lease', 'tok', 'dbt', 'since', 'sent', 'q')
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 return 1
 """
 
-_RELEASE = """
+# Give the lease back without an answer. ARGV: token, in doubt ('1': this attempt may have reached
+# Salesforce), queued ('1': the durable queue takes the booking over). A record with no doubt and no
+# queue is deleted, so the EHR's retry is a fresh attempt; otherwise it waits, idle, for the next holder.
+_PARK = """
 if redis.call('HGET', KEYS[1], 'tok') ~= ARGV[1] then return 0 end
+if ARGV[2] == '1' then
+  local t = redis.call('TIME')
+  redis.call('HSET', KEYS[1], 'dbt', '1', 'sent', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+end
+if ARGV[3] == '1' then redis.call('HSET', KEYS[1], 'q', '1') end
+local r = redis.call('HMGET', KEYS[1], 'q', 'dbt')
+if r[1] == '1' then redis.call('HSET', KEYS[1], 'st', 'q')
+elseif r[2] == '1' then redis.call('HSET', KEYS[1], 'st', 'u')
+else return redis.call('DEL', KEYS[1]) end
+redis.call('HDEL', KEYS[1], 'tok', 'lease')
+return 1
+"""
+
+# An operator replays a booking Salesforce refused: forget the stored refusal (only a refusal, only
+# of this booking) so the replay is tried again. ARGV: fp.
+_FORGET_REFUSAL = """
+local r = redis.call('HMGET', KEYS[1], 'st', 'code', 'fp')
+if r[1] ~= 'd' or r[3] ~= ARGV[1] or tonumber(r[2]) < 400 then return 0 end
+return redis.call('DEL', KEYS[1])
+"""
+
+# An operator dropped a queued booking: the queue no longer owns it. Only an idle queued record.
+_UNQUEUE = """
+local r = redis.call('HMGET', KEYS[1], 'st', 'dbt')
+if r[1] ~= 'q' then return 0 end
+if r[2] == '1' then
+  redis.call('HSET', KEYS[1], 'st', 'u')
+  redis.call('HDEL', KEYS[1], 'q')
+  return 1
+end
 return redis.call('DEL', KEYS[1])
 """
 
@@ -84,13 +137,17 @@ def key_material(header_key: str | None, booking: CanonicalBooking, fp: str) -> 
 
 @dataclass(frozen=True, slots=True)
 class Claim:
-    state: Literal["new", "takeover", "done", "busy", "mismatch"]
+    state: Literal["new", "takeover", "done", "busy", "mismatch", "queued"]
     key: str
     token: str
     status: int = 0
     body: bytes = b""
     location: str = ""
     retry_after_ms: int = 0
+    doubt: bool = False  # an earlier attempt may have reached Salesforce: look before sending
+    since_ms: int = 0  # Redis time of the first attempt
+    sent_ms: int = 0  # Redis time the last doubtful attempt ended
+    now_ms: int = 0  # Redis time of this claim
 
 
 class IdempotencyStore:
@@ -101,7 +158,9 @@ class IdempotencyStore:
         self._retention_ms = int(retention_hours * 3600 * 1000)
         self._claim = client.register_script(_CLAIM)
         self._complete = client.register_script(_COMPLETE)
-        self._release = client.register_script(_RELEASE)
+        self._park = client.register_script(_PARK)
+        self._unqueue = client.register_script(_UNQUEUE)
+        self._forget_refusal = client.register_script(_FORGET_REFUSAL)
 
     def record_key(self, source: str, material: str) -> str:
         # the key material may hold an EHR identifier: only its digest goes to Redis. The hash tag
@@ -109,31 +168,51 @@ class IdempotencyStore:
         digest = hashlib.sha256(f"{source}\0{material}".encode()).hexdigest()[:40]
         return f"{self._prefix}:idem:{{{source}:{digest}}}"
 
-    async def claim(self, key: str, fp: str) -> Claim:
+    async def claim(self, key: str, fp: str, *, by_queue: bool = False, since_ms: int = 0) -> Claim:
+        """Claim-or-replay in one round trip. `by_queue`: the queue worker claims for delivery, so a
+        queued record is taken rather than answered 202."""
         token = secrets.token_hex(8)
+        args = [fp, token, self._lease_ms, self._retention_ms, "q" if by_queue else "e", since_ms]
         try:
-            reply = await self._claim(keys=[key], args=[fp, token, self._lease_ms, self._retention_ms])
-        except RedisError:
+            reply = await self._claim(keys=[key], args=args)
+        except REDIS_FAILURES:
             raise Unavailable("the idempotency store (Redis) is unavailable; nothing was sent", retry_after=5) from None
         state = reply[0].decode()
         if state == "done":
             return Claim("done", key, token, int(reply[1]), reply[2], reply[3].decode())
         if state == "busy":
             return Claim("busy", key, token, retry_after_ms=int(reply[1]))
+        if state == "takeover":
+            return Claim("takeover", key, token, doubt=reply[1] == b"1", since_ms=int(float(reply[2])),
+                         sent_ms=int(float(reply[3])), now_ms=int(float(reply[4])))
+        if state == "new":
+            now = int(float(reply[1]))
+            return Claim("new", key, token, since_ms=now, now_ms=now)
         return Claim(state, key, token)  # type: ignore[arg-type]
 
     async def complete(self, claim: Claim, status: int, body: bytes, location: str = "") -> bool:
         """Store the final answer; False when the lease was lost to another holder."""
         try:
             return bool(await self._complete(keys=[claim.key], args=[claim.token, status, body, location, self._retention_ms]))
-        except RedisError:
-            # Salesforce has answered but the record could not be finished: a retry will find the
-            # record in flight until its lease runs out. Say so rather than pretend.
+        except REDIS_FAILURES:
+            # Salesforce has answered but the record could not be finished: a retry finds the lease
+            # lapsed, takes over as in doubt, and looks the booking up before any resend.
             raise Unavailable("the booking was sent but its answer could not be stored; retry later", retry_after=5) from None
 
-    async def release(self, claim: Claim) -> None:
-        """Forget a claim whose booking certainly did not reach Salesforce, so a retry starts fresh."""
+    async def park(self, claim: Claim, *, in_doubt: bool = False, queued: bool = False) -> None:
+        """Give the lease back without a final answer (see _PARK). Raises Unavailable when Redis is
+        down: the lease then runs out on its own, and the next holder looks before sending."""
         try:
-            await self._release(keys=[claim.key], args=[claim.token])
-        except RedisError:
-            pass  # the lease runs out on its own
+            await self._park(keys=[claim.key], args=[claim.token, "1" if in_doubt else "0", "1" if queued else "0"])
+        except REDIS_FAILURES:
+            raise Unavailable("the idempotency store (Redis) is unavailable", retry_after=5) from None
+
+    async def forget_refusal(self, key: str, fp: str) -> bool:
+        try:
+            return bool(await self._forget_refusal(keys=[key], args=[fp]))
+        except REDIS_FAILURES:
+            raise Unavailable("the idempotency store (Redis) is unavailable", retry_after=5) from None
+
+    async def unqueue(self, key: str) -> bool:
+        """The operator dropped the queued booking: the record stops answering 202."""
+        return bool(await self._unqueue(keys=[key]))

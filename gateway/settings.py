@@ -10,12 +10,13 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import msgspec
 
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+_LOOPBACK = re.compile(r"^http://(127\.0\.0\.1|localhost|\[::1\])(:\d+)?(/|$)")
 _SOURCE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
 
@@ -38,6 +39,11 @@ class SourceSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     rate_limit_per_minute: int | None = None
     delivery: Literal["sync", "queue"] = "sync"
     mllp_port: int | None = None
+    # SMART Backend Services: the client id the source signs its assertions with, and its public
+    # keys, inline (a JWKS as a TOML table) or by URL
+    smart_client_id: str | None = None
+    jwks: dict[str, Any] | None = None
+    jwks_url: str | None = None
 
 
 class AdminSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -51,6 +57,29 @@ class IdempotencySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=Tru
     # over a booking that is still being sent
     lease_seconds: float = 60.0
     in_flight_retry_after_seconds: int = 2
+    # after an attempt whose answer was lost, how long Salesforce may still be storing it: a booking
+    # not found by the look-up is sent again only after this
+    in_doubt_settle_seconds: float = 60.0
+
+
+class QueueSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The durable queue of `delivery = "queue"` sources."""
+
+    max_attempts: int = 8  # then the dead-letter stream
+    backoff_base_seconds: float = 2.0  # exponential with full jitter: up to base * 2^(attempt-1)
+    backoff_max_seconds: float = 300.0
+    poll_seconds: float = 1.0
+    batch: int = 16
+
+
+class BreakerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The circuit breaker toward Salesforce, shared by every worker through Redis."""
+
+    failure_ratio: float = 0.5
+    min_calls: int = 20
+    window_seconds: float = 10.0
+    open_seconds: float = 15.0
+    sync_interval_seconds: float = 0.5
 
 
 class SalesforceTuning(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -65,10 +94,33 @@ class SalesforceTuning(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 class LimitSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_body_bytes: int = 1_048_576
+    keep_alive_seconds: float = 30.0  # an idle connection is closed after this
+    max_connections: int | None = None  # per worker; over it the server answers 503
+
+
+class TlsSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The gateway's own TLS. Paths are relative to the config folder; the key file must be
+    readable by its owner only."""
+
+    certificate_file: str | None = None
+    key_file: str | None = None
+
+
+class RequestLogSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The operators' request log in Redis: bounded by count and by age."""
+
+    max_entries: int = 100_000
+    retention_hours: float = 168.0
+    flush_seconds: float = 0.2  # entries are written in batches; a crash loses at most this much
+
+
+class CodemapSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    reload_seconds: float = 2.0  # how often each worker looks for changed map files
 
 
 class RedisSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     key_prefix: str = "ehrgw"
+    cluster: bool = False  # REDIS_URL names one node of a Redis Cluster
 
 
 class FileSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -78,6 +130,11 @@ class FileSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     salesforce: SalesforceTuning = SalesforceTuning()
     limits: LimitSettings = LimitSettings()
     redis: RedisSettings = RedisSettings()
+    queue: QueueSettings = QueueSettings()
+    breaker: BreakerSettings = BreakerSettings()
+    request_log: RequestLogSettings = RequestLogSettings()
+    codemaps: CodemapSettings = CodemapSettings()
+    tls: TlsSettings = TlsSettings()
 
 
 class SalesforceConnection(msgspec.Struct, frozen=True):
@@ -143,6 +200,10 @@ def load_file_settings(config_dir: Path) -> FileSettings:
                 problems.append(f"{where}.time_zone: not an IANA time zone name")
         if (src.adapter == "hl7v2") != (src.mllp_port is not None):
             problems.append(f"{where}.mllp_port: required with adapter 'hl7v2' and only with it")
+        if src.smart_client_id is not None and (src.jwks is None) == (src.jwks_url is None):
+            problems.append(f"{where}.smart_client_id: needs either jwks or jwks_url")
+        if src.jwks_url is not None and not (src.jwks_url.startswith("https://") or src.jwks_url.startswith("http://127.0.0.1")):
+            problems.append(f"{where}.jwks_url: must be https (or loopback for tests)")
         if src.rate_limit_per_minute is not None and src.rate_limit_per_minute < 1:
             problems.append(f"{where}.rate_limit_per_minute: must be at least 1")
     for kind in ("api_keys_sha256", "phi_keys_sha256"):
@@ -154,6 +215,31 @@ def load_file_settings(config_dir: Path) -> FileSettings:
         problems.append("$.idempotency.lease_seconds: must exceed salesforce.timeout_seconds")
     if idem.retention_hours <= 0:
         problems.append("$.idempotency.retention_hours: must be positive")
+    if idem.in_doubt_settle_seconds < 0:
+        problems.append("$.idempotency.in_doubt_settle_seconds: must not be negative")
+    q = settings.queue
+    if q.max_attempts < 1 or q.batch < 1:
+        problems.append("$.queue: max_attempts and batch must be at least 1")
+    if not 0 < q.backoff_base_seconds <= q.backoff_max_seconds or q.poll_seconds <= 0:
+        problems.append("$.queue: need 0 < backoff_base_seconds <= backoff_max_seconds and poll_seconds > 0")
+    b = settings.breaker
+    if not 0 < b.failure_ratio <= 1 or b.min_calls < 1 or min(b.window_seconds, b.open_seconds, b.sync_interval_seconds) <= 0:
+        problems.append("$.breaker: need 0 < failure_ratio <= 1, min_calls >= 1 and positive times")
+    tls = settings.tls
+    if (tls.certificate_file is None) != (tls.key_file is None):
+        problems.append("$.tls: certificate_file and key_file go together")
+    for name in ("certificate_file", "key_file"):
+        value = getattr(tls, name)
+        if value is not None and not (config_dir / value).is_file():
+            problems.append(f"$.tls.{name}: no such file")
+    if tls.key_file is not None and (config_dir / tls.key_file).is_file():
+        if (config_dir / tls.key_file).stat().st_mode & 0o077:
+            problems.append("$.tls.key_file: must be readable by its owner only (chmod 600)")
+    if settings.codemaps.reload_seconds <= 0:
+        problems.append("$.codemaps.reload_seconds: must be positive")
+    rl = settings.request_log
+    if rl.max_entries < 1 or rl.retention_hours <= 0 or rl.flush_seconds <= 0:
+        problems.append("$.request_log: need max_entries >= 1 and positive retention_hours and flush_seconds")
     if settings.salesforce.max_concurrent_calls < 1:
         problems.append("$.salesforce.max_concurrent_calls: must be at least 1")
     if problems:
@@ -169,6 +255,10 @@ def salesforce_from_env(env: dict[str, str] | os._Environ[str] = os.environ) -> 
         return None
     if not login_url or not client_id:
         raise ConfigError("SALESFORCE_LOGIN_URL and SALESFORCE_CLIENT_ID are needed together")
+    if not login_url.startswith("https://") and not _LOOPBACK.match(login_url):
+        # the client secret or a signed assertion goes to this URL: never in the clear, but for a
+        # stand-in on this machine
+        raise ConfigError("SALESFORCE_LOGIN_URL must be https:// (http:// only on loopback)")
     secret = env.get("SALESFORCE_CLIENT_SECRET")
     username = env.get("SALESFORCE_USERNAME")
     key_file = env.get("SALESFORCE_PRIVATE_KEY_FILE")
@@ -180,6 +270,8 @@ def salesforce_from_env(env: dict[str, str] | os._Environ[str] = os.environ) -> 
                 "SALESFORCE_USERNAME and SALESFORCE_PRIVATE_KEY_FILE (JWT bearer)"
             )
         try:
+            if Path(key_file).stat().st_mode & 0o077:
+                raise ConfigError("SALESFORCE_PRIVATE_KEY_FILE: must be readable by its owner only (chmod 600)")
             private_key = Path(key_file).read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"SALESFORCE_PRIVATE_KEY_FILE: cannot be read ({exc.strerror})") from None

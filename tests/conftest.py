@@ -30,6 +30,7 @@ CORPUS = ROOT.parent / "shared" / "corpus"
 
 # inbound keys used by the tests, one per configured source
 KEYS = {"cerner": "test-cerner-key", "epic": "test-epic-key", "fhir": "test-fhir-key"}
+ADMIN_KEY, PHI_KEY = "test-admin-key", "test-phi-admin-key"
 CLIENT_ID, CLIENT_SECRET = "test-client", "test-secret-3f9a1c"
 
 
@@ -46,6 +47,30 @@ def log_file(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     with path.open("a", buffering=1) as stream:
         configure(stream=stream)
         yield path
+    _no_secret_was_logged(path.read_text(errors="replace"))
+
+
+def _no_secret_was_logged(logged: str) -> None:
+    """At the end of the run: no line any gateway in the suite logged holds a secret (keys, the
+    Salesforce client secret, the data key, a Salesforce access token)."""
+    import re
+
+    from gateway.sandbox.state import ORG_ID
+
+    secrets = {CLIENT_SECRET, ADMIN_KEY, PHI_KEY, *KEYS.values(), os.environ.get("EHR_GATEWAY_DATA_KEY", "")} - {""}
+    leaked = sorted(s for s in secrets if s in logged)
+    tokens = re.findall(re.escape(ORG_ID[:15]) + r"![A-Za-z0-9_-]{8,}", logged)
+    assert not leaked and not tokens, f"secrets in the log: {len(leaked)} keys, {len(tokens)} tokens"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def data_key() -> Iterator[None]:
+    """The key that seals kept inputs: the gateways the tests build keep them, as in production."""
+    from gateway.sealing import new_key
+
+    os.environ["EHR_GATEWAY_DATA_KEY"] = new_key()
+    yield
+    os.environ.pop("EHR_GATEWAY_DATA_KEY", None)
 
 
 @pytest.fixture(scope="session")
@@ -95,8 +120,10 @@ def make_settings(
         name: msgspec.structs.replace(src, api_keys_sha256=(digest(KEYS[name]),)) if name in KEYS else src
         for name, src in file.sources.items()
     }
+    admin = msgspec.structs.replace(file.admin, api_keys_sha256=(*file.admin.api_keys_sha256, digest(ADMIN_KEY)),
+                                    phi_keys_sha256=(*file.admin.phi_keys_sha256, digest(PHI_KEY)))
     file = msgspec.structs.replace(file, sources=sources, redis=msgspec.structs.replace(file.redis, key_prefix=prefix),
-                                   **file_overrides)
+                                   admin=admin, **file_overrides)
     return Settings(
         config_dir=config_dir,
         file=file,
@@ -133,3 +160,27 @@ def corpus(path: str) -> bytes:
 
 def auth(source: str = "cerner", **headers: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {KEYS[source]}", "Content-Type": "application/fhir+json", **headers}
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_url() -> Iterator[str]:
+    """A real three-master Redis Cluster on loopback (about 2 s to form, paid only by runs that use it)."""
+    from tests.redis_cluster import LocalRedisCluster
+
+    with LocalRedisCluster() as cluster:
+        yield cluster.url
+
+
+@pytest.fixture(params=["redis", "cluster"])
+async def any_redis(request: pytest.FixtureRequest, redis_url: str) -> AsyncIterator[object]:
+    """An asyncio client on the single Redis, then on the three-master Cluster: the idempotency and
+    queue scripts must work on both (every script touches one hash-tagged slot)."""
+    import redis.asyncio as aredis
+    from redis.asyncio.cluster import RedisCluster
+
+    if request.param == "cluster":
+        client: object = RedisCluster.from_url(request.getfixturevalue("redis_cluster_url"))
+    else:
+        client = aredis.Redis.from_url(redis_url)
+    yield client
+    await client.aclose()  # type: ignore[attr-defined]

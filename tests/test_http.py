@@ -175,3 +175,20 @@ async def test_redis_down_fails_closed(prefix, sandbox):
         assert int(r.headers["retry-after"]) > 0 and "nothing was sent" in body["issue"][0]["details"]["text"]
         assert (await client.get("/health/ready")).status_code == 503
     assert sandbox.app.state.sandbox.counters().book_calls == 0
+
+
+async def test_deeply_nested_json_is_a_400_not_a_crash(gateway):
+    """msgspec stops at its depth limit with RecursionError: every decoder of untrusted JSON turns
+    that into a 400 (found past the fuzzing's 40 levels)."""
+    deep = b"[" * 100_000 + b"]" * 100_000
+    for path in ("/fhir/cerner/Appointment", "/fhir/epic/Appointment/$book", "/fhir/fhir/Appointment/$translate"):
+        source = path.split("/")[2]
+        body = b'{"resourceType":"Appointment","participant":' + deep + b"}"
+        r = await gateway.post(path, content=body, headers=auth(source))
+        assert r.status_code == 400, (path, r.status_code)
+        assert r.json()["resourceType"] == "OperationOutcome" and "too deeply" in r.text
+    signin = await gateway.post("/admin/api/session", content=b'{"key":' + deep + b"}",
+                                headers={"Content-Type": "application/json"})
+    assert signin.status_code == 400
+    token = await gateway.post("/auth/token", data={"grant_type": "client_credentials", "client_assertion": "x"})
+    assert token.status_code < 500

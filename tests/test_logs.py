@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import msgspec
+import pytest
 
 from tests.conftest import CLIENT_SECRET, KEYS, auth, corpus
 
@@ -33,3 +34,16 @@ async def test_summary_line_without_patient_data_or_secrets(gateway, sandbox, lo
                    CLIENT_SECRET, *KEYS.values()):
         assert secret not in text, secret
     assert "Bearer" not in text and "access_token" not in text
+
+
+def test_the_end_of_run_secret_check_catches_what_it_looks_for():
+    """The suite's last check (tests/conftest.py) reads every logged line for secrets; it must
+    catch each kind it names, or its silence proves nothing."""
+    from gateway.sandbox.state import ORG_ID
+    from tests.conftest import ADMIN_KEY, CLIENT_SECRET, KEYS, _no_secret_was_logged
+
+    clean = '{"event": "request", "status": 201}\n' * 50
+    _no_secret_was_logged(clean)
+    for leaked in (CLIENT_SECRET, ADMIN_KEY, KEYS["epic"], f"{ORG_ID[:15]}!abcdefgh12345678"):
+        with pytest.raises(AssertionError, match="secrets in the log"):
+            _no_secret_was_logged(clean + f'{{"detail": "{leaked}"}}\n')

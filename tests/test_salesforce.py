@@ -66,11 +66,16 @@ async def test_request_limit_is_503_not_an_auth_failure(gateway, sandbox):
     assert len(state(sandbox).appointments()) == 2
 
 
-async def test_salesforce_5xx_is_502(gateway, sandbox):
+async def test_salesforce_5xx_is_502_and_in_doubt(gateway, sandbox):
     state(sandbox).faults.set(server_error=1, server_error_status=500)
     r = await book(gateway, "five")
     assert r.status_code == 502 and r.json()["resourceType"] == "OperationOutcome"
+    assert int(r.headers["retry-after"]) == 60  # the settle window: a 500 may follow a write
     assert state(sandbox).appointments() == []
+    assert state(sandbox).counters().query_calls == 1  # looked for it at once: not there
+    again = await book(gateway, "five")  # within the window: looked up again, not re-sent
+    assert again.status_code == 503 and "not settled" in again.json()["issue"][0]["details"]["text"]
+    assert state(sandbox).counters().book_calls == 1 and state(sandbox).appointments() == []
 
 
 async def test_salesforce_503_is_503_with_retry_after(gateway, sandbox):
@@ -79,12 +84,16 @@ async def test_salesforce_503_is_503_with_retry_after(gateway, sandbox):
     assert r.status_code == 503 and "retry-after" in r.headers
 
 
-async def test_dropped_connection_after_store_is_reported_as_failure(gateway, sandbox):
+async def test_dropped_answer_after_store_is_found_and_adopted(gateway, sandbox):
     state(sandbox).faults.set(drop_after_store=1)
     r = await book(gateway, "dropped")
-    assert r.status_code == 502
-    assert "may or may not" in r.json()["issue"][0]["details"]["text"]
-    assert len(state(sandbox).appointments()) == 1  # stored, answer lost: the in-doubt case
+    stored = state(sandbox).appointments()
+    assert len(stored) == 1  # stored, answer lost: the in-doubt case
+    assert r.status_code == 201 and r.json()["id"] == stored[0].id  # found by the look-up, adopted
+    assert state(sandbox).counters().book_calls == 1
+    replay = await book(gateway, "dropped")
+    assert replay.status_code == 201 and replay.json()["id"] == stored[0].id
+    assert len(state(sandbox).appointments()) == 1
 
 
 async def test_limit_info_is_read_and_exposed(gateway, sandbox):
@@ -190,3 +199,24 @@ async def test_concurrent_calls_are_bounded(redis_url, prefix, sandbox):
         elapsed = time.perf_counter() - started
     assert [a.status_code for a in answers] == [201] * 6
     assert elapsed >= 0.9
+
+
+def test_salesforce_secrets_are_guarded_at_start(tmp_path):
+    from gateway.settings import ConfigError, salesforce_from_env
+
+    base = {"SALESFORCE_CLIENT_ID": CLIENT_ID, "SALESFORCE_CLIENT_SECRET": CLIENT_SECRET}
+    with pytest.raises(ConfigError, match="must be https"):
+        salesforce_from_env({**base, "SALESFORCE_LOGIN_URL": "http://login.example.com"})
+    with pytest.raises(ConfigError, match="must be https"):
+        salesforce_from_env({**base, "SALESFORCE_LOGIN_URL": "http://127.0.0.1.example.com"})
+    assert salesforce_from_env({**base, "SALESFORCE_LOGIN_URL": "http://127.0.0.1:8600"}) is not None
+    assert salesforce_from_env({**base, "SALESFORCE_LOGIN_URL": "https://login.salesforce.com"}) is not None
+    key_file = tmp_path / "sf.key"
+    key_file.write_text("-----BEGIN PRIVATE KEY-----\n")
+    key_file.chmod(0o640)
+    jwt_env = {"SALESFORCE_LOGIN_URL": "https://login.salesforce.com", "SALESFORCE_CLIENT_ID": CLIENT_ID,
+               "SALESFORCE_USERNAME": "int@example.org", "SALESFORCE_PRIVATE_KEY_FILE": str(key_file)}
+    with pytest.raises(ConfigError, match="owner only"):
+        salesforce_from_env(jwt_env)
+    key_file.chmod(0o600)
+    assert salesforce_from_env(jwt_env).flow == "jwt_bearer"

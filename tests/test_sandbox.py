@@ -868,3 +868,148 @@ def test_listing_is_a_snapshot(sandbox: Running) -> None:
     copy.deepcopy(snapshot)  # plain data, safe to hand to another thread
     sandbox.book(booking(startDate="2030-01-07T12:00:00Z", endDate=DROP))
     assert len(snapshot) == 1 and len(sandbox.state.appointments()) == 2
+
+
+# --- ratio faults on Book ---------------------------------------------------------------------------
+
+
+def _book_outcome(sandbox: Running) -> str:
+    """'ok', 'fail' (500 before storing) or 'drop' (connection closed without an answer)."""
+    try:
+        r = sandbox.book(booking())
+    except httpx.RemoteProtocolError:
+        return "drop"
+    if r.status_code == 201:
+        return "ok"
+    assert_sf_error(r, 500, "UNKNOWN_EXCEPTION")
+    assert "Sforce-Limit-Info" in r.headers
+    return "fail"
+
+
+def test_fail_before_store_ratio_one_fails_every_book_call(sandbox: Running) -> None:
+    sandbox.auth()
+    shown = sandbox.faults(fail_before_store_ratio=1.0)
+    assert shown["fail_before_store_ratio"] == 1.0 and shown["drop_after_store_ratio"] == 0.0
+    assert [_book_outcome(sandbox) for _ in range(5)] == ["fail"] * 5
+    assert sandbox.state.appointments() == []
+    counters = sandbox.state.counters()
+    assert counters.faults_before_store == 5 and counters.server_errors == 5
+    assert counters.faults_dropped_after_store == 0 and counters.book_calls == 5
+    sandbox.faults(fail_before_store_ratio=0)
+    assert _book_outcome(sandbox) == "ok" and len(sandbox.state.appointments()) == 1
+
+
+def test_drop_after_store_ratio_one_stores_then_drops_every_book_call(sandbox: Running) -> None:
+    sandbox.auth()
+    sandbox.faults(drop_after_store_ratio=1.0)
+    assert [_book_outcome(sandbox) for _ in range(5)] == ["drop"] * 5
+    stored = sandbox.state.appointments()
+    assert len(stored) == 5 and all(a.request == booking() for a in stored)
+    counters = sandbox.state.counters()
+    assert counters.faults_dropped_after_store == 5 and counters.dropped_connections == 5
+    assert counters.faults_before_store == 0 and counters.server_errors == 0
+
+
+def test_ratio_faults_are_disjoint_outcomes_of_one_draw(sandbox: Running) -> None:
+    # Two independent draws would let about a quarter of these calls through.
+    sandbox.auth()
+    sandbox.faults(fail_before_store_ratio=0.5, drop_after_store_ratio=0.5, fault_seed=3)
+    outcomes = [_book_outcome(sandbox) for _ in range(40)]
+    assert "ok" not in outcomes and {"fail", "drop"} == set(outcomes)
+    assert len(sandbox.state.appointments()) == outcomes.count("drop")
+
+
+def test_ratio_faults_do_not_preempt_session_or_rule_refusals(sandbox: Running) -> None:
+    sandbox.faults(fail_before_store_ratio=1.0)
+    assert_sf_error(sandbox.client.post(BOOK, json=booking(), headers={"Authorization": "Bearer x"}), 401, "INVALID_SESSION_ID")
+    assert_sf_error(sandbox.book(booking(participants=DROP)), 400, "REQUIRED_FIELD_MISSING", ["participants"])
+    assert sandbox.state.counters().faults_before_store == 0
+
+
+def test_seeded_ratio_faults_over_many_calls(sandbox: Running) -> None:
+    sandbox.auth()
+    sandbox.faults(fail_before_store_ratio=0.1, drop_after_store_ratio=0.1, fault_seed=20240607)
+    outcomes = [_book_outcome(sandbox) for _ in range(200)]
+    fails, drops, oks = outcomes.count("fail"), outcomes.count("drop"), outcomes.count("ok")
+    # 20 expected of each, sd about 4.2: a band of about +-3 sd
+    assert 8 <= fails <= 33 and 8 <= drops <= 33, (fails, drops)
+    assert len(sandbox.state.appointments()) == oks + drops
+    counters = sandbox.state.counters()
+    assert (counters.faults_before_store, counters.faults_dropped_after_store) == (fails, drops)
+    assert counters.book_calls == 200
+    # Setting the seed again restarts the same sequence; another seed gives another one.
+    sandbox.faults(fault_seed=20240607)
+    assert [_book_outcome(sandbox) for _ in range(200)] == outcomes
+    sandbox.faults(fault_seed=1)
+    assert [_book_outcome(sandbox) for _ in range(200)] != outcomes
+
+
+async def test_seeded_ratio_fault_counts_hold_under_concurrency(sandbox: Running) -> None:
+    headers = sandbox.auth()
+    sandbox.faults(fail_before_store_ratio=0.2, drop_after_store_ratio=0.2, fault_seed=11)
+    sequential = [_book_outcome(sandbox) for _ in range(60)]
+    sandbox.faults(fault_seed=11)
+    before = sandbox.state.counters()
+    async with httpx.AsyncClient(base_url=sandbox.url, timeout=10, verify=_TLS) as client:
+        answers = await asyncio.gather(
+            *(client.post(BOOK, json=booking(), headers=headers) for _ in range(60)), return_exceptions=True
+        )
+    drops = sum(isinstance(a, httpx.RemoteProtocolError) for a in answers)
+    fails = sum(isinstance(a, httpx.Response) and a.status_code == 500 for a in answers)
+    oks = sum(isinstance(a, httpx.Response) and a.status_code == 201 for a in answers)
+    assert oks + fails + drops == 60, answers
+    # Same seed, same number of draws: the same totals, whatever order the calls were served in.
+    assert (fails, drops) == (sequential.count("fail"), sequential.count("drop"))
+    after = sandbox.state.counters()
+    assert after.faults_before_store - before.faults_before_store == fails
+    assert after.faults_dropped_after_store - before.faults_dropped_after_store == drops
+    assert len(sandbox.state.appointments()) == sequential.count("ok") + sequential.count("drop") + oks + drops
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"fail_before_store_ratio": -0.1},
+        {"fail_before_store_ratio": 1.5},
+        {"drop_after_store_ratio": float("nan")},
+        {"drop_after_store_ratio": True},
+        {"fail_before_store_ratio": 0.6, "drop_after_store_ratio": 0.5},
+        {"fault_seed": 1.5},
+        {"fault_seed": "7"},
+    ],
+)
+def test_ratio_fault_values_are_validated(sandbox: Running, bad: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        sandbox.state.faults.set(**bad)
+    assert sandbox.state.faults.snapshot() == type(sandbox.state.faults.snapshot())()
+
+
+def test_ratio_faults_are_validated_over_http(sandbox: Running) -> None:
+    shown = sandbox.faults(fail_before_store_ratio=0.7, drop_after_store_ratio=0.3, fault_seed=5)
+    assert (shown["fail_before_store_ratio"], shown["drop_after_store_ratio"], shown["fault_seed"]) == (0.7, 0.3, 5)
+    assert sandbox.client.get("/sandbox/faults").json() == shown
+    for bad in (
+        {"fail_before_store_ratio": 1.01},
+        {"drop_after_store_ratio": -1},
+        {"drop_after_store_ratio": 0.4},  # 0.7 already set: the sum would pass 1
+        {"fail_before_store_ratio": "half"},
+        {"fault_seed": 2.5},
+    ):
+        r = sandbox.client.post("/sandbox/faults", json=bad)
+        assert r.status_code == 400 and "error" in r.json(), (bad, r.text)
+    assert sandbox.client.get("/sandbox/faults").json() == shown
+    assert sandbox.faults(fail_before_store_ratio=0.2, drop_after_store_ratio=0.4)["fault_seed"] == 5
+
+
+def test_reset_clears_ratio_faults_and_their_counters(sandbox: Running) -> None:
+    sandbox.auth()
+    sandbox.faults(fail_before_store_ratio=0.5, drop_after_store_ratio=0.5, fault_seed=9)
+    for _ in range(6):
+        _book_outcome(sandbox)
+    assert sandbox.client.post("/sandbox/reset").status_code == 200
+    view = sandbox.state.faults.snapshot()
+    assert (view.fail_before_store_ratio, view.drop_after_store_ratio, view.fault_seed) == (0.0, 0.0, None)
+    counters = sandbox.client.get("/sandbox/counters").json()
+    assert counters["faults_before_store"] == 0 and counters["faults_dropped_after_store"] == 0
+    sandbox._token = None
+    assert [_book_outcome(sandbox) for _ in range(5)] == ["ok"] * 5

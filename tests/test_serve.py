@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -42,7 +43,7 @@ def _processes_mentioning(text: str) -> list[int]:
 @pytest.mark.parametrize("workers", [1, 2])
 def test_serve_with_embedded_defaults_books_the_demo(tmp_path: Path, workers: int):
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SALESFORCE_", "REDIS_URL"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SALESFORCE_", "REDIS_URL", "EHR_GATEWAY_DATA_KEY"))}
     env["EHR_GATEWAY_DATA"] = str(tmp_path / "data")
     out = (tmp_path / "stdout").open("w+")
     exe = Path(sys.executable).with_name("ehr-gateway")
@@ -76,6 +77,16 @@ def test_serve_with_embedded_defaults_books_the_demo(tmp_path: Path, workers: in
         listing = stored if isinstance(stored, list) else stored.get("appointments", stored)
         assert [a["id"] for a in listing] == [r.json()["id"]]
         assert "12724066" not in (tmp_path / "stdout").read_text()  # the patient id: never logged
+        # /metrics on whichever worker answers counts every worker's requests (two bookings sent)
+        from prometheus_client.parser import text_string_to_metric_families
+
+        for _ in range(3):
+            scraped = httpx.get(f"{base}/metrics", timeout=5)
+            total = sum(s.value for fam in text_string_to_metric_families(scraped.text)
+                        for s in fam.samples if s.name == "ehrgw_requests_total")
+            assert total == 2, scraped.text
+        key_file = tmp_path / "data" / "data.key"
+        assert key_file.exists() and key_file.stat().st_mode & 0o077 == 0  # the demo's sealing key, owner-only
     finally:
         proc.send_signal(signal.SIGTERM)  # as an operator or a process manager stops it
         try:
@@ -87,3 +98,81 @@ def test_serve_with_embedded_defaults_books_the_demo(tmp_path: Path, workers: in
             os.killpg(proc.pid, signal.SIGKILL)
     assert leftovers == [], "the embedded Redis outlived the gateway"
     assert (tmp_path / "data" / "redis" / "appendonly.aof").exists() or any((tmp_path / "data" / "redis").glob("appendonly*"))
+
+
+def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    import ipaddress
+
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .sign(key, hashes.SHA256()))
+    cert_file, key_file = tmp_path / "gateway.crt", tmp_path / "gateway.key"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    key_file.chmod(0o600)
+    return cert_file, key_file
+
+
+def test_serve_speaks_tls_with_the_configured_certificate(tmp_path: Path):
+    import shutil
+
+    config = tmp_path / "config"
+    shutil.copytree(ROOT / "config", config)
+    cert_file, key_file = _self_signed(config)
+    with (config / "gateway.toml").open("a") as toml:
+        toml.write('\n[tls]\ncertificate_file = "gateway.crt"\nkey_file = "gateway.key"\n')
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SALESFORCE_", "REDIS_URL", "EHR_GATEWAY_DATA_KEY"))}
+    env["EHR_GATEWAY_DATA"] = str(tmp_path / "data")
+    exe = Path(sys.executable).with_name("ehr-gateway")
+    out = (tmp_path / "stdout").open("w+")
+    proc = subprocess.Popen([str(exe), "serve", "--port", str(port), "--config", str(config)], cwd=ROOT, env=env,
+                            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                r = httpx.get(f"https://127.0.0.1:{port}/health/live", verify=ssl.create_default_context(cafile=str(cert_file)), timeout=2)
+                break
+            except httpx.HTTPError:
+                assert proc.poll() is None, (tmp_path / "stdout").read_text()
+                assert time.monotonic() < deadline, "gateway did not start"
+                time.sleep(0.2)
+        assert r.status_code == 200 and r.url.scheme == "https"
+        assert f"ehr-gateway on https://127.0.0.1:{port}" in (tmp_path / "stdout").read_text()
+        with pytest.raises(httpx.HTTPError):  # plain HTTP is not served on the TLS port
+            httpx.get(f"http://127.0.0.1:{port}/health/live", timeout=2)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_a_key_file_others_can_read_stops_the_start(tmp_path: Path):
+    import shutil
+
+    from gateway.settings import ConfigError, load_file_settings
+
+    config = tmp_path / "config"
+    shutil.copytree(ROOT / "config", config)
+    _, key_file = _self_signed(config)
+    key_file.chmod(0o644)
+    with (config / "gateway.toml").open("a") as toml:
+        toml.write('\n[tls]\ncertificate_file = "gateway.crt"\nkey_file = "gateway.key"\n')
+    with pytest.raises(ConfigError, match=r"tls.key_file: must be readable by its owner only"):
+        load_file_settings(config)

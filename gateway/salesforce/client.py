@@ -11,6 +11,7 @@ import asyncio
 import re
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
 
 import aiohttp
@@ -18,6 +19,7 @@ import httpx
 import msgspec
 from httpx_aiohttp import AiohttpTransport
 
+from gateway.breaker import CircuitBreaker
 from gateway.errors import SalesforceFailed, SalesforceRefused, Unavailable
 from gateway.salesforce.auth import Token, TokenProvider
 from gateway.salesforce.wire import BookingRequest
@@ -36,6 +38,7 @@ class CallRecord:
     error_code: str | None = None
     retried_auth: bool = False
     in_doubt: bool = False  # the request may have reached Salesforce without its answer reaching us
+    matches: int | None = None  # a look-up: how many ServiceAppointments matched
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +86,52 @@ def _never_sent(exc: BaseException) -> bool:
     return isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout))
 
 
+def _soql_string(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _soql_datetime(value: str) -> str | None:
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        return None
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# Salesforce's clock and Redis's may disagree; a booking made this long before the first attempt is
+# still not ours.
+_CLOCK_MARGIN_MS = 120_000
+
+
+def lookup_query(request: BookingRequest, since_ms: int) -> str | None:
+    """The SOQL that finds the appointment a booking request would have created, in standard
+    ServiceAppointment fields only: patient (ParentRecordId), facility (ServiceTerritoryId), times,
+    work type, and CreatedDate since the first attempt. None when the request has no patient."""
+    refs = {p.reference.partition("/")[0]: p.reference.partition("/")[2] for p in reversed(request.participants)}
+    patient = refs.get("Patient")
+    if not patient:
+        return None
+    where = [f"ParentRecordId = {_soql_string(patient)}", "Status != 'Canceled'"]
+    if facility := refs.get("Facility"):
+        where.append(f"ServiceTerritoryId = {_soql_string(facility)}")
+    for field, value in (("SchedStartTime", request.startDate), ("SchedEndTime", request.endDate)):
+        if value and (literal := _soql_datetime(value)):
+            where.append(f"{field} = {literal}")
+    if request.workTypeId:
+        where.append(f"WorkTypeId = {_soql_string(request.workTypeId)}")
+    since = datetime.fromtimestamp(max(0, since_ms - _CLOCK_MARGIN_MS) / 1000, timezone.utc)
+    where.append(f"CreatedDate >= {since.strftime('%Y-%m-%dT%H:%M:%SZ')}")
+    return f"SELECT Id FROM ServiceAppointment WHERE {' AND '.join(where)} ORDER BY CreatedDate ASC LIMIT 2"
+
+
+def _unhealthy(response: httpx.Response) -> bool:
+    """An answer that says Salesforce cannot serve: 5xx, 429, the spent allowance, refused credentials."""
+    status = response.status_code
+    return status >= 500 or status in (401, 429) or (status == 403 and b"REQUEST_LIMIT_EXCEEDED" in response.content)
+
+
 def _errors(value: Any) -> list[dict[str, Any]]:
     if isinstance(value, list):
         return [e if isinstance(e, dict) else {"message": str(e)} for e in value]
@@ -111,12 +160,15 @@ class SalesforceClient:
         tuning: SalesforceTuning,
         tokens: TokenProvider,
         http: httpx.AsyncClient,
+        breaker: CircuitBreaker | None = None,
     ) -> None:
         self._tuning = tuning
         self._tokens = tokens
         self._http = http
+        self._breaker = breaker
         self._gate = asyncio.Semaphore(tuning.max_concurrent_calls)
         self._base = f"/services/data/v{conn.api_version}/connect/health/appointment-management"
+        self._query_path = f"/services/data/v{conn.api_version}/query"
         self.usage = ApiUsage()
 
     async def book(self, request: BookingRequest, record: CallRecord) -> Booked:
@@ -124,30 +176,65 @@ class SalesforceClient:
         response = await self._call("POST", f"{self._base}/appointment", body, record)
         return self._read_booking(response, request, record)
 
+    async def find_booking(self, request: BookingRequest, since_ms: int, record: CallRecord) -> str | None:
+        """Look for the ServiceAppointment an earlier, unanswered Book may have created (REST query
+        API): same patient, facility, times and work type, created since the first attempt. Returns
+        its id, or None when there is none. Raises like `book` when Salesforce cannot answer."""
+        q = lookup_query(request, since_ms)
+        if q is None:
+            return None
+        response = await self._call("GET", self._query_path, b"", record, params={"q": q})
+        try:
+            payload: Any = msgspec.json.decode(response.content)
+        except msgspec.DecodeError:
+            payload = None
+        if response.status_code == 200 and isinstance(payload, dict) and isinstance(payload.get("records"), list):
+            records = [r for r in payload["records"] if isinstance(r, dict) and isinstance(r.get("Id"), str)]
+            record.matches = len(records)
+            return records[0]["Id"] if records else None
+        errs = _errors(payload)
+        record.error_code = next((str(e.get("errorCode")) for e in errs if e.get("errorCode")), None)
+        retry_after = self._tuning.unavailable_retry_after_seconds
+        if response.status_code in (401, 403, 429, 503):
+            raise Unavailable(f"Salesforce cannot be queried now ({record.error_code or response.status_code})",
+                              retry_after=retry_after, details_code=record.error_code)
+        raise SalesforceFailed(f"the look-up query failed (HTTP {response.status_code})", details_code=record.error_code)
+
     async def check_auth(self) -> None:
         """Readiness: a token can be had (from the cache or freshly minted)."""
         await self._tokens.token()
 
-    async def _call(self, method: str, path: str, body: bytes, record: CallRecord) -> httpx.Response:
+    async def _call(
+        self, method: str, path: str, body: bytes, record: CallRecord, params: dict[str, str] | None = None
+    ) -> httpx.Response:
+        if self._breaker is not None:
+            await self._breaker.before_call()  # open: refused at once, nothing sent
         started = time.perf_counter()
+        healthy = False
         try:
             async with self._gate:
                 for attempt in (1, 2):
                     token = await self._tokens.token()
-                    response = await self._send(method, token, path, body, record)
+                    response = await self._send(method, token, path, body, record, params)
                     if response.status_code == 401 and attempt == 1 and self._is_invalid_session(response):
                         # one refresh (in flight once across workers), then one retry
                         record.retried_auth = True
                         await self._tokens.invalidate(token)
                         continue
                     break
+            healthy = not _unhealthy(response)
         finally:
             record.latency_ms = (time.perf_counter() - started) * 1000
+            if self._breaker is not None:
+                # Salesforce's health only: a refusal of the booking (a 4xx) is an answer, not a failure
+                await (self._breaker.record_success() if healthy else self._breaker.record_failure())
         record.status = response.status_code
         self._read_limit(response)
         return response
 
-    async def _send(self, method: str, token: Token, path: str, body: bytes, record: CallRecord) -> httpx.Response:
+    async def _send(
+        self, method: str, token: Token, path: str, body: bytes, record: CallRecord, params: dict[str, str] | None
+    ) -> httpx.Response:
         headers = {
             "Authorization": f"Bearer {token.access_token}",
             "Content-Type": "application/json",
@@ -155,7 +242,9 @@ class SalesforceClient:
         }
         try:
             async with asyncio.timeout(self._tuning.timeout_seconds):
-                response = await self._http.request(method, token.instance_url + path, content=body, headers=headers)
+                response = await self._http.request(
+                    method, token.instance_url + path, content=body or None, headers=headers, params=params
+                )
                 await response.aread()
                 return response
         except (httpx.HTTPError, aiohttp.ClientError, TimeoutError) as exc:

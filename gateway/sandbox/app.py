@@ -109,6 +109,17 @@ def _not_found(sb: SandboxState) -> ASGIResponse:
     return _errors(sb, 404, SfError(message="The requested resource does not exist", errorCode="NOT_FOUND"))
 
 
+def _server_error(sb: SandboxState, status: int) -> ASGIResponse:
+    if status == 503:
+        err = SfError(message="Server is temporarily unavailable. Try again later.", errorCode="SERVER_UNAVAILABLE")
+    else:
+        err = SfError(
+            message="An unexpected error occurred. Please include this ErrorId if you contact support: 1234567890-12345 (-1234567890)",
+            errorCode="UNKNOWN_EXCEPTION",
+        )
+    return _errors(sb, status, err)
+
+
 def _outcome(sb: SandboxState, appt_id: str, status: str) -> Any:
     cfg = sb.config
     body = {"id": appt_id, "isSuccess": True, "status": status, cfg.error_key: []}
@@ -153,15 +164,7 @@ async def _gate(
         await asyncio.sleep(latency / 1000)
     if faults.take("server_error"):
         sb.count("server_errors")
-        status = faults.server_error_status()
-        if status == 503:
-            err = SfError(message="Server is temporarily unavailable. Try again later.", errorCode="SERVER_UNAVAILABLE")
-        else:
-            err = SfError(
-                message="An unexpected error occurred. Please include this ErrorId if you contact support: 1234567890-12345 (-1234567890)",
-                errorCode="UNKNOWN_EXCEPTION",
-            )
-        return _errors(sb, status, err)
+        return _server_error(sb, faults.server_error_status())
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip() or not sb.check_token(token.strip()):
         sb.count("invalid_session")
@@ -278,17 +281,28 @@ def _check_assertion(request: Request[Any, Any, Any], assertion: Any) -> ASGIRes
 async def book(request: Request[Any, Any, Any], version: FromPath[str]) -> ASGIApp:
     sb = _sandbox(request)
     sb.count("book_calls")
+    # the whole request is in before any work starts: like Salesforce, a caller that stops waiting
+    # (a timeout during the latency fault) does not stop the booking from being stored
+    body = await request.body()
     if (refusal := await _gate(request, sb, version, minimum=APPOINTMENT_API_MIN)) is not None:
         return refusal
-    booking, raw, errors = decode_body(await request.body(), BookingRequest)
+    booking, raw, errors = decode_body(body, BookingRequest)
     start = end = None
     if not errors:
         errors, start, end = check_booking(booking, require_channel_id=sb.config.require_channel_id)
     if errors or start is None or raw is None:
         return _errors(sb, 400, *errors)
+    # Drawn only for calls that would store, so the ratios are shares of storable bookings.
+    drawn = sb.faults.draw_book_fault()
+    if drawn == "fail_before_store":
+        sb.count("faults_before_store")
+        sb.count("server_errors")
+        return _server_error(sb, 500)
     appt = sb.store_new(raw, booking, start, end or start + timedelta(minutes=sb.config.slot_minutes))
     status, answer = sb.config.answer_status, _outcome(sb, appt.id, "Scheduled")
-    if sb.faults.take("drop_after_store"):
+    if drawn == "drop_after_store":
+        sb.count("faults_dropped_after_store")
+    if drawn == "drop_after_store" or sb.faults.take("drop_after_store"):
         sb.count("dropped_connections")
         return _DropAfterHeaders(status, _encoder.encode(answer), _limit_header(sb))
     return _api(sb, status, answer)
@@ -455,7 +469,7 @@ async def query(request: Request[Any, Any, Any], version: FromPath[str]) -> ASGI
         parsed = soql.parse(q)
     except soql.SoqlError as exc:
         return _errors(sb, 400, SfError(message=exc.message, errorCode=exc.code))
-    matched = soql.run(parsed, [a.service_appointment() for a in sb.appointments()])
+    matched = soql.run(parsed, sb.service_appointments())
     records = [] if parsed.count_only else [
         _record(version, {f: row.get(f) for f in parsed.fields}, row["Id"]) for row in matched
     ]

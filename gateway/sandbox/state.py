@@ -9,6 +9,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import math
+import random
 import secrets
 import threading
 import time
@@ -67,8 +69,10 @@ class Counters(msgspec.Struct, kw_only=True):
     query_calls: int = 0
     invalid_session: int = 0
     limit_refusals: int = 0
-    server_errors: int = 0
-    dropped_connections: int = 0
+    server_errors: int = 0  # 5xx answers from a fault, counted or ratio
+    dropped_connections: int = 0  # connections dropped after storing, counted or ratio
+    faults_before_store: int = 0  # Book calls failed by fail_before_store_ratio
+    faults_dropped_after_store: int = 0  # Book calls dropped by drop_after_store_ratio
 
 
 class FaultsView(msgspec.Struct, kw_only=True):
@@ -77,6 +81,9 @@ class FaultsView(msgspec.Struct, kw_only=True):
     server_error: int = 0
     server_error_status: int = 503
     drop_after_store: int = 0
+    fail_before_store_ratio: float = 0.0
+    drop_after_store_ratio: float = 0.0
+    fault_seed: int | None = None
     tokens_expired: int = 0  # how many times expire_tokens was triggered
 
 
@@ -89,16 +96,27 @@ class FaultsUpdate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     server_error: int | None = None
     server_error_status: Literal[500, 503] | None = None
     drop_after_store: int | None = None
+    fail_before_store_ratio: float | None = None
+    drop_after_store_ratio: float | None = None
+    fault_seed: int | None = None
+
+
+BookFault = Literal["fail_before_store", "drop_after_store"]
 
 
 class SandboxFaults:
     """Switchable failures. Counted faults (`request_limit_exceeded`, `server_error`,
-    `drop_after_store`) fire on the next N matching calls, then switch themselves off."""
+    `drop_after_store`) fire on the next N matching calls, then switch themselves off.
+
+    Ratio faults (`fail_before_store_ratio`, `drop_after_store_ratio`) stay on: each Book call that
+    passed the session, limit and rule checks takes one draw from a `random.Random(fault_seed)`,
+    which picks at most one of them. Setting a ratio or the seed restarts that sequence."""
 
     def __init__(self, on_expire_tokens: Any) -> None:
         self._lock = threading.Lock()
         self._on_expire_tokens = on_expire_tokens
         self._view = FaultsView()
+        self._rng = random.Random()
 
     def set(
         self,
@@ -108,6 +126,9 @@ class SandboxFaults:
         server_error: int | None = None,
         server_error_status: int | None = None,
         drop_after_store: int | None = None,
+        fail_before_store_ratio: float | None = None,
+        drop_after_store_ratio: float | None = None,
+        fault_seed: int | None = None,
         expire_tokens: bool = False,
     ) -> FaultsView:
         changes = {
@@ -126,8 +147,31 @@ class SandboxFaults:
                 raise ValueError(f"{name} must not be negative")
         if server_error_status is not None and server_error_status not in (500, 503):
             raise ValueError("server_error_status must be 500 or 503")
+        ratios = {
+            k: v
+            for k, v in {
+                "fail_before_store_ratio": fail_before_store_ratio,
+                "drop_after_store_ratio": drop_after_store_ratio,
+            }.items()
+            if v is not None
+        }
+        for name, value in ratios.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be a number from 0 to 1")
+            changes[name] = float(value)
+        if fault_seed is not None:
+            if isinstance(fault_seed, bool) or not isinstance(fault_seed, int):
+                raise ValueError("fault_seed must be an integer")
+            changes["fault_seed"] = fault_seed
         with self._lock:
-            self._view = msgspec.structs.replace(self._view, **changes)
+            view = msgspec.structs.replace(self._view, **changes)
+            # Checked against the merged view: a partial update must not push the sum past 1.
+            total = view.fail_before_store_ratio + view.drop_after_store_ratio
+            if total > 1.0 and not math.isclose(total, 1.0):
+                raise ValueError("fail_before_store_ratio + drop_after_store_ratio must not exceed 1")
+            self._view = view
+            if ratios or fault_seed is not None:
+                self._rng = random.Random(view.fault_seed)
         if expire_tokens:
             self.expire_tokens()
         return self.snapshot()
@@ -139,6 +183,9 @@ class SandboxFaults:
             server_error=update.server_error,
             server_error_status=update.server_error_status,
             drop_after_store=update.drop_after_store,
+            fail_before_store_ratio=update.fail_before_store_ratio,
+            drop_after_store_ratio=update.drop_after_store_ratio,
+            fault_seed=update.fault_seed,
             expire_tokens=update.expire_tokens,
         )
 
@@ -166,6 +213,19 @@ class SandboxFaults:
             self._view = msgspec.structs.replace(self._view, **{name: remaining - 1})
             return True
 
+    def draw_book_fault(self) -> BookFault | None:
+        """One draw for one Book call: which ratio fault, if any, it meets."""
+        with self._lock:
+            before, drop = self._view.fail_before_store_ratio, self._view.drop_after_store_ratio
+            if before <= 0.0 and drop <= 0.0:
+                return None
+            x = self._rng.random()  # in [0, 1): ratio 1.0 always fires, 0.0 never
+        if x < before:
+            return "fail_before_store"
+        if x < before + drop:
+            return "drop_after_store"
+        return None
+
     def snapshot(self) -> FaultsView:
         with self._lock:
             return self._view
@@ -173,6 +233,7 @@ class SandboxFaults:
     def reset(self) -> None:
         with self._lock:
             self._view = FaultsView()
+            self._rng = random.Random()
 
 
 class StoredAppointment(msgspec.Struct, kw_only=True, frozen=True):
@@ -251,6 +312,7 @@ class SandboxState:
         self.daily_limit = config.daily_limit
         self._sessions: dict[str, _Session] = {}
         self._appointments: dict[str, StoredAppointment] = {}
+        self._records: dict[str, tuple[StoredAppointment, dict[str, Any]]] = {}  # see service_appointments
         self._next_number = 1
         self._counters = Counters()
         self.faults = SandboxFaults(on_expire_tokens=self._expire_sessions)
@@ -347,10 +409,26 @@ class SandboxState:
         with self._lock:
             return list(self._appointments.values())
 
+    def service_appointments(self) -> list[dict[str, Any]]:
+        """Every appointment as its ServiceAppointment record, for queries. Records are built once
+        per stored version (appointments are replaced, never mutated), so a query over thousands
+        of bookings stays cheap."""
+        with self._lock:
+            current = list(self._appointments.values())
+        out = []
+        for appt in current:
+            cached = self._records.get(appt.id)
+            if cached is None or cached[0] is not appt:
+                cached = (appt, appt.service_appointment())
+                self._records[appt.id] = cached
+            out.append(cached[1])
+        return out
+
     def reset(self) -> None:
         """Forget bookings, sessions, counters and faults: a fresh org for the next scenario."""
         with self._lock:
             self._appointments.clear()
+            self._records.clear()
             self._sessions.clear()
             self._next_number = 1
             self._counters = Counters()

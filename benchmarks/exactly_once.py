@@ -1,0 +1,377 @@
+"""The exactly-once proof: many bookings through failures, and a count of what Salesforce holds.
+
+Starts, all on loopback: a Redis of its own (the embedded server, append-only file synced on every
+write, so that it can be killed and started again), the Health Cloud sandbox (`ehr-gateway sandbox`)
+failing a share of Book calls (half before storing, half by dropping the answer after storing), and
+`ehr-gateway serve --workers N` with two Cerner sources, one answering synchronously and one through
+the durable queue. Simulated EHRs then post every booking, a share of them twice (at once, or again
+later), retrying as a real interface would (on 202, 409, 502, 503 and broken connections). Midway,
+Redis is killed outright and started again, and one gateway worker is killed.
+
+At the end it counts, per booking, the appointments the sandbox holds and the ids the EHRs were
+answered: duplicates and lost bookings must both be 0.
+
+    .venv/bin/python benchmarks/exactly_once.py [--bookings 3000] [--workers 2] [--concurrency 48]
+
+The test suite runs the same harness with a few hundred bookings (tests/test_proof.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import httpx
+import msgspec
+
+from gateway.embedded_redis import EmbeddedRedis
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS_BODY = ROOT.parent / "shared" / "corpus" / "cerner-millennium-r4" / "r4_appointment_video_visit_entry.json"
+BIN = Path(sys.executable).with_name("ehr-gateway")
+SOURCES = {"cerner": "proof-cerner-key", "cernerq": "proof-cernerq-key"}  # sync, queue
+CLIENT_ID, CLIENT_SECRET = "proof-client", "proof-secret-7a1e"
+RETRY_STATUSES = {202, 409, 502, 503}
+
+
+@dataclass
+class ProofOptions:
+    bookings: int = 300
+    duplicate_share: float = 1 / 3  # of bookings sent twice (half at once, half again later)
+    concurrency: int = 32
+    workers: int = 2
+    fault_ratio: float = 0.2  # of Book calls failing: half before storing, half dropping the answer
+    restart_redis: bool = True
+    kill_worker: bool = True
+    seed: int = 20261124
+    deadline_seconds: float = 240.0
+
+
+@dataclass
+class Figures:
+    bookings: int = 0
+    posts: int = 0  # every HTTP request the EHRs made, retries included
+    acknowledged: int = 0  # bookings answered 201
+    appointments: int = 0  # what the sandbox holds
+    duplicates: int = 0  # appointments beyond one per booking
+    lost: int = 0  # bookings with no appointment, or answered with an id the sandbox lacks
+    refused: int = 0  # bookings given a final error (none should be: every fault is transient)
+    mismatched_answers: int = 0  # bookings whose duplicates were answered different ids
+    sends: int = 0  # Book calls Salesforce received
+    faults_before_store: int = 0
+    faults_dropped_after_store: int = 0
+    lookups: int = 0  # ServiceAppointment queries the gateway made
+    in_doubt: int = 0  # attempts whose answer was lost (timeout, dropped, 5xx), from the gateway's log
+    adopted: int = 0  # attempts that adopted the appointment an earlier attempt had made
+    queued: int = 0  # 202 answers
+    redis_restarts: int = 0
+    workers_killed: int = 0
+    seconds: float = 0.0
+    refusals: list[str] = field(default_factory=list)
+
+    def table(self) -> str:
+        rows = [(k, v) for k, v in asdict(self).items() if k != "refusals"]
+        return "\n".join(f"{k:<28}{v}" for k, v in rows)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _write_config(target: Path) -> Path:
+    shutil.copytree(ROOT / "config" / "codemaps" / "cerner", target / "codemaps" / "cerner")
+    shutil.copytree(ROOT / "config" / "codemaps" / "cerner", target / "codemaps" / "cernerq")
+    digest = {s: hashlib.sha256(k.encode()).hexdigest() for s, k in SOURCES.items()}
+    (target / "gateway.toml").write_text(f"""
+[sources.cerner]
+adapter = "cerner"
+source_system = "cerner"
+api_keys_sha256 = ["{digest['cerner']}"]
+time_zone = "America/Chicago"
+
+[sources.cernerq]
+adapter = "cerner"
+source_system = "cerner"
+api_keys_sha256 = ["{digest['cernerq']}"]
+time_zone = "America/Chicago"
+delivery = "queue"
+
+[idempotency]
+lease_seconds = 3
+in_doubt_settle_seconds = 0.5
+in_flight_retry_after_seconds = 1
+
+[salesforce]
+connect_timeout_seconds = 1
+timeout_seconds = 2
+unavailable_retry_after_seconds = 1
+
+[queue]
+max_attempts = 1000
+backoff_base_seconds = 0.1
+backoff_max_seconds = 1
+poll_seconds = 0.1
+
+[redis]
+key_prefix = "proof"
+""")
+    return target
+
+
+@dataclass
+class _Booking:
+    index: int
+    source: str
+    key: str
+    body: bytes
+    patient: str
+    start: str
+    sends: int = 1
+    together: bool = False
+    answers: list[str] = field(default_factory=list)
+    refusal: str | None = None
+
+
+def _bookings(opts: ProofOptions) -> list[_Booking]:
+    template = CORPUS_BODY.read_text()
+    rng = random.Random(opts.seed)
+    base = datetime(2027, 1, 4, 8, 0, tzinfo=timezone.utc)
+    out = []
+    for i in range(opts.bookings):
+        patient = f"9{i:07d}"
+        start = base + timedelta(minutes=15 * i)
+        data = msgspec.json.decode(template.replace("Patient/12724066", f"Patient/{patient}"))
+        data["start"] = start.strftime("%Y-%m-%dT%H:%M:%S.000Z")
+        data["end"] = (start + timedelta(minutes=15)).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+        b = _Booking(i, "cerner" if i % 2 == 0 else "cernerq", f"proof-{opts.seed}-{i}", msgspec.json.encode(data),
+                     patient, start.strftime("%Y-%m-%dT%H:%M:%S"))
+        if rng.random() < opts.duplicate_share:
+            b.sends, b.together = 2, rng.random() < 0.5
+        out.append(b)
+    return out
+
+
+class _Run:
+    def __init__(self, opts: ProofOptions, workdir: Path) -> None:
+        self.opts = opts
+        self.workdir = workdir
+        self.figures = Figures(bookings=opts.bookings)
+        self.acked = 0
+        self.log_path = workdir / "gateway.log"
+
+    async def post(self, client: httpx.AsyncClient, b: _Booking, deadline: float) -> None:
+        headers = {"Authorization": f"Bearer {SOURCES[b.source]}", "Content-Type": "application/fhir+json",
+                   "Idempotency-Key": b.key}
+        while time.monotonic() < deadline:
+            self.figures.posts += 1
+            try:
+                r = await client.post(f"/fhir/{b.source}/Appointment", content=b.body, headers=headers)
+            except httpx.TransportError:
+                await asyncio.sleep(0.1)  # a killed worker or a refused connection: try again
+                continue
+            if r.status_code == 201:
+                b.answers.append(r.json()["id"])
+                return
+            if r.status_code in RETRY_STATUSES:
+                self.figures.queued += r.status_code == 202
+                await asyncio.sleep(min(float(r.headers.get("retry-after", "1")), 0.3))
+                continue
+            b.refusal = f"{r.status_code} {r.text[:200]}"
+            return
+        b.refusal = "deadline"
+
+    async def ehr(self, client: httpx.AsyncClient, b: _Booking, gate: asyncio.Semaphore, deadline: float) -> None:
+        async with gate:
+            if b.sends == 2 and b.together:
+                await asyncio.gather(self.post(client, b, deadline), self.post(client, b, deadline))
+            else:
+                await self.post(client, b, deadline)
+            self.acked += 1
+        if b.sends == 2 and not b.together:
+            await asyncio.sleep(0.5)  # the EHR's later, unprompted retry
+            async with gate:
+                await self.post(client, b, deadline)
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+async def run_proof(opts: ProofOptions, workdir: Path | None = None) -> Figures:
+    own = workdir is None
+    workdir = Path(workdir or tempfile.mkdtemp(prefix="ehr-gateway-proof-"))
+    run = _Run(opts, workdir)
+    redis_server = EmbeddedRedis(workdir / "redis").start()
+    sandbox_port, gateway_port = _free_port(), _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SALESFORCE_", "REDIS_URL", "EHR_GATEWAY"))}
+    sandbox = subprocess.Popen(
+        [str(BIN), "sandbox", "--port", str(sandbox_port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**env, "SANDBOX_CLIENT_ID": CLIENT_ID, "SANDBOX_CLIENT_SECRET": CLIENT_SECRET}, start_new_session=True,
+    )
+    log = run.log_path.open("w")
+    gateway = subprocess.Popen(
+        [str(BIN), "serve", "--port", str(gateway_port), "--workers", str(opts.workers),
+         "--config", str(_write_config(workdir / "config"))],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env={**env, "REDIS_URL": redis_server.url, "SALESFORCE_LOGIN_URL": f"http://127.0.0.1:{sandbox_port}",
+             "SALESFORCE_CLIENT_ID": CLIENT_ID, "SALESFORCE_CLIENT_SECRET": CLIENT_SECRET},
+    )
+    sandbox_url, gateway_url = f"http://127.0.0.1:{sandbox_port}", f"http://127.0.0.1:{gateway_port}"
+    try:
+        async with httpx.AsyncClient(base_url=sandbox_url, timeout=10) as sf, \
+                httpx.AsyncClient(base_url=gateway_url, timeout=30,
+                                  limits=httpx.Limits(max_connections=opts.concurrency * 2)) as gw:
+            await _wait_ready(gw, gateway, sf)
+            half = opts.fault_ratio / 2
+            r = await sf.post("/sandbox/faults", json={"fail_before_store_ratio": half, "drop_after_store_ratio": half,
+                                                        "fault_seed": opts.seed})
+            r.raise_for_status()
+            bookings = _bookings(opts)
+            started = time.monotonic()
+            deadline = started + opts.deadline_seconds
+            gate = asyncio.Semaphore(opts.concurrency)
+            chaos = asyncio.create_task(_chaos(run, redis_server, gateway))
+            await asyncio.gather(*(run.ehr(gw, b, gate, deadline) for b in bookings))
+            chaos.cancel()
+            await asyncio.gather(chaos, return_exceptions=True)
+            run.figures.seconds = round(time.monotonic() - started, 1)
+            await sf.post("/sandbox/faults", json={"fail_before_store_ratio": 0, "drop_after_store_ratio": 0})
+            listing = (await sf.get("/sandbox/appointments")).json()
+            counters = (await sf.get("/sandbox/counters")).json()
+        _count(run.figures, bookings, listing, counters, run.log_path)
+        return run.figures
+    finally:
+        for proc in (gateway, sandbox):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(15)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+        redis_server.stop()
+        if own:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+async def _wait_ready(gw: httpx.AsyncClient, gateway: subprocess.Popen[bytes], sf: httpx.AsyncClient) -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if (await gw.get("/health/ready")).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if gateway.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError("the gateway did not start; see its log")
+        await asyncio.sleep(0.2)
+
+
+async def _chaos(run: _Run, redis_server: EmbeddedRedis, gateway: subprocess.Popen[bytes]) -> None:
+    """Redis killed and restarted at a third of the run, a gateway worker killed at two thirds."""
+    opts = run.opts
+    if opts.restart_redis:
+        while run.acked < opts.bookings // 3:
+            await asyncio.sleep(0.05)
+        redis_server.kill()
+        await asyncio.sleep(0.5)
+        redis_server.start()
+        run.figures.redis_restarts += 1
+    if opts.kill_worker:
+        while run.acked < 2 * opts.bookings // 3:
+            await asyncio.sleep(0.05)
+        workers = [pid for pid in _children(gateway.pid) if b"multiprocessing" in _cmdline(pid)] or _children(gateway.pid)
+        if workers:
+            os.kill(workers[0], signal.SIGKILL)
+            run.figures.workers_killed += 1
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _count(fig: Figures, bookings: list[_Booking], listing: list[dict], counters: dict, log_path: Path) -> None:
+    held: Counter[tuple[str, str]] = Counter()
+    ids_at: dict[tuple[str, str], set[str]] = {}
+    for appt in listing:
+        sa = appt["serviceAppointment"]
+        slot = (sa["ParentRecordId"], sa["SchedStartTime"][:19])
+        held[slot] += 1
+        ids_at.setdefault(slot, set()).add(appt["id"])
+    fig.appointments = len(listing)
+    fig.sends = counters.get("book_calls", 0)
+    fig.faults_before_store = counters.get("faults_before_store", 0)
+    fig.faults_dropped_after_store = counters.get("faults_dropped_after_store", 0)
+    fig.lookups = counters.get("query_calls", 0)
+    for b in bookings:
+        slot = (b.patient, b.start)
+        if b.refusal:
+            fig.refused += 1
+            fig.refusals.append(f"booking {b.index}: {b.refusal}")
+        if b.answers:
+            fig.acknowledged += 1
+        if len(set(b.answers)) > 1:
+            fig.mismatched_answers += 1
+        fig.duplicates += max(0, held[slot] - 1)
+        if held[slot] == 0 or not set(b.answers) <= ids_at.get(slot, set()):
+            fig.lost += 1
+    expected = {(b.patient, b.start) for b in bookings}
+    fig.duplicates += sum(n for slot, n in held.items() if slot not in expected)  # made from nothing
+    for line in log_path.read_text(errors="replace").splitlines():
+        if not line.startswith("{"):
+            continue
+        try:
+            entry = msgspec.json.decode(line)
+        except msgspec.DecodeError:
+            continue
+        fig.adopted += entry.get("adopted") is True
+        fig.in_doubt += entry.get("sf_in_doubt") is True
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bookings", type=int, default=3000)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--concurrency", type=int, default=48)
+    parser.add_argument("--fault-ratio", type=float, default=0.2)
+    parser.add_argument("--deadline", type=float, default=900)
+    args = parser.parse_args()
+    opts = ProofOptions(bookings=args.bookings, workers=args.workers, concurrency=args.concurrency,
+                        fault_ratio=args.fault_ratio, deadline_seconds=args.deadline)
+    figures = asyncio.run(run_proof(opts))
+    print(figures.table())
+    for line in figures.refusals[:10]:
+        print(line)
+    return 0 if figures.duplicates == figures.lost == figures.refused == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

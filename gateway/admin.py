@@ -1,0 +1,345 @@
+"""The operators' side: `/admin/api/…` and the dashboard at `/admin/`.
+
+Who: an admin key (`[admin] api_keys_sha256`) sees the request log without patient data; a PHI key
+(`phi_keys_sha256`) sees it with, and every such view is written to the audit stream. A source's
+key is 403, no key 401. The dashboard signs in once with the key and then holds a session cookie
+(HttpOnly, SameSite=Strict, only the session's digest kept in Redis); a cookie-authenticated
+action must also carry the session's CSRF token in `X-CSRF-Token`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import mimetypes
+import secrets
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import redis.asyncio as redis
+from litestar import Request, Response, Router, delete, get, post
+from litestar.params import FromPath
+
+from gateway.booking import Booker
+from gateway.errors import Conflict, Forbidden, GatewayError, InvalidRequest, NotFound, Unauthorized
+from gateway.fhir import FHIR_JSON, error_body
+from gateway.idempotency import IdempotencyStore
+from gateway.queue import BookingQueue
+from gateway.requestlog import OUTCOMES, Entry, RequestLog, View
+from gateway.settings import AdminSettings
+
+DASHBOARD = Path(__file__).parent / "dashboard"
+COOKIE = "ehrgw_admin"
+SESSION_SECONDS = 8 * 3600
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+       "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
+SECURITY_HEADERS = {
+    "Content-Security-Policy": CSP,
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+_json = msgspec.json.Encoder()
+
+
+def _digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Operator:
+    role: str  # admin | phi
+    who: str  # the first 12 hex digits of the key's digest: enough to tell operators apart, not a secret
+    csrf: str | None  # set when signed in by cookie: actions must echo it
+
+
+class AdminAuth:
+    def __init__(self, settings: AdminSettings, source_digests: set[str], client: redis.Redis, prefix: str,
+                 smart: Any = None) -> None:
+        self._smart = smart  # a source's SMART token is a source's credential: 403 here, like its key
+        self._roles = {d: "admin" for d in settings.api_keys_sha256} | {d: "phi" for d in settings.phi_keys_sha256}
+        self._source_digests = source_digests
+        self._redis = client
+        self._prefix = prefix
+
+    def _session_key(self, sid: str) -> str:
+        return f"{self._prefix}:admin:session:{_digest(sid)}"
+
+    def role_of(self, key: str) -> tuple[str, str]:
+        digest = _digest(key)
+        role = next((r for d, r in self._roles.items() if hmac.compare_digest(d, digest)), None)
+        if role is None:
+            if digest in self._source_digests:
+                raise Forbidden("a source's key cannot be used here")
+            raise Unauthorized("unknown key")
+        return role, digest[:12]
+
+    async def identify(self, request: Request) -> Operator:
+        scheme, _, key = (request.headers.get("authorization") or "").partition(" ")
+        if scheme.lower() == "bearer" and key.strip():
+            try:
+                role, who = self.role_of(key.strip())
+            except Unauthorized:
+                if self._smart is not None and await self._smart.source_of(key.strip()):
+                    raise Forbidden("a source's token cannot be used here") from None
+                raise
+            return Operator(role, who, None)  # a bearer key is no ambient credential: no CSRF needed
+        sid = request.cookies.get(COOKIE)
+        if sid:
+            found = await self._redis.hgetall(self._session_key(sid))
+            if found:
+                return Operator(found[b"role"].decode(), found[b"who"].decode(), found[b"csrf"].decode())
+        raise Unauthorized("an admin key is required: Authorization: Bearer <key>, or sign in")
+
+    async def sign_in(self, key: str) -> tuple[str, Operator]:
+        role, who = self.role_of(key)
+        sid, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(24)
+        skey = self._session_key(sid)
+        await self._redis.hset(skey, mapping={"role": role, "who": who, "csrf": csrf})
+        await self._redis.expire(skey, SESSION_SECONDS)
+        return sid, Operator(role, who, csrf)
+
+    async def sign_out(self, request: Request) -> None:
+        if sid := request.cookies.get(COOKIE):
+            await self._redis.delete(self._session_key(sid))
+
+
+class Audit:
+    """Every view of patient data: who, what, when. A stream, bounded, under the log's hash tag."""
+
+    def __init__(self, client: redis.Redis, prefix: str) -> None:
+        self._redis = client
+        self.key = f"{prefix}:audit:{{{prefix}:log}}"
+
+    async def phi_viewed(self, op: Operator, entry_id: str, request: Request) -> None:
+        await self._redis.xadd(self.key, {"t": str(int(time.time() * 1000)), "who": op.who, "role": op.role,
+                                          "action": "view-phi", "entry": entry_id,
+                                          "ip": request.client.host if request.client else ""},
+                               maxlen=100_000, approximate=True)
+
+    async def recent(self, count: int = 100) -> list[dict[str, str]]:
+        rows = await self._redis.xrevrange(self.key, count=count)
+        return [{k.decode(): v.decode() for k, v in fields.items()} | {"id": i.decode()} for i, fields in rows]
+
+
+@dataclass
+class AdminDeps:
+    auth: AdminAuth
+    audit: Audit
+    log: RequestLog
+    booker: Booker
+    queue: BookingQueue
+    store: IdempotencyStore
+    queue_sources: list[str]
+    replay: Callable[[Entry], Awaitable[Entry]]
+    maps: Any  # LiveMaps
+    usage: Callable[[], dict[str, Any]]
+
+
+def _ok(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response[bytes]:
+    return Response(_json.encode(body), status_code=status, media_type="application/json",
+                    headers={**SECURITY_HEADERS, **(headers or {})})
+
+
+def _fail(error: GatewayError) -> Response[bytes]:
+    return Response(error_body(error), status_code=error.status,
+                    headers={"Content-Type": FHIR_JSON, **SECURITY_HEADERS, **error.headers})
+
+
+def _views(deps: AdminDeps, entries: list[Entry]) -> list[dict[str, Any]]:
+    return [_with_time(deps.log.view(e, phi=False)) for e in entries]  # lists never carry PHI
+
+
+def _with_time(view: View) -> dict[str, Any]:
+    body = msgspec.to_builtins(view)
+    body.setdefault("replayable", False)
+    body["time"] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(view.time_ms / 1000)) + f".{view.time_ms % 1000:03d}Z"
+    return body
+
+
+def _int(value: str | None, name: str, default: int | None = None) -> int | None:
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise InvalidRequest(f"{name} must be an integer", expression=(name,)) from None
+
+
+def admin_router(deps: AdminDeps) -> Router:
+    async def guard(request: Request, *, action: bool = False) -> Operator:
+        op = await deps.auth.identify(request)
+        if action and op.csrf is not None:
+            sent = request.headers.get("x-csrf-token", "")
+            if not hmac.compare_digest(sent, op.csrf):
+                raise Forbidden("this action needs the session's X-CSRF-Token header")
+        return op
+
+    @post("/api/session", status_code=200)
+    async def sign_in(request: Request) -> Response[bytes]:
+        try:
+            body = msgspec.json.decode(await request.body() or b"{}")
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+            raise InvalidRequest("send JSON {\"key\": \"<admin key>\"}") from None
+        key = body.get("key") if isinstance(body, dict) else None
+        if not isinstance(key, str) or not key.strip():
+            raise Unauthorized("an admin key is required")
+        sid, op = await deps.auth.sign_in(key.strip())
+        secure = "; Secure" if request.url.scheme == "https" else ""
+        cookie = f"{COOKIE}={sid}; HttpOnly; SameSite=Strict; Path=/admin; Max-Age={SESSION_SECONDS}{secure}"
+        return _ok({"role": op.role, "csrf": op.csrf}, headers={"Set-Cookie": cookie})
+
+    @get("/api/session")
+    async def session(request: Request) -> Response[bytes]:
+        op = await guard(request)
+        return _ok({"role": op.role, "csrf": op.csrf})
+
+    @delete("/api/session", status_code=200)
+    async def sign_out(request: Request) -> Response[bytes]:
+        await guard(request, action=True)
+        await deps.auth.sign_out(request)
+        return _ok({"signed_out": True},
+                   headers={"Set-Cookie": f"{COOKIE}=; HttpOnly; SameSite=Strict; Path=/admin; Max-Age=0"})
+
+    @get("/api/requests")
+    async def requests(request: Request) -> Response[bytes]:
+        await guard(request)
+        q = request.query_params
+        outcome = q.get("outcome") or None
+        if outcome is not None and outcome not in OUTCOMES:
+            raise InvalidRequest(f"outcome is one of {', '.join(OUTCOMES)}", expression=("outcome",))
+        source = q.get("source") or None
+        if source is not None and source not in deps.booker.sources:
+            raise InvalidRequest("no source of that name is configured", expression=("source",))
+        if q.get("key") and source is None:
+            raise InvalidRequest("searching by idempotency key needs the source too", expression=("key",))
+        entries = await deps.log.search(
+            source=source, outcome=outcome, since_ms=_int(q.get("since"), "since"),
+            sf_id=q.get("sf_id") or None, key=q.get("key") or None, limit=_int(q.get("limit"), "limit", 50) or 50,
+        )
+        return _ok({"requests": _views(deps, entries)})
+
+    @get("/api/requests/{entry_id:str}")
+    async def one(request: Request, entry_id: FromPath[str]) -> Response[bytes]:
+        op = await guard(request)
+        entry = await deps.log.get(entry_id)
+        if entry is None:
+            raise NotFound("no request log entry with that id")
+        view = deps.log.view(entry, phi=op.role == "phi")
+        if op.role == "phi" and entry.sealed is not None:
+            await deps.audit.phi_viewed(op, entry.id, request)
+        return _ok(_with_time(view))
+
+    @post("/api/requests/{entry_id:str}/replay", status_code=200)
+    async def replay(request: Request, entry_id: FromPath[str]) -> Response[bytes]:
+        await guard(request, action=True)
+        entry = await deps.log.get(entry_id)
+        if entry is None or not entry.has_input:
+            raise NotFound("no replayable entry with that id (only failed, refused, unmapped or queued bookings keep their input)")
+        if entry.replayed_by is not None:
+            raise Conflict(f"this entry was replayed already, as {entry.replayed_by}")
+        new = await deps.replay(entry)
+        return _ok({"replay": _with_time(deps.log.view(new, phi=False)), "original": entry.id})
+
+    @get("/api/audit")
+    async def audit(request: Request) -> Response[bytes]:
+        await guard(request)
+        return _ok({"audit": await deps.audit.recent()})
+
+    @get("/api/stats")
+    async def stats(request: Request) -> Response[bytes]:
+        await guard(request)
+        minutes = max(1, min(_int(request.query_params.get("minutes"), "minutes", 60) or 60, 24 * 60))
+        since = int(time.time() * 1000) - minutes * 60_000
+        # the newest 20,000 entries of the window: enough for a clinic's hour, bounded for Redis
+        entries = await deps.log.search(since_ms=since, limit=20_000, cap=20_000)
+        counts: dict[tuple[int, str, str], int] = defaultdict(int)
+        latencies: dict[int, list[float]] = defaultdict(list)
+        for e in entries:
+            t = e.time_ms - e.time_ms % 60_000
+            counts[(t, e.source, e.outcome)] += 1
+            latencies[t].append(e.ms)
+        return _ok({
+            "bucket_seconds": 60,
+            "series": [{"t": t, "source": s, "outcome": o, "count": n} for (t, s, o), n in sorted(counts.items())],
+            "latency": [{"t": t, **_percentiles(v)} for t, v in sorted(latencies.items())],
+            "salesforce": deps.usage(),
+        })
+
+    @get("/api/queue")
+    async def queue(request: Request) -> Response[bytes]:
+        await guard(request)
+        out: dict[str, list[dict[str, Any]]] = {}
+        for source in deps.queue_sources:
+            out[source] = [
+                {"id": e.id, "where": e.where, "attempts": e.item.attempts, "accepted_ms": e.item.accepted_ms,
+                 "due_ms": e.item.due_ms, "last_error": e.item.last_error}
+                for e in await deps.queue.list(source)
+            ]
+        return _ok({"sources": out})
+
+    @post("/api/queue/{source:str}/{entry_id:str}/{action:str}", status_code=200)
+    async def queue_action(request: Request, source: FromPath[str], entry_id: FromPath[str],
+                           action: FromPath[str]) -> Response[bytes]:
+        await guard(request, action=True)
+        if source not in deps.queue_sources:
+            raise NotFound("no queue source of that name")
+        if action == "replay":
+            if not await deps.queue.replay(source, entry_id):
+                raise NotFound("no dead-letter entry with that id")
+        elif action == "drop":
+            dropped = await deps.queue.drop(source, entry_id)
+            if dropped is None:
+                raise NotFound("no dead-letter entry with that id")
+            await deps.store.unqueue(dropped.record_key)
+        else:
+            raise NotFound("the actions are replay and drop")
+        return _ok({"ok": True})
+
+    @get("/api/codemaps")
+    async def maps(request: Request) -> Response[bytes]:
+        await guard(request)
+        versions = deps.maps.versions()
+        return _ok({"sources": {
+            s: {"version": versions.get(s), "files": deps.maps.files(s), "problems": deps.maps.problems(s)}
+            for s in deps.booker.sources
+        }})
+
+    @post("/api/translate/{source:str}", status_code=200)
+    async def translate(request: Request, source: FromPath[str]) -> Response[bytes]:
+        await guard(request, action=True)
+        prepared = deps.booker.prepare(source, await request.body())
+        return _ok({"request": msgspec.to_builtins(prepared.mapped.request)})
+
+    @get("/")
+    async def dashboard() -> Response[bytes]:
+        return Response((DASHBOARD / "index.html").read_bytes(), media_type="text/html; charset=utf-8",
+                        headers=SECURITY_HEADERS)
+
+    @get("/static/{name:str}")
+    async def static(name: FromPath[str]) -> Response[bytes]:
+        path = (DASHBOARD / name).resolve()
+        if path.parent != DASHBOARD.resolve() or not path.is_file() or name == "index.html":
+            return _fail(NotFound("no such file"))
+        media = mimetypes.guess_type(name)[0] or "application/octet-stream"
+        return Response(path.read_bytes(), media_type=media, headers=SECURITY_HEADERS)
+
+    return Router(path="/admin", exception_handlers={GatewayError: lambda _, exc: _fail(exc)}, route_handlers=[
+        sign_in, session, sign_out, requests, one, replay, audit, stats, queue, queue_action, maps, translate,
+        dashboard, static,
+    ])
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
+    ordered = sorted(values)
+
+    def at(q: float) -> float:
+        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 2)
+
+    return {"p50": at(0.50), "p95": at(0.95), "p99": at(0.99), "count": len(ordered)}

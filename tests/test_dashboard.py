@@ -1,0 +1,208 @@
+"""The operators' dashboard in a real headless Chromium (Debian's, driven by Playwright; no browser
+download): sign in, find an unmapped booking, see why, fix the map, replay it once. Gateway on a
+real port, real Redis, the Health Cloud sandbox over real HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ADMIN_KEY, CONFIG, PHI_KEY, auth, corpus, make_settings, serve_gateway
+
+VIDEO_VISIT = "cerner-millennium-r4/r4_appointment_video_visit_entry.json"
+SERVICE_TYPE_CODE = "2572307911"  # the Video Visit's Millennium appointment type
+ISSUE_PATH = "Appointment.serviceType[0].coding[0]"
+PATIENT = "12724066"
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+       "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
+TIMEOUT_MS = 10_000
+
+
+@pytest.fixture
+def chromium() -> str:
+    """Debian's Chromium; CI must have it (.ci/run installs it), elsewhere the test says how."""
+    path = shutil.which("chromium")
+    try:
+        import playwright  # noqa: F401
+    except ImportError:
+        path = None
+    if path is None:
+        why = ("needs Debian's Chromium (scripts/install-chromium, or apt-get install chromium) and the "
+               "playwright package (scripts/setup --dev)")
+        if os.environ.get("CI"):
+            pytest.fail(why)
+        pytest.skip(why)
+    return path
+
+
+def config_dir(tmp_path: Path) -> Path:
+    """The shipped config with maps looked at every 0.1 s, so a fixed file is picked up at once."""
+    target = tmp_path / "config"
+    shutil.copytree(CONFIG, target)
+    (target / "gateway.toml").write_text((target / "gateway.toml").read_text() + "\n[codemaps]\nreload_seconds = 0.1\n")
+    return target
+
+
+def without_code(map_json: str, code: str) -> str:
+    """The ConceptMap with every element for `code` removed: the booking becomes unmapped."""
+    concept_map = json.loads(map_json)
+    for group in concept_map["group"]:
+        group["element"] = [e for e in group["element"] if e["code"] != code]
+    return json.dumps(concept_map, indent=2)
+
+
+@asynccontextmanager
+async def browser_page(executable: str, base_url: str,
+                       *answers: tuple[int, str]) -> AsyncIterator[tuple[object, object, list[str]]]:
+    """(context, page, problems): problems collects console errors, CSP violations and page errors.
+    Chromium also logs every 4xx the page fetches; `answers` are the (status, path) the test expects,
+    beside the 401 of the first look at the session while signed out."""
+    base_url = base_url.rstrip("/")
+    expected = {(401, "/admin/api/session"), *answers}
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=executable, headless=True)
+        try:
+            context = await browser.new_context(base_url=base_url, viewport={"width": 1440, "height": 900})
+            context.set_default_timeout(TIMEOUT_MS)
+            page = await context.new_page()
+            problems: list[str] = []
+
+            def on_console(message) -> None:
+                url = message.location.get("url", "")
+                if message.type == "error" and not any(
+                    f"status of {status} " in message.text and url == base_url + path for status, path in expected
+                ):
+                    problems.append(f"console: {message.text} ({url})")
+
+            page.on("console", on_console)
+            page.on("pageerror", lambda exc: problems.append(f"pageerror: {exc}"))
+            yield context, page, problems
+        finally:
+            await browser.close()
+
+
+async def sign_in(page, key: str) -> None:
+    from playwright.async_api import expect
+
+    response = await page.goto("/admin/")
+    assert response is not None and response.status == 200
+    assert response.headers["content-security-policy"] == CSP
+    await expect(page.get_by_test_id("signin-view")).to_be_visible()
+    await page.get_by_label("Admin key").fill(key)
+    await page.get_by_test_id("signin-submit").click()
+    await expect(page.get_by_test_id("dashboard")).to_be_visible()
+
+
+async def test_operator_finds_an_unmapped_booking_fixes_the_map_and_replays_it(redis_url, prefix, sandbox, tmp_path,
+                                                                               chromium):
+    from playwright.async_api import expect
+
+    cfg = config_dir(tmp_path)
+    map_file = cfg / "codemaps" / "cerner" / "appointment-types.json"
+    fixed = map_file.read_text()
+    map_file.write_text(without_code(fixed, SERVICE_TYPE_CODE))
+    settings = make_settings(redis_url, prefix, sandbox.url, config_dir=cfg)
+    async with serve_gateway(settings) as gw:
+        refused = await gw.post("/fhir/cerner/Appointment", content=corpus(VIDEO_VISIT),
+                                headers=auth(**{"Idempotency-Key": "dashboard-1"}))
+        assert refused.status_code == 422, refused.text
+
+        async with browser_page(chromium, str(gw.base_url)) as (context, page, problems):
+            await sign_in(page, ADMIN_KEY)
+            await expect(page.get_by_test_id("role")).to_have_attribute("data-role", "admin")
+            cookie = next(c for c in await context.cookies() if c["name"] == "ehrgw_admin")
+            assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and cookie["path"] == "/admin"
+
+            # the request log, narrowed to unmapped bookings: the one refused above
+            await page.get_by_test_id("filter-outcome").select_option("unmapped")
+            rows = page.locator('[data-testid="request-row"]')
+            await expect(rows).to_have_count(1)
+            await expect(rows.first).to_have_attribute("data-outcome", "unmapped")
+            original = await rows.first.get_attribute("data-id")
+            await rows.first.click()
+
+            # why: the issue names the code and the element it sits at
+            detail = page.get_by_test_id("detail")
+            await expect(detail.get_by_test_id("detail-outcome")).to_have_attribute("data-outcome", "unmapped")
+            issues = detail.get_by_test_id("issue")
+            await expect(issues.first).to_be_visible()
+            assert ISSUE_PATH in await detail.get_by_test_id("detail-issues").inner_text()
+            assert SERVICE_TYPE_CODE in await issues.first.inner_text()
+            await expect(detail.get_by_test_id("detail-phi")).to_have_count(0)  # an admin key sees no patient data
+            assert PATIENT not in await page.content()
+
+            # a cookie-authenticated action without the CSRF header is refused (and replays nothing)
+            forged = await page.request.post(f"/admin/api/requests/{original}/replay")
+            assert forged.status == 403 and "X-CSRF-Token" in await forged.text()
+
+            # fix the map: the gateway picks it up live, and the detail says the maps changed since
+            map_file.write_text(fixed)
+            await expect(detail.get_by_test_id("maps-changed")).to_be_visible()
+
+            await detail.get_by_test_id("replay").click()
+            await expect(detail.get_by_test_id("replay-result")).to_be_visible()
+            await expect(detail.get_by_test_id("detail-outcome")).to_have_attribute("data-outcome", "booked")
+            sf_id = (await detail.get_by_test_id("detail-sf-id").inner_text()).strip()
+            appointments = sandbox.app.state.sandbox.appointments()
+            assert [a.id for a in appointments] == [sf_id]
+            await page.screenshot(path=str(tmp_path / "dashboard.png"))  # for a person to look at; not kept
+
+            # the log shows the replay booked, and the original can no longer be replayed
+            await page.get_by_test_id("filter-outcome").select_option("")
+            booked = page.locator(f'[data-testid="request-row"][data-outcome="booked"]:has-text("{sf_id}")')
+            await expect(booked).to_have_count(1)
+            await page.locator(f'[data-testid="request-row"][data-id="{original}"]').click()
+            await expect(detail.get_by_test_id("detail-replayed-by")).to_be_visible()
+            await expect(detail.get_by_test_id("replay")).to_have_count(0)
+
+            await page.get_by_test_id("detail-close").click()
+            await expect(detail).to_be_hidden()
+            assert problems == []
+
+
+async def test_phi_operator_sees_the_input_and_sign_out_forgets_it(redis_url, prefix, sandbox, tmp_path, chromium):
+    from playwright.async_api import expect
+
+    cfg = config_dir(tmp_path)
+    map_file = cfg / "codemaps" / "cerner" / "appointment-types.json"
+    map_file.write_text(without_code(map_file.read_text(), SERVICE_TYPE_CODE))
+    settings = make_settings(redis_url, prefix, sandbox.url, config_dir=cfg)
+    async with serve_gateway(settings) as gw:
+        refused = await gw.post("/fhir/cerner/Appointment", content=corpus(VIDEO_VISIT), headers=auth())
+        assert refused.status_code == 422, refused.text
+
+        translate_refused = (422, "/admin/api/translate/cerner")
+        async with browser_page(chromium, str(gw.base_url), translate_refused) as (context, page, problems):
+            await sign_in(page, PHI_KEY)
+            await expect(page.get_by_test_id("role")).to_have_attribute("data-role", "phi")
+            await page.locator('[data-testid="request-row"][data-outcome="unmapped"]').first.click()
+            phi = page.get_by_test_id("detail-phi")
+            await expect(phi).to_contain_text(PATIENT)
+
+            # the playground: the same payload, translated against the maps in use
+            await page.get_by_test_id("tab-codemaps").click()
+            await expect(page.locator('[data-testid="codemap"][data-source="cerner"]')).to_be_visible()
+            await page.get_by_test_id("translate-source").select_option("cerner")
+            await page.get_by_test_id("translate-input").fill(corpus(VIDEO_VISIT).decode())
+            await page.get_by_test_id("translate-submit").click()
+            await expect(page.get_by_test_id("translate-issues")).to_contain_text(ISSUE_PATH)
+            await page.screenshot(path=str(tmp_path / "codemaps.png"), full_page=True)
+
+            sid = next(c["value"] for c in await context.cookies() if c["name"] == "ehrgw_admin")
+            session = {"Cookie": f"ehrgw_admin={sid}"}
+            assert (await gw.get("/admin/api/session", headers=session)).status_code == 200
+            await page.get_by_test_id("sign-out").click()
+            await expect(page.get_by_test_id("signin-view")).to_be_visible()
+            assert PATIENT not in await page.content()
+            assert [c for c in await context.cookies() if c["name"] == "ehrgw_admin" and c["value"]] == []
+            # the session is gone on the server too, not only from the browser
+            assert (await gw.get("/admin/api/session", headers=session)).status_code == 401
+            assert problems == []

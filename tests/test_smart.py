@@ -1,0 +1,129 @@
+"""SMART Backend Services: a source gets short-lived tokens with a signed JWT assertion (RS384 or
+ES384, checked against its registered JWKS, inline or by URL) and books with them; its tokens, like
+its keys, fail everywhere but on its own source."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+import jwt
+import msgspec
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from gateway.sandbox import SandboxConfig, create_sandbox_app
+from gateway.server import ThreadedServer
+from tests.conftest import KEYS, corpus, make_settings, serve_gateway
+
+VIDEO_VISIT = "cerner-millennium-r4/r4_appointment_video_visit_entry.json"
+RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+EC_KEY = ec.generate_private_key(ec.SECP384R1())
+OTHER_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+def public_jwk(key, kid: str, alg: str) -> dict:
+    jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key()) if alg.startswith("RS")
+                     else jwt.algorithms.ECAlgorithm.to_jwk(key.public_key()))
+    return {**jwk, "kid": kid, "alg": alg, "use": "sig"}
+
+
+JWKS = {"keys": [public_jwk(RSA_KEY, "rsa-1", "RS384"), public_jwk(EC_KEY, "ec-1", "ES384")]}
+
+
+def with_smart(settings, source: str, **fields):
+    sources = dict(settings.file.sources)
+    sources[source] = msgspec.structs.replace(sources[source], smart_client_id=f"{source}-client", **fields)
+    return msgspec.structs.replace(settings, file=msgspec.structs.replace(settings.file, sources=sources))
+
+
+def assertion(client_id: str, aud: str, *, key=RSA_KEY, kid="rsa-1", alg="RS384", exp_in=120, jti=None, **claims) -> str:
+    body = {"iss": client_id, "sub": client_id, "aud": aud, "exp": int(time.time()) + exp_in,
+            "jti": jti or uuid.uuid4().hex, **claims}
+    return jwt.encode(body, key, algorithm=alg, headers={"kid": kid})
+
+
+async def get_token(gw, signed: str, **form):
+    return await gw.post("/auth/token", data={
+        "grant_type": "client_credentials", "scope": "system/Appointment.write",
+        "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+        "client_assertion": signed, **form})
+
+
+def fhir(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}", "Content-Type": "application/fhir+json"}
+
+
+@pytest.fixture
+async def smart_gateway(redis_url, prefix, sandbox):
+    settings = with_smart(make_settings(redis_url, prefix, sandbox.url), "cerner", jwks=JWKS)
+    async with serve_gateway(settings) as gw:
+        yield gw
+
+
+@pytest.mark.parametrize(("key", "kid", "alg"), [(RSA_KEY, "rsa-1", "RS384"), (EC_KEY, "ec-1", "ES384")])
+async def test_a_token_books_on_its_own_source_only(smart_gateway, sandbox, key, kid, alg):
+    gw = smart_gateway
+    aud = str(gw.base_url) + "/auth/token"
+    r = await get_token(gw, assertion("cerner-client", aud, key=key, kid=kid, alg=alg))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["token_type"] == "bearer" and body["expires_in"] == 300 and r.headers["cache-control"] == "no-store"
+    token = body["access_token"]
+    booked = await gw.post("/fhir/cerner/Appointment", content=corpus(VIDEO_VISIT), headers=fhir(token))
+    assert booked.status_code == 201, booked.text
+    # the same token elsewhere: another source, the admin API
+    assert (await gw.post("/fhir/epic/Appointment", content=b"{}", headers=fhir(token))).status_code == 403
+    assert (await gw.get("/admin/api/requests", headers={"Authorization": f"Bearer {token}"})).status_code == 403
+    # and the source's key still works beside it; another source's key is still 403 here
+    assert (await gw.post("/fhir/cerner/Appointment/$translate", content=corpus(VIDEO_VISIT),
+                          headers={**fhir(KEYS["cerner"])})).status_code == 200
+    assert (await gw.post("/fhir/cerner/Appointment/$translate", content=b"{}", headers=fhir(KEYS["epic"]))).status_code == 403
+
+
+async def test_assertions_that_must_be_refused(smart_gateway):
+    gw = smart_gateway
+    aud = str(gw.base_url) + "/auth/token"
+    cases = {
+        "unknown client": assertion("nobody", aud),
+        "wrong audience": assertion("cerner-client", "https://elsewhere.example/token"),
+        "expired": assertion("cerner-client", aud, exp_in=-60),
+        "too long-lived": assertion("cerner-client", aud, exp_in=3600),
+        "unregistered key": assertion("cerner-client", aud, key=OTHER_KEY),
+        "RS256 is not SMART's": assertion("cerner-client", aud, alg="RS256"),
+        "HMAC with the public key": jwt.encode({"iss": "cerner-client", "sub": "cerner-client", "aud": aud,
+                                                "exp": int(time.time()) + 60, "jti": "x"}, "s" * 32, algorithm="HS256"),
+        "sub differs": assertion("cerner-client", aud, sub="someone-else"),
+        "not a JWT": "not-a-jwt",
+    }
+    for why, signed in cases.items():
+        r = await get_token(gw, signed)
+        assert r.status_code == 401 and r.json()["error"] == "invalid_client", (why, r.text)
+    once = assertion("cerner-client", aud, jti="only-once")
+    assert (await get_token(gw, once)).status_code == 200
+    replayed = await get_token(gw, once)
+    assert replayed.status_code == 401 and "used before" in replayed.json()["error_description"]
+    wrong_grant = await get_token(gw, assertion("cerner-client", aud), grant_type="password")
+    assert wrong_grant.status_code == 400 and wrong_grant.json()["error"] == "unsupported_grant_type"
+    assert (await gw.post("/fhir/cerner/Appointment", content=b"{}", headers=fhir("made-up-token"))).status_code == 401
+
+
+async def test_jwks_by_url(redis_url, prefix, sandbox):
+    """The source publishes its keys at a URL; the gateway fetches them (served here by a small app)."""
+    from litestar import Litestar, get
+
+    @get("/.well-known/jwks.json")
+    async def keys() -> dict:
+        return JWKS
+
+    with ThreadedServer(Litestar(route_handlers=[keys])) as published:
+        settings = with_smart(make_settings(redis_url, prefix, sandbox.url), "epic",
+                              jwks_url=published.url + "/.well-known/jwks.json")
+        async with serve_gateway(settings) as gw:
+            aud = str(gw.base_url) + "/auth/token"
+            r = await get_token(gw, assertion("epic-client", aud, key=EC_KEY, kid="ec-1", alg="ES384"))
+            assert r.status_code == 200, r.text
+            token = r.json()["access_token"]
+            assert (await gw.post("/fhir/epic/Appointment/$translate", content=b"{}", headers=fhir(token))).status_code == 400
+            assert (await gw.post("/fhir/cerner/Appointment/$translate", content=b"{}", headers=fhir(token))).status_code == 403
