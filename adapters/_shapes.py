@@ -12,11 +12,20 @@ are ignored), so a CodeableConcept's codings go into the canonical booking witho
 
 from __future__ import annotations
 
+from typing import Annotated, TypeVar
+
 import msgspec
 
 from gateway.canonical import Coding
 
 _OPTS = {"frozen": True, "gc": False, "forbid_unknown_fields": False}
+
+# Every array the adapters read is capped, checked by the decoder as it reads: a body with a million
+# participants is refused before one is built. (Arrays the adapters skip cost no more than their
+# bytes, which the body size limit bounds.)
+MAX_ITEMS = 100
+_T = TypeVar("_T")
+Items = Annotated[tuple[_T, ...], msgspec.Meta(max_length=MAX_ITEMS)]
 
 
 class Reference(msgspec.Struct, **_OPTS):
@@ -24,7 +33,7 @@ class Reference(msgspec.Struct, **_OPTS):
 
 
 class CodeableConcept(msgspec.Struct, **_OPTS):
-    coding: tuple[Coding, ...] | None = None
+    coding: Items[Coding] | None = None
     text: str | None = None
 
 
@@ -64,19 +73,19 @@ class Body(msgspec.Struct, **_OPTS):
 
     resourceType: str | None = None
     # Appointment
-    identifier: tuple[Identifier, ...] | None = None
+    identifier: Items[Identifier] | None = None
     status: str | None = None
-    serviceCategory: tuple[CodeableConcept, ...] | CodeableConcept | None = None  # R4 array, STU3 single
-    serviceType: tuple[CodeableConcept, ...] | None = None
-    specialty: tuple[CodeableConcept, ...] | None = None
+    serviceCategory: Items[CodeableConcept] | CodeableConcept | None = None  # R4 array, STU3 single
+    serviceType: Items[CodeableConcept] | None = None
+    specialty: Items[CodeableConcept] | None = None
     appointmentType: CodeableConcept | None = None
     start: str | None = None
     end: str | None = None
     comment: str | None = None
-    slot: tuple[Reference, ...] | None = None
-    participant: tuple[Participant, ...] | None = None
+    slot: Items[Reference] | None = None
+    participant: Items[Participant] | None = None
     # Parameters
-    parameter: tuple[Param, ...] | None = None
+    parameter: Items[Param] | None = None
     # a Bundle entry ({"fullUrl", "resource"}) is not a resource
     fullUrl: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
     resource: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
@@ -85,7 +94,7 @@ class Body(msgspec.Struct, **_OPTS):
 class CernerBody(Body, **_OPTS):
     """Cerner adds its extensions (action-comment may carry a comment)."""
 
-    extension: tuple[Extension, ...] | None = None
+    extension: Items[Extension] | None = None
 
 
 class Head(msgspec.Struct, **_OPTS):

@@ -100,6 +100,7 @@ _JSON_TYPES = {
     "object": "an object",
 }
 _TYPE_ERROR = re.compile(r"^Expected `([^`]*)`, got `([^`]*)`")
+_TOO_LONG = re.compile(r"^Expected `array` of length <= (\d+)")
 _AT = re.compile(r" - at `\$([^`]*)`$")
 _BYTE = re.compile(r"\(byte (\d+)\)")
 
@@ -115,6 +116,9 @@ def _type_error(exc: msgspec.ValidationError, root: str) -> InvalidRequest:
     text = str(exc)
     at = _AT.search(text)
     path = root + (at.group(1) if at else "")
+    too_long = _TOO_LONG.match(text)
+    if too_long:
+        return InvalidRequest(f"{path} has more than {too_long.group(1)} items", expression=(path,))
     m = _TYPE_ERROR.match(text)
     if m is None:
         return InvalidRequest(f"{path} has the wrong JSON type or shape", expression=(path,))

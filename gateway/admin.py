@@ -30,6 +30,7 @@ from gateway.errors import Conflict, Forbidden, GatewayError, InvalidRequest, No
 from gateway.fhir import FHIR_JSON, error_body
 from gateway.idempotency import IdempotencyStore
 from gateway.queue import BookingQueue
+from gateway.ratelimit import FailureThrottle
 from gateway.requestlog import OUTCOMES, Entry, RequestLog, View
 from gateway.settings import AdminSettings
 
@@ -67,6 +68,7 @@ class AdminAuth:
         self._source_digests = source_digests
         self._redis = client
         self._prefix = prefix
+        self._throttle = FailureThrottle(client, prefix)
 
     def _session_key(self, sid: str) -> str:
         return f"{self._prefix}:admin:session:{_digest(sid)}"
@@ -83,12 +85,7 @@ class AdminAuth:
     async def identify(self, request: Request) -> Operator:
         scheme, _, key = (request.headers.get("authorization") or "").partition(" ")
         if scheme.lower() == "bearer" and key.strip():
-            try:
-                role, who = self.role_of(key.strip())
-            except Unauthorized:
-                if self._smart is not None and await self._smart.source_of(key.strip()):
-                    raise Forbidden("a source's token cannot be used here") from None
-                raise
+            role, who = await self.verify(key.strip(), request)
             return Operator(role, who, None)  # a bearer key is no ambient credential: no CSRF needed
         sid = request.cookies.get(COOKIE)
         if sid:
@@ -97,8 +94,23 @@ class AdminAuth:
                 return Operator(found[b"role"].decode(), found[b"who"].decode(), found[b"csrf"].decode())
         raise Unauthorized("an admin key is required: Authorization: Bearer <key>, or sign in")
 
-    async def sign_in(self, key: str) -> tuple[str, Operator]:
-        role, who = self.role_of(key)
+    async def verify(self, key: str, request: Request) -> tuple[str, str]:
+        """A key's role, with failed keys throttled per client address (checked before the key)."""
+        address = _address(request)
+        await self._throttle.check(address)
+        try:
+            return self.role_of(key)
+        except Unauthorized:
+            if self._smart is not None and await self._smart.source_of(key):
+                raise Forbidden("a source's token cannot be used here") from None
+            await self._throttle.failed(address)
+            raise
+        except Forbidden:
+            await self._throttle.failed(address)  # a source's key here is a wrong key too
+            raise
+
+    async def sign_in(self, key: str, request: Request) -> tuple[str, Operator]:
+        role, who = await self.verify(key, request)
         sid, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(24)
         skey = self._session_key(sid)
         await self._redis.hset(skey, mapping={"role": role, "who": who, "csrf": csrf})
@@ -111,16 +123,18 @@ class AdminAuth:
 
 
 class Audit:
-    """Every view of patient data: who, what, when. A stream, bounded, under the log's hash tag."""
+    """Who did what, when: every view of patient data and every admin action (sign-in, refused key,
+    sign-out, replay, queue replay or drop). A stream, bounded, under the log's hash tag. Keys appear
+    only as `who` (12 hex digits of their digest); no patient data is written."""
 
     def __init__(self, client: redis.Redis, prefix: str) -> None:
         self._redis = client
         self.key = f"{prefix}:audit:{{{prefix}:log}}"
 
-    async def phi_viewed(self, op: Operator, entry_id: str, request: Request) -> None:
-        await self._redis.xadd(self.key, {"t": str(int(time.time() * 1000)), "who": op.who, "role": op.role,
-                                          "action": "view-phi", "entry": entry_id,
-                                          "ip": request.client.host if request.client else ""},
+    async def record(self, op: Operator | None, action: str, request: Request, **what: str) -> None:
+        await self._redis.xadd(self.key, {"t": str(int(time.time() * 1000)), "who": op.who if op else "",
+                                          "role": op.role if op else "", "action": action, **what,
+                                          "ip": _address(request)},
                                maxlen=100_000, approximate=True)
 
     async def recent(self, count: int = 100) -> list[dict[str, str]]:
@@ -140,6 +154,10 @@ class AdminDeps:
     replay: Callable[[Entry], Awaitable[Entry]]
     maps: Any  # LiveMaps
     usage: Callable[[], dict[str, Any]]
+
+
+def _address(request: Request) -> str:
+    return request.client.host if request.client else ""
 
 
 def _ok(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response[bytes]:
@@ -190,7 +208,12 @@ def admin_router(deps: AdminDeps) -> Router:
         key = body.get("key") if isinstance(body, dict) else None
         if not isinstance(key, str) or not key.strip():
             raise Unauthorized("an admin key is required")
-        sid, op = await deps.auth.sign_in(key.strip())
+        try:
+            sid, op = await deps.auth.sign_in(key.strip(), request)
+        except (Unauthorized, Forbidden):
+            await deps.audit.record(None, "sign-in-refused", request)
+            raise
+        await deps.audit.record(op, "sign-in", request)
         secure = "; Secure" if request.url.scheme == "https" else ""
         cookie = f"{COOKIE}={sid}; HttpOnly; SameSite=Strict; Path=/admin; Max-Age={SESSION_SECONDS}{secure}"
         return _ok({"role": op.role, "csrf": op.csrf}, headers={"Set-Cookie": cookie})
@@ -202,8 +225,9 @@ def admin_router(deps: AdminDeps) -> Router:
 
     @delete("/api/session", status_code=200)
     async def sign_out(request: Request) -> Response[bytes]:
-        await guard(request, action=True)
+        op = await guard(request, action=True)
         await deps.auth.sign_out(request)
+        await deps.audit.record(op, "sign-out", request)
         return _ok({"signed_out": True},
                    headers={"Set-Cookie": f"{COOKIE}=; HttpOnly; SameSite=Strict; Path=/admin; Max-Age=0"})
 
@@ -233,18 +257,19 @@ def admin_router(deps: AdminDeps) -> Router:
             raise NotFound("no request log entry with that id")
         view = deps.log.view(entry, phi=op.role == "phi")
         if op.role == "phi" and entry.sealed is not None:
-            await deps.audit.phi_viewed(op, entry.id, request)
+            await deps.audit.record(op, "view-phi", request, entry=entry.id)
         return _ok(_with_time(view))
 
     @post("/api/requests/{entry_id:str}/replay", status_code=200)
     async def replay(request: Request, entry_id: FromPath[str]) -> Response[bytes]:
-        await guard(request, action=True)
+        op = await guard(request, action=True)
         entry = await deps.log.get(entry_id)
         if entry is None or not entry.has_input:
             raise NotFound("no replayable entry with that id (only failed, refused, unmapped or queued bookings keep their input)")
         if entry.replayed_by is not None:
             raise Conflict(f"this entry was replayed already, as {entry.replayed_by}")
         new = await deps.replay(entry)
+        await deps.audit.record(op, "replay", request, entry=entry.id, replay=new.id)
         return _ok({"replay": _with_time(deps.log.view(new, phi=False)), "original": entry.id})
 
     @get("/api/audit")
@@ -287,7 +312,7 @@ def admin_router(deps: AdminDeps) -> Router:
     @post("/api/queue/{source:str}/{entry_id:str}/{action:str}", status_code=200)
     async def queue_action(request: Request, source: FromPath[str], entry_id: FromPath[str],
                            action: FromPath[str]) -> Response[bytes]:
-        await guard(request, action=True)
+        op = await guard(request, action=True)
         if source not in deps.queue_sources:
             raise NotFound("no queue source of that name")
         if action == "replay":
@@ -300,6 +325,7 @@ def admin_router(deps: AdminDeps) -> Router:
             await deps.store.unqueue(dropped.record_key)
         else:
             raise NotFound("the actions are replay and drop")
+        await deps.audit.record(op, f"queue-{action}", request, source=source, entry=entry_id)
         return _ok({"ok": True})
 
     @get("/api/codemaps")

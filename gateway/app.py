@@ -12,7 +12,7 @@ from typing import Any
 import msgspec
 import redis.asyncio as redis
 from litestar import Litestar, Request, Response, get, post
-from litestar.exceptions import HTTPException
+from litestar.exceptions import HTTPException, InternalServerException
 from litestar.params import FromPath
 
 from gateway.admin import AdminAuth, AdminDeps, Audit, admin_router
@@ -27,6 +27,7 @@ from gateway.errors import (
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
+    RequestTimeout,
     Unauthorized,
     UnsupportedMediaType,
 )
@@ -35,6 +36,7 @@ from gateway.idempotency import REDIS_FAILURES, IdempotencyStore, parse_key_head
 from gateway.livemaps import LiveMaps
 from gateway.logs import log
 from gateway.metrics import Metrics
+from gateway.mtls import ClientCertificates
 from gateway.queue import BookingQueue
 from gateway.ratelimit import RateLimiter
 from gateway.requestlog import KEEP_INPUT, Entry, LoggedIssue, RequestLog, Sealed
@@ -205,6 +207,7 @@ def create_app(
     smart = SmartAuth(settings.sources, redis_client, cfg.redis.key_prefix, http)
     limiter = RateLimiter(redis_client, cfg.redis.key_prefix,
                           {name: src.rate_limit_per_minute or 0 for name, src in settings.sources.items()})
+    certificates = ClientCertificates(settings.sources)
     pid = os.getpid()
 
     async def _handle(request: Request, source: str, dry_run: bool) -> Response[bytes]:
@@ -214,10 +217,14 @@ def create_app(
         status, body, key, error = 500, None, None, None
         try:
             booker.source(source)
+            certificates.check(source, request.scope)
             await inbound.authorize(source, request.headers.get("authorization"), smart)
             await limiter.check(source)  # after the key: strangers cannot spend a source's allowance
             _check_media(request)
-            body = await request.body()
+            try:
+                body = await request.body()
+            except InternalServerException:  # Litestar's word for a client gone mid-body
+                raise RequestTimeout("the client stopped sending the body") from None
             if dry_run:
                 prepared = booker.prepare(source, body, trace)
                 status = 200

@@ -161,11 +161,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print("  demo sources and keys (accepted only while the sandbox stands in for Salesforce):")
             for source in settings.sources:
                 print(f"    {source:<10} Authorization: Bearer {DEMO_KEY.format(source=source)}")
-        tls = settings.file.tls
-        ssl: dict[str, str] = {}
-        if tls.certificate_file and tls.key_file:
-            ssl = {"ssl_certfile": str(config_dir / tls.certificate_file), "ssl_keyfile": str(config_dir / tls.key_file)}
-        scheme = "https" if ssl else "http"
+        from gateway.server import gateway_server_options
+
+        options = gateway_server_options(settings.file, config_dir)
+        scheme = "https" if "ssl_certfile" in options else "http"
         print(f"ehr-gateway on {scheme}://{args.host}:{args.port} with {args.workers} worker(s)")
         sys.stdout.flush()
         # uvicorn re-raises SIGTERM after its graceful shutdown; turning it into SystemExit lets the
@@ -173,10 +172,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, _exit_on_signal)
         uvicorn.run(
             "gateway.app:app_from_env", factory=True, host=args.host, port=args.port, workers=args.workers,
-            log_config=None, access_log=False, server_header=False,
-            timeout_keep_alive=int(settings.file.limits.keep_alive_seconds),
-            limit_concurrency=settings.file.limits.max_connections,
-            loop="uvloop", http="httptools", **ssl,  # type: ignore[arg-type]
+            log_config=None, access_log=False, server_header=False, loop="uvloop", **options,
         )
     finally:
         if sandbox_server is not None:

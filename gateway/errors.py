@@ -81,12 +81,24 @@ class MethodNotAllowed(GatewayError):
     status, code = 405, "not-supported"
 
 
+class RequestTimeout(GatewayError):
+    """The request's head or body did not arrive in time."""
+
+    status, code = 408, "timeout"
+
+
 class PayloadTooLarge(GatewayError):
     status, code = 413, "too-costly"
 
 
 class UnsupportedMediaType(GatewayError):
     status, code = 415, "not-supported"
+
+
+class HeadersTooLarge(GatewayError):
+    """The request line and headers are over the server's limit."""
+
+    status, code = 431, "too-costly"
 
 
 class Conflict(GatewayError):

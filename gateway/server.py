@@ -11,14 +11,38 @@ from __future__ import annotations
 
 import importlib.util
 import socket
+import ssl
 import threading
 import time
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import uvicorn
 
-__all__ = ["ThreadedServer"]
+from gateway.http_protocol import gateway_protocol
+from gateway.settings import FileSettings
+
+__all__ = ["ThreadedServer", "gateway_server_options"]
+
+
+def gateway_server_options(cfg: FileSettings, config_dir: Path) -> dict[str, Any]:
+    """uvicorn options for the gateway from its settings: limits, slow-client timeouts, TLS, and
+    mutual TLS when a client CA is configured. `serve` and the tests use the same ones."""
+    lim, tls = cfg.limits, cfg.tls
+    options: dict[str, Any] = {
+        "http": gateway_protocol(header_timeout=lim.header_timeout_seconds, body_timeout=lim.body_timeout_seconds,
+                                 max_header_bytes=lim.max_header_bytes),
+        "timeout_keep_alive": max(1, round(lim.keep_alive_seconds)),
+        "limit_concurrency": lim.max_connections,
+    }
+    if tls.certificate_file and tls.key_file:
+        options.update(ssl_certfile=str(config_dir / tls.certificate_file), ssl_keyfile=str(config_dir / tls.key_file))
+    if tls.client_ca_file:
+        # optional at the TLS level: sources without client_cert_names call with keys alone; a
+        # certificate that is presented must verify, or the handshake fails
+        options.update(ssl_ca_certs=str(config_dir / tls.client_ca_file), ssl_cert_reqs=ssl.CERT_OPTIONAL)
+    return options
 
 
 def _best(module: str, preferred: str, fallback: str) -> str:
@@ -67,7 +91,8 @@ class ThreadedServer:
     def url(self) -> str:
         if self.port is None:
             raise RuntimeError("server not started")
-        return f"http://{self.host}:{self.port}"
+        scheme = "https" if self._options.get("ssl_certfile") else "http"
+        return f"{scheme}://{self.host}:{self.port}"
 
     @property
     def started(self) -> bool:

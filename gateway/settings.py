@@ -44,6 +44,9 @@ class SourceSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     smart_client_id: str | None = None
     jwks: dict[str, Any] | None = None
     jwks_url: str | None = None
+    # mutual TLS: the source's calls must present a client certificate, verified against
+    # `[tls] client_ca_file`, whose subject CN or a DNS subject-alternative name is one of these
+    client_cert_names: tuple[str, ...] = ()
 
 
 class AdminSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -96,6 +99,10 @@ class LimitSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_body_bytes: int = 1_048_576
     keep_alive_seconds: float = 30.0  # an idle connection is closed after this
     max_connections: int | None = None  # per worker; over it the server answers 503
+    # slow clients: the request line and headers, then the body, must arrive within these (408)
+    header_timeout_seconds: float = 10.0
+    body_timeout_seconds: float = 30.0
+    max_header_bytes: int = 16_384  # request line and headers together (431)
 
 
 class TlsSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -104,6 +111,9 @@ class TlsSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     certificate_file: str | None = None
     key_file: str | None = None
+    # CA certificates that sign sources' client certificates: with it, the server asks every client
+    # for a certificate (optional at the TLS level) and sources with `client_cert_names` require one
+    client_ca_file: str | None = None
 
 
 class RequestLogSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -225,10 +235,19 @@ def load_file_settings(config_dir: Path) -> FileSettings:
     b = settings.breaker
     if not 0 < b.failure_ratio <= 1 or b.min_calls < 1 or min(b.window_seconds, b.open_seconds, b.sync_interval_seconds) <= 0:
         problems.append("$.breaker: need 0 < failure_ratio <= 1, min_calls >= 1 and positive times")
+    lim = settings.limits
+    if min(lim.max_body_bytes, lim.max_header_bytes, lim.keep_alive_seconds, lim.header_timeout_seconds,
+           lim.body_timeout_seconds) <= 0 or (lim.max_connections is not None and lim.max_connections < 1):
+        problems.append("$.limits: sizes, times and max_connections must be positive")
     tls = settings.tls
     if (tls.certificate_file is None) != (tls.key_file is None):
         problems.append("$.tls: certificate_file and key_file go together")
-    for name in ("certificate_file", "key_file"):
+    if tls.client_ca_file is not None and tls.certificate_file is None:
+        problems.append("$.tls.client_ca_file: needs the gateway's own certificate_file and key_file")
+    for name, source in settings.sources.items():
+        if source.client_cert_names and tls.client_ca_file is None:
+            problems.append(f"$.sources.{name}.client_cert_names: needs [tls] client_ca_file")
+    for name in ("certificate_file", "key_file", "client_ca_file"):
         value = getattr(tls, name)
         if value is not None and not (config_dir / value).is_file():
             problems.append(f"$.tls.{name}: no such file")

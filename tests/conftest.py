@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import ssl
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -21,7 +22,7 @@ import redis
 
 from gateway.embedded_redis import EmbeddedRedis
 from gateway.sandbox import SandboxConfig, create_sandbox_app
-from gateway.server import ThreadedServer
+from gateway.server import ThreadedServer, gateway_server_options
 from gateway.settings import SalesforceConnection, Settings, load_file_settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,13 +139,16 @@ def settings(redis_url: str, prefix: str, sandbox: ThreadedServer) -> Settings:
 
 
 @asynccontextmanager
-async def serve_gateway(settings: Settings, **options: object) -> AsyncIterator[httpx.AsyncClient]:
+async def serve_gateway(
+    settings: Settings, *, client_tls: ssl.SSLContext | bool = True, **options: object
+) -> AsyncIterator[httpx.AsyncClient]:
     """The gateway on a real port (its own thread and loop), and an HTTP client for it. Litestar's
     in-process test client runs requests one at a time, which would hide every race."""
     from gateway.app import create_app
 
-    with ThreadedServer(create_app(settings, **options)) as server:  # type: ignore[arg-type]
-        async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+    server_options = gateway_server_options(settings.file, settings.config_dir)  # as `serve` runs it
+    with ThreadedServer(create_app(settings, **options), **server_options) as server:  # type: ignore[arg-type]
+        async with httpx.AsyncClient(base_url=server.url, timeout=30, verify=client_tls) as client:
             yield client
 
 

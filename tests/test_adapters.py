@@ -824,3 +824,27 @@ def test_registry() -> None:
     assert [get_adapter(name).name for name in ADAPTERS] == list(ADAPTERS)
     with pytest.raises(ValueError, match="unknown adapter 'hl7v2'"):
         get_adapter("hl7v2")
+
+
+@pytest.mark.parametrize("adapter", ["fhir", "cerner", "epic"])
+def test_arrays_over_the_cap_are_refused_by_name(adapter: str) -> None:
+    from adapters._shapes import MAX_ITEMS
+
+    appointment = r4_example()
+    actor = appointment["participant"][0]
+    appointment["participant"] = [actor] * (MAX_ITEMS + 1)
+    err = refused(adapter, json.dumps(appointment).encode())
+    assert err.issues[0].diagnostics == f"Appointment.participant has more than {MAX_ITEMS} items"
+    assert err.issues[0].expression == ("Appointment.participant",)
+
+    appointment = r4_example()
+    appointment["serviceType"] = [{"coding": [{"system": "http://x", "code": "c"}] * (MAX_ITEMS + 1)}]
+    err = refused(adapter, json.dumps(appointment).encode())
+    assert err.issues[0].expression == ("Appointment.serviceType[0].coding",)
+
+    appointment = r4_example()
+    appointment["participant"] = appointment["participant"][:1] * MAX_ITEMS  # at the cap: not this refusal
+    try:
+        parse(adapter, json.dumps(appointment).encode())
+    except GatewayError as exc:
+        assert "items" not in exc.issues[0].diagnostics

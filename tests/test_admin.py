@@ -133,6 +133,11 @@ async def test_fix_the_map_then_replay_books_once(redis_url, prefix, sandbox, tm
         assert again.status_code == 409  # one replay per entry
         original = (await gw.get(f"/admin/api/requests/{entry['id']}", headers=admin())).json()
         assert original["replayed_by"] == new["id"] and not original["replayable"]
+        # the replay is an audited action: who, which entry, and what it became
+        [audited] = [a for a in (await gw.get("/admin/api/audit", headers=admin())).json()["audit"]
+                     if a["action"] == "replay"]
+        assert (audited["entry"], audited["replay"], audited["role"]) == (entry["id"], new["id"], "admin")
+        assert len(audited["who"]) == 12 and audited["who"] not in ADMIN_KEY
         # the EHR's own retry now gets the booking, not a second one
         retry = await gw.post("/fhir/cerner/Appointment", content=corpus(VIDEO_VISIT), headers=auth(**{"Idempotency-Key": "fix-1"}))
         assert retry.status_code == 201 and retry.json()["id"] == new["sf_id"]
@@ -173,6 +178,20 @@ async def test_dashboard_session_cookie_and_csrf(gateway, sandbox):
     assert with_token.status_code == 404
     assert (await gateway.delete("/admin/api/session", headers={"X-CSRF-Token": csrf})).status_code == 200
     assert (await gateway.get("/admin/api/requests")).status_code == 401
+    audit = (await gateway.get("/admin/api/audit", headers=admin())).json()["audit"]
+    # newest first: the refused keys (a source's and a wrong one), the sign-in, the sign-out
+    assert [a["action"] for a in audit] == ["sign-out", "sign-in", "sign-in-refused", "sign-in-refused"]
+    assert audit[0]["who"] == audit[1]["who"] != "" and audit[2]["who"] == "" and audit[0]["ip"] == "127.0.0.1"
+
+
+async def test_failed_admin_keys_are_throttled_per_address(gateway):
+    for _ in range(10):  # the burst: ten wrong keys are answered as wrong
+        assert (await gateway.post("/admin/api/session", json={"key": "guess"})).status_code == 401
+    throttled = await gateway.post("/admin/api/session", json={"key": ADMIN_KEY})
+    # the eleventh try waits, even with the right key: a guesser learns nothing while it waits
+    assert throttled.status_code == 429 and throttled.json()["issue"][0]["code"] == "throttled"
+    assert 1 <= int(throttled.headers["retry-after"]) <= 6
+    assert (await gateway.get("/admin/api/requests", headers=admin())).status_code == 429  # bearer keys too
 
 
 async def test_metrics_count_requests_without_patient_data(gateway, sandbox):

@@ -16,7 +16,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from cryptography.hazmat.primitives import serialization
 
+from tests.certs import CA
 from tests.conftest import CORPUS, ROOT
 
 VIDEO_VISIT = CORPUS / "cerner-millennium-r4" / "r4_appointment_video_visit_entry.json"
@@ -101,28 +103,10 @@ def test_serve_with_embedded_defaults_books_the_demo(tmp_path: Path, workers: in
 
 
 def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
-    import datetime
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    import ipaddress
-
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-            .sign(key, hashes.SHA256()))
-    cert_file, key_file = tmp_path / "gateway.crt", tmp_path / "gateway.key"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    key_file.chmod(0o600)
+    ca = CA()
+    cert_file, key_file = ca.issue(tmp_path, "gateway", common_name="127.0.0.1", ip="127.0.0.1")
+    # the chain in one file, as a CA-issued server certificate is usually installed
+    cert_file.write_bytes(cert_file.read_bytes() + ca.cert.public_bytes(serialization.Encoding.PEM))
     return cert_file, key_file
 
 

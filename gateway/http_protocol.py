@@ -1,0 +1,182 @@
+"""The gateway's HTTP/1.1 server protocol: uvicorn's httptools protocol with what it lacks.
+
+uvicorn has a keep-alive timeout but no limit on how long a client may take to send a request, no
+cap on the size of the request head, and it answers an unparsable request in plain text. A slow or
+hostile client could hold connections open byte by byte (slowloris) or send megabytes of headers.
+This subclass adds, per connection:
+
+- a head timeout: the request line and headers must arrive within `header_timeout` seconds of the
+  connection opening or of the request's first byte (between requests, uvicorn's keep-alive timeout
+  applies);
+- a body timeout: a declared body must arrive within `body_timeout` seconds of the head;
+- a head size cap (`max_header_bytes`), answered 431;
+- FHIR OperationOutcomes instead of plain text for all of these, and for unparsable requests;
+- the ASGI TLS extension (`scope["extensions"]["tls"]`): the client certificate a TLS connection
+  presented, which uvicorn does not pass on, so a source can require mutual TLS.
+
+Use `gateway_protocol(limits)` as uvicorn's `http=` option; it is a picklable partial, so it reaches
+every worker process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import ssl
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from gateway.errors import GatewayError, HeadersTooLarge, InvalidRequest, RequestTimeout
+from gateway.fhir import FHIR_JSON, error_body
+
+__all__ = ["GatewayProtocol", "gateway_protocol"]
+
+_TLS_VERSIONS = {"TLSv1.2": 0x0303, "TLSv1.3": 0x0304}
+_REASONS = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
+
+
+class _HeadTooLarge(Exception):
+    """Raised inside the parser's callback; httptools turns it into a parser error."""
+
+
+class GatewayProtocol(HttpToolsProtocol):
+    def __init__(
+        self,
+        config: Any,
+        server_state: Any,
+        app_state: Any = None,
+        _loop: asyncio.AbstractEventLoop | None = None,
+        *,
+        header_timeout: float = 10.0,
+        body_timeout: float = 30.0,
+        max_header_bytes: int = 16_384,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        self._header_timeout = header_timeout
+        self._body_timeout = body_timeout
+        self._max_header_bytes = max_header_bytes
+        self._head_bytes = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._refusal: GatewayError | None = None
+
+    # --- connection ---
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        tls = _tls_extension(transport.get_extra_info("ssl_object"))
+        if tls is not None:
+            self.app = _with_tls(self.app, tls)
+        # a new connection must send a request head in time, not sit idle until keep-alive would apply
+        self._arm(self._header_timeout, "the request head did not arrive in time")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    # --- parser callbacks ---
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._head_bytes = 0
+        if self._timer is None:
+            self._arm(self._header_timeout, "the request head did not arrive in time")
+
+    def on_url(self, url: bytes) -> None:
+        self._count(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count(len(name) + len(value) + 4)
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._disarm()
+        super().on_headers_complete()
+        if self._expects_body():
+            self._arm(self._body_timeout, "the request body did not arrive in time")
+
+    def on_message_complete(self) -> None:
+        self._disarm()
+        super().on_message_complete()
+
+    def send_400_response(self, msg: str) -> None:
+        # uvicorn's answer to what httptools could not parse (or what we refused while parsing)
+        self._refuse(self._refusal or InvalidRequest("the request is not valid HTTP/1.1"))
+
+    # --- helpers ---
+
+    def _count(self, n: int) -> None:
+        self._head_bytes += n
+        if self._head_bytes > self._max_header_bytes:
+            self._refusal = HeadersTooLarge(f"the request line and headers are over {self._max_header_bytes} bytes")
+            raise _HeadTooLarge
+
+    def _expects_body(self) -> bool:
+        for name, value in self.headers:
+            if name == b"content-length":
+                return value.strip() not in (b"0", b"")
+            if name == b"transfer-encoding":
+                return True
+        return False
+
+    def _arm(self, seconds: float, why: str) -> None:
+        self._disarm()
+        self._timer = self.loop.call_later(seconds, self._timed_out, why)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _timed_out(self, why: str) -> None:
+        self._timer = None
+        if self.transport.is_closing():
+            return
+        if self.cycle is not None and self.cycle.response_started:
+            self.transport.close()  # an answer is under way; nothing sensible can be added to it
+            return
+        # the handler (if any) is waiting for the body: connection_lost tells it the client is gone
+        self._refuse(RequestTimeout(why))
+
+    def _refuse(self, error: GatewayError) -> None:
+        body = error_body(error)
+        head = [b"HTTP/1.1 %d %s\r\n" % (error.status, _REASONS.get(error.status, b"Error"))]
+        for name, value in self.server_state.default_headers:
+            head.append(name + b": " + value + b"\r\n")
+        head.append(b"content-type: " + FHIR_JSON.encode() + b"\r\n")
+        head.append(b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body))
+        self.transport.write(b"".join(head) + body)
+        self.transport.close()
+
+
+def _tls_extension(ssl_object: ssl.SSLObject | None) -> dict[str, Any] | None:
+    """The ASGI TLS extension for one connection; the peer certificate was verified by the handshake
+    (the server asks for one only when a client CA is configured, and refuses any it cannot verify)."""
+    if ssl_object is None:
+        return None
+    der = ssl_object.getpeercert(binary_form=True)
+    chain = [ssl.DER_cert_to_PEM_cert(der)] if der else []
+    return {
+        "server_cert": None,
+        "client_cert_chain": chain,
+        "client_cert_name": None,  # read from the certificate by who needs it (gateway.mtls)
+        "client_cert_error": None,
+        "tls_version": _TLS_VERSIONS.get(ssl_object.version() or ""),
+        "cipher_suite": None,  # Python's ssl module does not expose the numeric suite
+    }
+
+
+def _with_tls(app: Any, tls: dict[str, Any]) -> Any:
+    async def app_with_tls(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        scope["extensions"] = {**(scope.get("extensions") or {}), "tls": tls}
+        await app(scope, receive, send)
+
+    return app_with_tls
+
+
+def gateway_protocol(*, header_timeout: float, body_timeout: float, max_header_bytes: int) -> Any:
+    """uvicorn's `http=` option: the protocol with these limits (a partial, so it pickles to workers)."""
+    return functools.partial(
+        GatewayProtocol, header_timeout=header_timeout, body_timeout=body_timeout, max_header_bytes=max_header_bytes,
+    )
