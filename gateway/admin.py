@@ -68,7 +68,8 @@ class AdminAuth:
         self._source_digests = source_digests
         self._redis = client
         self._prefix = prefix
-        self._throttle = FailureThrottle(client, prefix)
+        self._throttle = FailureThrottle(client, prefix, per_minute=settings.failed_keys_per_minute,
+                                         burst=settings.failed_key_burst)
 
     def _session_key(self, sid: str) -> str:
         return f"{self._prefix}:admin:session:{_digest(sid)}"

@@ -52,6 +52,9 @@ class SourceSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class AdminSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     api_keys_sha256: tuple[str, ...] = ()
     phi_keys_sha256: tuple[str, ...] = ()
+    # failed admin keys per client address: this many at once, then this many a minute (429)
+    failed_key_burst: int = 10
+    failed_keys_per_minute: int = 10
 
 
 class IdempotencySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -235,6 +238,8 @@ def load_file_settings(config_dir: Path) -> FileSettings:
     b = settings.breaker
     if not 0 < b.failure_ratio <= 1 or b.min_calls < 1 or min(b.window_seconds, b.open_seconds, b.sync_interval_seconds) <= 0:
         problems.append("$.breaker: need 0 < failure_ratio <= 1, min_calls >= 1 and positive times")
+    if settings.admin.failed_key_burst < 1 or settings.admin.failed_keys_per_minute < 1:
+        problems.append("$.admin: failed_key_burst and failed_keys_per_minute must be at least 1")
     lim = settings.limits
     if min(lim.max_body_bytes, lim.max_header_bytes, lim.keep_alive_seconds, lim.header_timeout_seconds,
            lim.body_timeout_seconds) <= 0 or (lim.max_connections is not None and lim.max_connections < 1):
