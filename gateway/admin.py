@@ -22,11 +22,12 @@ from typing import Any
 
 import msgspec
 import redis.asyncio as redis
+from redis.exceptions import RedisError
 from litestar import Request, Response, Router, delete, get, post
 from litestar.params import FromPath
 
 from gateway.booking import Booker
-from gateway.errors import Conflict, Forbidden, GatewayError, InvalidRequest, NotFound, Unauthorized
+from gateway.errors import Conflict, Forbidden, GatewayError, InvalidRequest, NotFound, Unauthorized, Unavailable
 from gateway.fhir import FHIR_JSON, error_body
 from gateway.idempotency import IdempotencyStore
 from gateway.queue import BookingQueue
@@ -357,7 +358,12 @@ def admin_router(deps: AdminDeps) -> Router:
         media = mimetypes.guess_type(name)[0] or "application/octet-stream"
         return Response(path.read_bytes(), media_type=media, headers=SECURITY_HEADERS)
 
-    return Router(path="/admin", exception_handlers={GatewayError: lambda _, exc: _fail(exc)}, route_handlers=[
+    def redis_down(_: Request, __: Exception) -> Response[bytes]:
+        # sessions, the log and the audit live in Redis: without it the admin API fails closed
+        return _fail(Unavailable("Redis is unavailable", retry_after=5))
+
+    return Router(path="/admin", exception_handlers={GatewayError: lambda _, exc: _fail(exc), RedisError: redis_down},
+                  route_handlers=[
         sign_in, session, sign_out, requests, one, replay, audit, stats, queue, queue_action, maps, translate,
         dashboard, static,
     ])

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import socket
 from dataclasses import dataclass
 from typing import Literal
@@ -23,6 +24,14 @@ import redis.asyncio as redis
 from redis.exceptions import ResponseError
 
 GROUP = "delivery"
+# a whole stream entry id, `<ms>-<seq>`: anything else names no entry (Redis refuses malformed ids
+# with an error, and reads `<ms>` alone as a range)
+_ENTRY_ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
+
+
+def is_entry_id(entry_id: str) -> bool:
+    m = _ENTRY_ID.fullmatch(entry_id)
+    return m is not None and all(int(part) < 2**64 for part in m.groups())
 
 
 class QueuedBooking(msgspec.Struct, frozen=True, kw_only=True):
@@ -164,6 +173,8 @@ class BookingQueue:
 
     async def replay(self, source: str, entry_id: str) -> bool:
         """Send a dead-lettered entry back to the stream with its attempts reset."""
+        if not is_entry_id(entry_id):
+            return False
         stream, _, dead = self.keys(source)
         found = await self._redis.xrange(dead, entry_id, entry_id)
         if not found:
@@ -175,6 +186,8 @@ class BookingQueue:
 
     async def drop(self, source: str, entry_id: str) -> QueuedBooking | None:
         """Remove a dead-lettered entry; the caller releases its idempotency record."""
+        if not is_entry_id(entry_id):
+            return None
         _, _, dead = self.keys(source)
         found = await self._redis.xrange(dead, entry_id, entry_id)
         if not found or not await self._redis.xdel(dead, entry_id):

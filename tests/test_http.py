@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from tests.conftest import KEYS, auth, corpus
+from tests.conftest import ADMIN_KEY, KEYS, auth, corpus
 
 VIDEO_VISIT = "cerner-millennium-r4/r4_appointment_video_visit_entry.json"
 
@@ -174,6 +174,11 @@ async def test_redis_down_fails_closed(prefix, sandbox):
         body = assert_outcome(r, 503, "transient")
         assert int(r.headers["retry-after"]) > 0 and "nothing was sent" in body["issue"][0]["details"]["text"]
         assert (await client.get("/health/ready")).status_code == 503
+        # the admin API too: its sessions, log and audit are in Redis
+        admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+        for call in (client.get("/admin/api/requests", headers=admin), client.get("/admin/api/session", headers={"Cookie": "ehrgw_admin=x"}),
+                     client.post("/admin/api/session", json={"key": ADMIN_KEY})):
+            assert_outcome(await call, 503, "transient")
     assert sandbox.app.state.sandbox.counters().book_calls == 0
 
 

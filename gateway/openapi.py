@@ -1,0 +1,687 @@
+"""The gateway's OpenAPI 3.1 document, built from the settings and served at `GET /openapi.json`.
+
+Litestar's generated schema cannot describe this service: every handler reads the raw body (each EHR
+dialect is parsed by its adapter), so this module writes the document by hand. It lists every route
+`create_app` registers (tests/test_openapi.py fails when one is missing), the configured source
+names as the `{source}` enum, the credentials each route takes, the request bodies (a loose but
+honest schema of what the FHIR adapters read), and every status each route answers with its body:
+an OperationOutcome for every refusal, except the SMART token endpoint's OAuth errors (RFC 6749).
+
+The Salesforce request (the dry run's answer) and the request-log entry are derived from their
+msgspec Structs, so they cannot drift from the code. The document holds no secret and no patient
+data: only source names, limits and shapes, never a key or its digest.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from adapters._shapes import MAX_ITEMS
+from gateway import __version__
+from gateway.admin import COOKIE
+from gateway.fhir import FHIR_JSON, SALESFORCE_ERROR_SYSTEM, SALESFORCE_ID_SYSTEM
+from gateway.requestlog import OUTCOMES, View
+from gateway.rules import COMMENT_LIMIT
+from gateway.salesforce.wire import BookingRequest
+from gateway.settings import Settings
+from gateway.smart import ASSERTION_TYPE
+
+__all__ = ["OPENAPI_PATH", "build_openapi", "openapi_json"]
+
+OPENAPI_PATH = "/openapi.json"
+_REF = "#/components/schemas/{name}"
+_JSON = "application/json"
+_FHIR_MEDIA = (FHIR_JSON, _JSON)  # what the FHIR routes accept, and what `_check_media` lets in
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": _REF.format(name=name)}
+
+
+def _array(items: dict[str, Any], *, capped: bool = False) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "array", "items": items}
+    if capped:  # the adapters refuse longer arrays (400) before building anything
+        schema["maxItems"] = MAX_ITEMS
+    return schema
+
+
+# -- FHIR shapes ----------------------------------------------------------------------------------
+
+_STRING = {"type": "string"}
+_CODING = {
+    "type": "object",
+    "description": "A FHIR Coding. `system` is matched exactly against the code maps' `group.source`.",
+    "properties": {"system": _STRING, "code": _STRING, "display": _STRING, "version": _STRING,
+                   "userSelected": {"type": "boolean"}},
+}
+_CODEABLE_CONCEPT = {
+    "type": "object",
+    "properties": {"coding": _array(_ref("Coding"), capped=True), "text": _STRING},
+}
+_REFERENCE = {
+    "type": "object",
+    "description": "A FHIR Reference: `Type/id` or an absolute URL ending so. Contained (`#id`), conditional "
+                   "and display-only references are never guessed.",
+    "properties": {"reference": _STRING, "display": _STRING},
+}
+_IDENTIFIER = {
+    "type": "object",
+    "description": "An identifier without a `value` is skipped; with the system, it keys idempotency when no "
+                   "`Idempotency-Key` header is sent.",
+    "properties": {"system": _STRING, "value": _STRING},
+}
+
+_APPOINTMENT = {
+    "type": "object",
+    "description": (
+        "A FHIR R4 (or STU3) Appointment. Only the elements below are read; every other element (text, meta, "
+        "contained, reasonCode, ...) is accepted and ignored. A present element of the wrong JSON type is a 400 "
+        "naming its FHIR path; a booking that cannot be mapped or breaks a Salesforce rule is a 422 naming it. "
+        "Participants: `Patient/x`, `Location/x`, `Practitioner/x`, `PractitionerRole/x` and `Device/x` actors "
+        "are used; anything else is refused (422). Slots must be `Slot/<id>` references."
+    ),
+    "required": ["resourceType"],
+    "properties": {
+        "resourceType": {"const": "Appointment"},
+        "identifier": _array(_ref("Identifier"), capped=True),
+        "status": {
+            "type": "string",
+            "description": "Any status books except `cancelled` and `entered-in-error` (422).",
+            "examples": ["booked", "proposed", "pending"],
+        },
+        "serviceCategory": {
+            "description": "An array (R4) or a single CodeableConcept (STU3).",
+            "anyOf": [_array(_ref("CodeableConcept"), capped=True), _ref("CodeableConcept")],
+        },
+        "serviceType": _array(_ref("CodeableConcept"), capped=True),
+        "specialty": _array(_ref("CodeableConcept"), capped=True),
+        "appointmentType": _ref("CodeableConcept"),
+        "start": {"type": "string", "format": "date-time",
+                  "description": "A FHIR instant, sent to Salesforce as written; a time without an offset is 422."},
+        "end": {"type": "string", "format": "date-time"},
+        "comment": {"type": "string", "maxLength": COMMENT_LIMIT,
+                    "description": f"Longer than {COMMENT_LIMIT} characters is refused (422), never cut."},
+        "slot": _array(_ref("Reference"), capped=True),
+        "participant": _array({
+            "type": "object",
+            "properties": {"actor": _ref("Reference"), "type": _array(_ref("CodeableConcept")),
+                           "status": _STRING, "required": _STRING},
+        }, capped=True),
+        "extension": _array({
+            "type": "object",
+            "description": "Cerner's action-comment extension (`valueString`) may carry the comment.",
+            "properties": {"url": _STRING, "valueString": _STRING},
+        }, capped=True),
+    },
+}
+
+_PARAMETERS = {
+    "type": "object",
+    "description": (
+        "FHIR Parameters for `$book` (Argonaut `appt-resource` or IHE `appointment-resource`, one only): the "
+        "Appointment is read with the same rules as a plain one. A non-empty `comment` parameter replaces "
+        "Appointment.comment; Argonaut's `patient-id` adds the Patient. Epic's form may carry identifiers "
+        "(`valueIdentifier`) instead of a resource."
+    ),
+    "required": ["resourceType"],
+    "properties": {
+        "resourceType": {"const": "Parameters"},
+        "parameter": _array({
+            "type": "object",
+            "properties": {
+                "name": {"type": "string", "examples": ["appt-resource", "appointment-resource", "comment",
+                                                        "patient-id"]},
+                "valueString": _STRING,
+                "valueUri": _STRING,
+                "valueIdentifier": _ref("Identifier"),
+                "valueReference": _ref("Reference"),
+                "resource": {"type": "object", "description": "For `appt-resource`: the Appointment."},
+            },
+        }, capped=True),
+    },
+}
+
+_OPERATION_OUTCOME = {
+    "type": "object",
+    "description": "Every refusal: a FHIR OperationOutcome whose `issue.code` is from the FHIR issue-type code "
+                   "system. `expression` names FHIR paths; no issue repeats a value of the patient's record.",
+    "required": ["resourceType", "issue"],
+    "properties": {
+        "resourceType": {"const": "OperationOutcome"},
+        "issue": {"type": "array", "minItems": 1, "items": {
+            "type": "object",
+            "required": ["severity", "code", "details"],
+            "properties": {
+                "severity": {"enum": ["fatal", "error", "warning", "information"]},
+                "code": {"type": "string", "description": "http://hl7.org/fhir/issue-type",
+                         "examples": ["structure", "login", "forbidden", "not-found", "business-rule",
+                                      "code-invalid", "throttled", "transient"]},
+                "details": {
+                    "type": "object",
+                    "required": ["text"],
+                    "properties": {
+                        "text": _STRING,
+                        "coding": _array({
+                            "type": "object", "required": ["system", "code"],
+                            "description": f"`{SALESFORCE_ERROR_SYSTEM}` carries Salesforce's errorCode "
+                                           "when Salesforce refused.",
+                            "properties": {"system": _STRING, "code": _STRING},
+                        }),
+                    },
+                },
+                "expression": _array(_STRING),
+            },
+        }},
+    },
+}
+
+_BOOKED = {
+    "type": "object",
+    "description": f"The booked Appointment: `id` is the Salesforce appointment id, also given as an identifier "
+                   f"with system `{SALESFORCE_ID_SYSTEM}` after the EHR's own.",
+    "required": ["resourceType", "id", "status"],
+    "properties": {
+        "resourceType": {"const": "Appointment"},
+        "id": _STRING,
+        "status": {"const": "booked"},
+        "identifier": _array({"type": "object", "required": ["value"],
+                              "properties": {"system": _STRING, "value": _STRING}}),
+        "start": _STRING,
+        "end": _STRING,
+        "slot": _array({"type": "object", "required": ["reference"], "properties": {"reference": _STRING}}),
+        "participant": _array({
+            "type": "object", "required": ["actor", "status"],
+            "properties": {"actor": {"type": "object", "required": ["reference"],
+                                     "properties": {"reference": _STRING}},
+                           "status": _STRING},
+        }),
+    },
+}
+
+_OAUTH_ERROR = {
+    "type": "object",
+    "description": "An OAuth 2.0 error (RFC 6749 §5.2), as SMART Backend Services clients expect.",
+    "required": ["error", "error_description"],
+    "properties": {
+        "error": {"enum": ["invalid_request", "invalid_client", "unsupported_grant_type", "temporarily_unavailable"]},
+        "error_description": _STRING,
+    },
+}
+
+_TOKEN = {
+    "type": "object",
+    "required": ["access_token", "token_type", "expires_in", "scope"],
+    "properties": {
+        "access_token": _STRING,
+        "token_type": {"const": "bearer"},
+        "expires_in": {"type": "integer", "minimum": 1},
+        "scope": _STRING,
+    },
+}
+
+_NAMES = _array(_STRING)
+
+
+def _msgspec_components() -> dict[str, Any]:
+    """The Salesforce request and the request-log entry, from the Structs the code encodes."""
+    _, components = msgspec.json.schema_components([BookingRequest, View], ref_template=_REF)
+    entry = components.pop("View")
+    entry["title"] = "RequestLogEntry"
+    entry["description"] = ("One request-log entry. `patient` and `input` appear only for a PHI key, on "
+                            "one entry; lists never carry them.")
+    entry["properties"]["outcome"] = {"enum": list(OUTCOMES)}
+    entry["properties"]["time"] = {"type": "string", "description": "ISO 8601, UTC, milliseconds"}
+    entry["required"] = sorted({*entry.get("required", ()), "time", "replayable"})
+    components["RequestLogEntry"] = entry
+    return components
+
+
+# -- responses ------------------------------------------------------------------------------------
+
+_RETRY_AFTER = {"description": "seconds to wait before trying again", "schema": {"type": "integer", "minimum": 0}}
+_REQUEST_ID = {"description": "this request's id: the `id` of its request-log entry and log line",
+               "schema": {"type": "string", "pattern": "^[0-9a-f]{16}$"}}
+
+
+def _outcome(description: str, *, retry_after: bool = False, request_id: bool = False) -> dict[str, Any]:
+    headers: dict[str, Any] = {}
+    if retry_after:
+        headers["Retry-After"] = _RETRY_AFTER
+    if request_id:
+        headers["X-Request-ID"] = _REQUEST_ID
+    response: dict[str, Any] = {"description": description,
+                                "content": {FHIR_JSON: {"schema": _ref("OperationOutcome")}}}
+    if headers:
+        response["headers"] = headers
+    return response
+
+
+def _json_answer(description: str, schema: dict[str, Any], **headers: Any) -> dict[str, Any]:
+    response: dict[str, Any] = {"description": description, "content": {_JSON: {"schema": schema}}}
+    if headers:
+        response["headers"] = {name.replace("_", "-"): value for name, value in headers.items()}
+    return response
+
+
+def _fhir_errors(*, body: bool) -> dict[str, dict[str, Any]]:
+    """The refusals of the three FHIR routes; `X-Request-ID` on each."""
+    r: dict[str, dict[str, Any]] = {
+        "400": _outcome("not JSON, not FHIR, the wrong resourceType, an element of the wrong JSON type, or a "
+                        "malformed Idempotency-Key", request_id=True),
+        "401": _outcome("no key or token, an unknown one, or a required client certificate missing", request_id=True),
+        "403": _outcome("a key, token or client certificate of another source", request_id=True),
+        "404": _outcome("no FHIR source of that name is configured", request_id=True),
+        "408": _outcome("the body did not arrive in time"),
+        "415": _outcome("a media type other than application/fhir+json or application/json", request_id=True),
+        "422": _outcome("a code without a mapping, or a Salesforce rule broken; also the stored answer of a "
+                        "booking Salesforce refused", request_id=True),
+        "429": _outcome("the source is over its rate_limit_per_minute", retry_after=True, request_id=True),
+    }
+    if body:
+        r["413"] = _outcome("the body is larger than [limits] max_body_bytes", request_id=True)
+    return dict(sorted(r.items()))
+
+
+def _admin_errors(*extra: str) -> dict[str, dict[str, Any]]:
+    r: dict[str, dict[str, Any]] = {
+        "401": _outcome("no admin key or session, or an unknown one"),
+        "403": _outcome("a source's key or token, or a session's action without its X-CSRF-Token"),
+        "429": _outcome("too many failed admin keys from this address", retry_after=True),
+        "503": _outcome("Redis cannot check failed sign-in attempts now", retry_after=True),
+    }
+    texts = {
+        "400": "a query parameter or the body is not what is expected",
+        "404": "no such entry, source or action",
+        "409": "this entry was replayed already",
+        "413": "the body is larger than [limits] max_body_bytes",
+        "422": "the booking cannot be mapped or breaks a Salesforce rule",
+    }
+    for status in extra:
+        r[status] = _outcome(texts[status])
+    return dict(sorted(r.items()))
+
+
+def _query(name: str, description: str, schema: dict[str, Any]) -> dict[str, Any]:
+    """An admin filter: an empty value (`?outcome=`) is no filter, as if the parameter were absent."""
+    return {"name": name, "in": "query", "description": description + "; empty: no filter",
+            "allowEmptyValue": True, "schema": schema}
+
+
+def _operation(summary: str, tag: str, responses: dict[str, Any], **more: Any) -> dict[str, Any]:
+    op: dict[str, Any] = {"summary": summary, "tags": [tag], "operationId": more.pop("operation_id")}
+    op.update(more)
+    op["responses"] = responses
+    return op
+
+
+# -- the document ---------------------------------------------------------------------------------
+
+
+def build_openapi(settings: Settings) -> dict[str, Any]:
+    """The OpenAPI 3.1 document of the gateway `create_app(settings)` builds."""
+    cfg = settings.file
+    fhir_sources = sorted(name for name, s in settings.sources.items() if s.adapter != "hl7v2")
+    all_sources = sorted(settings.sources)
+    queue_sources = sorted(name for name, s in settings.sources.items() if s.delivery == "queue")
+    mtls_sources = sorted(name for name, s in settings.sources.items() if s.client_cert_names)
+    max_body = cfg.limits.max_body_bytes
+
+    def source_param(names: list[str], description: str) -> dict[str, Any]:
+        schema: dict[str, Any] = {"type": "string", "enum": names} if names else {"type": "string"}
+        return {"name": "source", "in": "path", "required": True, "description": description, "schema": schema}
+
+    fhir_source = source_param(fhir_sources, "a configured source (its `[sources.<name>]` table); an unknown one "
+                                             "is 404")
+    entry_id = {"name": "entry_id", "in": "path", "required": True, "description": "a request-log entry's id",
+                "schema": {"type": "string"}}
+
+    fhir_security: list[dict[str, list[str]]] = [{"sourceKey": []}, {"smartToken": []}]
+    admin_read: list[dict[str, list[str]]] = [{"adminKey": []}, {"adminSession": []}]
+    admin_action: list[dict[str, list[str]]] = [{"adminKey": []}, {"adminSession": [], "csrfToken": []}]
+
+    mtls_note = (f" Sources {', '.join(mtls_sources)} must also call over mutual TLS with a client certificate "
+                 "that names them (401 without one, 403 with another source's)." if mtls_sources else "")
+    fhir_body_note = f" Bodies over {max_body} bytes are refused (413)."
+
+    def fhir_body(schema: dict[str, Any]) -> dict[str, Any]:
+        return {"required": True, "description": "JSON, with `Content-Type: application/fhir+json` or "
+                                                 "`application/json` (parameters such as charset allowed)."
+                                                 + fhir_body_note,
+                "content": {media: {"schema": schema} for media in _FHIR_MEDIA}}
+
+    idempotency_key = {
+        "name": "Idempotency-Key", "in": "header", "required": False,
+        "description": "1 to 255 printable ASCII characters, optionally as a quoted string. Without it, the key "
+                       "is the source plus every Appointment.identifier, else a fingerprint of the booking. The "
+                       "same key with another booking is 422.",
+        "schema": {"type": "string", "pattern": '^([ -~]{1,255}|"[ -~]{1,255}")$', "not": {"const": '""'}},
+    }
+    replayed_headers = {
+        "Location": {"description": "/fhir/{source}/Appointment/{id}", "schema": {"type": "string"}},
+        "Idempotent-Replayed": {"description": "`true` when this is the first attempt's answer, byte for byte",
+                                "schema": {"const": "true"}},
+        "X-Request-ID": _REQUEST_ID,
+    }
+    book_responses: dict[str, Any] = {
+        "201": {"description": "booked (or a retry of a booked request: the first answer again)",
+                "headers": replayed_headers,
+                "content": {FHIR_JSON: {"schema": _ref("BookedAppointment")}}},
+        "202": _outcome("a `delivery = \"queue\"` source while Salesforce is down: the booking is in the durable "
+                        "queue (severity information); the same request again answers 202 until it is booked, "
+                        "then the 201", retry_after=True, request_id=True),
+        **_fhir_errors(body=True),
+        "409": _outcome("a booking with this idempotency key is still being processed", retry_after=True,
+                        request_id=True),
+        "502": _outcome("Salesforce failed (a 5xx, or an answer that cannot be read), or the answer was lost "
+                        "after sending: the booking is in doubt and is looked up before any new attempt",
+                        retry_after=True, request_id=True),
+        "503": _outcome("Redis or Salesforce unavailable, Salesforce's request limit reached, or the circuit "
+                        "breaker open", retry_after=True, request_id=True),
+    }
+    book_responses = dict(sorted(book_responses.items()))
+    book_description = ("Books the Appointment in Salesforce Health Cloud, exactly once per idempotency key. A "
+                        "retry of a finished booking gets the first attempt's status and body, byte for byte, "
+                        "with `Idempotent-Replayed: true`." + mtls_note)
+
+    translate_responses = {
+        "200": _json_answer("the Salesforce request the booking would become; nothing is sent or stored",
+                            _ref("BookingRequest"), X_Request_ID=_REQUEST_ID),
+        **_fhir_errors(body=True),
+    }
+    translate_responses = dict(sorted(translate_responses.items()))
+
+    paths: dict[str, Any] = {
+        "/fhir/{source}/Appointment": {"post": _operation(
+            "Book a FHIR Appointment", "FHIR", book_responses, operation_id="bookAppointment",
+            description=book_description, parameters=[fhir_source, idempotency_key],
+            requestBody=fhir_body(_ref("Booking")), security=fhir_security,
+        )},
+        "/fhir/{source}/Appointment/$book": {"post": _operation(
+            "Book the appt-resource of $book Parameters", "FHIR", book_responses, operation_id="bookOperation",
+            description=book_description, parameters=[fhir_source, idempotency_key],
+            requestBody=fhir_body(_ref("Booking")), security=fhir_security,
+        )},
+        "/fhir/{source}/Appointment/$translate": {"post": _operation(
+            "Dry run: the Salesforce request a booking would become", "FHIR", translate_responses,
+            operation_id="translateAppointment",
+            description="Parses, maps and checks the Appointment (or $book Parameters) as a booking would; "
+                        "nothing is forwarded or stored." + mtls_note,
+            parameters=[fhir_source],
+            requestBody=fhir_body(_ref("Booking")), security=fhir_security,
+        )},
+        "/health/live": {"get": _operation(
+            "Liveness", "Health",
+            {"200": _json_answer("the process serves", {"type": "object", "required": ["status"],
+                                                        "properties": {"status": {"const": "pass"}}})},
+            operation_id="live", security=[],
+        )},
+        "/health/ready": {"get": _operation(
+            "Readiness: Redis and Salesforce authentication", "Health",
+            {"200": _json_answer("ready", _ref("Readiness")),
+             "503": _json_answer("Redis or Salesforce authentication fails", _ref("Readiness"),
+                                 Retry_After=_RETRY_AFTER)},
+            operation_id="ready", security=[],
+        )},
+        "/metrics": {"get": _operation(
+            "Prometheus metrics", "Operators",
+            {"200": {"description": "the Prometheus text exposition format; labels carry no patient data",
+                     "content": {"text/plain": {"schema": {"type": "string"}}}}},
+            operation_id="metrics", security=[],
+        )},
+        OPENAPI_PATH: {"get": _operation(
+            "This document", "Meta",
+            {"200": _json_answer("the OpenAPI 3.1 document of this gateway's configuration", {"type": "object"})},
+            operation_id="openapi", security=[],
+        )},
+        "/auth/token": {"post": _operation(
+            "SMART Backend Services access token", "SMART",
+            {"200": _json_answer("a bearer token good for five minutes on the client's source only",
+                                 _ref("AccessToken"), Cache_Control={"schema": {"const": "no-store"}}),
+             "400": _json_answer("the grant type or assertion type is not the one expected", _ref("OAuthError")),
+             "401": _json_answer("the client assertion is not valid (unknown client, key, algorithm, audience, "
+                                 "lifetime, or a jti used before)", _ref("OAuthError")),
+             "408": _outcome("the body did not arrive in time"),
+             "413": _outcome("the body is larger than [limits] max_body_bytes"),
+             "503": _json_answer("the token store is unavailable", _ref("OAuthError"))},
+            operation_id="token", security=[],
+            description="Client credentials with a signed JWT client assertion (RS384 or ES384) from a source "
+                        "that has `smart_client_id` and its public keys (`jwks` or `jwks_url`). The assertion's "
+                        "`aud` is this endpoint's URL as the client reaches it. Refusals are OAuth errors, not "
+                        "OperationOutcomes.",
+            requestBody={"required": True, "content": {"application/x-www-form-urlencoded": {"schema": {
+                "type": "object",
+                "required": ["grant_type", "client_assertion_type", "client_assertion"],
+                "properties": {
+                    "grant_type": {"const": "client_credentials"},
+                    "client_assertion_type": {"const": ASSERTION_TYPE},
+                    "client_assertion": {"type": "string", "description": "the signed JWT"},
+                    "scope": {"type": "string", "examples": ["system/Appointment.write"]},
+                },
+            }}}},
+        )},
+        # -- the operators' side --
+        "/admin/api/session": {
+            "post": _operation(
+                "Sign in with an admin key: a session cookie and its CSRF token", "Admin",
+                {"200": _json_answer("signed in; the cookie is HttpOnly, SameSite=Strict, Path=/admin",
+                                     _ref("Session"),
+                                     Set_Cookie={"schema": {"type": "string"}, "description": f"`{COOKIE}=...`"}),
+                 **_admin_errors("400", "413")},
+                operation_id="signIn", security=[],
+                requestBody={"required": True, "content": {_JSON: {"schema": {
+                    "type": "object", "required": ["key"], "properties": {"key": {"type": "string", "minLength": 1}},
+                }}}},
+            ),
+            "get": _operation("Who is signed in", "Admin",
+                              {"200": _json_answer("the caller's role", _ref("Session")), **_admin_errors()},
+                              operation_id="session", security=admin_read),
+            "delete": _operation(
+                "Sign out", "Admin",
+                {"200": _json_answer("signed out; the cookie is cleared",
+                                     {"type": "object", "required": ["signed_out"],
+                                      "properties": {"signed_out": {"const": True}}}),
+                 **_admin_errors()},
+                operation_id="signOut", security=admin_action,
+            ),
+        },
+        "/admin/api/requests": {"get": _operation(
+            "The request log, newest first (no patient data)", "Admin",
+            {"200": _json_answer("matching entries", {"type": "object", "required": ["requests"], "properties": {
+                "requests": _array(_ref("RequestLogEntry"))}}), **_admin_errors("400")},
+            operation_id="listRequests", security=admin_read,
+            parameters=[_query(*p) for p in (
+                ("source", "a configured source", {"type": "string", "enum": all_sources} if all_sources
+                 else {"type": "string"}),
+                ("outcome", "the request's outcome", {"type": "string", "enum": list(OUTCOMES)}),
+                ("since", "Unix time in milliseconds", {"type": "integer"}),
+                ("limit", "at most 1000; below 1 counts as 1", {"type": "integer", "default": 50}),
+                ("sf_id", "a Salesforce appointment id", {"type": "string"}),
+                ("key", "an idempotency key (needs `source`)", {"type": "string"}),
+            )],
+        )},
+        "/admin/api/requests/{entry_id}": {"get": _operation(
+            "One request-log entry (with the patient and kept input for a PHI key, audited)", "Admin",
+            {"200": _json_answer("the entry", _ref("RequestLogEntry")), **_admin_errors("404")},
+            operation_id="getRequest", security=admin_read, parameters=[entry_id],
+        )},
+        "/admin/api/requests/{entry_id}/replay": {"post": _operation(
+            "Replay a failed, refused, unmapped or queued booking from its sealed input", "Admin",
+            {"200": _json_answer("the replay's new entry", {
+                "type": "object", "required": ["replay", "original"],
+                "properties": {"replay": _ref("RequestLogEntry"), "original": _STRING}}),
+             **_admin_errors("404", "409")},
+            operation_id="replayRequest", security=admin_action, parameters=[entry_id],
+        )},
+        "/admin/api/audit": {"get": _operation(
+            "The audit stream, newest first", "Admin",
+            {"200": _json_answer("who did what, when (keys only as 12 hex digits of their digest)", {
+                "type": "object", "required": ["audit"], "properties": {"audit": _array({
+                    "type": "object", "required": ["id", "t", "who", "role", "action", "ip"],
+                    "additionalProperties": _STRING,
+                    "properties": {name: _STRING for name in ("id", "t", "who", "role", "action", "ip")},
+                })}}),
+             **_admin_errors()},
+            operation_id="audit", security=admin_read,
+        )},
+        "/admin/api/stats": {"get": _operation(
+            "Counts per minute by source and outcome, latency percentiles, Salesforce usage", "Admin",
+            {"200": _json_answer("the window's statistics", _ref("Stats")), **_admin_errors("400")},
+            operation_id="stats", security=admin_read,
+            parameters=[_query("minutes", "the window, 1 to 1440 (clamped)", {"type": "integer", "default": 60})],
+        )},
+        "/admin/api/queue": {"get": _operation(
+            "The durable queues: ready, delayed and dead-letter entries (no patient data)", "Admin",
+            {"200": _json_answer("per queue source", {"type": "object", "required": ["sources"], "properties": {
+                "sources": {"type": "object", "propertyNames": {"enum": queue_sources} if queue_sources else {},
+                            "additionalProperties": _array(_ref("QueueEntry"))}}}),
+             **_admin_errors()},
+            operation_id="queue", security=admin_read,
+        )},
+        "/admin/api/queue/{source}/{entry_id}/{action}": {"post": _operation(
+            "Replay or drop a dead-letter entry", "Admin",
+            {"200": _json_answer("done", {"type": "object", "required": ["ok"],
+                                          "properties": {"ok": {"const": True}}}),
+             **_admin_errors("404")},
+            operation_id="queueAction", security=admin_action,
+            parameters=[
+                source_param(queue_sources, "a source with `delivery = \"queue\"`; any other is 404"),
+                {"name": "entry_id", "in": "path", "required": True, "description": "a dead-letter entry's id",
+                 "schema": {"type": "string"}},
+                {"name": "action", "in": "path", "required": True, "description": "any other is 404",
+                 "schema": {"type": "string", "enum": ["replay", "drop"]}},
+            ],
+        )},
+        "/admin/api/codemaps": {"get": _operation(
+            "The code maps in use per source: version, files, and why files on disk were refused", "Admin",
+            {"200": _json_answer("per source", {"type": "object", "required": ["sources"], "properties": {
+                "sources": {"type": "object", "additionalProperties": {
+                    "type": "object", "required": ["version", "files", "problems"],
+                    "properties": {"version": {"type": ["string", "null"]}, "files": _NAMES,
+                                   "problems": _NAMES}}}}}),
+             **_admin_errors()},
+            operation_id="codemaps", security=admin_read,
+        )},
+        "/admin/api/translate/{source}": {"post": _operation(
+            "Dry run for operators: the Salesforce request a body would become", "Admin",
+            {"200": _json_answer("the Salesforce request", {"type": "object", "required": ["request"],
+                                                            "properties": {"request": _ref("BookingRequest")}}),
+             **_admin_errors("400", "404", "413", "422")},
+            operation_id="adminTranslate", security=admin_action,
+            parameters=[{**fhir_source, "description": "a configured FHIR source; any other is 404"}],
+            requestBody={"required": True, "description": "the EHR's body, as the dashboard sends it (the "
+                                                           "Content-Type is not checked here)",
+                         "content": {FHIR_JSON: {"schema": _ref("Booking")}}},
+        )},
+        "/admin/": {"get": _operation(
+            "The operators' dashboard", "Admin",
+            {"200": {"description": "the dashboard's page (static; it signs in through /admin/api/session)",
+                     "content": {"text/html": {"schema": {"type": "string"}}}}},
+            operation_id="dashboard", security=[],
+        )},
+        "/admin/static/{name}": {"get": _operation(
+            "The dashboard's script and style sheet", "Admin",
+            {"200": {"description": "the file", "content": {
+                "text/css": {"schema": {"type": "string"}}, "text/javascript": {"schema": {"type": "string"}}}},
+             "404": _outcome("no such file")},
+            operation_id="dashboardFile", security=[],
+            parameters=[{"name": "name", "in": "path", "required": True, "schema": {"type": "string"},
+                         "examples": {"script": {"value": "app.js"}, "style": {"value": "app.css"}}}],
+        )},
+    }
+
+    schemas: dict[str, Any] = {
+        "Booking": {"description": "What every booking route reads: an Appointment, or $book Parameters carrying "
+                                   "one (told apart by resourceType; the route's name says which is usual).",
+                    "oneOf": [_ref("Appointment"), _ref("Parameters")]},
+        "Appointment": _APPOINTMENT,
+        "Parameters": _PARAMETERS,
+        "Coding": _CODING,
+        "CodeableConcept": _CODEABLE_CONCEPT,
+        "Reference": _REFERENCE,
+        "Identifier": _IDENTIFIER,
+        "OperationOutcome": _OPERATION_OUTCOME,
+        "BookedAppointment": _BOOKED,
+        "OAuthError": _OAUTH_ERROR,
+        "AccessToken": _TOKEN,
+        "Readiness": {
+            "type": "object", "required": ["status", "checks", "circuit", "salesforce_api_usage"],
+            "properties": {
+                "status": {"enum": ["pass", "fail"]},
+                "checks": {"type": "object", "required": ["redis", "salesforce_auth"], "properties": {
+                    "redis": {"enum": ["pass", "fail"]}, "salesforce_auth": {"enum": ["pass", "fail", "unknown"]}}},
+                "circuit": {"enum": ["closed", "open", "half_open"]},
+                "salesforce_api_usage": {"type": "object", "required": ["used", "limit"], "properties": {
+                    "used": {"type": "integer"}, "limit": {"type": "integer"}}},
+            },
+        },
+        "Session": {"type": "object", "required": ["role", "csrf"], "properties": {
+            "role": {"enum": ["admin", "phi"]},
+            "csrf": {"type": ["string", "null"], "description": "the session's CSRF token; null for a bearer key"}}},
+        "Stats": {"type": "object", "required": ["bucket_seconds", "series", "latency", "salesforce"], "properties": {
+            "bucket_seconds": {"const": 60},
+            "series": _array({"type": "object", "required": ["t", "source", "outcome", "count"], "properties": {
+                "t": {"type": "integer"}, "source": _STRING, "outcome": {"enum": list(OUTCOMES)},
+                "count": {"type": "integer"}}}),
+            "latency": _array({"type": "object", "required": ["t", "p50", "p95", "p99", "count"], "properties": {
+                "t": {"type": "integer"}, "p50": {"type": "number"}, "p95": {"type": "number"},
+                "p99": {"type": "number"}, "count": {"type": "integer"}}}),
+            "salesforce": {"type": "object", "required": ["api_used", "api_limit", "circuit"], "properties": {
+                "api_used": {"type": "integer"}, "api_limit": {"type": "integer"},
+                "circuit": {"enum": ["closed", "open", "half_open"]}}},
+        }},
+        "QueueEntry": {"type": "object",
+                       "required": ["id", "where", "attempts", "accepted_ms", "due_ms", "last_error"],
+                       "properties": {
+                           "id": {"type": "string", "description": "the stream id; `-` while delayed"},
+                           "where": {"enum": ["ready", "delayed", "dead"]},
+                           "attempts": {"type": "integer"}, "accepted_ms": {"type": "integer"},
+                           "due_ms": {"type": "integer"}, "last_error": {"type": ["string", "null"]}}},
+        **_msgspec_components(),
+    }
+
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "ehr-gateway",
+            "version": __version__,
+            "summary": "Books EHR appointments (FHIR R4 and its Cerner and Epic dialects) in Salesforce Health Cloud.",
+            "description": (
+                "Every refusal is a FHIR OperationOutcome (`application/fhir+json`), except the token endpoint's "
+                "OAuth errors. Any route may also answer 400 (an unparsable request), 408 (the request head or "
+                "body too slow) or 431 (headers over [limits] max_header_bytes) from the server itself, as "
+                "OperationOutcomes, and 405 (with `Allow`) for a method it does not serve. Sources configured: "
+                + (", ".join(fhir_sources) or "none") + "."
+            ),
+        },
+        "tags": [{"name": name} for name in ("FHIR", "SMART", "Health", "Operators", "Admin", "Meta")],
+        "paths": paths,
+        "components": {
+            "schemas": dict(sorted(schemas.items())),
+            "securitySchemes": {
+                "sourceKey": {"type": "http", "scheme": "bearer",
+                              "description": "an inbound key of the source named in the path (kept by the gateway "
+                                             "only as its SHA-256 digest)"},
+                # SMART Backend Services is OAuth 2.0 client credentials with a JWT assertion; the token
+                # URL is relative to wherever the gateway is reached, which an `oauth2` scheme cannot say
+                "smartToken": {
+                    "type": "http", "scheme": "bearer", "bearerFormat": "SMART Backend Services access token",
+                    "description": "a five-minute token from POST /auth/token (client credentials with a signed "
+                                   "JWT assertion), issued to a source's `smart_client_id`; good on that source only",
+                },
+                "adminKey": {"type": "http", "scheme": "bearer",
+                             "description": "an admin key (no patient data) or a PHI key (patient data, audited)"},
+                "adminSession": {"type": "apiKey", "in": "cookie", "name": COOKIE,
+                                 "description": "the dashboard's session, from POST /admin/api/session"},
+                "csrfToken": {"type": "apiKey", "in": "header", "name": "X-CSRF-Token",
+                              "description": "the session's CSRF token, required with the cookie for actions"},
+            },
+        },
+    }
+
+
+def openapi_json(settings: Settings) -> bytes:
+    """The document, encoded once: `create_app` serves these bytes."""
+    return msgspec.json.encode(build_openapi(settings))
+
