@@ -9,6 +9,7 @@ import secrets
 import time
 from typing import Any
 
+import httpx
 import msgspec
 import redis.asyncio as redis
 from litestar import Litestar, Request, Response, get, post
@@ -37,6 +38,7 @@ from gateway.livemaps import LiveMaps
 from gateway.logs import log
 from gateway.metrics import Metrics
 from gateway.mtls import ClientCertificates
+from gateway.openapi import OPENAPI_PATH, openapi_json
 from gateway.queue import BookingQueue
 from gateway.ratelimit import RateLimiter
 from gateway.requestlog import KEEP_INPUT, Entry, LoggedIssue, RequestLog, Sealed
@@ -44,7 +46,8 @@ from gateway.requestlog import key_digest as log_key_digest
 from gateway.sealing import Sealer, sealer_from_env
 from gateway.smart import SmartAuth, TokenError
 from gateway.salesforce.auth import TokenProvider
-from gateway.salesforce.client import SalesforceClient, make_http_client
+from gateway.salesforce._http import HttpClient
+from gateway.salesforce.client import SalesforceClient
 from gateway.settings import Settings, load_settings
 from gateway.worker import QueueWorker
 
@@ -112,7 +115,11 @@ def _litestar_error(request: Request, exc: HTTPException) -> Response[bytes]:
     """Litestar's own refusals (no route, wrong method, body too large) as OperationOutcomes."""
     fallback = (InvalidRequest, "bad request") if exc.status_code < 500 else (GatewayError, "internal error")
     cls, message = _LITESTAR_REFUSALS.get(exc.status_code, fallback)
-    return _error_response(cls(message))
+    response = _error_response(cls(message))
+    allow = (exc.headers or {}).get("allow")
+    if allow:  # RFC 9110: a 405 names the methods the resource serves
+        response.headers["Allow"] = allow
+    return response
 
 
 def _unexpected(request: Request, exc: Exception) -> Response[bytes]:
@@ -165,7 +172,7 @@ def create_app(
     per_worker = max(1, cfg.salesforce.max_concurrent_calls // max(1, workers))
     cfg = msgspec.structs.replace(cfg, salesforce=msgspec.structs.replace(cfg.salesforce, max_concurrent_calls=per_worker))
     redis_client = connect_redis(settings.redis_url, cluster=cfg.redis.cluster)
-    http = make_http_client(cfg.salesforce)
+    http = HttpClient(cfg.salesforce)
     tokens = TokenProvider(
         settings.salesforce, http, redis_client, cfg.redis.key_prefix,
         cache_seconds=cfg.salesforce.token_cache_seconds,
@@ -204,7 +211,9 @@ def create_app(
     worker = QueueWorker(booker, queue, queue_sources, cfg.queue, reclaim_idle_seconds=cfg.idempotency.lease_seconds,
                          request_log=reqlog)
     inbound = Inbound(settings, extra_keys)
-    smart = SmartAuth(settings.sources, redis_client, cfg.redis.key_prefix, http)
+    # JWKS fetches are rare (cached 5 minutes) and go to the EHRs' hosts: a client of their own
+    jwks_http = httpx.AsyncClient(timeout=5, follow_redirects=False)
+    smart = SmartAuth(settings.sources, redis_client, cfg.redis.key_prefix, jwks_http)
     limiter = RateLimiter(redis_client, cfg.redis.key_prefix,
                           {name: src.rate_limit_per_minute or 0 for name, src in settings.sources.items()})
     certificates = ClientCertificates(settings.sources)
@@ -390,6 +399,13 @@ def create_app(
         log.info("token", status=200)
         return Response(_json.encode(answer), status_code=200, media_type="application/json", headers=headers)
 
+    document = openapi_json(settings)  # encoded once: it changes only with the settings
+
+    @get(OPENAPI_PATH)
+    async def openapi() -> Response[bytes]:
+        """The OpenAPI 3.1 document (gateway/openapi.py): no auth, no secret, no patient data."""
+        return Response(document, media_type="application/json")
+
     @get("/metrics")
     async def metrics_page() -> Response[bytes]:
         _token_refreshes()
@@ -411,10 +427,11 @@ def create_app(
         await asyncio.gather(*background, return_exceptions=True)
         await reqlog.flush()
         await http.aclose()
+        await jwks_http.aclose()
         await redis_client.aclose()
 
     app = Litestar(
-        route_handlers=[book, book_operation, translate, live, ready, metrics_page, token, admin],
+        route_handlers=[book, book_operation, translate, live, ready, metrics_page, token, openapi, admin],
         exception_handlers={HTTPException: _litestar_error, Exception: _unexpected},
         on_startup=[_start],
         on_shutdown=[_close],

@@ -9,10 +9,18 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import Any
 
+import msgspec
 import structlog
 
+_encode = msgspec.json.Encoder(enc_hook=repr).encode  # an odd value is written as its repr, never lost
 _QUIET = ("httpx", "httpcore", "aiohttp", "uvicorn", "uvicorn.access", "uvicorn.error", "litestar", "asyncio")
+
+
+def _render(_: Any, __: str, event: dict[str, Any]) -> bytes:
+    # msgspec encodes the line in about a third of the stdlib json's time
+    return _encode(event)
 
 
 def configure(level: str = "INFO", stream=None) -> None:
@@ -26,10 +34,11 @@ def configure(level: str = "INFO", stream=None) -> None:
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.JSONRenderer(),
+            _render,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
-        logger_factory=structlog.WriteLoggerFactory(file=stream or sys.stdout),
+        # bytes straight to the stream: a line a request, so the encoder is on the hot path
+        logger_factory=structlog.BytesLoggerFactory(file=stream or sys.stdout.buffer),
         cache_logger_on_first_use=True,
     )
 

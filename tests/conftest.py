@@ -45,7 +45,7 @@ def log_file(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     from gateway.logs import configure
 
     path = tmp_path_factory.mktemp("logs") / "gateway.log"
-    with path.open("a", buffering=1) as stream:
+    with path.open("ab", buffering=0) as stream:
         configure(stream=stream)
         yield path
     _no_secret_was_logged(path.read_text(errors="replace"))

@@ -9,7 +9,7 @@ import pytest
 import redis.asyncio as aredis
 
 from gateway.salesforce.auth import TokenProvider
-from gateway.salesforce.client import make_http_client
+from gateway.salesforce._http import HttpClient
 from gateway.settings import SalesforceConnection, SalesforceTuning
 from tests.conftest import CLIENT_ID, CLIENT_SECRET, auth, corpus
 
@@ -119,7 +119,7 @@ async def test_one_refresh_in_flight_across_workers(redis_url, prefix, sandbox):
     """Four token providers (as four workers) on one Redis: one grant between them."""
     conn = SalesforceConnection(login_url=sandbox.url, client_id=CLIENT_ID, client_secret=CLIENT_SECRET)
     client = aredis.Redis.from_url(redis_url)
-    https = [make_http_client(SalesforceTuning()) for _ in range(4)]
+    https = [HttpClient(SalesforceTuning()) for _ in range(4)]
     try:
         providers = [TokenProvider(conn, h, client, prefix, cache_seconds=60, retry_after=5) for h in https]
         before = state(sandbox).counters().token_grants

@@ -11,13 +11,13 @@ from __future__ import annotations
 import asyncio
 import time
 
-import httpx
 import jwt
 import msgspec
 import redis.asyncio as redis
 from redis.exceptions import RedisError
 
 from gateway.errors import Unavailable
+from gateway.salesforce._http import HttpClient, Lost, NeverSent
 from gateway.salesforce.wire import TokenAnswer
 from gateway.settings import SalesforceConnection
 
@@ -42,7 +42,7 @@ class TokenProvider:
     def __init__(
         self,
         conn: SalesforceConnection,
-        http: httpx.AsyncClient,
+        http: HttpClient,
         client: redis.Redis,
         prefix: str,
         *,
@@ -106,10 +106,10 @@ class TokenProvider:
 
     async def _mint(self) -> Token:
         try:
-            answer = await self._http.post(f"{self._conn.login_url}/services/oauth2/token", data=self._grant())
-        except httpx.HTTPError:
+            answer = await self._http.request("POST", f"{self._conn.login_url}/services/oauth2/token", form=self._grant())
+        except (NeverSent, Lost):
             raise Unavailable("the Salesforce token endpoint cannot be reached", retry_after=self._retry_after) from None
-        if answer.status_code != 200:
+        if answer.status != 200:
             # OAuth errors are {"error", "error_description"}: safe to name the error code only
             try:
                 code = msgspec.json.decode(answer.content).get("error", "unknown")

@@ -1,7 +1,6 @@
 """The Salesforce appointment-management client.
 
-httpx's API over the aiohttp transport (measured faster on this path; see benchmarks/README.md).
-Answers are read leniently, because Salesforce's own samples disagree: an object or a one-element
+HTTP goes through `_http` (aiohttp; see there for why). Answers are read leniently, because Salesforce's own samples disagree: an object or a one-element
 array, `error` or `errorMessages`, status in any case, 200 or 201; `isSuccess: false` is a refusal.
 """
 
@@ -14,13 +13,11 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-import aiohttp
-import httpx
 import msgspec
-from httpx_aiohttp import AiohttpTransport
 
 from gateway.breaker import CircuitBreaker
 from gateway.errors import SalesforceFailed, SalesforceRefused, Unavailable
+from gateway.salesforce._http import Answer, HttpClient, Lost, NeverSent
 from gateway.salesforce.auth import Token, TokenProvider
 from gateway.salesforce.wire import BookingRequest
 from gateway.settings import SalesforceConnection, SalesforceTuning
@@ -51,39 +48,6 @@ class Booked:
 class ApiUsage:
     used: int = 0
     limit: int = 0
-
-
-def make_http_client(tuning: SalesforceTuning) -> httpx.AsyncClient:
-    """httpx's API over aiohttp: 2,038 forwarded requests/s against 693 for httpx's own transport
-    in benchmarks/transport.py. The session is explicit so that it keeps no cookie jar (Salesforce
-    sets cookies we must not replay) and uses httpx's CA bundle; it is created on first use, inside
-    the running loop. Neither httpx nor this transport has a total timeout: `_send` adds one."""
-
-    def session() -> aiohttp.ClientSession:
-        connector = aiohttp.TCPConnector(
-            limit=tuning.max_concurrent_calls + 4, keepalive_timeout=60, ssl=httpx.create_ssl_context()
-        )
-        return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar())
-
-    return httpx.AsyncClient(
-        transport=AiohttpTransport(client=session),
-        # connect -> aiohttp sock_connect, read -> per-read, pool -> aiohttp connect (wait + connect)
-        timeout=httpx.Timeout(tuning.timeout_seconds, connect=tuning.connect_timeout_seconds,
-                              pool=tuning.connect_timeout_seconds),
-        follow_redirects=False,
-    )
-
-
-def _never_sent(exc: BaseException) -> bool:
-    """True when the request certainly did not leave: the connection was never made.
-
-    httpx-aiohttp maps every aiohttp connection error to httpx.ConnectTimeout, including a server
-    that dropped the connection after reading the request; only the original cause tells them apart.
-    """
-    cause = exc if isinstance(exc, aiohttp.ClientError) else exc.__cause__
-    if isinstance(cause, aiohttp.ClientError):
-        return isinstance(cause, aiohttp.ClientConnectorError)
-    return isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout))
 
 
 def _soql_string(value: str) -> str:
@@ -126,9 +90,9 @@ def lookup_query(request: BookingRequest, since_ms: int) -> str | None:
     return f"SELECT Id FROM ServiceAppointment WHERE {' AND '.join(where)} ORDER BY CreatedDate ASC LIMIT 2"
 
 
-def _unhealthy(response: httpx.Response) -> bool:
+def _unhealthy(response: Answer) -> bool:
     """An answer that says Salesforce cannot serve: 5xx, 429, the spent allowance, refused credentials."""
-    status = response.status_code
+    status = response.status
     return status >= 500 or status in (401, 429) or (status == 403 and b"REQUEST_LIMIT_EXCEEDED" in response.content)
 
 
@@ -159,7 +123,7 @@ class SalesforceClient:
         conn: SalesforceConnection,
         tuning: SalesforceTuning,
         tokens: TokenProvider,
-        http: httpx.AsyncClient,
+        http: HttpClient,
         breaker: CircuitBreaker | None = None,
     ) -> None:
         self._tuning = tuning
@@ -188,17 +152,17 @@ class SalesforceClient:
             payload: Any = msgspec.json.decode(response.content)
         except msgspec.DecodeError:
             payload = None
-        if response.status_code == 200 and isinstance(payload, dict) and isinstance(payload.get("records"), list):
+        if response.status == 200 and isinstance(payload, dict) and isinstance(payload.get("records"), list):
             records = [r for r in payload["records"] if isinstance(r, dict) and isinstance(r.get("Id"), str)]
             record.matches = len(records)
             return records[0]["Id"] if records else None
         errs = _errors(payload)
         record.error_code = next((str(e.get("errorCode")) for e in errs if e.get("errorCode")), None)
         retry_after = self._tuning.unavailable_retry_after_seconds
-        if response.status_code in (401, 403, 429, 503):
-            raise Unavailable(f"Salesforce cannot be queried now ({record.error_code or response.status_code})",
+        if response.status in (401, 403, 429, 503):
+            raise Unavailable(f"Salesforce cannot be queried now ({record.error_code or response.status})",
                               retry_after=retry_after, details_code=record.error_code)
-        raise SalesforceFailed(f"the look-up query failed (HTTP {response.status_code})", details_code=record.error_code)
+        raise SalesforceFailed(f"the look-up query failed (HTTP {response.status})", details_code=record.error_code)
 
     async def check_auth(self) -> None:
         """Readiness: a token can be had (from the cache or freshly minted)."""
@@ -206,7 +170,7 @@ class SalesforceClient:
 
     async def _call(
         self, method: str, path: str, body: bytes, record: CallRecord, params: dict[str, str] | None = None
-    ) -> httpx.Response:
+    ) -> Answer:
         if self._breaker is not None:
             await self._breaker.before_call()  # open: refused at once, nothing sent
         started = time.perf_counter()
@@ -216,7 +180,7 @@ class SalesforceClient:
                 for attempt in (1, 2):
                     token = await self._tokens.token()
                     response = await self._send(method, token, path, body, record, params)
-                    if response.status_code == 401 and attempt == 1 and self._is_invalid_session(response):
+                    if response.status == 401 and attempt == 1 and self._is_invalid_session(response):
                         # one refresh (in flight once across workers), then one retry
                         record.retried_auth = True
                         await self._tokens.invalidate(token)
@@ -228,53 +192,48 @@ class SalesforceClient:
             if self._breaker is not None:
                 # Salesforce's health only: a refusal of the booking (a 4xx) is an answer, not a failure
                 await (self._breaker.record_success() if healthy else self._breaker.record_failure())
-        record.status = response.status_code
+        record.status = response.status
         self._read_limit(response)
         return response
 
     async def _send(
         self, method: str, token: Token, path: str, body: bytes, record: CallRecord, params: dict[str, str] | None
-    ) -> httpx.Response:
+    ) -> Answer:
         headers = {
             "Authorization": f"Bearer {token.access_token}",
             "Content-Type": "application/json",
             "Accept": "application/json",
         }
         try:
-            async with asyncio.timeout(self._tuning.timeout_seconds):
-                response = await self._http.request(
-                    method, token.instance_url + path, content=body or None, headers=headers, params=params
-                )
-                await response.aread()
-                return response
-        except (httpx.HTTPError, aiohttp.ClientError, TimeoutError) as exc:
-            # aiohttp.ClientError: the transport lets a malformed response through unmapped
-            if _never_sent(exc):
-                raise Unavailable(
-                    "Salesforce cannot be reached; nothing was sent",
-                    retry_after=self._tuning.unavailable_retry_after_seconds,
-                ) from None
+            return await self._http.request(method, token.instance_url + path, body=body or None, headers=headers,
+                                            params=params)
+        except NeverSent:
+            raise Unavailable(
+                "Salesforce cannot be reached; nothing was sent",
+                retry_after=self._tuning.unavailable_retry_after_seconds,
+            ) from None
+        except Lost as exc:
             record.in_doubt = True
-            record.error_code = "timeout" if isinstance(exc, (TimeoutError, httpx.TimeoutException)) else "connection-lost"
+            record.error_code = exc.kind
             raise SalesforceFailed(
                 "Salesforce's answer did not arrive; the booking may or may not have been stored"
             ) from None
 
     @staticmethod
-    def _is_invalid_session(response: httpx.Response) -> bool:
+    def _is_invalid_session(response: Answer) -> bool:
         try:
             errs = _errors(msgspec.json.decode(response.content))
         except msgspec.DecodeError:
             return True  # a 401 with no readable body is still an auth failure
         return not errs or any(str(e.get("errorCode", "")).upper() == "INVALID_SESSION_ID" for e in errs)
 
-    def _read_limit(self, response: httpx.Response) -> None:
+    def _read_limit(self, response: Answer) -> None:
         info = response.headers.get("sforce-limit-info")
         if info and (m := _LIMIT_INFO.search(info)):
             self.usage.used, self.usage.limit = int(m.group(1)), int(m.group(2))
 
-    def _read_booking(self, response: httpx.Response, request: BookingRequest, record: CallRecord) -> Booked:
-        status = response.status_code
+    def _read_booking(self, response: Answer, request: BookingRequest, record: CallRecord) -> Booked:
+        status = response.status
         try:
             payload: Any = msgspec.json.decode(response.content) if response.content else None
         except msgspec.DecodeError:
