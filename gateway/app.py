@@ -186,12 +186,13 @@ def create_app(
         probe_timeout_seconds=cfg.salesforce.timeout_seconds + cfg.salesforce.connect_timeout_seconds + 1,
     )
     client = SalesforceClient(settings.salesforce, cfg.salesforce, tokens, http, breaker)
+    data_sealer = sealer if sealer is not None else sealer_from_env()
     store = IdempotencyStore(
         redis_client, cfg.redis.key_prefix,
         lease_seconds=cfg.idempotency.lease_seconds, retention_hours=cfg.idempotency.retention_hours,
+        sealer=data_sealer,
     )
     queue_sources = [name for name, src in settings.sources.items() if src.delivery == "queue"]
-    data_sealer = sealer if sealer is not None else sealer_from_env()
     queue = BookingQueue(
         redis_client, cfg.redis.key_prefix, max_attempts=cfg.queue.max_attempts,
         backoff_base_seconds=cfg.queue.backoff_base_seconds, backoff_max_seconds=cfg.queue.backoff_max_seconds,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import zlib
 from dataclasses import dataclass
 from typing import Literal
 
@@ -21,6 +22,7 @@ import redis.asyncio as redis
 from redis.exceptions import RedisError
 
 from gateway.canonical import CanonicalBooking
+from gateway.sealing import SealError, Sealer
 
 # What a Redis call can raise when Redis or the link to it fails. redis-py lets some transport
 # errors through unwrapped (a write on a connection torn down under it raises AttributeError or
@@ -31,12 +33,13 @@ from gateway.errors import InvalidRequest, Unavailable
 # Record fields: fp (booking fingerprint), st (f leased, u in doubt, q queued, d done), tok and lease
 # (the holder's token and lease end), dbt ('1': an earlier attempt may have reached Salesforce), since
 # (first attempt, for the look-up), sent (when the last doubtful attempt ended), q ('1': the durable
-# queue owns delivery), code/body/loc (the final answer).
+# queue owns delivery), code and a (the final answer: its status, and its location and body packed,
+# see `_pack_answer`; records written before packing hold body and loc instead, and are still read).
 # ARGV: fp, token, lease ms, retention ms, mode ('e' the EHR's request, 'q' the queue worker), since.
 _CLAIM = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local r = redis.call('HMGET', KEYS[1], 'fp', 'st', 'lease', 'code', 'body', 'loc', 'dbt', 'since', 'sent', 'q')
+local r = redis.call('HMGET', KEYS[1], 'fp', 'st', 'lease', 'code', 'a', 'dbt', 'since', 'sent', 'q', 'body', 'loc')
 local lease = now + tonumber(ARGV[3])
 if not r[2] then
   if ARGV[5] == 'q' then
@@ -51,20 +54,20 @@ if not r[2] then
   return {'new', tostring(now)}
 end
 if r[1] ~= ARGV[1] then return {'mismatch'} end
-if r[2] == 'd' then return {'done', r[4], r[5], r[6]} end
-if ARGV[5] == 'e' and r[10] == '1' then return {'queued'} end
+if r[2] == 'd' then return {'done', r[4], r[5] or '', r[10] or '', r[11] or ''} end
+if ARGV[5] == 'e' and r[9] == '1' then return {'queued'} end
 if r[2] == 'f' and tonumber(r[3]) > now then return {'busy', tostring(tonumber(r[3]) - now)} end
-local doubt, sent = r[7] or '0', r[9] or '0'
+local doubt, sent = r[6] or '0', r[8] or '0'
 if r[2] == 'f' then doubt, sent = '1', r[3] end  -- the lapsed holder may have sent; its call ended by then
 redis.call('HSET', KEYS[1], 'st', 'f', 'tok', ARGV[2], 'lease', lease, 'dbt', doubt, 'sent', sent)
-return {'takeover', doubt, r[8] or tostring(now), sent, tostring(now)}
+return {'takeover', doubt, r[7] or tostring(now), sent, tostring(now)}
 """
 
 _COMPLETE = """
 if redis.call('HGET', KEYS[1], 'tok') ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], 'st', 'd', 'code', ARGV[2], 'body', ARGV[3], 'loc', ARGV[4])
+redis.call('HSET', KEYS[1], 'st', 'd', 'code', ARGV[2], 'a', ARGV[3])
 redis.call('HDEL', KEYS[1], 'lease', 'tok', 'dbt', 'since', 'sent', 'q')
-redis.call('PEXPIRE', KEYS[1], ARGV[5])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return 1
 """
 
@@ -105,6 +108,20 @@ if r[2] == '1' then
 end
 return redis.call('DEL', KEYS[1])
 """
+
+
+# The answers' common text, for deflate. Frozen: records written with it must stay readable, so a
+# new dictionary needs a new format byte, not an edit of this one.
+_ANSWER_DICT = (
+    b'{"resourceType":"OperationOutcome","issue":[{"severity":"error","code":"processing","details":'
+    b'{"text":"Salesforce refused the booking: ","coding":[{"system":"urn:ehr-gateway:salesforce:errorCode",'
+    b'"code":""}]},"expression":["Appointment."]}]}'
+    b'{"resourceType":"Appointment","id":"","status":"booked","identifier":[{"value":"","system":"urn:oid:"},'
+    b'{"value":"","system":"urn:ehr-gateway:salesforce:appointment"}],"start":"T:00:00.000Z","end":"T:00:00.000Z",'
+    b'"slot":[{"reference":"Slot/"}],"participant":[{"actor":{"reference":"Location/"}},'
+    b'{"actor":{"reference":"Practitioner/"}},{"actor":{"reference":"Patient/"}}]}\n/fhir//Appointment/'
+)
+_PACKED, _SEALED = b"\x01", b"\x02"  # format bytes: deflated; deflated then sealed
 
 
 def fingerprint(booking: CanonicalBooking) -> str:
@@ -151,8 +168,10 @@ class Claim:
 
 
 class IdempotencyStore:
-    def __init__(self, client: redis.Redis, prefix: str, *, lease_seconds: float, retention_hours: float) -> None:
+    def __init__(self, client: redis.Redis, prefix: str, *, lease_seconds: float, retention_hours: float,
+                 sealer: Sealer | None = None) -> None:
         self._redis = client
+        self._sealer = sealer
         self._prefix = prefix
         self._lease_ms = int(lease_seconds * 1000)
         self._retention_ms = int(retention_hours * 3600 * 1000)
@@ -161,6 +180,33 @@ class IdempotencyStore:
         self._park = client.register_script(_PARK)
         self._unqueue = client.register_script(_UNQUEUE)
         self._forget_refusal = client.register_script(_FORGET_REFUSAL)
+
+    def _pack_answer(self, key: str, location: str, body: bytes) -> bytes:
+        """The stored answer: location and body, deflated with a dictionary of the answers' common
+        text (a 500-byte Appointment becomes about 150 bytes, so a record stays well under 1 KiB), then
+        sealed under the data key when there is one: the body names the patient."""
+        deflate = zlib.compressobj(6, zdict=_ANSWER_DICT)
+        packed = deflate.compress(location.encode() + b"\n" + body) + deflate.flush()
+        if self._sealer is None:
+            return _PACKED + packed
+        return _SEALED + self._sealer.seal(packed, key.encode())
+
+    def _unpack_answer(self, key: str, blob: bytes) -> tuple[str, bytes]:
+        try:
+            if blob[:1] == _SEALED:
+                if self._sealer is None:
+                    raise SealError("no data key")
+                blob = self._sealer.open(blob[1:], key.encode())
+            elif blob[:1] == _PACKED:
+                blob = blob[1:]
+            else:
+                raise SealError("unknown answer format")
+            inflate = zlib.decompressobj(zdict=_ANSWER_DICT)
+            location, _, body = (inflate.decompress(blob) + inflate.flush()).partition(b"\n")
+        except (SealError, zlib.error):
+            raise Unavailable("the stored answer of this booking cannot be read (is the data key the one "
+                              "it was stored under?)", retry_after=60) from None
+        return location.decode(), body
 
     def record_key(self, source: str, material: str) -> str:
         # the key material may hold an EHR identifier: only its digest goes to Redis. The hash tag
@@ -179,7 +225,11 @@ class IdempotencyStore:
             raise Unavailable("the idempotency store (Redis) is unavailable; nothing was sent", retry_after=5) from None
         state = reply[0].decode()
         if state == "done":
-            return Claim("done", key, token, int(reply[1]), reply[2], reply[3].decode())
+            if reply[2]:
+                location, body = self._unpack_answer(key, reply[2])
+            else:  # a record written before answers were packed
+                location, body = reply[4].decode(), reply[3]
+            return Claim("done", key, token, int(reply[1]), body, location)
         if state == "busy":
             return Claim("busy", key, token, retry_after_ms=int(reply[1]))
         if state == "takeover":
@@ -193,7 +243,8 @@ class IdempotencyStore:
     async def complete(self, claim: Claim, status: int, body: bytes, location: str = "") -> bool:
         """Store the final answer; False when the lease was lost to another holder."""
         try:
-            return bool(await self._complete(keys=[claim.key], args=[claim.token, status, body, location, self._retention_ms]))
+            packed = self._pack_answer(claim.key, location, body)
+            return bool(await self._complete(keys=[claim.key], args=[claim.token, status, packed, self._retention_ms]))
         except REDIS_FAILURES:
             # Salesforce has answered but the record could not be finished: a retry finds the lease
             # lapsed, takes over as in doubt, and looks the booking up before any resend.

@@ -161,3 +161,46 @@ def test_key_material_prefers_header_then_identifiers_then_fingerprint():
     assert key_material(None, b, fp) == "i:s|1\ns|2"
     assert key_material(None, CanonicalBooking(), fp) == "f:" + fp
     assert fingerprint(b) == fp and fingerprint(CanonicalBooking(status="booked")) != fp
+
+
+async def test_a_real_answer_is_stored_packed_and_sealed_under_1_kib(client, prefix):
+    """The answer a Cerner booking gets, as the gateway stores it: deflated, then sealed (it names
+    the patient), bound to its record: under 1 KiB, unreadable in Redis, opened on replay."""
+    import os
+
+    from adapters import get_adapter
+    from gateway.fhir import booked_appointment
+    from gateway.sealing import Sealer
+    from tests.conftest import corpus
+
+    booking = get_adapter("cerner").parse(corpus("cerner-millennium-r4/r4_appointment_video_visit_entry.json"))
+    answer = booked_appointment(booking, "08p5g000000bcdEAAQ")
+    patient = next(p.reference.partition("/")[2] for p in booking.participants if p.kind == "Patient")
+    assert patient.encode() in answer and len(answer) > 400
+    sealed = IdempotencyStore(client, prefix, lease_seconds=5, retention_hours=1, sealer=Sealer([os.urandom(32)]))
+    key = sealed.record_key("cerner", "h:real")
+    claim = await sealed.claim(key, "fp")
+    assert await sealed.complete(claim, 201, answer, "/fhir/cerner/Appointment/08p5g000000bcdEAAQ")
+    raw = await client.hgetall(key)
+    assert patient.encode() not in b"".join(raw.values()) and b"Appointment" not in b"".join(raw.values())
+    assert await client.memory_usage(key) < 1024
+    replay = await sealed.claim(key, "fp")
+    assert (replay.state, replay.body, replay.location) == ("done", answer, "/fhir/cerner/Appointment/08p5g000000bcdEAAQ")
+    # the blob is bound to its record: moved to another key, it does not open
+    other = sealed.record_key("cerner", "h:moved")
+    await client.hset(other, mapping={**raw})
+    with pytest.raises(Unavailable, match="cannot be read"):
+        await sealed.claim(other, "fp")
+    # and without the data key it cannot be read either (a 503, never a wrong answer)
+    with pytest.raises(Unavailable):
+        await store(client, prefix).claim(key, "fp")
+    await client.delete(other)
+
+
+async def test_records_written_before_packing_are_still_answered(client, prefix):
+    s = store(client, prefix)
+    key = s.record_key("cerner", "h:old-format")
+    await client.hset(key, mapping={"fp": "fp", "st": "d", "code": "201", "body": b'{"id":"old"}', "loc": "/x"})
+    done = await s.claim(key, "fp")
+    assert (done.state, done.status, done.body, done.location) == ("done", 201, b'{"id":"old"}', "/x")
+    await client.delete(key)
