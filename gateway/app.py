@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import secrets
 import time
 from typing import Any
 
@@ -33,6 +32,7 @@ from gateway.errors import (
     UnsupportedMediaType,
 )
 from gateway.fhir import FHIR_JSON, error_body
+from gateway.ids import new_id
 from gateway.idempotency import REDIS_FAILURES, IdempotencyStore, parse_key_header
 from gateway.livemaps import LiveMaps
 from gateway.logs import log
@@ -222,7 +222,7 @@ def create_app(
 
     async def _handle(request: Request, source: str, dry_run: bool) -> Response[bytes]:
         started = time.perf_counter()
-        request_id = secrets.token_hex(8)
+        request_id = new_id()
         trace = Trace()
         status, body, key, error = 500, None, None, None
         try:
@@ -262,7 +262,7 @@ def create_app(
         if sealed is None or sealed.input is None:
             raise NotFound("this entry kept no input to replay")
         started = time.perf_counter()
-        request_id = secrets.token_hex(8)
+        request_id = new_id()
         trace = Trace()
         status, error = 500, None
         body = sealed.input.encode()

@@ -12,7 +12,6 @@ newer result. Times come from the Redis server's clock, so gateways on different
 from __future__ import annotations
 
 import hashlib
-import secrets
 import zlib
 from dataclasses import dataclass
 from typing import Literal
@@ -22,6 +21,7 @@ import redis.asyncio as redis
 from redis.exceptions import RedisError
 
 from gateway.canonical import CanonicalBooking
+from gateway.ids import new_id
 from gateway.sealing import SealError, Sealer
 
 # What a Redis call can raise when Redis or the link to it fails. redis-py lets some transport
@@ -217,7 +217,7 @@ class IdempotencyStore:
     async def claim(self, key: str, fp: str, *, by_queue: bool = False, since_ms: int = 0) -> Claim:
         """Claim-or-replay in one round trip. `by_queue`: the queue worker claims for delivery, so a
         queued record is taken rather than answered 202."""
-        token = secrets.token_hex(8)
+        token = new_id()
         args = [fp, token, self._lease_ms, self._retention_ms, "q" if by_queue else "e", since_ms]
         try:
             reply = await self._claim(keys=[key], args=args)

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import os
-import secrets
 import time
 
 from gateway.booking import Booker, Trace
 from gateway.idempotency import REDIS_FAILURES
+from gateway.ids import new_id
 from gateway.logs import log
 from gateway.queue import BookingQueue, Entry, consumer_name
 from gateway.requestlog import Entry as LogEntry
@@ -95,7 +95,7 @@ class QueueWorker:
             logged, status = "failed", 503
         issues = tuple(LoggedIssue(i.code, i.diagnostics, i.expression) for i in (trace.refusal.issues if trace.refusal else ()))
         self._request_log.record(LogEntry(
-            id=secrets.token_hex(8), time_ms=int(time.time() * 1000), source=entry.item.source, op="deliver",
+            id=new_id(), time_ms=int(time.time() * 1000), source=entry.item.source, op="deliver",
             outcome=logged, status=status, idempotency=trace.idempotency, sf_status=sf.status,
             sf_id=trace.salesforce_id, sf_error=sf.error_code, sf_ms=round(sf.latency_ms, 2) if sf.status else None,
             issues=issues,

@@ -33,7 +33,7 @@ def chromium() -> str:
     except ImportError:
         path = None
     if path is None:
-        why = ("needs Debian's Chromium (scripts/install-chromium, or apt-get install chromium) and the "
+        why = ("needs Debian's Chromium (scripts/install-debian chromium, or apt-get install chromium) and the "
                "playwright package (scripts/setup --dev)")
         if os.environ.get("CI"):
             pytest.fail(why)
