@@ -86,6 +86,7 @@ class View(_Shown, kw_only=True, omit_defaults=True):
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(Entry)
+_SLICE = 32  # entries per script call
 
 # One batch of entries in one script. KEYS: the `all` index (it routes the script; every other key
 # shares its hash tag). ARGV: base, age ms, max count, then 7 per entry: id, time ms, JSON, source,
@@ -178,18 +179,25 @@ class RequestLog:
             batch, self._pending = self._pending, []
             if not batch:
                 return
+            done = 0
             try:
-                args: list[Any] = [self._base, self._age_ms, self._max]
-                for e in batch:
-                    args += [e.id, e.time_ms, _encoder.encode(e), e.source, e.outcome, e.key_digest or "", e.sf_id or ""]
-                await self._append(keys=[self._key("all")], args=args)
-            except Exception as exc:  # Redis down: keep the batch for the next try, bounded
+                # in slices: one script call holds Redis (and its encoding holds this event loop) for
+                # every booking waiting behind it, so no call carries more than _SLICE entries
+                while done < len(batch):
+                    args: list[Any] = [self._base, self._age_ms, self._max]
+                    for e in batch[done:done + _SLICE]:
+                        args += [e.id, e.time_ms, _encoder.encode(e), e.source, e.outcome, e.key_digest or "",
+                                 e.sf_id or ""]
+                    await self._append(keys=[self._key("all")], args=args)
+                    done += _SLICE
+            except Exception as exc:  # Redis down: keep the rest for the next try, bounded
+                batch = batch[done:]
                 self._pending = (batch + self._pending)[-self._max :]
                 log.warning("request_log_flush_failed", error=type(exc).__name__, entries=len(batch))
             except BaseException:
-                # cancelled mid-write (shutdown): keep the batch for the final flush; writing an
+                # cancelled mid-write (shutdown): keep the rest for the final flush; writing an
                 # entry twice is harmless (same key, same index members)
-                self._pending = batch + self._pending
+                self._pending = batch[done:] + self._pending
                 raise
 
     async def run(self) -> None:
