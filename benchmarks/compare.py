@@ -1097,6 +1097,13 @@ def print_table(summary: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- main
 
 
+def _relative(path: str) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(ROOT))
+    except ValueError:
+        return path
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seconds", type=float, help="measured seconds per run (default 10; --quick 5)")
@@ -1142,7 +1149,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="ehrgw-compare-") as tmp_name:
         b = Bench(a, Path(tmp_name))
         b.results["loadavg_start"] = open("/proc/loadavg").read().split()[:3]
-        b.results["args"] = {k: v for k, v in vars(a).items()}
+        # the output folder relative to the project when it is inside it: results carry no machine's paths
+        b.results["args"] = {k: (_relative(v) if k == "out" else v) for k, v in vars(a).items()}
         try:
             b.setup()
             b.results["machine"] = machine(b)
