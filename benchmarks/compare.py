@@ -79,6 +79,8 @@ from typing import Any
 
 import redis
 
+from benchmarks.baselines.common import listening_socket
+
 ROOT = Path(__file__).resolve().parents[1]
 BODY_FILE = ROOT.parent / "shared" / "corpus" / "cerner-millennium-r4" / "r4_appointment_video_visit_entry.json"
 BIN = Path(sys.executable).with_name("ehr-gateway")
@@ -152,15 +154,6 @@ def rss_bytes(pids: list[int]) -> dict[int, int]:
         except OSError:
             pass
     return out
-
-
-def listen() -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(2048)
-    sock.set_inheritable(True)
-    return sock
 
 
 def free_port() -> int:
@@ -509,7 +502,7 @@ class Bench:
 
     def _start_standin(self) -> Proc:
         p = Proc("standin", [sys.executable, "-m", "benchmarks.standin", "--server", self.args.standin],
-                 dict(os.environ), self.tmp, sock=listen())
+                 dict(os.environ), self.tmp, sock=listening_socket())
         wait_until(p, lambda: ((s := http("GET", p.base + "/_standin/counters")[0]) == 200, s), "its counters")
         return p
 
@@ -538,7 +531,7 @@ class Bench:
         else:
             env.update(PEER_API_KEYS_SHA256=hashlib.sha256(API_KEY.encode()).hexdigest(),
                        PEER_KEY_PREFIX=f"{self.run_id}-peer", PEER_CODEMAPS=str(self.config / "codemaps"))
-            p = Proc(system, [sys.executable, "-m", f"benchmarks.baselines.{system}"], env, self.tmp, sock=listen())
+            p = Proc(system, [sys.executable, "-m", f"benchmarks.baselines.{system}"], env, self.tmp, sock=listening_socket())
         # ready when a booking goes through
         url = p.base + f"/fhir/{SOURCE}/Appointment"
 

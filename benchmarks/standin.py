@@ -39,6 +39,8 @@ import signal
 import socket
 import sys
 
+from benchmarks.baselines.common import listening_socket
+
 TOKEN = "00Dxx0000000001!AQ0AQBenchStandinAccessTokenForLoopbackOnly.FixedValue"
 BOOKED_ID = "08pxx0000000001AAA"
 LIMIT_INFO = "api-usage=25/5000000"
@@ -246,10 +248,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.fd is not None:
         sock = socket.socket(fileno=a.fd)
     else:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", a.port))
-        sock.listen(4096)
+        sock = listening_socket(a.port, backlog=4096)
         print(f"Salesforce stand-in ({a.server}) on http://127.0.0.1:{a.port}", flush=True)
     host, port = sock.getsockname()[:2]
     base_url = f"http://{host}:{port}"

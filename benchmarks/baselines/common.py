@@ -29,6 +29,16 @@ def env(name: str, default: str | None = None) -> str:
     return value
 
 
+def listening_socket(port: int = 0, backlog: int = 2048) -> socket.socket:
+    """Bound on 127.0.0.1 (port 0: any free port) and inheritable, so a child process can serve it."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    sock.listen(backlog)
+    sock.set_inheritable(True)
+    return sock
+
+
 def run(app: Any, description: str) -> None:
     """`--fd N` (an inherited listening socket, as compare.py starts it) or `--port P` on 127.0.0.1."""
     import uvicorn
@@ -38,11 +48,5 @@ def run(app: Any, description: str) -> None:
     where.add_argument("--fd", type=int)
     where.add_argument("--port", type=int, default=8001)
     a = p.parse_args()
-    if a.fd is not None:
-        sock = socket.socket(fileno=a.fd)
-    else:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", a.port))
-        sock.listen(2048)
+    sock = socket.socket(fileno=a.fd) if a.fd is not None else listening_socket(a.port)
     uvicorn.Server(uvicorn.Config(app, **UVICORN_OPTIONS)).run(sockets=[sock])
