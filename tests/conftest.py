@@ -28,6 +28,8 @@ from gateway.settings import SalesforceConnection, Settings, load_file_settings
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "config"
 CORPUS = ROOT.parent / "shared" / "corpus"
+# the corpus booking most tests send: Cerner's video visit
+VIDEO_VISIT = "cerner-millennium-r4/r4_appointment_video_visit_entry.json"
 
 # inbound keys used by the tests, one per configured source
 KEYS = {"cerner": "test-cerner-key", "epic": "test-epic-key", "fhir": "test-fhir-key"}

@@ -12,9 +12,8 @@ import pytest
 import redis.asyncio as aredis
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import ADMIN_KEY, CONFIG, KEYS, PHI_KEY, auth, corpus, make_settings, serve_gateway
+from tests.conftest import ADMIN_KEY, CONFIG, KEYS, PHI_KEY, VIDEO_VISIT, auth, corpus, make_settings, serve_gateway
 
-VIDEO_VISIT = "cerner-millennium-r4/r4_appointment_video_visit_entry.json"
 PATIENT = "12724066"
 # the Cerner map entry the Video Visit's serviceType needs
 SERVICE_TYPE_CODE = "2572307911"

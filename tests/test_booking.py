@@ -8,9 +8,8 @@ import msgspec
 import pytest
 
 from gateway.fhir import SALESFORCE_ERROR_SYSTEM, SALESFORCE_ID_SYSTEM
-from tests.conftest import auth, corpus
+from tests.conftest import VIDEO_VISIT, auth, corpus
 
-VIDEO_VISIT = "cerner-millennium-r4/r4_appointment_video_visit_entry.json"
 PATIENT_ID = "12724066"
 
 

@@ -14,10 +14,9 @@ import msgspec
 import pytest
 
 from gateway.app import create_app
-from tests.conftest import KEYS, corpus, make_settings, serve_gateway
+from tests.conftest import KEYS, VIDEO_VISIT, corpus, make_settings, serve_gateway
 from tests.test_smart import JWKS, assertion, get_token, with_smart
 
-VIDEO_VISIT = "cerner-millennium-r4/r4_appointment_video_visit_entry.json"
 # routes that answer without any credential (their answers hold no patient data and no secret)
 PUBLIC = {
     ("GET", "/health/live"), ("GET", "/health/ready"), ("GET", "/metrics"), ("GET", "/openapi.json"),

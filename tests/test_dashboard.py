@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ADMIN_KEY, CONFIG, PHI_KEY, auth, corpus, make_settings, serve_gateway
+from tests.conftest import ADMIN_KEY, CONFIG, PHI_KEY, VIDEO_VISIT, auth, corpus, make_settings, serve_gateway
 
-VIDEO_VISIT = "cerner-millennium-r4/r4_appointment_video_visit_entry.json"
 SERVICE_TYPE_CODE = "2572307911"  # the Video Visit's Millennium appointment type
 ISSUE_PATH = "Appointment.serviceType[0].coding[0]"
 PATIENT = "12724066"

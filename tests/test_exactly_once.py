@@ -18,9 +18,7 @@ from gateway.cli import main as cli
 from gateway.embedded_redis import EmbeddedRedis
 from gateway.idempotency import IdempotencyStore, fingerprint
 from gateway.queue import BookingQueue
-from tests.conftest import CLIENT_ID, CLIENT_SECRET, CONFIG, auth, corpus, make_settings, serve_gateway
-
-VIDEO_VISIT = "cerner-millennium-r4/r4_appointment_video_visit_entry.json"
+from tests.conftest import CLIENT_ID, CLIENT_SECRET, CONFIG, VIDEO_VISIT, auth, corpus, make_settings, serve_gateway
 
 
 def state(sandbox):

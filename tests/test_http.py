@@ -5,9 +5,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from tests.conftest import ADMIN_KEY, KEYS, auth, corpus
-
-VIDEO_VISIT = "cerner-millennium-r4/r4_appointment_video_visit_entry.json"
+from tests.conftest import ADMIN_KEY, KEYS, VIDEO_VISIT, auth, corpus
 
 
 def assert_outcome(r, status: int, code: str | None = None) -> dict:

@@ -16,10 +16,9 @@ from gateway.booking import Booker
 from gateway.codemaps import CodeMapError, load_source_maps
 from gateway.livemaps import LiveMaps
 from gateway.settings import load_file_settings
-from tests.conftest import CONFIG, corpus
+from tests.conftest import CONFIG, VIDEO_VISIT, corpus
 
 SOURCES = ["cerner", "epic", "fhir"]
-VIDEO_VISIT = "cerner-millennium-r4/r4_appointment_video_visit_entry.json"
 OLD_WORK_TYPE, NEW_WORK_TYPE = "08qxx0000000002AAA", "08qxx0000000009AAA"  # same length: same file size
 TICK = 0.05
 

@@ -7,9 +7,7 @@ import json
 import msgspec
 import pytest
 
-from tests.conftest import CLIENT_SECRET, KEYS, auth, corpus
-
-VIDEO_VISIT = "cerner-millennium-r4/r4_appointment_video_visit_entry.json"
+from tests.conftest import CLIENT_SECRET, KEYS, VIDEO_VISIT, auth, corpus
 
 
 async def test_summary_line_without_patient_data_or_secrets(gateway, sandbox, log_file):

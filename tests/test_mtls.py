@@ -14,9 +14,7 @@ import pytest
 
 from gateway.settings import ConfigError, TlsSettings, load_file_settings
 from tests.certs import CA
-from tests.conftest import ROOT, auth, corpus, make_settings, serve_gateway
-
-VIDEO_VISIT = "cerner-millennium-r4/r4_appointment_video_visit_entry.json"
+from tests.conftest import ROOT, VIDEO_VISIT, auth, corpus, make_settings, serve_gateway
 
 
 @pytest.fixture(scope="module")

@@ -43,9 +43,8 @@ from gateway.openapi import OPENAPI_PATH, build_openapi
 from gateway.sandbox import SandboxConfig, create_sandbox_app
 from gateway.server import ThreadedServer, gateway_server_options
 from gateway.settings import Settings
-from tests.conftest import ADMIN_KEY, CLIENT_ID, CLIENT_SECRET, KEYS, PHI_KEY, corpus, make_settings
+from tests.conftest import ADMIN_KEY, CLIENT_ID, CLIENT_SECRET, KEYS, PHI_KEY, VIDEO_VISIT, corpus, make_settings
 
-VIDEO_VISIT = "cerner-millennium-r4/r4_appointment_video_visit_entry.json"
 EXAMPLES = 12  # per operation, on top of schemathesis' explicit and coverage cases
 BOOKS = msgspec.json.decode(corpus(VIDEO_VISIT))  # books through the shipped maps and the sandbox
 BOOKS_AS_PARAMETERS = {"resourceType": "Parameters", "parameter": [{"name": "appt-resource", "resource": BOOKS}]}

@@ -11,9 +11,7 @@ import redis.asyncio as aredis
 from gateway.salesforce.auth import TokenProvider
 from gateway.salesforce._http import HttpClient
 from gateway.settings import SalesforceConnection, SalesforceTuning
-from tests.conftest import CLIENT_ID, CLIENT_SECRET, auth, corpus
-
-VIDEO_VISIT = "cerner-millennium-r4/r4_appointment_video_visit_entry.json"
+from tests.conftest import CLIENT_ID, CLIENT_SECRET, VIDEO_VISIT, auth, corpus
 
 
 def state(sandbox):

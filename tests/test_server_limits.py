@@ -6,15 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import time
 from pathlib import Path
 
 import pytest
 
 from gateway.settings import LimitSettings
-from tests.conftest import auth, corpus, make_settings, serve_gateway
+from tests.conftest import CONFIG, VIDEO_VISIT, auth, corpus, make_settings, serve_gateway
 
-VIDEO_VISIT = "cerner-millennium-r4/r4_appointment_video_visit_entry.json"
 LIMITS = LimitSettings(header_timeout_seconds=0.6, body_timeout_seconds=0.6, max_header_bytes=4096,
                        keep_alive_seconds=5)
 
@@ -145,9 +145,7 @@ def test_limits_are_validated_at_start(tmp_path: Path):
     from gateway.settings import ConfigError, load_file_settings
 
     config = tmp_path / "config"
-    import shutil
-
-    shutil.copytree(Path(__file__).resolve().parents[1] / "config", config)
+    shutil.copytree(CONFIG, config)
     toml = config / "gateway.toml"
     toml.write_text(toml.read_text().replace("[limits]\n", "[limits]\nheader_timeout_seconds = 0\n"))
     with pytest.raises(ConfigError, match=r"\$\.limits: sizes, times and max_connections must be positive"):

@@ -15,9 +15,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from gateway.sandbox import SandboxConfig, create_sandbox_app
 from gateway.server import ThreadedServer
-from tests.conftest import KEYS, corpus, make_settings, serve_gateway
+from tests.conftest import KEYS, VIDEO_VISIT, corpus, make_settings, serve_gateway
 
-VIDEO_VISIT = "cerner-millennium-r4/r4_appointment_video_visit_entry.json"
 RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 EC_KEY = ec.generate_private_key(ec.SECP384R1())
 OTHER_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
