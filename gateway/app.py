@@ -41,6 +41,7 @@ from gateway.metrics import Metrics
 from gateway.mtls import ClientCertificates
 from gateway.openapi import OPENAPI_PATH, openapi_json
 from gateway.queue import BookingQueue
+from gateway.redis_mux import MultiplexedRedis
 from gateway.ratelimit import RateLimiter
 from gateway.requestlog import KEEP_INPUT, Entry, LoggedIssue, RequestLog, Sealed
 from gateway.requestlog import key_digest as log_key_digest
@@ -173,6 +174,9 @@ def create_app(
     per_worker = max(1, cfg.salesforce.max_concurrent_calls // max(1, workers))
     cfg = msgspec.structs.replace(cfg, salesforce=msgspec.structs.replace(cfg.salesforce, max_concurrent_calls=per_worker))
     redis_client = connect_redis(settings.redis_url, cluster=cfg.redis.cluster)
+    # the booking's two scripts share one pipelined connection (gateway/redis_mux.py); a Cluster
+    # spreads records over its shards, so there redis-py's cluster client runs them
+    scripts = redis_client if cfg.redis.cluster else MultiplexedRedis(settings.redis_url, timeout=2, connect_timeout=2)
     http = HttpClient(cfg.salesforce)
     tokens = TokenProvider(
         settings.salesforce, http, redis_client, cfg.redis.key_prefix,
@@ -189,7 +193,7 @@ def create_app(
     client = SalesforceClient(settings.salesforce, cfg.salesforce, tokens, http, breaker)
     data_sealer = sealer if sealer is not None else sealer_from_env()
     store = IdempotencyStore(
-        redis_client, cfg.redis.key_prefix,
+        scripts, cfg.redis.key_prefix,
         lease_seconds=cfg.idempotency.lease_seconds, retention_hours=cfg.idempotency.retention_hours,
         sealer=data_sealer,
     )
@@ -208,7 +212,7 @@ def create_app(
     reqlog = RequestLog(
         redis_client, cfg.redis.key_prefix, sealer=data_sealer,
         max_entries=cfg.request_log.max_entries, retention_hours=cfg.request_log.retention_hours,
-        flush_seconds=cfg.request_log.flush_seconds,
+        flush_seconds=cfg.request_log.flush_seconds, scripts=scripts,
     )
     worker = QueueWorker(booker, queue, queue_sources, cfg.queue, reclaim_idle_seconds=cfg.idempotency.lease_seconds,
                          request_log=reqlog)
@@ -431,6 +435,8 @@ def create_app(
         await http.aclose()
         await jwks_http.aclose()
         await redis_client.aclose()
+        if scripts is not redis_client:
+            await scripts.aclose()
 
     app = Litestar(
         route_handlers=[book, book_operation, translate, live, ready, metrics_page, token, openapi, admin],

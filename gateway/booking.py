@@ -140,7 +140,7 @@ class Booker:
             claim = await self._store.claim(key, fp)
         trace.idempotency = claim.state
         if claim.state == "done":
-            return _replayed(claim)
+            return _replayed(claim, prepared.booking, source_name)
         if claim.state == "queued":
             return _accepted()
         if claim.state == "busy":
@@ -252,10 +252,9 @@ class Booker:
         assert self._store is not None
         trace.adopted = adopted
         trace.salesforce_id = salesforce_id
-        location = f"/fhir/{job.source}/Appointment/{salesforce_id}"
         answer = Answer(201, booked_appointment(job.booking, salesforce_id),
-                        {"Content-Type": FHIR_JSON, "Location": location})
-        await self._store.complete(job.claim, 201, answer.body, location)
+                        {"Content-Type": FHIR_JSON, "Location": _location(job.source, salesforce_id)})
+        await self._store.complete_booked(job.claim, salesforce_id)
         return answer
 
     async def _park(self, job: _Job, trace: Trace, *, in_doubt: bool) -> None:
@@ -303,11 +302,18 @@ class _Job:
         self.in_doubt = False  # this or an earlier attempt may have reached Salesforce
 
 
-def _replayed(claim: Claim) -> Answer:
+def _location(source: str, salesforce_id: str) -> str:
+    return f"/fhir/{source}/Appointment/{salesforce_id}"
+
+
+def _replayed(claim: Claim, booking: CanonicalBooking, source: str) -> Answer:
     headers = {"Content-Type": FHIR_JSON, "Idempotent-Replayed": "true"}
-    if claim.location:
-        headers["Location"] = claim.location
-    return Answer(claim.status, claim.body, headers)
+    body, location = claim.body, claim.location
+    if claim.salesforce_id:  # the same fingerprint, so the same booking: the same body as the first answer
+        body, location = booked_appointment(booking, claim.salesforce_id), _location(source, claim.salesforce_id)
+    if location:
+        headers["Location"] = location
+    return Answer(claim.status, body, headers)
 
 
 _ACCEPTED = operation_outcome([Issue(

@@ -22,6 +22,7 @@ from redis.exceptions import RedisError
 
 from gateway.canonical import CanonicalBooking
 from gateway.ids import new_id
+from gateway.redis_mux import MultiplexedRedis
 from gateway.sealing import SealError, Sealer
 
 # What a Redis call can raise when Redis or the link to it fails. redis-py lets some transport
@@ -33,8 +34,10 @@ from gateway.errors import InvalidRequest, Unavailable
 # Record fields: fp (booking fingerprint), st (f leased, u in doubt, q queued, d done), tok and lease
 # (the holder's token and lease end), dbt ('1': an earlier attempt may have reached Salesforce), since
 # (first attempt, for the look-up), sent (when the last doubtful attempt ended), q ('1': the durable
-# queue owns delivery), code and a (the final answer: its status, and its location and body packed,
-# see `_pack_answer`; records written before packing hold body and loc instead, and are still read).
+# queue owns delivery), code and a (the final answer: its status, and `a`: for a booking, only
+# Salesforce's id, since the same fingerprint means the same booking and so the same 201 body, rebuilt
+# on replay; for a refusal, its location and body packed, see `_pack_answer`). Records written before
+# either hold body and loc instead, and are still read.
 # ARGV: fp, token, lease ms, retention ms, mode ('e' the EHR's request, 'q' the queue worker), since.
 _CLAIM = """
 local t = redis.call('TIME')
@@ -121,7 +124,8 @@ _ANSWER_DICT = (
     b'"slot":[{"reference":"Slot/"}],"participant":[{"actor":{"reference":"Location/"}},'
     b'{"actor":{"reference":"Practitioner/"}},{"actor":{"reference":"Patient/"}}]}\n/fhir//Appointment/'
 )
-_PACKED, _SEALED = b"\x01", b"\x02"  # format bytes: deflated; deflated then sealed
+# format bytes of `a`: deflated; deflated then sealed; a booking's Salesforce id
+_PACKED, _SEALED, _BOOKED = b"\x01", b"\x02", b"\x03"
 
 
 def fingerprint(booking: CanonicalBooking) -> str:
@@ -165,12 +169,13 @@ class Claim:
     since_ms: int = 0  # Redis time of the first attempt
     sent_ms: int = 0  # Redis time the last doubtful attempt ended
     now_ms: int = 0  # Redis time of this claim
+    salesforce_id: str = ""  # done, booked: the answer is rebuilt from the booking and this id
 
 
 class IdempotencyStore:
-    def __init__(self, client: redis.Redis, prefix: str, *, lease_seconds: float, retention_hours: float,
-                 sealer: Sealer | None = None) -> None:
-        self._redis = client
+    def __init__(self, client: redis.Redis | MultiplexedRedis, prefix: str, *, lease_seconds: float,
+                 retention_hours: float, sealer: Sealer | None = None) -> None:
+        """`client` runs the scripts: redis-py's (any kind, Cluster too) or the pipelined link."""
         self._sealer = sealer
         self._prefix = prefix
         self._lease_ms = int(lease_seconds * 1000)
@@ -225,6 +230,8 @@ class IdempotencyStore:
             raise Unavailable("the idempotency store (Redis) is unavailable; nothing was sent", retry_after=5) from None
         state = reply[0].decode()
         if state == "done":
+            if reply[2][:1] == _BOOKED:
+                return Claim("done", key, token, int(reply[1]), salesforce_id=reply[2][1:].decode())
             if reply[2]:
                 location, body = self._unpack_answer(key, reply[2])
             else:  # a record written before answers were packed
@@ -248,6 +255,15 @@ class IdempotencyStore:
         except REDIS_FAILURES:
             # Salesforce has answered but the record could not be finished: a retry finds the lease
             # lapsed, takes over as in doubt, and looks the booking up before any resend.
+            raise Unavailable("the booking was sent but its answer could not be stored; retry later", retry_after=5) from None
+
+    async def complete_booked(self, claim: Claim, salesforce_id: str) -> bool:
+        """Store a booking's 201: Salesforce's id is all a replay needs (see the record fields above).
+        Nothing of the patient's is kept, so there is nothing to seal, and the record stays small."""
+        try:
+            return bool(await self._complete(keys=[claim.key], args=[claim.token, 201, _BOOKED + salesforce_id.encode(),
+                                                                    self._retention_ms]))
+        except REDIS_FAILURES:
             raise Unavailable("the booking was sent but its answer could not be stored; retry later", retry_after=5) from None
 
     async def park(self, claim: Claim, *, in_doubt: bool = False, queued: bool = False) -> None:

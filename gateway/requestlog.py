@@ -20,6 +20,7 @@ import msgspec
 import redis.asyncio as redis
 
 from gateway.logs import log
+from gateway.redis_mux import MultiplexedRedis
 from gateway.sealing import SealError, Sealer
 
 # booked; replayed (an earlier answer again); queued (202); refused (by Salesforce); unmapped (a 422
@@ -138,7 +139,9 @@ def key_digest(source: str, material: str) -> str:
 
 class RequestLog:
     def __init__(self, client: redis.Redis, prefix: str, *, sealer: Sealer | None, max_entries: int = 100_000,
-                 retention_hours: float = 168.0, flush_seconds: float = 0.2) -> None:
+                 retention_hours: float = 168.0, flush_seconds: float = 0.2,
+                 scripts: redis.Redis | MultiplexedRedis | None = None) -> None:
+        """`scripts`: what runs the batch writes, when not `client` (the gateway's pipelined link)."""
         self._redis = client
         self._base = f"{prefix}:log:{{{prefix}:log}}"
         self._sealer = sealer
@@ -146,7 +149,7 @@ class RequestLog:
         self._age_ms = int(retention_hours * 3600 * 1000)
         self._flush_seconds = flush_seconds
         self._pending: list[Entry] = []
-        self._append = client.register_script(_APPEND)
+        self._append = (scripts or client).register_script(_APPEND)
         self._link = client.register_script(_LINK)
         self._lock = asyncio.Lock()
 
