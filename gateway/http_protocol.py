@@ -12,7 +12,9 @@ This subclass adds, per connection:
 - a head size cap (`max_header_bytes`), answered 431;
 - FHIR OperationOutcomes instead of plain text for all of these, and for unparsable requests;
 - the ASGI TLS extension (`scope["extensions"]["tls"]`): the client certificate a TLS connection
-  presented, which uvicorn does not pass on, so a source can require mutual TLS.
+  presented, which uvicorn does not pass on, so a source can require mutual TLS;
+- one write per answer: uvicorn writes the status line and headers, then the body, as two writes
+  (two system calls, two TCP segments); here what one turn of the event loop writes goes out together.
 
 Use `gateway_protocol(limits)` as uvicorn's `http=` option; it is a picklable partial, so it reaches
 every worker process.
@@ -64,6 +66,7 @@ class GatewayProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self._coalescing = _Coalescing(transport, self.loop)
         tls = _tls_extension(transport.get_extra_info("ssl_object"))
         if tls is not None:
             self.app = _with_tls(self.app, tls)
@@ -93,6 +96,8 @@ class GatewayProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._disarm()
         super().on_headers_complete()
+        if self.cycle is not None:  # the answer's writes (its head, then its body) go out as one
+            self.cycle.transport = self._coalescing  # type: ignore[assignment]
         if self._expects_body():
             self._arm(self._body_timeout, "the request body did not arrive in time")
 
@@ -148,6 +153,39 @@ class GatewayProtocol(HttpToolsProtocol):
         head.append(b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body))
         self.transport.write(b"".join(head) + body)
         self.transport.close()
+
+
+class _Coalescing:
+    """A connection's transport as an answer sees it: writes made in one turn of the event loop are
+    joined and written at the end of that turn (or before a close), in order."""
+
+    __slots__ = ("_transport", "_loop", "_pending")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport, self._loop = transport, loop
+        self._pending: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        if not self._pending:
+            self._loop.call_soon(self._flush)
+        self._pending.append(data)
+
+    def _flush(self) -> None:
+        if self._pending:
+            data = b"".join(self._pending)
+            self._pending.clear()
+            if not self._transport.is_closing():
+                self._transport.write(data)
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def __getattr__(self, name: str) -> Any:  # anything else uvicorn asks of its transport
+        return getattr(self._transport, name)
 
 
 def _tls_extension(ssl_object: ssl.SSLObject | None) -> dict[str, Any] | None:

@@ -183,6 +183,7 @@ class Metrics:
         self._codemap_current: dict[str, str] = {}
         # children by clamped labels: skips prometheus_client's per-call label validation
         self._request_children: dict[tuple[str, str, str, str], tuple[Any, Any]] = {}
+        self._children: dict[tuple[str, ...], Any] = {}  # the same, for the other per-request metrics
 
     def request(self, source: str, op: str, outcome: str, status: int, seconds: float) -> None:
         key = (self._source(source), _word(op, OPS), _word(outcome, OUTCOMES), _status(status))
@@ -196,14 +197,21 @@ class Metrics:
 
     def salesforce_call(self, operation: str, seconds: float, error_code: str | None) -> None:
         operation = _word(operation, SALESFORCE_OPERATIONS)
-        self._sf_seconds.labels(operation).observe(seconds)
+        child = self._children.get(("sf", operation))
+        if child is None:
+            child = self._children[("sf", operation)] = self._sf_seconds.labels(operation)
+        child.observe(seconds)
         if error_code is not None:
             # the client's own words ("timeout", "connection-lost") become TIMEOUT, CONNECTION_LOST
             code = error_code.upper().replace("-", "_") if isinstance(error_code, str) else ""
             self._sf_errors.labels(operation, self._error_code(code)).inc()
 
     def idempotency(self, source: str, result: str) -> None:
-        self._idempotency.labels(self._source(source), _word(result, IDEMPOTENCY_RESULTS)).inc()
+        key = ("idem", self._source(source), _word(result, IDEMPOTENCY_RESULTS))
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self._idempotency.labels(key[1], key[2])
+        child.inc()
 
     def token_refresh(self) -> None:
         self._token_refreshes.inc()

@@ -65,6 +65,7 @@ class _Link(asyncio.Protocol):
         self._reader = hiredis.Reader()
         self._waiting: deque[tuple[asyncio.Future[Any], float]] = deque()
         self._out: list[bytes] = []
+        self._written = 0  # waiting calls whose commands are on the wire: only they can be answered
         self._transport: asyncio.Transport | None = None
         self._watchdog: asyncio.TimerHandle | None = None
         self.closed = False
@@ -78,9 +79,10 @@ class _Link(asyncio.Protocol):
         self._reader.feed(data)
         waiting = self._waiting
         while (reply := self._reader.gets()) is not False:
-            if not waiting:  # a reply nobody asked for: the stream is out of step
+            if not self._written:  # a reply to no command sent: the stream is out of step
                 self._fail(ConnectionError("Redis sent a reply nobody asked for"))
                 return
+            self._written -= 1
             future, _ = waiting.popleft()
             if future.done():  # its caller gave up (cancelled); the reply still had to be taken
                 continue
@@ -110,6 +112,7 @@ class _Link(asyncio.Protocol):
     def _flush(self) -> None:
         if self._out and not self.closed and self._transport is not None:
             self._transport.write(b"".join(self._out))
+            self._written = len(self._waiting)  # every waiting call's command has now been sent
         self._out.clear()
 
     def _check(self) -> None:

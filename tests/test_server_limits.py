@@ -150,3 +150,43 @@ def test_limits_are_validated_at_start(tmp_path: Path):
     toml.write_text(toml.read_text().replace("[limits]\n", "[limits]\nheader_timeout_seconds = 0\n"))
     with pytest.raises(ConfigError, match=r"\$\.limits: sizes, times and max_connections must be positive"):
         load_file_settings(config)
+
+
+
+class _Recording:
+    """What the coalescer writes to: the calls it makes, in order (a transport's write side)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, bytes]] = []
+        self.closing = False
+
+    def write(self, data: bytes) -> None:
+        self.calls.append(("write", data))
+
+    def close(self) -> None:
+        self.calls.append(("close", b""))
+        self.closing = True
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+
+async def test_an_answer_leaves_in_one_write():
+    """uvicorn writes an answer's head and body separately (two system calls, two TCP segments);
+    the gateway's protocol gives it a transport that joins one loop turn's writes, in order, and
+    writes what is pending before a close."""
+    from gateway.http_protocol import _Coalescing
+
+    inner = _Recording()
+    out = _Coalescing(inner, asyncio.get_running_loop())  # type: ignore[arg-type]
+    out.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n")
+    out.write(b"ok")
+    assert inner.calls == []  # nothing until the loop turns
+    await asyncio.sleep(0)
+    assert inner.calls == [("write", b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")]
+    out.write(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+    out.close()  # a closing answer is written first, not lost
+    assert inner.calls[1:] == [("write", b"HTTP/1.1 400 Bad Request\r\n\r\n"), ("close", b"")]
+    out.write(b"late")
+    await asyncio.sleep(0)
+    assert inner.calls[-1] == ("close", b"")  # nothing is written to a closed connection

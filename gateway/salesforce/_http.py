@@ -158,16 +158,17 @@ class _Pool:
 
     async def take(self, loop: asyncio.AbstractEventLoop, deadline: float) -> _Connection:
         """A live connection, reused or new, by `deadline`; NeverSent otherwise."""
-        now = loop.time()
-        while self.idle:
-            conn = self.idle.pop()
-            if conn.closed or conn.transport is None or conn.transport.is_closing():
-                continue
-            if now - conn.idle_since > _IDLE_SECONDS:
-                conn.abort()
-                continue
-            return conn
-        if self.open >= self.limit:
+        while True:
+            now = loop.time()
+            while self.idle:
+                conn = self.idle.pop()
+                if now - conn.idle_since > _IDLE_SECONDS:
+                    conn.abort()
+                elif _alive(conn):
+                    return conn
+            if self.open < self.limit:
+                self.open += 1  # this caller's slot, until its connection is gone
+                break
             waiter: asyncio.Future[_Connection | None] = loop.create_future()
             self.waiters.append(waiter)
             timer = loop.call_at(deadline, _expire, waiter, NeverSent("no connection to Salesforce came free in time"))
@@ -180,10 +181,11 @@ class _Pool:
                 raise
             finally:
                 timer.cancel()
-            if handed is not None:
+            if handed is None:
+                break  # a slot, handed over: connect in it
+            if _alive(handed):
                 return handed
-            # None: a slot came free, connect in it
-        self.open += 1
+            # closed between being given back and being taken: its slot went on when it closed; again
         try:
             _, conn = await asyncio.wait_for(
                 loop.create_connection(lambda: _Connection(self), self.host, self.port, ssl=self.tls,
@@ -224,16 +226,21 @@ class _Pool:
         self._slot_free()
 
     def _slot_free(self) -> None:
-        self.open -= 1
+        """A slot came free: handed to the first caller waiting (it connects in it), else counted free."""
         while self.waiters:
             waiter = self.waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)
                 return
+        self.open -= 1
 
     def close(self) -> None:
         for conn in list(self.idle):
             conn.abort()
+
+
+def _alive(conn: _Connection) -> bool:
+    return not conn.closed and conn.transport is not None and not conn.transport.is_closing()
 
 
 @lru_cache(maxsize=64)
