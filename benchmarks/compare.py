@@ -28,8 +28,9 @@ What it does, in order:
 4. Gateway details, each on a fresh gateway:
    (i) Redis round trips per new booking and per replay. The gateway's Redis traffic goes through
        a counting TCP relay (a round trip = the client speaking again after Redis answered; a
-       pipeline or a Lua script is one), while exactly N bookings are sent, then N replays of one
-       key. INFO commandstats deltas over the same windows are printed per command. They count
+       pipeline or a Lua script is one), while exactly N bookings are sent one at a time (under load
+       one round trip carries several bookings' commands, which would hide each one's), then N
+       replays of one key. INFO commandstats deltas over the same windows are printed per command. They count
        the commands run inside Lua scripts too, so they show what Redis executes, not round trips.
    (ii) MEMORY USAGE of the idempotency records it wrote (`<prefix>:idem:*`).
    (iii) Gateway-added p99 at half its peak rate: wrk paced with a Lua `delay()` to about half the
@@ -665,7 +666,9 @@ class Bench:
             def window(keys: list[str]) -> dict[str, Any]:
                 cs0, t0, b0 = self._commandstats(), relay.turns, self.standin_counters()["book"]
                 w0 = time.monotonic()
-                statuses = asyncio.run(self._post_many(url, keys))
+                # one at a time: each booking's own round trips are counted (under load the pipelined
+                # link carries several bookings' commands in one round trip, which would hide them)
+                statuses = asyncio.run(self._post_many(url, keys, concurrency=1))
                 time.sleep(0.6)  # the request log's batch (flush_seconds 0.2) lands in the window
                 wall = time.monotonic() - w0
                 cs1, t1, b1 = self._commandstats(), relay.turns, self.standin_counters()["book"]

@@ -93,7 +93,11 @@ _FHIR_KIND = {"Facility": "Location"}  # Salesforce's Facility/ is FHIR's Locati
 
 def booked_appointment(booking: CanonicalBooking, salesforce_id: str) -> bytes:
     """The 201 body: the Salesforce id as `id`, the EHR's identifiers kept, and Salesforce's id as an
-    identifier too, so the EHR can store it against its own."""
+    identifier too, so the EHR can store it against its own.
+
+    A replay rebuilds this body from the booking and the stored id (idempotency record format
+    `\x03`), and the contract wants it byte for byte: a change to what this writes must get a new
+    format byte there, with this version kept for the records stored under `\x03`."""
     identifiers = [_Identifier(value=i.value, system=i.system) for i in booking.identifiers]
     identifiers.append(_Identifier(value=salesforce_id, system=SALESFORCE_ID_SYSTEM))
     participants = []

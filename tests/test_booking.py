@@ -58,6 +58,32 @@ async def test_retry_is_replayed_byte_for_byte(gateway, sandbox):
     assert len(state(sandbox).appointments()) == 1
 
 
+async def test_a_retry_written_differently_gets_the_first_answer_byte_for_byte(gateway, sandbox, redis_url, prefix):
+    """A booked record keeps only Salesforce's id; the replay's body is rebuilt from the retry's own
+    booking, which has the same fingerprint, so the same canonical form: the bytes cannot drift even
+    when the EHR re-serialises its JSON (other key order, other spacing)."""
+    import json
+
+    import redis.asyncio as aredis
+
+    headers = auth(**{"Idempotency-Key": "respelt-1"})
+    first = await gateway.post("/fhir/cerner/Appointment", content=corpus(VIDEO_VISIT), headers=headers)
+    respelt = json.dumps(dict(reversed(list(json.loads(corpus(VIDEO_VISIT)).items()))), indent=3).encode()
+    again = await gateway.post("/fhir/cerner/Appointment", content=respelt, headers=headers)
+    assert first.status_code == again.status_code == 201 and again.headers["idempotent-replayed"] == "true"
+    assert again.content == first.content and again.headers["location"] == first.headers["location"]
+    client = aredis.Redis.from_url(redis_url)
+    try:
+        keys = [k async for k in client.scan_iter(match=f"{prefix}:idem:*", count=1000)]
+        records = [await client.hgetall(k) for k in keys]
+        mine = [r for r in records if r.get(b"a") == b"\x03" + first.json()["id"].encode()]
+        assert len(mine) == 1  # the record holds Salesforce's id, and nothing of the patient's
+        assert PATIENT_ID.encode() not in b"".join(mine[0].values())
+    finally:
+        await client.aclose()
+    assert len(state(sandbox).appointments()) == 1
+
+
 async def test_without_a_key_the_same_booking_is_recognised(gateway, sandbox):
     first = await gateway.post("/fhir/cerner/Appointment", content=corpus(VIDEO_VISIT), headers=auth())
     again = await gateway.post("/fhir/cerner/Appointment", content=corpus(VIDEO_VISIT), headers=auth())

@@ -35,6 +35,23 @@ async def test_claim_complete_replay(client, prefix):
     assert await client.memory_usage(key) < 1024
 
 
+async def test_a_booking_is_stored_as_salesforce_id_alone(client, prefix):
+    """A booked record keeps Salesforce's id and no body: small, nothing of the patient's to seal;
+    its holder's token still guards the write."""
+    s = store(client, prefix)
+    key = s.record_key("cerner", "h:booked")
+    first = await s.claim(key, "fp1")
+    import dataclasses
+
+    assert not await s.complete_booked(dataclasses.replace(first, token="not-the-holder"), "08pWRONG")
+    assert await s.complete_booked(first, "08p5g000000bcdEAAQ")
+    done = await s.claim(key, "fp1")
+    assert (done.state, done.status, done.salesforce_id, done.body, done.location) == ("done", 201, "08p5g000000bcdEAAQ", b"", "")
+    assert (await client.hgetall(key))[b"a"] == b"\x03" + b"08p5g000000bcdEAAQ"
+    assert await client.memory_usage(key) < 256
+    assert (await s.claim(key, "fp2")).state == "mismatch"  # the fingerprint still guards the key
+
+
 async def test_expired_lease_is_taken_over_and_old_holder_cannot_write(client, prefix):
     s = store(client, prefix, lease=0.2)
     key = s.record_key("cerner", "h:slow")
