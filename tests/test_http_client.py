@@ -421,3 +421,33 @@ async def test_https_that_cannot_be_verified_is_never_sent(pki, case):
             await client.request("POST", f"{url}/secure", body=b"{}")
         assert time.monotonic() - started < 1.0
         assert fake.requests == []
+
+
+async def test_bytes_between_calls_end_the_connection():
+    """An answer nobody asked for (a second answer to one request) puts the connection out of step:
+    it is dropped, and the next call goes out on a fresh one and gets its own answer."""
+    async def twice(conn: int, request: Request, writer: asyncio.StreamWriter) -> None:
+        writer.write(answer(request.target.encode()))
+        if request.target == "/first":
+            await asyncio.sleep(0.02)
+            writer.write(answer(b"stray"))
+
+    async with http_server(twice) as (fake, url), http_client() as client:
+        assert (await client.request("GET", f"{url}/first")).content == b"/first"
+        await asyncio.sleep(0.1)  # the stray answer arrives while the connection is idle
+        assert (await client.request("GET", f"{url}/second")).content == b"/second"
+        assert fake.connections == 2
+
+
+async def test_a_call_under_way_when_the_client_closes_leaves_no_connection_open():
+    async def slow(conn: int, request: Request, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(0.1)
+        writer.write(answer(b"late"))
+
+    async with http_server(slow) as (fake, url):
+        client = HttpClient(SalesforceTuning())
+        call = asyncio.create_task(client.request("GET", f"{url}/x"))
+        await until(lambda: len(fake.requests) == 1)
+        await client.aclose()
+        assert (await call).content == b"late"  # the call under way still gets its answer...
+        await until(lambda: fake.open == 0)  # ...and its connection is closed, not left idle

@@ -82,6 +82,9 @@ class _Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        if self.waiter is None:  # bytes nobody asked for (between calls): the connection is out of step
+            self.abort()
+            return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -154,6 +157,7 @@ class _Pool:
         self.host, self.port, self.tls, self.limit = host, port, tls, limit
         self.idle: list[_Connection] = []
         self.open = 0
+        self.closed = False
         self.waiters: deque[asyncio.Future[_Connection | None]] = deque()
 
     async def take(self, loop: asyncio.AbstractEventLoop, deadline: float) -> _Connection:
@@ -209,6 +213,9 @@ class _Pool:
     def give_back(self, conn: _Connection, now: float) -> None:
         if conn.closed:
             return
+        if self.closed:  # the client was closed while this call was under way
+            conn.abort()
+            return
         while self.waiters:
             waiter = self.waiters.popleft()
             if not waiter.done():
@@ -235,6 +242,7 @@ class _Pool:
         self.open -= 1
 
     def close(self) -> None:
+        self.closed = True
         for conn in list(self.idle):
             conn.abort()
 
