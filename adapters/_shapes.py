@@ -82,6 +82,7 @@ class Body(msgspec.Struct, **_OPTS):
     start: str | None = None
     end: str | None = None
     comment: str | None = None
+    cancelationReason: CodeableConcept | None = None  # FHIR spells it with one "l"
     slot: Items[Reference] | None = None
     participant: Items[Participant] | None = None
     # Parameters

@@ -370,6 +370,7 @@ class R4Adapter:
             slots=slots,
             comment=comment,
             comment_path=comment_path,
+            cancel_reason=_concept(a.cancelationReason, f"{p}.cancelationReason") if a.cancelationReason else None,
         )
 
     @staticmethod

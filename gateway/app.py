@@ -6,18 +6,19 @@ import asyncio
 import gc
 import hashlib
 import os
+import re
 import time
 from typing import Any
 
 import httpx
 import msgspec
 import redis.asyncio as redis
-from litestar import Litestar, Request, Response, get, post
+from litestar import Litestar, Request, Response, get, post, put
 from litestar.exceptions import HTTPException, InternalServerException
 from litestar.params import FromPath
 
 from gateway.admin import AdminAuth, AdminDeps, Audit, admin_router
-from gateway.booking import Answer, Booker, Trace
+from gateway.booking import Answer, Booker, Target, Trace
 from gateway.breaker import CircuitBreaker
 from gateway.errors import (
     Forbidden,
@@ -35,6 +36,7 @@ from gateway.errors import (
 from gateway.fhir import FHIR_JSON, error_body
 from gateway.ids import new_id
 from gateway.idempotency import REDIS_FAILURES, IdempotencyStore, parse_key_header
+from gateway.links import Links
 from gateway.livemaps import LiveMaps
 from gateway.logs import log
 from gateway.metrics import Metrics
@@ -130,9 +132,29 @@ def _unexpected(request: Request, exc: Exception) -> Response[bytes]:
     return _error_response(GatewayError("internal error"))
 
 
+_SALESFORCE_ID = re.compile(r"[A-Za-z0-9]{15}(?:[A-Za-z0-9]{3})?")
+
+
+def _target(request: Request, appointment_id: str | None) -> Target:
+    """What a PUT names: the Salesforce id in the path, or `?identifier=system|value` (FHIR's
+    conditional update, with a token: `value` alone means no system)."""
+    if appointment_id is not None:
+        if not _SALESFORCE_ID.fullmatch(appointment_id):
+            raise NotFound("no appointment has that id (the id is the Salesforce id the gateway answered with)")
+        return Target(salesforce_id=appointment_id)
+    values = request.query_params.getall("identifier", [])
+    if len(values) != 1 or not values[0].strip("|"):
+        raise InvalidRequest("a conditional update names the appointment by one identifier: ?identifier=system|value",
+                             expression=("identifier",))
+    system, bar, value = values[0].rpartition("|")
+    return Target(system=system or None, value=value) if bar else Target(value=values[0])
+
+
 def _outcome(status: int, trace: Trace, error: GatewayError | None) -> str:
     if status in (200, 201):
-        return "replayed" if trace.idempotency == "done" else "booked"
+        if trace.idempotency == "done":
+            return "replayed"
+        return trace.changed or "booked"
     if status == 202:
         return "queued"
     if trace.refusal is not None or isinstance(error, SalesforceRefused) or (status == 422 and trace.idempotency == "done"):
@@ -202,10 +224,11 @@ def create_app(
         redis_client, cfg.redis.key_prefix, max_attempts=cfg.queue.max_attempts,
         backoff_base_seconds=cfg.queue.backoff_base_seconds, backoff_max_seconds=cfg.queue.backoff_max_seconds,
     )
+    links = Links(redis_client, cfg.redis.key_prefix, retention_days=cfg.idempotency.link_retention_days)
     booker = Booker(
         settings.sources, maps, store, client, queue if queue_sources else None,
         in_flight_retry_after=cfg.idempotency.in_flight_retry_after_seconds,
-        in_doubt_settle_seconds=cfg.idempotency.in_doubt_settle_seconds, sealer=data_sealer,
+        in_doubt_settle_seconds=cfg.idempotency.in_doubt_settle_seconds, sealer=data_sealer, links=links,
     )
     # an entry whose consumer went quiet for a whole lease is taken over by another worker
     background: list[asyncio.Task[None]] = []
@@ -225,7 +248,8 @@ def create_app(
     certificates = ClientCertificates(settings.sources)
     pid = os.getpid()
 
-    async def _handle(request: Request, source: str, dry_run: bool) -> Response[bytes]:
+    async def _handle(request: Request, source: str, dry_run: bool, change: str | None = None) -> Response[bytes]:
+        """`change`: a PUT (`change` is its path id, or "" for a conditional update by identifier)."""
         started = time.perf_counter()
         request_id = new_id()
         trace = Trace()
@@ -246,7 +270,10 @@ def create_app(
                 return Response(_json.encode(prepared.mapped.request), status_code=200,
                                 headers={"Content-Type": "application/json", "X-Request-ID": request_id})
             key = parse_key_header(request.headers.get("idempotency-key"))
-            answer = await booker.book(source, body, key, trace)
+            if change is not None:
+                answer = await booker.change(source, body, _target(request, change or None), key, trace)
+            else:
+                answer = await booker.book(source, body, key, trace)
             status = answer.status
             return _respond(answer, request_id)
         except GatewayError as exc:
@@ -258,7 +285,8 @@ def create_app(
             response.headers["X-Request-ID"] = request_id
             return response
         finally:
-            _summarise(request_id, source, "translate" if dry_run else "book", status, trace, started, error,
+            _summarise(request_id, source, "translate" if dry_run else "change" if change is not None else "book",
+                       status, trace, started, error,
                        body if status != 401 and status != 403 else None, request.headers.get("content-type"), key)
 
     async def replay(entry: Entry) -> Entry:
@@ -317,7 +345,8 @@ def create_app(
             replay_of=replay_of,
         )
         if op != "translate" and source in settings.sources:
-            keep = outcome in KEEP_INPUT and body is not None and reqlog.keeps_inputs
+            # a failed change keeps no input: the replay path books, and the EHR resends its PUT
+            keep = outcome in KEEP_INPUT and body is not None and reqlog.keeps_inputs and op != "change"
             sealed = Sealed(patient=trace.patient, input=body.decode("utf-8", "replace") if keep and body else None,
                             media_type=media_type, idempotency_key=key)
             entry = msgspec.structs.replace(entry, has_input=keep, sealed=reqlog.seal(request_id, sealed))
@@ -331,6 +360,14 @@ def create_app(
     @post("/fhir/{source:str}/Appointment/$book", status_code=201)
     async def book_operation(request: Request, source: FromPath[str]) -> Response[bytes]:
         return await _handle(request, source, dry_run=False)
+
+    @put("/fhir/{source:str}/Appointment/{appointment_id:str}", status_code=200)
+    async def change_by_id(request: Request, source: FromPath[str], appointment_id: FromPath[str]) -> Response[bytes]:
+        return await _handle(request, source, dry_run=False, change=appointment_id)
+
+    @put("/fhir/{source:str}/Appointment", status_code=200)
+    async def change_by_identifier(request: Request, source: FromPath[str]) -> Response[bytes]:
+        return await _handle(request, source, dry_run=False, change="")
 
     @post("/fhir/{source:str}/Appointment/$translate", status_code=200)
     async def translate(request: Request, source: FromPath[str]) -> Response[bytes]:
@@ -439,7 +476,7 @@ def create_app(
             await scripts.aclose()
 
     app = Litestar(
-        route_handlers=[book, book_operation, translate, live, ready, metrics_page, token, openapi, admin],
+        route_handlers=[book, book_operation, change_by_id, change_by_identifier, translate, live, ready, metrics_page, token, openapi, admin],
         exception_handlers={HTTPException: _litestar_error, Exception: _unexpected},
         on_startup=[_start],
         on_shutdown=[_close],

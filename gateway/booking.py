@@ -32,7 +32,8 @@ from gateway.errors import (
 )
 from gateway.fhir import FHIR_JSON, booked_appointment, error_body, operation_outcome
 from gateway.idempotency import REDIS_FAILURES, Claim, IdempotencyStore, fingerprint, key_material
-from gateway.mapping import Mapped, map_booking
+from gateway.links import BOOKED, CANCELLED, Links
+from gateway.mapping import Mapped, cancellation_reason, map_booking
 from gateway.queue import BookingQueue, QueuedBooking
 from gateway.rules import check
 from gateway.salesforce.client import CallRecord, SalesforceClient
@@ -73,6 +74,16 @@ class Trace:
     key_material: str | None = None  # what the idempotency record is keyed on (may hold identifiers)
     salesforce_id: str | None = None
     refusal: SalesforceRefused | None = None  # Salesforce refused: answered (422), not raised
+    changed: str | None = None  # a PUT that reached Salesforce: "rescheduled" or "cancelled"
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """What a PUT changes: the Salesforce id, or the EHR's identifier to find it by."""
+
+    salesforce_id: str | None = None
+    system: str | None = None
+    value: str | None = None
 
 
 class Booker:
@@ -87,8 +98,10 @@ class Booker:
         in_flight_retry_after: int = 2,
         in_doubt_settle_seconds: float = 60.0,
         sealer: Sealer | None = None,
+        links: Links | None = None,
     ) -> None:
         self._sources = sources
+        self._links = links
         self._maps = maps
         self._adapters = {name: get_adapter(s.adapter) for name, s in sources.items() if s.adapter != "hl7v2"}
         self._store = store
@@ -109,13 +122,17 @@ class Booker:
             raise NotFound("no source of that name is configured", expression=("source",))
         return found
 
-    def prepare(self, source_name: str, body: bytes, trace: Trace | None = None) -> Prepared:
-        """Parse, map and check; raises with every problem found, changes nothing anywhere."""
-        source = self.source(source_name)
+    def _parse(self, source_name: str, body: bytes) -> CanonicalBooking:
+        self.source(source_name)
         adapter = self._adapters.get(source_name)
         if adapter is None:
             raise NotFound("this source takes HL7 v2 over MLLP, not FHIR over HTTP")
-        booking = adapter.parse(body)
+        return adapter.parse(body)
+
+    def prepare(self, source_name: str, body: bytes, trace: Trace | None = None) -> Prepared:
+        """Parse, map and check; raises with every problem found, changes nothing anywhere."""
+        source = self.source(source_name)
+        booking = self._parse(source_name, body)
         mapped = map_booking(booking, source, self._maps.get(source_name, EMPTY))
         if trace is not None:  # for the request log, refused or not
             trace.maps_version, trace.maps_used = mapped.maps_version, mapped.used
@@ -162,6 +179,106 @@ class Booker:
             if not held:
                 raise
             return await self._enqueue(job, fp, failure, trace)
+
+    async def change(self, source_name: str, body: bytes, target: Target, key_header: str | None,
+                     trace: Trace) -> Answer:
+        """A PUT of a booked appointment: `status: cancelled` cancels it (Salesforce's PATCH), a booked
+        one with other times, slot or participants reschedules it (Salesforce's PUT). Exactly once per
+        idempotency key like a booking; both Salesforce calls are idempotent, so a lost answer is simply
+        sent again on the retry. A cancelled appointment stays cancelled (Cerner's fixed paths, and
+        FHIR's): changing it is 422."""
+        assert self._store is not None and self._client is not None and self._links is not None
+        source = self.source(source_name)
+        booking = self._parse(source_name, body)
+        maps = self._maps.get(source_name, EMPTY)
+        trace.patient = next((p.reference for p in booking.participants if p.kind == "Patient"), None)
+        status = (booking.status or "").lower()
+        status_path = (f"{booking.resource_path}.status",)
+        mapped = map_booking(booking, source, maps)
+        reason = None
+        if status == CANCELLED:
+            # a cancellation needs only the appointment and its reason: the rest is not re-checked
+            reason, issues, used = cancellation_reason(booking, maps)
+            trace.maps_version, trace.maps_used = maps.version, used
+            if issues:
+                raise Unprocessable(issues=list(issues))
+        elif status in (BOOKED, "pending", "proposed"):
+            trace.maps_version, trace.maps_used = mapped.maps_version, mapped.used
+            problems = list(mapped.issues) + check(booking, mapped.request)
+            if any(i.severity in ("error", "fatal") for i in problems):
+                raise Unprocessable(issues=sorted(problems, key=lambda i: i.severity != "error"))
+        else:
+            raise Unprocessable(issues=[Issue(
+                code="not-supported", expression=status_path,
+                diagnostics=f"an appointment {status or 'without a status'} cannot be sent: Salesforce takes "
+                            "reschedules (status booked) and cancellations (status cancelled)",
+            )])
+        salesforce_id = target.salesforce_id or await self._find(source_name, target, mapped.request, trace)
+        fp = fingerprint(booking)
+        material = f"u:{salesforce_id}:" + (f"h:{key_header}" if key_header is not None else fp)
+        trace.key_material = material
+        claim = await self._store.claim(self._store.record_key(source_name, material), fp)
+        trace.idempotency = claim.state
+        if claim.state == "done":
+            return _replayed(claim, booking, source_name)
+        if claim.state == "busy":
+            raise InFlight("a change with this idempotency key is still being processed",
+                           retry_after=max(1, min(self._in_flight_retry_after, claim.retry_after_ms // 1000 + 1)))
+        if claim.state == "mismatch":
+            raise IdempotencyKeyReused("this idempotency key was used before with a different change",
+                                       expression=("Idempotency-Key",))
+        try:
+            try:
+                current = await self._links.status(source_name, salesforce_id)
+            except REDIS_FAILURES:
+                raise Unavailable("the appointment's record (Redis) is unavailable; nothing was sent", retry_after=5) from None
+            if current == CANCELLED:
+                raise Unprocessable(issues=[Issue(
+                    code="business-rule", expression=status_path,
+                    diagnostics="this appointment is cancelled; a cancelled appointment cannot be changed (book a new one)",
+                )])
+            if status == CANCELLED:
+                await self._client.cancel(salesforce_id, reason, booking.comment, mapped.request, trace.salesforce)
+            else:
+                await self._client.update(salesforce_id, mapped.request, trace.salesforce)
+        except SalesforceRefused as refused:
+            if trace.salesforce.status == 404:  # Salesforce has no appointment with that id
+                await self._store.park(claim)
+                raise NotFound("Salesforce has no appointment with that id") from None
+            trace.refusal = refused
+            answer = Answer(refused.status, error_body(refused), {"Content-Type": FHIR_JSON})
+            await self._store.complete(claim, answer.status, answer.body)
+            return answer
+        except GatewayError:
+            await self._store.park(claim)  # the calls are idempotent: the retry may simply send again
+            raise
+        new_status = CANCELLED if status == CANCELLED else BOOKED
+        trace.salesforce_id, trace.changed = salesforce_id, ("cancelled" if new_status == CANCELLED else "rescheduled")
+        location = _location(source_name, salesforce_id)
+        answer = Answer(200, booked_appointment(booking, salesforce_id, status=new_status),
+                        {"Content-Type": FHIR_JSON, "Location": location})
+        await self._store.complete(claim, 200, answer.body, location)
+        try:
+            await self._links.write(self._links.writes(source_name, salesforce_id, new_status, booking.identifiers))
+        except REDIS_FAILURES:
+            pass  # Salesforce has the change; without the status here, Salesforce itself judges the next one
+        return answer
+
+    async def _find(self, source_name: str, target: Target, request: BookingRequest, trace: Trace) -> str:
+        """The Salesforce id of the appointment the EHR's identifier names: its link, else a look-up of
+        the ServiceAppointment by the appointment's own fields (found when its times did not change)."""
+        assert self._links is not None and self._client is not None and target.value is not None
+        try:
+            found = await self._links.resolve(source_name, target.system, target.value)
+        except REDIS_FAILURES:
+            raise Unavailable("the appointment's record (Redis) is unavailable; nothing was sent", retry_after=5) from None
+        if found is None:
+            found = await self._client.find_booking(request, 0, trace.lookup)
+            trace.looked_up = "found" if found else "absent"
+        if found is None:
+            raise NotFound("no appointment with that identifier was booked through this gateway",
+                           expression=("identifier",))
+        return found
 
     async def deliver_queued(self, item: QueuedBooking, trace: Trace) -> str:
         """The queue worker's attempt at one entry: 'done' (booked, adopted, refused or already
@@ -254,7 +371,16 @@ class Booker:
         trace.salesforce_id = salesforce_id
         answer = Answer(201, booked_appointment(job.booking, salesforce_id),
                         {"Content-Type": FHIR_JSON, "Location": _location(job.source, salesforce_id)})
-        await self._store.complete_booked(job.claim, salesforce_id)
+        links = self._links.writes(job.source, salesforce_id, BOOKED, job.booking.identifiers) if self._links else []
+        if self._store.writes_links:  # in the answer's own script: no extra round trip
+            await self._store.complete_booked(job.claim, salesforce_id, links, self._links.ttl_ms if self._links else 0)
+        else:
+            await self._store.complete_booked(job.claim, salesforce_id)
+            if self._links is not None:
+                try:
+                    await self._links.write(links)
+                except REDIS_FAILURES:
+                    pass  # booked and answered; a later change finds it by a look-up instead
         return answer
 
     async def _park(self, job: _Job, trace: Trace, *, in_doubt: bool) -> None:

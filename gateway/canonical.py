@@ -72,3 +72,4 @@ class CanonicalBooking(msgspec.Struct, frozen=True, omit_defaults=True):
     comment: str | None = None
     comment_path: str | None = None
     time_zone: str | None = None
+    cancel_reason: Concept | None = None  # Appointment.cancelationReason, for a cancellation

@@ -24,9 +24,10 @@ CATEGORIES = (
     "specialties",
     "workTypeId",
     "channelId",
+    "cancellationReason",
 )
 # One value per booking: a code that maps to two of them is ambiguous.
-SCALAR_CATEGORIES = frozenset({"workTypeId", "channelId"})
+SCALAR_CATEGORIES = frozenset({"workTypeId", "channelId", "cancellationReason"})
 NO_MAPPING = frozenset({"unmatched", "disjoint"})
 EQUIVALENCES = frozenset(
     {"relatedto", "equivalent", "equal", "wider", "subsumes", "narrower", "specializes", "inexact"}

@@ -91,7 +91,7 @@ class _Appointment(msgspec.Struct, omit_defaults=True, tag_field="resourceType",
 _FHIR_KIND = {"Facility": "Location"}  # Salesforce's Facility/ is FHIR's Location/
 
 
-def booked_appointment(booking: CanonicalBooking, salesforce_id: str) -> bytes:
+def booked_appointment(booking: CanonicalBooking, salesforce_id: str, *, status: str = "booked") -> bytes:
     """The 201 body: the Salesforce id as `id`, the EHR's identifiers kept, and Salesforce's id as an
     identifier too, so the EHR can store it against its own.
 
@@ -107,7 +107,7 @@ def booked_appointment(booking: CanonicalBooking, salesforce_id: str) -> bytes:
     return _encoder.encode(
         _Appointment(
             id=salesforce_id,
-            status="booked",
+            status=status,
             identifier=identifiers,
             start=booking.start.text if booking.start else None,
             end=booking.end.text if booking.end else None,

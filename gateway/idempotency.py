@@ -66,11 +66,14 @@ redis.call('HSET', KEYS[1], 'st', 'f', 'tok', ARGV[2], 'lease', lease, 'dbt', do
 return {'takeover', doubt, r[7] or tostring(now), sent, tostring(now)}
 """
 
+# KEYS[2..] with ARGV[6..]: the appointment's links (gateway/links.py), written with the answer, for
+# ARGV[5] ms; only on a single Redis, where one script may touch any key.
 _COMPLETE = """
 if redis.call('HGET', KEYS[1], 'tok') ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'st', 'd', 'code', ARGV[2], 'a', ARGV[3])
 redis.call('HDEL', KEYS[1], 'lease', 'tok', 'dbt', 'since', 'sent', 'q')
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
+for i = 2, #KEYS do redis.call('SET', KEYS[i], ARGV[4 + i], 'PX', ARGV[5]) end
 return 1
 """
 
@@ -176,6 +179,8 @@ class IdempotencyStore:
     def __init__(self, client: redis.Redis | MultiplexedRedis, prefix: str, *, lease_seconds: float,
                  retention_hours: float, sealer: Sealer | None = None) -> None:
         """`client` runs the scripts: redis-py's (any kind, Cluster too) or the pipelined link."""
+        # a single Redis: other keys (the appointment's links) can be written in the answer's script
+        self.writes_links = isinstance(client, MultiplexedRedis)
         self._sealer = sealer
         self._prefix = prefix
         self._lease_ms = int(lease_seconds * 1000)
@@ -257,12 +262,17 @@ class IdempotencyStore:
             # lapsed, takes over as in doubt, and looks the booking up before any resend.
             raise Unavailable("the booking was sent but its answer could not be stored; retry later", retry_after=5) from None
 
-    async def complete_booked(self, claim: Claim, salesforce_id: str) -> bool:
+    async def complete_booked(self, claim: Claim, salesforce_id: str, links: list[tuple[str, str]] | None = None,
+                              links_ttl_ms: int = 0) -> bool:
         """Store a booking's 201: Salesforce's id is all a replay needs (see the record fields above).
-        Nothing of the patient's is kept, so there is nothing to seal, and the record stays small."""
+        Nothing of the patient's is kept, so there is nothing to seal, and the record stays small.
+        `links` (only when `writes_links`) are written in the same script."""
+        links = links or []
         try:
-            return bool(await self._complete(keys=[claim.key], args=[claim.token, 201, _BOOKED + salesforce_id.encode(),
-                                                                    self._retention_ms]))
+            return bool(await self._complete(
+                keys=[claim.key, *(k for k, _ in links)],
+                args=[claim.token, 201, _BOOKED + salesforce_id.encode(), self._retention_ms, links_ttl_ms,
+                      *(v for _, v in links)]))
         except REDIS_FAILURES:
             raise Unavailable("the booking was sent but its answer could not be stored; retry later", retry_after=5) from None
 

@@ -104,6 +104,22 @@ def _scalar(
     return (next(iter(values)) if values else None), resolved
 
 
+def cancellation_reason(booking: CanonicalBooking, maps: SourceMaps) -> tuple[str | None, tuple[Issue, ...], tuple[str, ...]]:
+    """Salesforce's cancellationReason for a cancelled Appointment: its `cancelationReason` mapped
+    through the group whose target is `…:cancellationReason`, else the reason's own words (its text,
+    else a coding's display or code). The issues are what the mapping refused (a code of a mapped
+    system with no entry), as for every other category."""
+    concept = booking.cancel_reason
+    if concept is None:
+        return None, (), ()
+    issues: list[Issue] = []
+    used: list[str] = []
+    code, _ = _scalar(maps, "cancellationReason", [concept], issues, used)
+    if code is None and not issues:
+        code = concept.text or next((c.display or c.code for c in concept.codings if c.display or c.code), None)
+    return code, tuple(issues), tuple(used)
+
+
 def _sf_participants(participants: Iterable[Participant]) -> tuple[SfParticipant, ...]:
     return tuple(SfParticipant(reference=r) for r in dict.fromkeys(p.reference for p in participants))
 

@@ -385,6 +385,31 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
                         "retry of a finished booking gets the first attempt's status and body, byte for byte, "
                         "with `Idempotent-Replayed: true`." + mtls_note)
 
+    change_responses: dict[str, Any] = {
+        "200": {"description": "rescheduled or cancelled (or a retry of a finished change: the first answer again)",
+                "headers": replayed_headers,
+                "content": {FHIR_JSON: {"schema": _ref("BookedAppointment")}}},
+        **_fhir_errors(body=True),
+        "409": _outcome("a change with this idempotency key is still being processed", retry_after=True,
+                        request_id=True),
+        "502": _outcome("Salesforce failed (a 5xx, or an answer that cannot be read), or the answer was lost; "
+                        "the change may be sent again", retry_after=True, request_id=True),
+        "503": _outcome("Redis or Salesforce unavailable, Salesforce's request limit reached, or the circuit "
+                        "breaker open", retry_after=True, request_id=True),
+    }
+    change_responses = dict(sorted(change_responses.items()))
+    change_description = ("`status: cancelled` cancels the appointment in Salesforce (its `cancelationReason` "
+                          "mapped through the `…:cancellationReason` code-map group, else its text); a booked "
+                          "Appointment with other times, slot or participants reschedules it. Exactly once per "
+                          "idempotency key; a cancelled appointment cannot be changed (422); an unknown one is "
+                          "404." + mtls_note)
+    appointment_id = {"name": "appointment_id", "in": "path", "required": True,
+                      "description": "the Salesforce id the gateway answered the booking with",
+                      "schema": {"type": "string"}}
+    identifier_param = {"name": "identifier", "in": "query", "required": True,
+                        "description": "the EHR's identifier of the appointment, as a FHIR token: system|value",
+                        "schema": {"type": "string"}}
+
     translate_responses = {
         "200": _json_answer("the Salesforce request the booking would become; nothing is sent or stored",
                             _ref("BookingRequest"), X_Request_ID=_REQUEST_ID),
@@ -396,6 +421,17 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
         "/fhir/{source}/Appointment": {"post": _operation(
             "Book a FHIR Appointment", "FHIR", book_responses, operation_id="bookAppointment",
             description=book_description, parameters=[fhir_source, idempotency_key],
+            requestBody=fhir_body(_ref("Booking")), security=fhir_security,
+        ), "put": _operation(
+            "Reschedule or cancel the appointment an EHR identifier names (conditional update)", "FHIR",
+            change_responses, operation_id="changeAppointmentByIdentifier", description=change_description,
+            parameters=[fhir_source, identifier_param, idempotency_key],
+            requestBody=fhir_body(_ref("Booking")), security=fhir_security,
+        )},
+        "/fhir/{source}/Appointment/{appointment_id}": {"put": _operation(
+            "Reschedule or cancel a booked appointment", "FHIR", change_responses,
+            operation_id="changeAppointment", description=change_description,
+            parameters=[fhir_source, appointment_id, idempotency_key],
             requestBody=fhir_body(_ref("Booking")), security=fhir_security,
         )},
         "/fhir/{source}/Appointment/$book": {"post": _operation(

@@ -66,6 +66,9 @@ class IdempotencySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=Tru
     # after an attempt whose answer was lost, how long Salesforce may still be storing it: a booking
     # not found by the look-up is sent again only after this
     in_doubt_settle_seconds: float = 60.0
+    # how long the link from an EHR's identifiers to the Salesforce appointment is kept (for
+    # reschedules and cancellations): longer than bookings are made ahead
+    link_retention_days: float = 400.0
 
 
 class QueueSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -228,6 +231,8 @@ def load_file_settings(config_dir: Path) -> FileSettings:
         problems.append("$.idempotency.lease_seconds: must exceed salesforce.timeout_seconds")
     if idem.retention_hours <= 0:
         problems.append("$.idempotency.retention_hours: must be positive")
+    if idem.link_retention_days <= 0:
+        problems.append("$.idempotency.link_retention_days: must be positive")
     if idem.in_doubt_settle_seconds < 0:
         problems.append("$.idempotency.in_doubt_settle_seconds: must not be negative")
     q = settings.queue

@@ -24,7 +24,7 @@ PUBLIC = {
     ("GET", "/admin"), ("GET", "/admin/static/{name:str}"),  # the dashboard's files; its data needs a key
     ("POST", "/admin/api/session"),  # the key is in the body: tried below
 }
-FILL = {"source": "epic", "entry_id": "0-0", "action": "replay", "name": "app.js"}
+FILL = {"source": "epic", "entry_id": "0-0", "action": "replay", "name": "app.js", "appointment_id": "08pxx0000000001AAA"}
 
 
 def routes(app) -> list[tuple[str, str]]:

@@ -216,7 +216,7 @@ def test_added_and_deleted_files_count(config, live, events):
 
     (folder / "service-categories.json").unlink()
     assert live.check_now() == {"cerner": True}
-    assert live.files("cerner") == ["appointment-types.json", "v2-0276.json"]
+    assert live.files("cerner") == ["appointment-types.json", "cancellation-reasons.json", "v2-0276.json"]
     assert live.get("cerner").group("serviceCategories", "http://snomed.info/sct") is None
     assert [e[:2] for e in events] == [("cerner", True)] * 3
 

@@ -1,6 +1,6 @@
 """The Salesforce appointment-management client.
 
-HTTP goes through `_http` (aiohttp; see there for why). Answers are read leniently, because Salesforce's own samples disagree: an object or a one-element
+HTTP goes through `_http` (the gateway's own HTTP/1.1 client; see there for why). Answers are read leniently, because Salesforce's own samples disagree: an object or a one-element
 array, `error` or `errorMessages`, status in any case, 200 or 201; `isSuccess: false` is a refusal.
 """
 
@@ -19,7 +19,7 @@ from gateway.breaker import CircuitBreaker
 from gateway.errors import SalesforceFailed, SalesforceRefused, Unavailable
 from gateway.salesforce._http import Answer, HttpClient, Lost, NeverSent
 from gateway.salesforce.auth import Token, TokenProvider
-from gateway.salesforce.wire import BookingRequest
+from gateway.salesforce.wire import BookingRequest, CancelRequest
 from gateway.settings import SalesforceConnection, SalesforceTuning
 
 _LIMIT_INFO = re.compile(r"api-usage=(\d+)/(\d+)")
@@ -139,6 +139,21 @@ class SalesforceClient:
         body = _encoder.encode(request)
         response = await self._call("POST", f"{self._base}/appointment", body, record)
         return self._read_booking(response, request, record)
+
+    async def update(self, appointment_id: str, request: BookingRequest, record: CallRecord) -> Booked:
+        """Reschedule (Update): PUT of the booking's fields plus `id`. Idempotent: the same body
+        sent twice leaves the same appointment."""
+        request = msgspec.structs.replace(request, id=appointment_id)
+        response = await self._call("PUT", f"{self._base}/appointment/{appointment_id}", _encoder.encode(request), record)
+        return self._read_booking(response, request, record)
+
+    async def cancel(self, appointment_id: str, reason: str | None, comment: str | None, scrub: BookingRequest,
+                     record: CallRecord) -> Booked:
+        """Cancel: PATCH with status Cancelled. Idempotent too. `scrub`: the request whose patient
+        data is kept out of any message passed on."""
+        body = _encoder.encode(CancelRequest(id=appointment_id, status="Cancelled", cancellationReason=reason, comment=comment))
+        response = await self._call("PATCH", f"{self._base}/appointment/{appointment_id}", body, record)
+        return self._read_booking(response, scrub, record)
 
     async def find_booking(self, request: BookingRequest, since_ms: int, record: CallRecord) -> str | None:
         """Look for the ServiceAppointment an earlier, unanswered Book may have created (REST query

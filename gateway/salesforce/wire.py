@@ -34,6 +34,15 @@ class BookingRequest(msgspec.Struct, frozen=True, omit_defaults=True):
     id: str | None = None
 
 
+class CancelRequest(msgspec.Struct, frozen=True, omit_defaults=True):
+    """Body of `PATCH …/appointment-management/appointment/{id}`: Cancel."""
+
+    id: str
+    status: str  # "Cancelled"; no default, since omit_defaults would leave a default out of the body
+    cancellationReason: str | None = None
+    comment: str | None = None
+
+
 class SfError(msgspec.Struct, frozen=True, omit_defaults=True):
     """One Salesforce error: `{"message", "errorCode", "fields"}`."""
 

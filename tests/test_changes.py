@@ -1,0 +1,132 @@
+"""Reschedules and cancellations (PUT), end to end: gateway -> real Redis -> the Health Cloud sandbox
+over real HTTP. By the Salesforce id the booking was answered with, or by the EHR's own identifier
+(FHIR's conditional update), exactly once per idempotency key, and never out of a cancellation."""
+
+from __future__ import annotations
+
+import msgspec
+import redis.asyncio as aredis
+
+from tests.conftest import VIDEO_VISIT, auth, corpus
+
+IDENTIFIER = "urn:oid:1.2.3|appt-4817572"  # the corpus booking's identifier is replaced by this one
+
+
+def state(sandbox):
+    return sandbox.app.state.sandbox
+
+
+def appointment(**changes) -> dict:
+    data = msgspec.json.decode(corpus(VIDEO_VISIT))
+    data["identifier"] = [{"system": "urn:oid:1.2.3", "value": "appt-4817572"}]
+    data["status"] = "booked"
+    data.pop("cancelationReason", None)
+    data.update(changes)
+    return data
+
+
+async def book(gateway, data: dict | None = None) -> str:
+    r = await gateway.post("/fhir/cerner/Appointment", content=msgspec.json.encode(data or appointment()), headers=auth())
+    assert r.status_code == 201, r.text
+    return r.json()["id"]
+
+
+async def put(gateway, path: str, data: dict, **headers: str):
+    return await gateway.put(path, content=msgspec.json.encode(data), headers=auth(**headers))
+
+
+async def test_a_reschedule_by_salesforce_id_moves_the_appointment(gateway, sandbox):
+    sf_id = await book(gateway)
+    moved = appointment(start="2026-12-01T15:00:00Z", end="2026-12-01T15:30:00Z")
+    r = await put(gateway, f"/fhir/cerner/Appointment/{sf_id}", moved)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert (body["id"], body["status"], body["start"]) == (sf_id, "booked", "2026-12-01T15:00:00Z")
+    assert r.headers["location"] == f"/fhir/cerner/Appointment/{sf_id}"
+    stored = state(sandbox).get(sf_id)
+    assert stored.status == "Scheduled" and stored.request["startDate"] == "2026-12-01T15:00:00Z"
+    assert stored.request["id"] == sf_id and len(state(sandbox).appointments()) == 1
+    assert state(sandbox).counters().update_calls == 1
+
+
+async def test_a_cancellation_by_identifier_maps_its_reason_and_is_sent_once(gateway, sandbox):
+    sf_id = await book(gateway)
+    cancelled = appointment(status="cancelled", cancelationReason=msgspec.json.decode(corpus(VIDEO_VISIT))["cancelationReason"])
+    first = await put(gateway, f"/fhir/cerner/Appointment?identifier={IDENTIFIER}", cancelled, **{"Idempotency-Key": "cx-1"})
+    assert first.status_code == 200, first.text
+    assert (first.json()["id"], first.json()["status"]) == (sf_id, "cancelled")
+    stored = state(sandbox).get(sf_id)
+    # the HL7 coding maps through config/codemaps/cerner/cancellation-reasons.json; Millennium's own
+    # code set 14229 has no group, so its coding is ignored
+    assert stored.status == "Cancelled" and stored.cancellation_reason == "Scheduled in Error"
+    again = await put(gateway, f"/fhir/cerner/Appointment?identifier={IDENTIFIER}", cancelled, **{"Idempotency-Key": "cx-1"})
+    assert again.status_code == 200 and again.content == first.content
+    assert again.headers["idempotent-replayed"] == "true"
+    assert state(sandbox).counters().cancel_calls == 1
+
+
+async def test_a_reason_with_no_mapped_coding_is_sent_as_its_text(gateway, sandbox):
+    sf_id = await book(gateway)
+    reason = {"coding": [{"system": "https://example.org/reasons", "code": "x1"}], "text": "Family emergency"}
+    r = await put(gateway, f"/fhir/cerner/Appointment/{sf_id}", appointment(status="cancelled", cancelationReason=reason))
+    assert r.status_code == 200, r.text
+    assert state(sandbox).get(sf_id).cancellation_reason == "Family emergency"
+
+
+async def test_a_cancelled_appointment_cannot_be_rescheduled(gateway, sandbox):
+    sf_id = await book(gateway)
+    assert (await put(gateway, f"/fhir/cerner/Appointment/{sf_id}", appointment(status="cancelled"))).status_code == 200
+    r = await put(gateway, f"/fhir/cerner/Appointment/{sf_id}", appointment(start="2026-12-02T09:00:00Z", end="2026-12-02T09:15:00Z"))
+    assert r.status_code == 422 and r.json()["issue"][0]["code"] == "business-rule"
+    assert r.json()["issue"][0]["expression"] == ["Appointment.status"]
+    assert state(sandbox).get(sf_id).status == "Cancelled" and state(sandbox).counters().update_calls == 0
+
+
+async def test_statuses_salesforce_cannot_take_are_422(gateway, sandbox):
+    sf_id = await book(gateway)
+    r = await put(gateway, f"/fhir/cerner/Appointment/{sf_id}", appointment(status="arrived"))
+    assert r.status_code == 422 and r.json()["issue"][0]["code"] == "not-supported"
+    counters = state(sandbox).counters()
+    assert (counters.update_calls, counters.cancel_calls) == (0, 0)
+
+
+async def test_unknown_appointments_are_404(gateway, sandbox):
+    await book(gateway)
+    for path in ("/fhir/cerner/Appointment/08pxx0000009999AAA",  # well formed, not in Salesforce
+                 "/fhir/cerner/Appointment/not-an-id",
+                 "/fhir/cerner/Appointment?identifier=urn:oid:1.2.3|someone-else"):
+        r = await put(gateway, path, appointment(status="cancelled", start="2026-12-03T09:00:00Z", end="2026-12-03T09:15:00Z"))
+        assert r.status_code == 404, (path, r.text)
+        assert r.json()["resourceType"] == "OperationOutcome"
+    assert state(sandbox).counters().cancel_calls == 1  # only the well-formed id reached the sandbox (its 404)
+
+
+async def test_a_missing_link_falls_back_to_a_look_up(gateway, sandbox, redis_url, prefix):
+    sf_id = await book(gateway)
+    client = aredis.Redis.from_url(redis_url)
+    try:
+        links = [k async for k in client.scan_iter(match=f"{prefix}:link:*", count=1000)]
+        assert len(links) == 1 and (await client.get(links[0])).decode() == sf_id  # the link, keyed by digest
+        await client.delete(*links)
+    finally:
+        await client.aclose()
+    r = await put(gateway, f"/fhir/cerner/Appointment?identifier={IDENTIFIER}", appointment(status="cancelled"))
+    assert r.status_code == 200, r.text
+    assert r.json()["id"] == sf_id and state(sandbox).get(sf_id).status == "Cancelled"
+    assert state(sandbox).counters().query_calls >= 1
+
+
+async def test_a_conditional_update_needs_one_identifier(gateway, sandbox):
+    for query in ("", "?identifier=", "?identifier=a|1&identifier=b|2"):
+        r = await put(gateway, f"/fhir/cerner/Appointment{query}", appointment(status="cancelled"))
+        assert r.status_code == 400, (query, r.text)
+        assert r.json()["issue"][0]["expression"] == ["identifier"]
+
+
+async def test_a_reused_key_with_another_change_is_422(gateway, sandbox):
+    sf_id = await book(gateway)
+    path = f"/fhir/cerner/Appointment/{sf_id}"
+    first = await put(gateway, path, appointment(start="2026-12-01T15:00:00Z", end="2026-12-01T15:30:00Z"), **{"Idempotency-Key": "mv-1"})
+    assert first.status_code == 200
+    other = await put(gateway, path, appointment(start="2026-12-01T16:00:00Z", end="2026-12-01T16:30:00Z"), **{"Idempotency-Key": "mv-1"})
+    assert other.status_code == 422 and state(sandbox).counters().update_calls == 1
