@@ -267,6 +267,7 @@ async def test_the_gateway_on_a_redis_cluster(redis_cluster_url, prefix, sandbox
         done = await until(lambda: _booked(book(gw, "cluster-1")))
         other = msgspec.json.decode(corpus(VIDEO_VISIT))
         other["start"], other["end"] = "2026-12-02T13:00:00Z", "2026-12-02T13:15:00Z"
+        other["identifier"] = [{"system": "urn:oid:1.2.3", "value": "cluster-appt-2"}]
         second = await book(gw, "cluster-2", msgspec.json.encode(other))
         assert second.status_code == 201
         replay = await book(gw, "cluster-2", msgspec.json.encode(other))
@@ -274,6 +275,12 @@ async def test_the_gateway_on_a_redis_cluster(redis_cluster_url, prefix, sandbox
         stored = {a.id for a in state(sandbox).appointments()}
         assert stored == {done.json()["id"], second.json()["id"]}
         assert state(sandbox).counters().dropped_connections == 1  # one answer lost, adopted
+        # its links live in other slots than its record: written just after the answer, and found
+        cancelled = await gw.put("/fhir/cerner/Appointment?identifier=urn:oid:1.2.3|cluster-appt-2",
+                                 content=msgspec.json.encode({**other, "status": "cancelled"}), headers=auth())
+        assert cancelled.status_code == 200 and cancelled.json()["id"] == second.json()["id"], cancelled.text
+        assert state(sandbox).get(second.json()["id"]).status == "Cancelled"
+        assert state(sandbox).counters().query_calls == 1  # the lost answer's look-up only: the link was there
 
 
 async def _booked(pending):
