@@ -53,6 +53,7 @@ from gateway.salesforce.auth import TokenProvider
 from gateway.salesforce._http import HttpClient
 from gateway.salesforce.client import SalesforceClient
 from gateway.settings import Settings, load_settings
+from gateway.slots import searchset
 from gateway.worker import QueueWorker
 
 _ACCEPTED_MEDIA = ("application/fhir+json", "application/json")
@@ -154,7 +155,7 @@ def _outcome(status: int, trace: Trace, error: GatewayError | None) -> str:
     if status in (200, 201):
         if trace.idempotency == "done":
             return "replayed"
-        return trace.changed or "booked"
+        return trace.result or "booked"
     if status == 202:
         return "queued"
     if trace.refusal is not None or isinstance(error, SalesforceRefused) or (status == 422 and trace.idempotency == "done"):
@@ -248,6 +249,14 @@ def create_app(
     certificates = ClientCertificates(settings.sources)
     pid = os.getpid()
 
+    async def _admit(request: Request, source: str) -> None:
+        """The source exists, and the caller is it: its certificate (when it needs one), its key or
+        SMART token, then its rate limit."""
+        booker.source(source)
+        certificates.check(source, request.scope)
+        await inbound.authorize(source, request.headers.get("authorization"), smart)
+        await limiter.check(source)  # after the key: strangers cannot spend a source's allowance
+
     async def _handle(request: Request, source: str, dry_run: bool, change: str | None = None) -> Response[bytes]:
         """`change`: a PUT (`change` is its path id, or "" for a conditional update by identifier)."""
         started = time.perf_counter()
@@ -255,10 +264,7 @@ def create_app(
         trace = Trace()
         status, body, key, error = 500, None, None, None
         try:
-            booker.source(source)
-            certificates.check(source, request.scope)
-            await inbound.authorize(source, request.headers.get("authorization"), smart)
-            await limiter.check(source)  # after the key: strangers cannot spend a source's allowance
+            await _admit(request, source)
             _check_media(request)
             try:
                 body = await request.body()
@@ -344,7 +350,7 @@ def create_app(
             key_digest=log_key_digest(source, trace.key_material) if trace.key_material else None,
             replay_of=replay_of,
         )
-        if op != "translate" and source in settings.sources:
+        if op not in ("translate", "search") and source in settings.sources:  # bookings and changes only
             # a failed change keeps no input: the replay path books, and the EHR resends its PUT
             keep = outcome in KEEP_INPUT and body is not None and reqlog.keeps_inputs and op != "change"
             sealed = Sealed(patient=trace.patient, input=body.decode("utf-8", "replace") if keep and body else None,
@@ -368,6 +374,26 @@ def create_app(
     @put("/fhir/{source:str}/Appointment", status_code=200)
     async def change_by_identifier(request: Request, source: FromPath[str]) -> Response[bytes]:
         return await _handle(request, source, dry_run=False, change="")
+
+    @get("/fhir/{source:str}/Slot")
+    async def slot_search(request: Request, source: FromPath[str]) -> Response[bytes]:
+        """Free slots, from Salesforce's Get Slots, as a FHIR searchset Bundle (gateway/slots.py)."""
+        started = time.perf_counter()
+        request_id = new_id()
+        trace = Trace()
+        status, error = 500, None
+        try:
+            await _admit(request, source)
+            found = await booker.find_slots(source, request.query_params, trace)
+            status = 200
+            base = f"{request.base_url}".rstrip("/") + f"/fhir/{source}"
+            return Response(searchset(found, request.query_params, base, str(request.url)), status_code=200,
+                            headers={"Content-Type": FHIR_JSON, "X-Request-ID": request_id})
+        except GatewayError as exc:
+            status, error = exc.status, exc
+            return _error_response(exc, request_id)
+        finally:
+            _summarise(request_id, source, "search", status, trace, started, error, None, None, None)
 
     @post("/fhir/{source:str}/Appointment/$translate", status_code=200)
     async def translate(request: Request, source: FromPath[str]) -> Response[bytes]:
@@ -476,7 +502,7 @@ def create_app(
             await scripts.aclose()
 
     app = Litestar(
-        route_handlers=[book, book_operation, change_by_id, change_by_identifier, translate, live, ready, metrics_page, token, openapi, admin],
+        route_handlers=[book, book_operation, change_by_id, change_by_identifier, slot_search, translate, live, ready, metrics_page, token, openapi, admin],
         exception_handlers={HTTPException: _litestar_error, Exception: _unexpected},
         on_startup=[_start],
         on_shutdown=[_close],

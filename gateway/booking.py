@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import msgspec
 
@@ -39,6 +40,7 @@ from gateway.rules import check
 from gateway.salesforce.client import CallRecord, SalesforceClient
 from gateway.salesforce.wire import BookingRequest
 from gateway.sealing import Sealer
+from gateway.slots import slots_request
 from gateway.settings import SourceSettings
 
 _encoder = msgspec.json.Encoder()
@@ -74,7 +76,7 @@ class Trace:
     key_material: str | None = None  # what the idempotency record is keyed on (may hold identifiers)
     salesforce_id: str | None = None
     refusal: SalesforceRefused | None = None  # Salesforce refused: answered (422), not raised
-    changed: str | None = None  # a PUT that reached Salesforce: "rescheduled" or "cancelled"
+    result: str | None = None  # what a 200 did: "rescheduled" or "cancelled" (a PUT), "ok" (a search)
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,7 +255,7 @@ class Booker:
             await self._store.park(claim)  # the calls are idempotent: the retry may simply send again
             raise
         new_status = CANCELLED if status == CANCELLED else BOOKED
-        trace.salesforce_id, trace.changed = salesforce_id, ("cancelled" if new_status == CANCELLED else "rescheduled")
+        trace.salesforce_id, trace.result = salesforce_id, ("cancelled" if new_status == CANCELLED else "rescheduled")
         location = _location(source_name, salesforce_id)
         answer = Answer(200, booked_appointment(booking, salesforce_id, status=new_status),
                         {"Content-Type": FHIR_JSON, "Location": location})
@@ -278,6 +280,19 @@ class Booker:
         if found is None:
             raise NotFound("no appointment with that identifier was booked through this gateway",
                            expression=("identifier",))
+        return found
+
+    async def find_slots(self, source_name: str, params: Any, trace: Trace) -> list[dict[str, Any]]:
+        """A slot search (gateway/slots.py): its codes mapped as a booking's, then Salesforce's Get Slots."""
+        assert self._client is not None
+        source = self.source(source_name)
+        if source_name not in self._adapters:
+            raise NotFound("this source takes HL7 v2 over MLLP, not FHIR over HTTP")
+        maps = self._maps.get(source_name, EMPTY)
+        request, used = slots_request(params, source, maps)
+        trace.maps_version, trace.maps_used = maps.version, used
+        found = await self._client.get_slots(request, trace.salesforce)
+        trace.result = "ok"
         return found
 
     async def deliver_queued(self, item: QueuedBooking, trace: Trace) -> str:

@@ -53,7 +53,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 OTHER = "other"
-OPS = frozenset({"book", "change", "translate", "deliver", "replay"})
+OPS = frozenset({"book", "change", "search", "translate", "deliver", "replay"})
 # the request log's outcome words, plus success words and the FHIR issue codes GatewayError
 # subclasses carry (`error.code`)
 OUTCOMES = frozenset({

@@ -410,6 +410,26 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
                         "description": "the EHR's identifier of the appointment, as a FHIR token: system|value",
                         "schema": {"type": "string"}}
 
+    slot_responses = {
+        "200": {"description": "a FHIR searchset Bundle of free Slots (status `free`); a Slot's id books with "
+                               "`Appointment.slot`", "headers": {"X-Request-ID": _REQUEST_ID},
+                "content": {FHIR_JSON: {"schema": {"type": "object", "required": ["resourceType", "type", "entry"],
+                                                   "properties": {"resourceType": {"const": "Bundle"},
+                                                                  "type": {"const": "searchset"},
+                                                                  "total": {"type": "integer"},
+                                                                  "entry": {"type": "array"}}}}}},
+        **_fhir_errors(body=False),
+        "502": _outcome("Salesforce failed (a 5xx, or an answer that cannot be read)", retry_after=True,
+                        request_id=True),
+        "503": _outcome("Redis or Salesforce unavailable, Salesforce's request limit reached, or the circuit "
+                        "breaker open", retry_after=True, request_id=True),
+    }
+    slot_responses = dict(sorted(slot_responses.items()))
+
+    def query_param(name: str, description: str, *, required: bool = False) -> dict[str, Any]:
+        return {"name": name, "in": "query", "required": required, "description": description,
+                "schema": {"type": "array", "items": {"type": "string"}}, "style": "form", "explode": True}
+
     translate_responses = {
         "200": _json_answer("the Salesforce request the booking would become; nothing is sent or stored",
                             _ref("BookingRequest"), X_Request_ID=_REQUEST_ID),
@@ -438,6 +458,20 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
             "Book the appt-resource of $book Parameters", "FHIR", book_responses, operation_id="bookOperation",
             description=book_description, parameters=[fhir_source, idempotency_key],
             requestBody=fhir_body(_ref("Booking")), security=fhir_security,
+        )},
+        "/fhir/{source}/Slot": {"get": _operation(
+            "Search free slots (Salesforce Get Slots)", "FHIR", slot_responses, operation_id="searchSlots",
+            description="The codes map through the source's code maps as a booking's would; the actors are the "
+                        "Practitioners or Devices whose slots are wanted (and at most one Location)." + mtls_note,
+            parameters=[fhir_source,
+                        query_param("start", "both bounds: ge<from> (or gt) and le<to> (or lt); a date, or a "
+                                             "date-time with its offset", required=True),
+                        query_param("actor", "Practitioner/<id> or Device/<id> (one at least), Location/<id>",
+                                    required=True),
+                        query_param("service-type", "system|code tokens"),
+                        query_param("appointment-type", "system|code tokens"),
+                        query_param("specialty", "system|code tokens")],
+            security=fhir_security,
         )},
         "/fhir/{source}/Appointment/$translate": {"post": _operation(
             "Dry run: the Salesforce request a booking would become", "FHIR", translate_responses,

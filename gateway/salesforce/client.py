@@ -19,7 +19,7 @@ from gateway.breaker import CircuitBreaker
 from gateway.errors import SalesforceFailed, SalesforceRefused, Unavailable
 from gateway.salesforce._http import Answer, HttpClient, Lost, NeverSent
 from gateway.salesforce.auth import Token, TokenProvider
-from gateway.salesforce.wire import BookingRequest, CancelRequest
+from gateway.salesforce.wire import BookingRequest, CancelRequest, SfParticipant, SlotsRequest
 from gateway.settings import SalesforceConnection, SalesforceTuning
 
 _LIMIT_INFO = re.compile(r"api-usage=(\d+)/(\d+)")
@@ -154,6 +154,27 @@ class SalesforceClient:
         body = _encoder.encode(CancelRequest(id=appointment_id, status="Cancelled", cancellationReason=reason, comment=comment))
         response = await self._call("PATCH", f"{self._base}/appointment/{appointment_id}", body, record)
         return self._read_booking(response, scrub, record)
+
+    async def get_slots(self, request: SlotsRequest, record: CallRecord) -> list[dict[str, Any]]:
+        """Get Slots: the free slots of the request's resources, as Salesforce lists them (read leniently:
+        the list under `slots`, in an object or a one-element array). Refusals and failures raise as
+        for a booking."""
+        response = await self._call("POST", f"{self._base}/slots", _encoder.encode(request), record)
+        try:
+            payload: Any = msgspec.json.decode(response.content) if response.content else None
+        except msgspec.DecodeError:
+            payload = None
+        if isinstance(payload, list) and len(payload) == 1:
+            payload = payload[0]
+        if response.status == 200 and isinstance(payload, dict):
+            lowered = {k.lower(): v for k, v in payload.items()}
+            found = lowered.get("slots")
+            if lowered.get("issuccess") is not False and isinstance(found, list):
+                return [s for s in found if isinstance(s, dict)]
+        # not a list of slots: classified (refused, over the limit, failed) as a booking's answer is
+        scrub = BookingRequest(participants=tuple(SfParticipant(reference=f"X/{r.resourceId}") for r in request.resources))
+        self._read_booking(response, scrub, record)
+        raise SalesforceFailed("Salesforce's answer to Get Slots cannot be read")
 
     async def find_booking(self, request: BookingRequest, since_ms: int, record: CallRecord) -> str | None:
         """Look for the ServiceAppointment an earlier, unanswered Book may have created (REST query

@@ -34,6 +34,29 @@ class BookingRequest(msgspec.Struct, frozen=True, omit_defaults=True):
     id: str | None = None
 
 
+class SlotResource(msgspec.Struct, frozen=True, omit_defaults=True):
+    """One resource whose free slots Get Slots is asked for."""
+
+    resourceId: str
+    resourceType: str | None = None
+    serviceTerritoryId: str | None = None
+    serviceResourceId: str | None = None
+
+
+class SlotsRequest(msgspec.Struct, frozen=True, omit_defaults=True):
+    """Body of `POST …/appointment-management/slots`: Get Slots."""
+
+    resources: tuple[SlotResource, ...]
+    startDate: str
+    endDate: str
+    channelId: str | None = None
+    workTypeId: str | None = None
+    sourceSystem: str | None = None
+    appointmentTypes: tuple[str, ...] | None = None
+    serviceCategories: tuple[str, ...] | None = None
+    serviceTypes: tuple[str, ...] | None = None
+
+
 class CancelRequest(msgspec.Struct, frozen=True, omit_defaults=True):
     """Body of `PATCH …/appointment-management/appointment/{id}`: Cancel."""
 

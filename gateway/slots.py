@@ -1,0 +1,178 @@
+"""Slot search: FHIR search parameters -> Salesforce Get Slots -> a FHIR searchset Bundle of Slot.
+
+`GET /fhir/{source}/Slot?start=ge…&start=le…&service-type=system|code&actor=Practitioner/…` reads
+like a booking without a patient: the codes go through the source's code maps exactly as an
+Appointment's would (so the same workTypeId, channelId and code arrays reach Salesforce), the actors
+become Salesforce's resources (a Practitioner or Device each; a Location is their service
+territory), and each free slot comes back as a Slot whose id books with `Appointment.slot`.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Any
+
+import msgspec
+
+from adapters.r4 import resolve_reference
+from gateway.canonical import CanonicalBooking, Coding, Concept
+from gateway.codemaps import SourceMaps
+from gateway.errors import InvalidRequest, Unprocessable
+from gateway.mapping import map_booking
+from gateway.salesforce.wire import SlotResource, SlotsRequest
+from gateway.settings import SourceSettings
+
+_LOWER, _UPPER = ("ge", "gt"), ("le", "lt")
+_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+_RESOURCE_KINDS = {"Practitioner": "Practitioner", "PractitionerRole": "Practitioner", "Device": "Device"}
+
+
+class _Reference(msgspec.Struct, omit_defaults=True):
+    reference: str | None = None
+    display: str | None = None
+
+
+class _Coding(msgspec.Struct, omit_defaults=True):
+    system: str | None = None
+    code: str | None = None
+
+
+class _CodeableConcept(msgspec.Struct, omit_defaults=True):
+    coding: list[_Coding]
+
+
+class _Slot(msgspec.Struct, omit_defaults=True, tag_field="resourceType", tag="Slot"):
+    id: str
+    schedule: _Reference
+    status: str
+    start: str
+    end: str
+    serviceType: list[_CodeableConcept] | None = None
+
+
+class _Search(msgspec.Struct):
+    mode: str = "match"
+
+
+class _Entry(msgspec.Struct):
+    fullUrl: str
+    resource: _Slot
+    search: _Search
+
+
+class _Link(msgspec.Struct):
+    relation: str
+    url: str
+
+
+class _Bundle(msgspec.Struct, tag_field="resourceType", tag="Bundle"):
+    type: str
+    total: int
+    link: list[_Link]
+    entry: list[_Entry]
+
+
+_encoder = msgspec.json.Encoder()
+
+
+def _instant(value: str, upper: bool) -> str:
+    """A search date as Salesforce takes it: a date-time with its offset; a plain date is that UTC day."""
+    if _DATE.fullmatch(value):
+        return value + ("T23:59:59Z" if upper else "T00:00:00Z")
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        moment = None
+    if moment is None or moment.tzinfo is None:
+        raise InvalidRequest("start takes a date (YYYY-MM-DD) or a date-time with its offset", expression=("start",))
+    return value
+
+
+def _tokens(values: list[str], name: str, path: str) -> tuple[Concept, ...]:
+    """`system|code` tokens (repeated or comma-separated) as one concept each, at `path[i]`."""
+    concepts = []
+    for token in (t for v in values for t in v.split(",") if t):
+        system, bar, code = token.rpartition("|")
+        if not bar or not system or not code:
+            raise InvalidRequest(f"{name} takes system|code tokens: a code without its system cannot be mapped",
+                                 expression=(name,))
+        concepts.append(Concept(path=f"{path}[{len(concepts)}]", codings=(Coding(system=system, code=code),)))
+    return tuple(concepts)
+
+
+def slots_request(params: Any, source: SourceSettings, maps: SourceMaps) -> tuple[SlotsRequest, tuple[str, ...]]:
+    """The Get Slots request a search asks for, and the code-map entries it used. `params`: the query
+    (a multi-dict with `getall`). Raises InvalidRequest (400) for a malformed search, Unprocessable
+    (422) for codes the maps refuse."""
+    lower = upper = None
+    for value in params.getall("start", []):
+        prefix, rest = value[:2], value[2:]
+        if prefix in _LOWER and lower is None:
+            lower = _instant(rest, upper=False)
+        elif prefix in _UPPER and upper is None:
+            upper = _instant(rest, upper=True)
+        else:
+            raise InvalidRequest("start is given twice as a bound: start=ge<from>&start=le<to>", expression=("start",))
+    if lower is None or upper is None:
+        raise InvalidRequest("a slot search needs both bounds: start=ge<from>&start=le<to>", expression=("start",))
+    resources: list[tuple[str, str]] = []
+    territory = None
+    for value in (v for a in params.getall("actor", []) for v in a.split(",") if v):
+        resolved = resolve_reference(value)
+        if resolved is not None and resolved[0] in _RESOURCE_KINDS:
+            resources.append((_RESOURCE_KINDS[resolved[0]], resolved[1]))
+        elif resolved is not None and resolved[0] == "Location" and territory in (None, resolved[1]):
+            territory = resolved[1]
+        else:
+            raise InvalidRequest("actor takes Practitioner/<id> or Device/<id> references, and at most one Location",
+                                 expression=("actor",))
+    if not resources:
+        raise InvalidRequest("a slot search needs an actor: the Practitioner or Device whose slots are wanted",
+                             expression=("actor",))
+    # the codes read as an Appointment's would, so they map to what a booking would send
+    probe = CanonicalBooking(
+        resource_path="Slot",
+        service_types=_tokens(params.getall("service-type", []), "service-type", "Slot.serviceType"),
+        appointment_types=_tokens(params.getall("appointment-type", []), "appointment-type", "Slot.appointmentType"),
+        specialties=_tokens(params.getall("specialty", []), "specialty", "Slot.specialty"),
+    )
+    mapped = map_booking(probe, source, maps)
+    errors = [i for i in mapped.issues if i.severity in ("error", "fatal")]
+    if errors:
+        raise Unprocessable(issues=errors)
+    r = mapped.request
+    request = SlotsRequest(
+        resources=tuple(SlotResource(resourceId=rid, resourceType=kind, serviceTerritoryId=territory)
+                        for kind, rid in dict.fromkeys(resources)),
+        channelId=r.channelId, workTypeId=r.workTypeId, startDate=lower, endDate=upper, sourceSystem=r.sourceSystem,
+        appointmentTypes=r.appointmentTypes, serviceCategories=r.serviceCategories, serviceTypes=r.serviceTypes,
+    )
+    return request, mapped.used
+
+
+def searchset(found: list[dict[str, Any]], params: Any, base: str, self_url: str) -> bytes:
+    """The Bundle: one Slot per free slot Salesforce named (those without an id, times or a usable
+    FHIR id are left out), newest Salesforce order kept."""
+    wanted = [c for c in (_coding(t) for v in params.getall("service-type", []) for t in v.split(",") if t) if c]
+    entries = []
+    for slot in found:
+        sid, start, end = slot.get("id"), slot.get("startTime"), slot.get("endTime")
+        if not (isinstance(sid, str) and _FHIR_ID.fullmatch(sid) and isinstance(start, str) and isinstance(end, str)):
+            continue
+        resource = slot.get("reference") or (f"{slot.get('resourceType') or 'Practitioner'}/{slot.get('resourceId')}"
+                                             if slot.get("resourceId") else None)
+        entries.append(_Entry(
+            fullUrl=f"{base}/Slot/{sid}",
+            resource=_Slot(id=sid, schedule=_Reference(display=resource), status="free", start=start, end=end,
+                           serviceType=[_CodeableConcept(coding=wanted)] if wanted else None),
+            search=_Search(),
+        ))
+    return _encoder.encode(_Bundle(type="searchset", total=len(entries), link=[_Link("self", self_url)], entry=entries))
+
+
+def _coding(token: str) -> _Coding | None:
+    system, bar, code = token.rpartition("|")
+    return _Coding(system=system, code=code) if bar and system and code else None
+

@@ -1,0 +1,81 @@
+"""Slot search end to end: FHIR search parameters -> the source's code maps -> the sandbox's Get
+Slots over real HTTP -> a FHIR searchset Bundle whose Slot ids book."""
+
+from __future__ import annotations
+
+from urllib.parse import urlencode
+
+import msgspec
+
+from tests.conftest import VIDEO_VISIT, auth, corpus
+
+VIDEO = "https://fhir.cerner.com/ec2458f2-1e24-41c8-b71b-0e701af7583d/codeSet/14249|2572307911"
+DAY = "2026-12-01"
+
+
+def state(sandbox):
+    return sandbox.app.state.sandbox
+
+
+def query(**extra) -> str:
+    params = [("start", f"ge{DAY}T09:00:00Z"), ("start", f"le{DAY}T11:00:00Z"), ("service-type", VIDEO),
+              ("actor", "Practitioner/593923"), ("actor", "Location/21304876")]
+    params = [(k, v) for k, v in params if k not in extra] + [(k, v) for k, vs in extra.items() for v in vs]
+    return "/fhir/cerner/Slot?" + urlencode(params)
+
+
+async def test_free_slots_come_back_as_a_searchset_of_slots(gateway, sandbox):
+    r = await gateway.get(query(), headers=auth())
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith("application/fhir+json")
+    bundle = r.json()
+    assert (bundle["resourceType"], bundle["type"]) == ("Bundle", "searchset")
+    slots = [e["resource"] for e in bundle["entry"]]
+    # the sandbox's working day starts at 09:00 UTC with 30-minute slots: four in two hours
+    assert [(s["start"], s["end"]) for s in slots] == [
+        (f"{DAY}T09:00:00Z", f"{DAY}T09:30:00Z"), (f"{DAY}T09:30:00Z", f"{DAY}T10:00:00Z"),
+        (f"{DAY}T10:00:00Z", f"{DAY}T10:30:00Z"), (f"{DAY}T10:30:00Z", f"{DAY}T11:00:00Z")]
+    assert bundle["total"] == 4 and all(s["resourceType"] == "Slot" and s["status"] == "free" for s in slots)
+    assert all(e["fullUrl"].endswith(f"/fhir/cerner/Slot/{e['resource']['id']}") for e in bundle["entry"])
+    assert slots[0]["schedule"] == {"display": "Practitioner/593923"}
+    assert state(sandbox).counters().slots_calls == 1  # one Get Slots call
+
+
+async def test_a_slot_found_books_and_is_then_taken(gateway, sandbox):
+    first = (await gateway.get(query(), headers=auth())).json()["entry"][0]["resource"]
+    data = msgspec.json.decode(corpus(VIDEO_VISIT))
+    data.update(start=first["start"], end=first["end"], slot=[{"reference": f"Slot/{first['id']}"}])
+    booked = await gateway.post("/fhir/cerner/Appointment", content=msgspec.json.encode(data), headers=auth())
+    assert booked.status_code == 201, booked.text
+    stored = state(sandbox).get(booked.json()["id"])
+    assert stored.request["slots"] == [{"id": first["id"], "reference": "Practitioner/593923"}]
+    again = (await gateway.get(query(), headers=auth())).json()
+    assert first["id"] not in {e["resource"]["id"] for e in again["entry"]} and again["total"] == 3
+
+
+async def test_malformed_searches_are_400_and_name_the_parameter(gateway, sandbox):
+    cases = {
+        "start": query(start=[f"ge{DAY}T09:00:00Z"]),  # no upper bound
+        "actor": query(actor=["Patient/1"]),
+        "service-type": query(**{"service-type": ["2572307911"]}),  # a code without its system
+    }
+    for name, path in cases.items():
+        r = await gateway.get(path, headers=auth())
+        assert r.status_code == 400, (name, r.text)
+        assert r.json()["issue"][0]["expression"] == [name]
+    naive = await gateway.get(query(start=[f"ge{DAY}T09:00:00", f"le{DAY}T11:00:00Z"]), headers=auth())
+    assert naive.status_code == 400  # a date-time without its offset
+    assert state(sandbox).counters().slots_calls == 0
+
+
+async def test_a_code_the_maps_refuse_is_422(gateway, sandbox):
+    system = VIDEO.rpartition("|")[0]
+    r = await gateway.get(query(**{"service-type": [f"{system}|999"]}), headers=auth())
+    assert r.status_code == 422 and r.json()["issue"][0]["code"] == "code-invalid"
+    assert r.json()["issue"][0]["expression"] == ["Slot.serviceType[0].coding[0]"]
+    assert state(sandbox).counters().slots_calls == 0
+
+
+async def test_a_search_needs_the_sources_key(gateway, sandbox):
+    assert (await gateway.get(query())).status_code == 401
+    assert (await gateway.get(query(), headers=auth("epic"))).status_code == 403
