@@ -20,6 +20,7 @@ from litestar.params import FromPath
 from gateway.admin import AdminAuth, AdminDeps, Audit, admin_router
 from gateway.booking import Answer, Booker, Target, Trace
 from gateway.breaker import CircuitBreaker
+from gateway.capability import capability_statement
 from gateway.errors import (
     Forbidden,
     IdempotencyKeyReused,
@@ -375,6 +376,17 @@ def create_app(
     async def change_by_identifier(request: Request, source: FromPath[str]) -> Response[bytes]:
         return await _handle(request, source, dry_run=False, change="")
 
+    published = time.strftime("%Y-%m-%d", time.gmtime())
+
+    @get("/fhir/{source:str}/metadata")
+    async def metadata(request: Request, source: FromPath[str]) -> Response[bytes]:
+        """The source's CapabilityStatement (gateway/capability.py): no credentials, no patient data."""
+        found = settings.sources.get(source)
+        if found is None or found.adapter == "hl7v2":
+            return _error_response(NotFound("no FHIR source of that name is configured"))
+        base = f"{request.base_url}".rstrip("/")
+        return Response(capability_statement(source, found, base, published), media_type=FHIR_JSON)
+
     @get("/fhir/{source:str}/Slot")
     async def slot_search(request: Request, source: FromPath[str]) -> Response[bytes]:
         """Free slots, from Salesforce's Get Slots, as a FHIR searchset Bundle (gateway/slots.py)."""
@@ -502,7 +514,7 @@ def create_app(
             await scripts.aclose()
 
     app = Litestar(
-        route_handlers=[book, book_operation, change_by_id, change_by_identifier, slot_search, translate, live, ready, metrics_page, token, openapi, admin],
+        route_handlers=[book, book_operation, change_by_id, change_by_identifier, slot_search, metadata, translate, live, ready, metrics_page, token, openapi, admin],
         exception_handlers={HTTPException: _litestar_error, Exception: _unexpected},
         on_startup=[_start],
         on_shutdown=[_close],

@@ -459,6 +459,14 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
             description=book_description, parameters=[fhir_source, idempotency_key],
             requestBody=fhir_body(_ref("Booking")), security=fhir_security,
         )},
+        "/fhir/{source}/metadata": {"get": _operation(
+            "The source's FHIR CapabilityStatement", "FHIR",
+            {"200": {"description": "a FHIR R4 CapabilityStatement of what this source may do",
+                     "content": {FHIR_JSON: {"schema": {"type": "object", "required": ["resourceType", "fhirVersion"],
+                                                        "properties": {"resourceType": {"const": "CapabilityStatement"}}}}}},
+             "404": _outcome("no FHIR source of that name is configured")},
+            operation_id="capabilities", parameters=[fhir_source], security=[],
+        )},
         "/fhir/{source}/Slot": {"get": _operation(
             "Search free slots (Salesforce Get Slots)", "FHIR", slot_responses, operation_id="searchSlots",
             description="The codes map through the source's code maps as a booking's would; the actors are the "

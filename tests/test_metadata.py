@@ -1,0 +1,74 @@
+"""`GET /fhir/{source}/metadata`, read by the FHIR client libraries EHR-side teams use: fhirclient
+(SMART on FHIR's, synchronous; its models check every element's type) and fhirpy (asynchronous),
+which then searches Slots and books through the gateway as its documentation says it may."""
+
+from __future__ import annotations
+
+import asyncio
+
+import msgspec
+from fhirclient import client as fhirclient
+from fhirpy import AsyncFHIRClient
+
+from tests.conftest import KEYS, VIDEO_VISIT, auth, corpus, make_settings, serve_gateway
+from tests.test_smart import JWKS, with_smart
+
+VIDEO = "https://fhir.cerner.com/ec2458f2-1e24-41c8-b71b-0e701af7583d/codeSet/14249|2572307911"
+
+
+async def test_fhirclient_reads_the_capability_statement(gateway, sandbox):
+    base = f"{gateway.base_url}/fhir/cerner/"
+
+    def read():  # fhirclient is synchronous: off the test's loop
+        smart = fhirclient.FHIRClient(settings={"app_id": "ehr-gateway-test", "api_base": base})
+        smart.prepare()
+        return smart.server.capabilityStatement
+
+    caps = await asyncio.to_thread(read)
+    assert (caps.fhirVersion, caps.kind, caps.status) == ("4.0.1", "instance", "active")
+    rest = caps.rest[0]
+    kinds = {r.type: r for r in rest.resource}
+    assert set(kinds) == {"Appointment", "Slot"}
+    assert {i.code for i in kinds["Appointment"].interaction} == {"create", "update"}
+    assert kinds["Appointment"].conditionalUpdate is True
+    assert {o.name for o in kinds["Appointment"].operation} == {"book", "translate"}
+    assert [i.code for i in kinds["Slot"].interaction] == ["search-type"]
+    assert {p.name for p in kinds["Slot"].searchParam} >= {"start", "actor", "service-type"}
+    assert rest.security.service is None  # the cerner source of the test config has no SMART client
+
+
+async def test_a_smart_source_says_where_its_tokens_come_from(redis_url, prefix, sandbox):
+    settings = with_smart(make_settings(redis_url, prefix, sandbox.url), "cerner", jwks=JWKS)
+    async with serve_gateway(settings) as gw:
+        r = await gw.get("/fhir/cerner/metadata")  # no credentials: FHIR clients read it first
+        assert r.status_code == 200 and r.headers["content-type"].startswith("application/fhir+json")
+        security = r.json()["rest"][0]["security"]
+        assert security["service"][0]["coding"][0]["code"] == "SMART-on-FHIR"
+        (uris,) = security["extension"]
+        assert uris["extension"] == [{"url": "token", "valueUri": f"{gw.base_url}/auth/token"}]
+        assert KEYS["cerner"] not in r.text
+        other = (await gw.get("/fhir/epic/metadata")).json()["rest"][0]["security"]
+        assert "service" not in other  # accurate per source
+        assert (await gw.get("/fhir/nowhere/metadata")).status_code == 404
+
+
+async def test_fhirpy_searches_slots_and_books_one(gateway, sandbox):
+    fhir = AsyncFHIRClient(f"{gateway.base_url}/fhir/cerner", authorization=f"Bearer {KEYS['cerner']}",
+                           extra_headers={"Accept": "application/fhir+json"})
+    caps = await fhir.execute("metadata", method="get")
+    assert caps["resourceType"] == "CapabilityStatement"
+    slots = await fhir.resources("Slot").search(
+        start=["ge2026-12-01T09:00:00Z", "le2026-12-01T10:00:00Z"], actor=["Practitioner/593923", "Location/21304876"],
+        **{"service-type": VIDEO},
+    ).fetch()
+    assert [(s["start"], s["end"]) for s in slots] == [("2026-12-01T09:00:00Z", "2026-12-01T09:30:00Z"),
+                                                      ("2026-12-01T09:30:00Z", "2026-12-01T10:00:00Z")]
+    data = msgspec.json.decode(corpus(VIDEO_VISIT))
+    data.update(start=slots[0]["start"], end=slots[0]["end"], slot=[{"reference": f"Slot/{slots[0]['id']}"}])
+    booked = await gateway.post("/fhir/cerner/Appointment", content=msgspec.json.encode(data), headers=auth())
+    assert booked.status_code == 201, booked.text
+    left = await fhir.resources("Slot").search(
+        start=["ge2026-12-01T09:00:00Z", "le2026-12-01T10:00:00Z"], actor="Practitioner/593923",
+        **{"service-type": VIDEO},
+    ).fetch()
+    assert [s["id"] for s in left] == [slots[1]["id"]]
