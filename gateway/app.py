@@ -19,6 +19,7 @@ from litestar.params import FromPath
 
 from gateway.admin import AdminAuth, AdminDeps, Audit, admin_router
 from gateway.booking import Answer, Booker, Target, Trace
+from adapters.hl7v2 import FILLER, PLACER, ack, parse_siu
 from gateway.breaker import CircuitBreaker
 from gateway.capability import capability_statement
 from gateway.errors import (
@@ -41,6 +42,7 @@ from gateway.links import Links
 from gateway.livemaps import LiveMaps
 from gateway.logs import log
 from gateway.metrics import Metrics
+from gateway.mllp import MllpListener
 from gateway.mtls import ClientCertificates
 from gateway.openapi import OPENAPI_PATH, openapi_json
 from gateway.queue import BookingQueue
@@ -376,6 +378,39 @@ def create_app(
     async def change_by_identifier(request: Request, source: FromPath[str]) -> Response[bytes]:
         return await _handle(request, source, dry_run=False, change="")
 
+    async def _hl7(source: str, raw: bytes) -> bytes:
+        """One SIU message from an MLLP listener: S12 books, S13/S14 reschedule, S15 cancels, through
+        the same maps, rules and idempotency (keyed on the placer and filler ids); the ACK says AA,
+        AE (the content cannot be booked: unmapped, refused, unknown appointment) or AR (the message
+        cannot be read, or the gateway or Salesforce cannot take it now: send it again)."""
+        started = time.perf_counter()
+        request_id = new_id()
+        trace = Trace()
+        status, error, op, issues = 500, None, "book", ()
+        try:
+            siu = parse_siu(raw, settings.sources[source].time_zone)
+            if siu.event == "book":
+                answer = await booker.book_prepared(source, booker.check(source, siu.booking, trace), None, trace)
+            else:
+                op = "change"
+                target = Target(system=PLACER, value=siu.placer) if siu.placer else Target(system=FILLER, value=siu.filler)
+                answer = await booker.change_booking(source, siu.booking, target, None, trace)
+            status = answer.status
+            code = "AA" if status < 400 else "AE"  # a stored refusal is replayed as the error it was
+            if trace.refusal is not None:
+                issues = tuple(trace.refusal.issues)
+        except GatewayError as exc:
+            status, error, issues = exc.status, exc, tuple(exc.issues)
+            code = "AE" if status in (404, 422) else "AR"
+        finally:
+            # the v2 message is not kept: a replay from the dashboard speaks FHIR
+            _summarise(request_id, source, op, status, trace, started, error, None, None, None)
+        return ack(raw, code, issues)
+
+    listeners = [MllpListener(name, src.mllp_host, src.mllp_port or 0, _hl7, max_bytes=cfg.limits.max_body_bytes)
+                 for name, src in settings.sources.items() if src.adapter == "hl7v2" and src.mllp_port is not None]
+    mllp_ports: dict[str, int] = {}
+
     published = time.strftime("%Y-%m-%d", time.gmtime())
 
     @get("/fhir/{source:str}/metadata")
@@ -438,6 +473,8 @@ def create_app(
                         headers={} if ok else {"Retry-After": "5"})
 
     async def _start() -> None:
+        for listener in listeners:
+            mllp_ports[listener.source] = await listener.start()
         background.append(asyncio.create_task(maps.run(), name="codemaps"))
         background.append(asyncio.create_task(_gauges(), name="gauges"))
         background.append(asyncio.create_task(breaker.run(), name="circuit-breaker"))
@@ -503,6 +540,8 @@ def create_app(
     ))
 
     async def _close() -> None:
+        for listener in listeners:
+            await listener.close()
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
@@ -528,6 +567,7 @@ def create_app(
     app.state.breaker = breaker
     app.state.request_log = reqlog
     app.state.replay = replay
+    app.state.mllp_ports = mllp_ports  # source -> the port its MLLP listener bound
     return app
 
 

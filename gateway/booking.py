@@ -133,8 +133,11 @@ class Booker:
 
     def prepare(self, source_name: str, body: bytes, trace: Trace | None = None) -> Prepared:
         """Parse, map and check; raises with every problem found, changes nothing anywhere."""
+        return self.check(source_name, self._parse(source_name, body), trace)
+
+    def check(self, source_name: str, booking: CanonicalBooking, trace: Trace | None = None) -> Prepared:
+        """Map and check a parsed booking (an HL7 v2 message's arrives parsed)."""
         source = self.source(source_name)
-        booking = self._parse(source_name, body)
         mapped = map_booking(booking, source, self._maps.get(source_name, EMPTY))
         if trace is not None:  # for the request log, refused or not
             trace.maps_version, trace.maps_used = mapped.maps_version, mapped.used
@@ -148,8 +151,12 @@ class Booker:
                    *, retry_refusal: bool = False) -> Answer:
         """`retry_refusal`: an operator's replay; a refusal stored for this booking is forgotten so
         the booking is tried again (with the maps as they are now)."""
+        return await self.book_prepared(source_name, self.prepare(source_name, body, trace), key_header, trace,
+                                        retry_refusal=retry_refusal)  # refusals found in prepare are never stored
+
+    async def book_prepared(self, source_name: str, prepared: Prepared, key_header: str | None, trace: Trace,
+                            *, retry_refusal: bool = False) -> Answer:
         assert self._store is not None and self._client is not None, "booking needs Redis and Salesforce"
-        prepared = self.prepare(source_name, body, trace)  # refusals found here are never stored
         fp = fingerprint(prepared.booking)
         material = key_material(key_header, prepared.booking, fp)
         trace.key_material = material
@@ -189,9 +196,12 @@ class Booker:
         idempotency key like a booking; both Salesforce calls are idempotent, so a lost answer is simply
         sent again on the retry. A cancelled appointment stays cancelled (Cerner's fixed paths, and
         FHIR's): changing it is 422."""
+        return await self.change_booking(source_name, self._parse(source_name, body), target, key_header, trace)
+
+    async def change_booking(self, source_name: str, booking: CanonicalBooking, target: Target,
+                             key_header: str | None, trace: Trace) -> Answer:
         assert self._store is not None and self._client is not None and self._links is not None
         source = self.source(source_name)
-        booking = self._parse(source_name, body)
         maps = self._maps.get(source_name, EMPTY)
         trace.patient = next((p.reference for p in booking.participants if p.kind == "Patient"), None)
         status = (booking.status or "").lower()

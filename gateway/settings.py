@@ -38,7 +38,9 @@ class SourceSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     time_zone: str | None = None
     rate_limit_per_minute: int | None = None
     delivery: Literal["sync", "queue"] = "sync"
-    mllp_port: int | None = None
+    mllp_port: int | None = None  # 0: any free port (tests)
+    # MLLP has no authentication of its own: the listener binds loopback unless told otherwise
+    mllp_host: str = "127.0.0.1"
     # SMART Backend Services: the client id the source signs its assertions with, and its public
     # keys, inline (a JWKS as a TOML table) or by URL
     smart_client_id: str | None = None
@@ -216,6 +218,8 @@ def load_file_settings(config_dir: Path) -> FileSettings:
                 problems.append(f"{where}.time_zone: not an IANA time zone name")
         if (src.adapter == "hl7v2") != (src.mllp_port is not None):
             problems.append(f"{where}.mllp_port: required with adapter 'hl7v2' and only with it")
+        elif src.mllp_port is not None and not 0 <= src.mllp_port <= 65535:
+            problems.append(f"{where}.mllp_port: a TCP port (0 to 65535)")
         if src.smart_client_id is not None and (src.jwks is None) == (src.jwks_url is None):
             problems.append(f"{where}.smart_client_id: needs either jwks or jwks_url")
         if src.jwks_url is not None and not (src.jwks_url.startswith("https://") or src.jwks_url.startswith("http://127.0.0.1")):

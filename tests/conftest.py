@@ -123,6 +123,9 @@ def make_settings(
         name: msgspec.structs.replace(src, api_keys_sha256=(digest(KEYS[name]),)) if name in KEYS else src
         for name, src in file.sources.items()
     }
+    # MLLP listeners on any free port (app.state.mllp_ports says which): tests build many gateways
+    sources = {name: msgspec.structs.replace(src, mllp_port=0) if src.mllp_port is not None else src
+               for name, src in sources.items()}
     admin = msgspec.structs.replace(file.admin, api_keys_sha256=(*file.admin.api_keys_sha256, digest(ADMIN_KEY)),
                                     phi_keys_sha256=(*file.admin.phi_keys_sha256, digest(PHI_KEY)))
     file = msgspec.structs.replace(file, sources=sources, redis=msgspec.structs.replace(file.redis, key_prefix=prefix),

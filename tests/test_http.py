@@ -30,7 +30,7 @@ async def test_no_key_401_unknown_key_401_other_source_403(gateway, sandbox):
 
 
 async def test_unknown_source_404(gateway):
-    assert_outcome(await gateway.post("/fhir/athena/Appointment", content=b"{}", headers=auth()), 404, "not-found")
+    assert_outcome(await gateway.post("/fhir/nowhere/Appointment", content=b"{}", headers=auth()), 404, "not-found")
 
 
 @pytest.mark.parametrize("media", ["text/plain", "application/xml", ""])

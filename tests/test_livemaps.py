@@ -18,7 +18,7 @@ from gateway.livemaps import LiveMaps
 from gateway.settings import load_file_settings
 from tests.conftest import CONFIG, VIDEO_VISIT, corpus
 
-SOURCES = ["cerner", "epic", "fhir"]
+SOURCES = ["cerner", "epic", "fhir", "athena"]
 OLD_WORK_TYPE, NEW_WORK_TYPE = "08qxx0000000002AAA", "08qxx0000000009AAA"  # same length: same file size
 TICK = 0.05
 

@@ -1,0 +1,130 @@
+"""HL7 v2 SIU over MLLP, end to end: the corpus's messages sent to the gateway's MLLP listener over a
+real socket, booked, rescheduled and cancelled in the Health Cloud sandbox over real HTTP, each
+answered with its ACK."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from adapters.hl7v2 import normalise, parse_siu
+from tests.conftest import CORPUS
+
+ATHENA = CORPUS / "hl7v2" / "athena-siu-s12-403.hl7"
+COREPOINT = CORPUS / "hl7v2" / "corepoint-siu-s14-example.hl7"
+
+
+def state(sandbox):
+    return sandbox.app.state.sandbox
+
+
+async def exchange(mllp_port: int, *messages: bytes, start_block: bool = True) -> list[str]:
+    """Send each message framed (with or without the start byte) and read its ACK, in order."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", mllp_port)
+    acks = []
+    try:
+        for message in messages:
+            writer.write((b"\x0b" if start_block else b"") + message.rstrip(b"\x1c\r\n") + b"\x1c\r")
+            await writer.drain()
+            block = await asyncio.wait_for(reader.readuntil(b"\x1c\r"), 10)
+            assert block.startswith(b"\x0b")
+            acks.append(block[1:-2].decode())
+    finally:
+        writer.close()
+    return acks
+
+
+def msa(ack: str) -> list[str]:
+    segment = next(s for s in ack.split("\r") if s.startswith("MSA|"))
+    return segment.split("|")
+
+
+@pytest.fixture
+async def mllp(settings):
+    """The gateway (its HTTP side unused here) and its athena listener's port."""
+    from gateway.app import create_app
+    from gateway.server import ThreadedServer, gateway_server_options
+
+    app = create_app(settings)
+    with ThreadedServer(app, **gateway_server_options(settings.file, settings.config_dir)):
+        yield app.state.mllp_ports["athena"]
+
+
+def with_event(raw: bytes, event: str, *, control: str, timing: str | None = None, reason: str | None = None) -> bytes:
+    """The corpus message as another SIU event, with its own control id (and new times, or a reason)."""
+    segments = normalise(raw).split("\r")
+    out = []
+    for seg in segments:
+        fields = seg.split("|")
+        if fields[0] == "MSH":
+            fields[8], fields[9] = f"SIU^{event}", control
+        if fields[0] == "SCH":
+            if timing:
+                fields[11] = f"^^^{timing}"
+            if reason:
+                fields[6] = reason
+        out.append("|".join(fields))
+    return "\r".join(out).encode()
+
+
+async def test_an_athena_s12_without_a_start_block_books_and_acks(mllp, sandbox):
+    raw = ATHENA.read_bytes()
+    assert not raw.startswith(b"\x0b")  # as the corpus has it: end block, no start block
+    (ack,) = await exchange(mllp, raw, start_block=False)
+    assert msa(ack)[1:3] == ["AA", "403"]  # MSA-2 echoes MSH-10
+    (stored,) = state(sandbox).appointments()
+    sent = stored.request
+    assert sent["startDate"] == "2004-03-22T13:20:00-05:00" and sent["endDate"] == "2004-03-22T13:30:00-05:00"
+    assert {p["reference"] for p in sent["participants"]} == {"Patient/00432", "Practitioner/kmurphy2", "Facility/2"}
+    assert sent["workTypeId"] == "08qxx0000000001AAA" and sent["appointmentTypes"] == ["ROUTINE"]
+    assert sent["sourceSystem"] == "athena"
+    # the same message again (a sender's retry): acknowledged, not booked twice
+    (again,) = await exchange(mllp, raw)
+    assert msa(again)[1] == "AA" and len(state(sandbox).appointments()) == 1
+
+
+async def test_s13_reschedules_and_s15_cancels_the_same_appointment(mllp, sandbox):
+    raw = ATHENA.read_bytes()
+    moved = with_event(raw, "S13", control="404", timing="200403231000")
+    cancelled = with_event(raw, "S15", control="405", reason="pat^patient request")
+    acks = await exchange(mllp, raw, moved, cancelled)
+    assert [msa(a)[1:3] for a in acks] == [["AA", "403"], ["AA", "404"], ["AA", "405"]]
+    (stored,) = state(sandbox).appointments()
+    assert stored.status == "Cancelled" and stored.cancellation_reason == "pat"  # SCH-6, passed through
+    assert stored.request["startDate"] == "2004-03-23T10:00:00-05:00"  # the S13's new time
+    counters = state(sandbox).counters()
+    assert (counters.update_calls, counters.cancel_calls) == (1, 1)
+
+
+async def test_an_lf_separated_s14_for_an_unknown_appointment_is_ae(mllp, sandbox):
+    raw = COREPOINT.read_bytes()
+    assert b"\r" not in raw.rstrip(b"\r\n")  # LF separators, as the corpus has it
+    (ack,) = await exchange(mllp, raw)
+    fields = msa(ack)
+    assert fields[1:3] == ["AE", "20080306953450"] and "ERR|" in ack
+    assert state(sandbox).appointments() == []
+
+
+async def test_unreadable_messages_are_ar_and_the_connection_goes_on(mllp, sandbox):
+    not_siu = b"MSH|^~\\&|A|B|C|D|200401010000||ADT^A01|77|P|2.3\rPID|||1\r"
+    garbage = b"this is not HL7"
+    acks = await exchange(mllp, not_siu, garbage, ATHENA.read_bytes())
+    assert msa(acks[0])[1:3] == ["AR", "77"] and "MSH-9" in acks[0]
+    assert msa(acks[1])[1] == "AR"
+    assert msa(acks[2])[1:3] == ["AA", "403"]  # the same connection still books
+
+
+async def test_an_unmapped_appointment_type_is_ae_naming_the_field(mllp, sandbox):
+    raw = normalise(ATHENA.read_bytes()).replace("ov^office visit", "zz^unknown").encode()
+    (ack,) = await exchange(mllp, raw)
+    assert msa(ack)[1] == "AE" and "ERR|SCH-8" in ack
+    assert state(sandbox).appointments() == []
+
+
+def test_the_corpus_messages_parse():
+    for path in sorted((CORPUS / "hl7v2").glob("*.hl7")):
+        siu = parse_siu(path.read_bytes(), "America/New_York")
+        assert siu.booking.start is not None and siu.booking.end is not None, path.name
+        assert any(p.kind == "Patient" for p in siu.booking.participants), path.name
+        assert siu.placer or siu.filler
