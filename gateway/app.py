@@ -20,6 +20,7 @@ from litestar.params import FromPath
 from gateway.admin import AdminAuth, AdminDeps, Audit, admin_router
 from gateway.booking import Answer, Booker, Target, Trace
 from adapters.hl7v2 import FILLER, PLACER, ack, parse_siu
+from gateway.batch import Item, batch_response, parse_batch, response_entry
 from gateway.breaker import CircuitBreaker
 from gateway.capability import capability_statement
 from gateway.errors import (
@@ -28,6 +29,7 @@ from gateway.errors import (
     SalesforceRefused,
     GatewayError,
     InvalidRequest,
+    Issue,
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
@@ -140,13 +142,16 @@ _SALESFORCE_ID = re.compile(r"[A-Za-z0-9]{15}(?:[A-Za-z0-9]{3})?")
 
 
 def _target(request: Request, appointment_id: str | None) -> Target:
+    return _target_of(appointment_id, request.query_params.getall("identifier", []))
+
+
+def _target_of(appointment_id: str | None, values: list[str]) -> Target:
     """What a PUT names: the Salesforce id in the path, or `?identifier=system|value` (FHIR's
     conditional update, with a token: `value` alone means no system)."""
     if appointment_id is not None:
         if not _SALESFORCE_ID.fullmatch(appointment_id):
             raise NotFound("no appointment has that id (the id is the Salesforce id the gateway answered with)")
         return Target(salesforce_id=appointment_id)
-    values = request.query_params.getall("identifier", [])
     if len(values) != 1 or not values[0].strip("|"):
         raise InvalidRequest("a conditional update names the appointment by one identifier: ?identifier=system|value",
                              expression=("identifier",))
@@ -411,6 +416,61 @@ def create_app(
                  for name, src in settings.sources.items() if src.adapter == "hl7v2" and src.mllp_port is not None]
     mllp_ports: dict[str, int] = {}
 
+    @post("/fhir/{source:str}", status_code=200)
+    async def batch(request: Request, source: FromPath[str]) -> Response[bytes]:
+        """A FHIR batch Bundle (gateway/batch.py): each entry booked or changed as if sent alone, each
+        with its own request-log entry; the key of entry i is `<Idempotency-Key>#i` when the header
+        is given, else derived from the entry as for a single request."""
+        request_id = new_id()
+        try:
+            await _admit(request, source)
+            _check_media(request)
+            try:
+                body = await request.body()
+            except InternalServerException:
+                raise RequestTimeout("the client stopped sending the body") from None
+            if source not in booker.sources or settings.sources[source].adapter == "hl7v2":
+                raise NotFound("this source takes HL7 v2 over MLLP, not FHIR over HTTP")
+            items = parse_batch(body)
+            key = parse_key_header(request.headers.get("idempotency-key"))
+        except GatewayError as exc:
+            return _error_response(exc, request_id)
+        except HTTPException as exc:  # body over the size limit
+            return _litestar_error(request, exc)
+        entries = []
+        for item in items:
+            if isinstance(item, Issue):
+                refused = InvalidRequest(item.diagnostics, expression=item.expression)
+                entries.append(response_entry(refused.status, error_body(refused), None))
+                continue
+            entries.append(await _entry(source, item, f"{key}#{item.index}" if key is not None else None))
+        return Response(batch_response(entries), status_code=200,
+                        headers={"Content-Type": FHIR_JSON, "X-Request-ID": request_id})
+
+    async def _entry(source: str, item: Item, key: str | None) -> dict[str, Any]:
+        started = time.perf_counter()
+        request_id = new_id()
+        trace = Trace()
+        status, error, op = 500, None, "book" if item.kind == "book" else "change"
+        try:
+            if item.kind == "book":
+                answer = await booker.book(source, item.body, key, trace)
+            else:
+                target = _target_of(item.appointment_id, [item.identifier] if item.identifier else [])
+                answer = await booker.change(source, item.body, target, key, trace)
+            status = answer.status
+            return response_entry(status, answer.body, answer.headers.get("Location"))
+        except GatewayError as exc:
+            status, error = exc.status, exc
+            return response_entry(exc.status, error_body(exc), None)
+        except Exception as exc:  # a bug in one entry must not lose the others' answers
+            log.error("unhandled", error=type(exc).__name__, path="batch-entry")
+            failure = GatewayError("internal error")
+            return response_entry(failure.status, error_body(failure), None)
+        finally:
+            _summarise(request_id, source, op, status, trace, started, error,
+                       item.body if status not in (401, 403) else None, "application/fhir+json", key)
+
     published = time.strftime("%Y-%m-%d", time.gmtime())
 
     @get("/fhir/{source:str}/metadata")
@@ -553,7 +613,7 @@ def create_app(
             await scripts.aclose()
 
     app = Litestar(
-        route_handlers=[book, book_operation, change_by_id, change_by_identifier, slot_search, metadata, translate, live, ready, metrics_page, token, openapi, admin],
+        route_handlers=[batch, book, book_operation, change_by_id, change_by_identifier, slot_search, metadata, translate, live, ready, metrics_page, token, openapi, admin],
         exception_handlers={HTTPException: _litestar_error, Exception: _unexpected},
         on_startup=[_start],
         on_shutdown=[_close],

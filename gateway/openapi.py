@@ -459,6 +459,26 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
             description=book_description, parameters=[fhir_source, idempotency_key],
             requestBody=fhir_body(_ref("Booking")), security=fhir_security,
         )},
+        "/fhir/{source}": {"post": _operation(
+            "A FHIR batch Bundle of bookings and changes", "FHIR",
+            {"200": {"description": "a batch-response Bundle: each entry's own status, its Appointment or its "
+                                    "OperationOutcome, in the request's order",
+                     "headers": {"X-Request-ID": _REQUEST_ID},
+                     "content": {FHIR_JSON: {"schema": {"type": "object", "required": ["resourceType", "type"],
+                                                        "properties": {"resourceType": {"const": "Bundle"},
+                                                                       "type": {"const": "batch-response"}}}}}},
+             **_fhir_errors(body=True)},
+            operation_id="batch",
+            description="Entries: POST Appointment (book), PUT Appointment/<id> or Appointment?identifier=… "
+                        "(reschedule or cancel). A transaction is 422. With `Idempotency-Key`, entry i's key is "
+                        "`<key>#i`." + mtls_note,
+            parameters=[fhir_source, idempotency_key],
+            requestBody=fhir_body({"type": "object", "required": ["resourceType", "type"],
+                                   "properties": {"resourceType": {"const": "Bundle"},
+                                                  "type": {"enum": ["batch", "transaction"]},
+                                                  "entry": {"type": "array", "maxItems": 100}}}),
+            security=fhir_security,
+        )},
         "/fhir/{source}/metadata": {"get": _operation(
             "The source's FHIR CapabilityStatement", "FHIR",
             {"200": {"description": "a FHIR R4 CapabilityStatement of what this source may do",

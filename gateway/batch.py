@@ -1,0 +1,112 @@
+"""FHIR `batch` Bundles at `POST /fhir/{source}`: each entry booked or changed on its own, each with
+its own outcome, in a `batch-response` Bundle (entries in the request's order).
+
+An entry is `request.method` POST with `request.url` `Appointment` (a booking), or PUT with
+`Appointment/<Salesforce id>` or `Appointment?identifier=system|value` (a reschedule or
+cancellation). A `transaction` is refused: Salesforce cannot book several appointments atomically,
+and FHIR promises all-or-nothing for one. Entries are independent, as FHIR's batch says; they are
+processed in order, one at a time, so two entries about one appointment meet Salesforce in the order
+written.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import parse_qsl
+
+import msgspec
+
+from adapters._shapes import MAX_ITEMS
+from gateway.errors import InvalidRequest, Issue, Unprocessable
+
+_encoder = msgspec.json.Encoder()
+_REASONS = {200: "OK", 201: "Created", 202: "Accepted", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
+            404: "Not Found", 409: "Conflict", 422: "Unprocessable Entity", 429: "Too Many Requests",
+            500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable"}
+
+
+class _Request(msgspec.Struct):
+    method: str | None = None
+    url: str | None = None
+
+
+class _Entry(msgspec.Struct):
+    resource: msgspec.Raw = msgspec.Raw(b"")  # kept as bytes: the source's adapter reads it (empty: none)
+    request: _Request | None = None
+    fullUrl: str | None = None
+
+
+class _Bundle(msgspec.Struct):
+    resourceType: str | None = None
+    type: str | None = None
+    entry: list[_Entry] | None = None
+
+
+class Item(msgspec.Struct, frozen=True):
+    """One entry to act on: `kind` book or change; for a change, the path id or the identifier query."""
+
+    index: int
+    kind: str
+    body: bytes
+    appointment_id: str | None = None
+    identifier: str | None = None
+
+
+def parse_batch(body: bytes) -> list[Item | Issue]:
+    """The entries, or for an entry that names no action the gateway takes, the Issue that says why."""
+    try:
+        bundle = msgspec.json.decode(body, type=_Bundle)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        raise InvalidRequest("the body is not a FHIR Bundle") from None
+    if bundle.resourceType != "Bundle":
+        raise InvalidRequest("POST /fhir/{source} takes a Bundle of type batch", expression=("Bundle.resourceType",))
+    if bundle.type == "transaction":
+        raise Unprocessable(issues=[Issue(code="not-supported", expression=("Bundle.type",),
+                                          diagnostics="a transaction cannot be honoured: Salesforce books appointments "
+                                                      "one at a time, not all or nothing; send a batch")])
+    if bundle.type != "batch":
+        raise InvalidRequest("the Bundle's type must be batch", expression=("Bundle.type",))
+    entries = bundle.entry or []
+    if len(entries) > MAX_ITEMS:
+        raise Unprocessable(issues=[Issue(code="too-costly", expression=("Bundle.entry",),
+                                          diagnostics=f"a batch takes at most {MAX_ITEMS} entries")])
+    items: list[Item | Issue] = []
+    for i, entry in enumerate(entries):
+        at = f"Bundle.entry[{i}]"
+        method = (entry.request.method or "").upper() if entry.request else ""
+        url = (entry.request.url or "").lstrip("/") if entry.request else ""
+        path, _, query = url.partition("?")
+        if not entry.resource:
+            items.append(Issue(code="required", expression=(f"{at}.resource",), diagnostics="the entry has no resource"))
+        elif method == "POST" and path == "Appointment" and not query:
+            items.append(Item(i, "book", bytes(entry.resource)))
+        elif method == "PUT" and path.startswith("Appointment/") and path.count("/") == 1 and not query:
+            items.append(Item(i, "change", bytes(entry.resource), appointment_id=path.split("/", 1)[1]))
+        elif method == "PUT" and path == "Appointment" and query:
+            identifiers = [v for k, v in parse_qsl(query, keep_blank_values=True) if k == "identifier"]
+            items.append(Item(i, "change", bytes(entry.resource), identifier=identifiers[0] if len(identifiers) == 1 else ""))
+        else:
+            items.append(Issue(code="not-supported", expression=(f"{at}.request",),
+                               diagnostics="an entry books (POST Appointment) or changes (PUT Appointment/<id> or "
+                                           "Appointment?identifier=…) an appointment"))
+    return items
+
+
+def response_entry(status: int, body: bytes, location: str | None) -> dict[str, Any]:
+    """One `batch-response` entry: the Appointment as `resource` on success, the OperationOutcome as
+    `response.outcome` otherwise."""
+    response: dict[str, Any] = {"status": f"{status} {_REASONS.get(status, '')}".strip()}
+    if location:
+        response["location"] = location
+    resource = msgspec.json.decode(body) if body else None
+    entry: dict[str, Any] = {"response": response}
+    if status < 300 and resource is not None and resource.get("resourceType") == "Appointment":
+        entry["resource"] = resource
+    elif resource is not None:
+        response["outcome"] = resource
+    return entry
+
+
+def batch_response(entries: list[dict[str, Any]]) -> bytes:
+    return _encoder.encode({"resourceType": "Bundle", "type": "batch-response", "entry": entries})
+
