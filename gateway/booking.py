@@ -397,15 +397,14 @@ class Booker:
         answer = Answer(201, booked_appointment(job.booking, salesforce_id),
                         {"Content-Type": FHIR_JSON, "Location": _location(job.source, salesforce_id)})
         links = self._links.writes(job.source, salesforce_id, BOOKED, job.booking.identifiers) if self._links else []
-        if self._store.writes_links:  # in the answer's own script: no extra round trip
+        if self._store.writes_links or not links:  # in the answer's own script: no extra round trip
             await self._store.complete_booked(job.claim, salesforce_id, links, self._links.ttl_ms if self._links else 0)
         else:
             await self._store.complete_booked(job.claim, salesforce_id)
-            if self._links is not None:
-                try:
-                    await self._links.write(links)
-                except REDIS_FAILURES:
-                    pass  # booked and answered; a later change finds it by a look-up instead
+            try:
+                await self._links.write(links)  # type: ignore[union-attr]
+            except REDIS_FAILURES:
+                pass  # booked and answered; a later change finds it by a look-up instead
         return answer
 
     async def _park(self, job: _Job, trace: Trace, *, in_doubt: bool) -> None:

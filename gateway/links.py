@@ -1,5 +1,5 @@
 """Where an EHR's appointment is in Salesforce: from each identifier the EHR gave it to the Salesforce
-id, and the appointment's last known status, kept in Redis for `retention_days`.
+id, and whether the appointment was cancelled, kept in Redis for `retention_days`.
 
 A conditional update (`PUT …/Appointment?identifier=system|value`) starts here. The links of a booking
 are written by the idempotency store's answer script, in the same round trip as the answer, on a
@@ -34,9 +34,12 @@ class Links:
         return f"{self._prefix}:appt:{{{source}:{salesforce_id}}}"
 
     def writes(self, source: str, salesforce_id: str, status: str, identifiers: Iterable[Identifier]) -> list[tuple[str, str]]:
-        """The keys and values that record an appointment: its status, and a link per identifier."""
-        pairs = [(self.appointment_key(source, salesforce_id), status)]
-        pairs += [(self.identifier_key(source, i.system, i.value), salesforce_id) for i in identifiers]
+        """The keys and values that record an appointment: a link per identifier, and its status once
+        it is cancelled (the one status that refuses what follows; no key is "booked"), so a booking
+        without identifiers writes nothing here."""
+        pairs = [(self.identifier_key(source, i.system, i.value), salesforce_id) for i in identifiers]
+        if status == CANCELLED:
+            pairs.append((self.appointment_key(source, salesforce_id), status))
         return pairs
 
     async def write(self, pairs: Iterable[tuple[str, str]]) -> None:

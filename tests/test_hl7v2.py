@@ -128,3 +128,13 @@ def test_the_corpus_messages_parse():
         assert siu.booking.start is not None and siu.booking.end is not None, path.name
         assert any(p.kind == "Patient" for p in siu.booking.participants), path.name
         assert siu.placer or siu.filler
+
+
+async def test_the_corepoint_s14_modifies_what_its_s12_booked(mllp, sandbox):
+    """The corpus's S14 (v2.3, LF separators, a NTE comment) after the S12 that booked it."""
+    raw = COREPOINT.read_bytes()
+    booked, modified = await exchange(mllp, with_event(raw, "S12", control="cp-1"), raw)
+    assert msa(booked)[1:3] == ["AA", "cp-1"] and msa(modified)[1:3] == ["AA", "20080306953450"]
+    (stored,) = state(sandbox).appointments()
+    assert stored.status == "Scheduled" and state(sandbox).counters().update_calls == 1
+    assert stored.request["comment"] == "1MONTH HLCK" and stored.request["appointmentTypes"] == ["CHECKUP"]
