@@ -130,3 +130,20 @@ async def test_a_reused_key_with_another_change_is_422(gateway, sandbox):
     assert first.status_code == 200
     other = await put(gateway, path, appointment(start="2026-12-01T16:00:00Z", end="2026-12-01T16:30:00Z"), **{"Idempotency-Key": "mv-1"})
     assert other.status_code == 422 and state(sandbox).counters().update_calls == 1
+
+
+async def test_a_change_salesforce_failed_is_sent_again_on_the_retry(gateway, sandbox):
+    """Salesforce's Update and Cancel are idempotent, so a change whose call failed (a 5xx: it may or
+    may not have been applied) is simply sent again by the EHR's retry, and the retry's answer is
+    the first success's."""
+    sf_id = await book(gateway)
+    cancel = appointment(status="cancelled")
+    state(sandbox).faults.set(server_error=1)
+    failed = await put(gateway, f"/fhir/cerner/Appointment/{sf_id}", cancel, **{"Idempotency-Key": "cx-5xx"})
+    assert failed.status_code in (502, 503) and "retry-after" in failed.headers
+    assert state(sandbox).get(sf_id).status == "Scheduled"
+    done = await put(gateway, f"/fhir/cerner/Appointment/{sf_id}", cancel, **{"Idempotency-Key": "cx-5xx"})
+    assert done.status_code == 200 and "idempotent-replayed" not in done.headers
+    again = await put(gateway, f"/fhir/cerner/Appointment/{sf_id}", cancel, **{"Idempotency-Key": "cx-5xx"})
+    assert again.content == done.content and again.headers["idempotent-replayed"] == "true"
+    assert state(sandbox).get(sf_id).status == "Cancelled" and state(sandbox).counters().cancel_calls == 2
