@@ -159,8 +159,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"No Salesforce credentials: serving the Health Cloud sandbox at {sandbox_server.url}")
             print(f"  its appointments: {sandbox_server.url}/sandbox/appointments")
             print("  demo sources and keys (accepted only while the sandbox stands in for Salesforce):")
-            for source in settings.sources:
-                print(f"    {source:<10} Authorization: Bearer {DEMO_KEY.format(source=source)}")
+            for source, src in settings.sources.items():
+                if src.adapter == "hl7v2":  # no key: MLLP has none
+                    print(f"    {source:<10} HL7 v2 SIU over MLLP on {src.mllp_host}:{src.mllp_port}")
+                else:
+                    print(f"    {source:<10} Authorization: Bearer {DEMO_KEY.format(source=source)}")
         from gateway.server import gateway_server_options
 
         options = gateway_server_options(settings.file, config_dir)
