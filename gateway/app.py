@@ -407,6 +407,9 @@ def create_app(
         except GatewayError as exc:
             status, error, issues = exc.status, exc, tuple(exc.issues)
             code = "AE" if status in (404, 422) else "AR"
+        except Exception as exc:  # a bug: the sender gets an AR (send again), the log the exception's type only
+            log.error("unhandled", error=type(exc).__name__, path="mllp")
+            code = "AR"
         finally:
             # the v2 message is not kept: a replay from the dashboard speaks FHIR
             _summarise(request_id, source, op, status, trace, started, error, None, None, None)

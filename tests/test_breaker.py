@@ -307,7 +307,8 @@ async def test_redis_lost_keeps_the_last_view(prefix: str) -> None:
     server = EmbeddedRedis(appendonly=False).start()
     c = aioredis.Redis.from_url(server.url, socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0))
     try:
-        b = breaker(c, prefix, open_seconds=0.5)
+        # open long enough that a slow machine's failed reconnects cannot carry it past the window
+        b = breaker(c, prefix, open_seconds=1.5)
         await trip(b)
         server.stop()
         await record(b, failures=3)
@@ -315,7 +316,7 @@ async def test_redis_lost_keeps_the_last_view(prefix: str) -> None:
         assert not b.snapshot().redis_ok and b.snapshot().unsynced_failures == 3
         with pytest.raises(Unavailable):
             await b.before_call()
-        await asyncio.sleep(0.55)
+        await asyncio.sleep(1.55)
         # half-open but Redis cannot elect a probe: refuse (briefly), never leak a Redis error
         with pytest.raises(Unavailable) as refused:
             await b.before_call()
