@@ -147,3 +147,15 @@ async def test_a_change_salesforce_failed_is_sent_again_on_the_retry(gateway, sa
     again = await put(gateway, f"/fhir/cerner/Appointment/{sf_id}", cancel, **{"Idempotency-Key": "cx-5xx"})
     assert again.content == done.content and again.headers["idempotent-replayed"] == "true"
     assert state(sandbox).get(sf_id).status == "Cancelled" and state(sandbox).counters().cancel_calls == 2
+
+
+async def test_changes_show_in_the_request_log_as_what_they_did(gateway, sandbox):
+    from tests.test_admin import wait_for_entries
+
+    sf_id = await book(gateway)
+    await put(gateway, f"/fhir/cerner/Appointment/{sf_id}", appointment(start="2026-12-01T15:00:00Z", end="2026-12-01T15:30:00Z"))
+    await put(gateway, f"/fhir/cerner/Appointment/{sf_id}", appointment(status="cancelled"))
+    entries = await wait_for_entries(gateway, 3, source="cerner")
+    assert [(e["op"], e["outcome"], e["sf_id"]) for e in entries[:2]] == [
+        ("change", "cancelled", sf_id), ("change", "rescheduled", sf_id)]  # newest first
+    assert "patient" not in entries[0]  # an admin key's view: no patient data

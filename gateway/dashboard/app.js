@@ -10,7 +10,8 @@
 
   // the request log's outcomes, in the order charts stack them
   const OUTCOMES = [
-    ['booked', 'Booked'], ['replayed', 'Replayed answer'], ['queued', 'Queued'], ['refused', 'Refused'],
+    ['booked', 'Booked'], ['rescheduled', 'Rescheduled'], ['cancelled', 'Cancelled'],
+    ['replayed', 'Replayed answer'], ['queued', 'Queued'], ['refused', 'Refused'],
     ['unmapped', 'Unmapped'], ['conflict', 'Conflict'], ['throttled', 'Throttled'], ['rejected', 'Rejected'], ['failed', 'Failed'],
   ];
   const OUTCOME_LABEL = Object.fromEntries(OUTCOMES);
@@ -21,7 +22,7 @@
     half_open: ['Half-open', 'One probe call decides whether calls resume.'],
     open: ['Open', 'Salesforce is failing: bookings are queued or refused at once.'],
   };
-  const OPS = { book: 'Booking', replay: 'Operator replay', deliver: 'Queue delivery' };
+  const OPS = { book: 'Booking', change: 'Reschedule or cancellation', replay: 'Operator replay', deliver: 'Queue delivery' };
   const QUEUE_WHERE = { ready: 'Ready', delayed: 'Waiting to retry', dead: 'Dead letter' };
 
   const state = {
