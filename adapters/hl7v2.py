@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from zoneinfo import ZoneInfo
 
 import hl7
@@ -70,7 +70,7 @@ def parse_siu(raw: bytes, time_zone: str | None) -> Siu:
     if start is not None and end is None and _text(sch, 9):
         minutes = _minutes(_text(sch, 9), _component(sch, 10, 1))
         if minutes:
-            end = Instant(_iso(_parse_ts(start.text) + timedelta(minutes=minutes)), "SCH-9")
+            end = Instant(_iso(datetime.fromisoformat(start.text) + timedelta(minutes=minutes)), "SCH-9")
     participants: list[Participant] = []
     pid = _segment(message, "PID")
     patient = (_component(pid, 3, 1) or _component(pid, 2, 1)) if pid is not None else None
@@ -162,10 +162,6 @@ def _concept(segment: hl7.Segment, field: int, name: str) -> Concept | None:
     return Concept(path=name, codings=(Coding(system=system, code=code, display=text),), text=text)
 
 
-def _parse_ts(text: str) -> datetime:
-    return datetime.fromisoformat(text)
-
-
 def _instant(value: str, zone: ZoneInfo | None, field: str) -> Instant | None:
     if not value:
         return None
@@ -179,18 +175,12 @@ def _instant(value: str, zone: ZoneInfo | None, field: str) -> Instant | None:
         raise InvalidRequest(f"{field}: {value!r} is not a valid date-time", expression=(field,)) from None
     if offset:
         sign = 1 if offset[0] == "+" else -1
-        moment = moment.replace(tzinfo=_fixed(sign * (int(offset[1:3]) * 60 + int(offset[3:5]))))
+        moment = moment.replace(tzinfo=timezone(timedelta(minutes=sign * (int(offset[1:3]) * 60 + int(offset[3:5])))))
     elif zone is not None:
         moment = moment.replace(tzinfo=zone)
     else:
         raise InvalidRequest(f"{field}: a time without an offset needs the source's time_zone", expression=(field,))
     return Instant(_iso(moment), field)
-
-
-def _fixed(minutes: int):
-    from datetime import timezone
-
-    return timezone(timedelta(minutes=minutes))
 
 
 def _iso(moment: datetime) -> str:

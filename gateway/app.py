@@ -37,7 +37,7 @@ from gateway.errors import (
     Unauthorized,
     UnsupportedMediaType,
 )
-from gateway.fhir import FHIR_JSON, error_body
+from gateway.fhir import FHIR_JSON, error_body, slot_searchset
 from gateway.ids import new_id
 from gateway.idempotency import REDIS_FAILURES, IdempotencyStore, parse_key_header
 from gateway.links import Links
@@ -58,7 +58,6 @@ from gateway.salesforce.auth import TokenProvider
 from gateway.salesforce._http import HttpClient
 from gateway.salesforce.client import SalesforceClient
 from gateway.settings import Settings, load_settings
-from gateway.slots import searchset
 from gateway.worker import QueueWorker
 
 _ACCEPTED_MEDIA = ("application/fhir+json", "application/json")
@@ -497,7 +496,7 @@ def create_app(
             found = await booker.find_slots(source, request.query_params, trace)
             status = 200
             base = f"{request.base_url}".rstrip("/") + f"/fhir/{source}"
-            return Response(searchset(found, request.query_params, base, str(request.url)), status_code=200,
+            return Response(slot_searchset(found, request.query_params, base, str(request.url)), status_code=200,
                             headers={"Content-Type": FHIR_JSON, "X-Request-ID": request_id})
         except GatewayError as exc:
             status, error = exc.status, exc

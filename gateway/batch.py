@@ -11,6 +11,7 @@ written.
 
 from __future__ import annotations
 
+from http import HTTPStatus
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -20,9 +21,6 @@ from adapters._shapes import MAX_ITEMS
 from gateway.errors import InvalidRequest, Issue, Unprocessable
 
 _encoder = msgspec.json.Encoder()
-_REASONS = {200: "OK", 201: "Created", 202: "Accepted", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
-            404: "Not Found", 409: "Conflict", 422: "Unprocessable Entity", 429: "Too Many Requests",
-            500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable"}
 
 
 class _Request(msgspec.Struct):
@@ -95,7 +93,7 @@ def parse_batch(body: bytes) -> list[Item | Issue]:
 def response_entry(status: int, body: bytes, location: str | None) -> dict[str, Any]:
     """One `batch-response` entry: the Appointment as `resource` on success, the OperationOutcome as
     `response.outcome` otherwise."""
-    response: dict[str, Any] = {"status": f"{status} {_REASONS.get(status, '')}".strip()}
+    response: dict[str, Any] = {"status": f"{status} {HTTPStatus(status).phrase}"}
     if location:
         response["location"] = location
     resource = msgspec.json.decode(body) if body else None

@@ -124,12 +124,15 @@ class Booker:
             raise NotFound("no source of that name is configured", expression=("source",))
         return found
 
-    def _parse(self, source_name: str, body: bytes) -> CanonicalBooking:
+    def _fhir_adapter(self, source_name: str) -> Any:
         self.source(source_name)
         adapter = self._adapters.get(source_name)
         if adapter is None:
             raise NotFound("this source takes HL7 v2 over MLLP, not FHIR over HTTP")
-        return adapter.parse(body)
+        return adapter
+
+    def _parse(self, source_name: str, body: bytes) -> CanonicalBooking:
+        return self._fhir_adapter(source_name).parse(body)
 
     def prepare(self, source_name: str, body: bytes, trace: Trace | None = None) -> Prepared:
         """Parse, map and check; raises with every problem found, changes nothing anywhere."""
@@ -295,9 +298,8 @@ class Booker:
     async def find_slots(self, source_name: str, params: Any, trace: Trace) -> list[dict[str, Any]]:
         """A slot search (gateway/slots.py): its codes mapped as a booking's, then Salesforce's Get Slots."""
         assert self._client is not None
+        self._fhir_adapter(source_name)
         source = self.source(source_name)
-        if source_name not in self._adapters:
-            raise NotFound("this source takes HL7 v2 over MLLP, not FHIR over HTTP")
         maps = self._maps.get(source_name, EMPTY)
         request, used = slots_request(params, source, maps)
         trace.maps_version, trace.maps_used = maps.version, used

@@ -1,8 +1,11 @@
-"""FHIR answers: the one place errors become OperationOutcomes, and bookings become Appointments."""
+"""FHIR answers: the one place errors become OperationOutcomes, bookings become Appointments, and
+free slots a searchset Bundle."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
+from typing import Any
 
 import msgspec
 
@@ -115,3 +118,69 @@ def booked_appointment(booking: CanonicalBooking, salesforce_id: str, *, status:
             participant=participants or None,
         )
     )
+
+
+# -- slot search ----------------------------------------------------------------------------------
+
+_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+
+
+class _SlotSchedule(msgspec.Struct, omit_defaults=True):
+    reference: str | None = None
+    display: str | None = None
+
+
+class _CodeableConcept(msgspec.Struct, omit_defaults=True):
+    coding: list[_Coding]
+
+
+class _Slot(msgspec.Struct, omit_defaults=True, tag_field="resourceType", tag="Slot"):
+    id: str
+    schedule: _SlotSchedule
+    status: str
+    start: str
+    end: str
+    serviceType: list[_CodeableConcept] | None = None
+
+
+class _Search(msgspec.Struct):
+    mode: str = "match"
+
+
+class _Entry(msgspec.Struct):
+    fullUrl: str
+    resource: _Slot
+    search: _Search
+
+
+class _Link(msgspec.Struct):
+    relation: str
+    url: str
+
+
+class _Bundle(msgspec.Struct, tag_field="resourceType", tag="Bundle"):
+    type: str
+    total: int
+    link: list[_Link]
+    entry: list[_Entry]
+
+
+def slot_searchset(found: list[dict[str, Any]], params: Any, base: str, self_url: str) -> bytes:
+    """A slot search's answer (gateway/slots.py): one Slot per free slot Salesforce named, in its
+    order; those without an id, times or a usable FHIR id are left out."""
+    wanted = [_Coding(system=system, code=code) for v in params.getall("service-type", []) for t in v.split(",")
+              for system, bar, code in [t.rpartition("|")] if bar and system and code]
+    entries = []
+    for slot in found:
+        sid, start, end = slot.get("id"), slot.get("startTime"), slot.get("endTime")
+        if not (isinstance(sid, str) and _FHIR_ID.fullmatch(sid) and isinstance(start, str) and isinstance(end, str)):
+            continue
+        resource = slot.get("reference") or (f"{slot.get('resourceType') or 'Practitioner'}/{slot.get('resourceId')}"
+                                             if slot.get("resourceId") else None)
+        entries.append(_Entry(
+            fullUrl=f"{base}/Slot/{sid}",
+            resource=_Slot(id=sid, schedule=_SlotSchedule(display=resource), status="free", start=start, end=end,
+                           serviceType=[_CodeableConcept(coding=wanted)] if wanted else None),
+            search=_Search(),
+        ))
+    return _encoder.encode(_Bundle(type="searchset", total=len(entries), link=[_Link("self", self_url)], entry=entries))

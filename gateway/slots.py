@@ -1,4 +1,4 @@
-"""Slot search: FHIR search parameters -> Salesforce Get Slots -> a FHIR searchset Bundle of Slot.
+"""Slot search: FHIR search parameters -> Salesforce Get Slots (the Bundle is `fhir.slot_searchset`).
 
 `GET /fhir/{source}/Slot?start=ge…&start=le…&service-type=system|code&actor=Practitioner/…` reads
 like a booking without a patient: the codes go through the source's code maps exactly as an
@@ -13,8 +13,6 @@ import re
 from datetime import datetime
 from typing import Any
 
-import msgspec
-
 from adapters.r4 import resolve_reference
 from gateway.canonical import CanonicalBooking, Coding, Concept
 from gateway.codemaps import SourceMaps
@@ -25,56 +23,9 @@ from gateway.settings import SourceSettings
 
 _LOWER, _UPPER = ("ge", "gt"), ("le", "lt")
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
-_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 _RESOURCE_KINDS = {"Practitioner": "Practitioner", "PractitionerRole": "Practitioner", "Device": "Device"}
 
 
-class _Reference(msgspec.Struct, omit_defaults=True):
-    reference: str | None = None
-    display: str | None = None
-
-
-class _Coding(msgspec.Struct, omit_defaults=True):
-    system: str | None = None
-    code: str | None = None
-
-
-class _CodeableConcept(msgspec.Struct, omit_defaults=True):
-    coding: list[_Coding]
-
-
-class _Slot(msgspec.Struct, omit_defaults=True, tag_field="resourceType", tag="Slot"):
-    id: str
-    schedule: _Reference
-    status: str
-    start: str
-    end: str
-    serviceType: list[_CodeableConcept] | None = None
-
-
-class _Search(msgspec.Struct):
-    mode: str = "match"
-
-
-class _Entry(msgspec.Struct):
-    fullUrl: str
-    resource: _Slot
-    search: _Search
-
-
-class _Link(msgspec.Struct):
-    relation: str
-    url: str
-
-
-class _Bundle(msgspec.Struct, tag_field="resourceType", tag="Bundle"):
-    type: str
-    total: int
-    link: list[_Link]
-    entry: list[_Entry]
-
-
-_encoder = msgspec.json.Encoder()
 
 
 def _instant(value: str, upper: bool) -> str:
@@ -150,29 +101,3 @@ def slots_request(params: Any, source: SourceSettings, maps: SourceMaps) -> tupl
         appointmentTypes=r.appointmentTypes, serviceCategories=r.serviceCategories, serviceTypes=r.serviceTypes,
     )
     return request, mapped.used
-
-
-def searchset(found: list[dict[str, Any]], params: Any, base: str, self_url: str) -> bytes:
-    """The Bundle: one Slot per free slot Salesforce named (those without an id, times or a usable
-    FHIR id are left out), newest Salesforce order kept."""
-    wanted = [c for c in (_coding(t) for v in params.getall("service-type", []) for t in v.split(",") if t) if c]
-    entries = []
-    for slot in found:
-        sid, start, end = slot.get("id"), slot.get("startTime"), slot.get("endTime")
-        if not (isinstance(sid, str) and _FHIR_ID.fullmatch(sid) and isinstance(start, str) and isinstance(end, str)):
-            continue
-        resource = slot.get("reference") or (f"{slot.get('resourceType') or 'Practitioner'}/{slot.get('resourceId')}"
-                                             if slot.get("resourceId") else None)
-        entries.append(_Entry(
-            fullUrl=f"{base}/Slot/{sid}",
-            resource=_Slot(id=sid, schedule=_Reference(display=resource), status="free", start=start, end=end,
-                           serviceType=[_CodeableConcept(coding=wanted)] if wanted else None),
-            search=_Search(),
-        ))
-    return _encoder.encode(_Bundle(type="searchset", total=len(entries), link=[_Link("self", self_url)], entry=entries))
-
-
-def _coding(token: str) -> _Coding | None:
-    system, bar, code = token.rpartition("|")
-    return _Coding(system=system, code=code) if bar and system and code else None
-

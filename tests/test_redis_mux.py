@@ -75,7 +75,10 @@ def echo_reply(args: list[bytes]) -> bytes:
 Handler = Callable[[int, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
-class FakeRedis:
+class MisbehavingServer:
+    """A TCP server speaking just enough RESP to fail as a real Redis cannot be made to on cue
+    (never answering, hanging up, replying out of turn); every working case uses the real Redis."""
+
     def __init__(self, handler: Handler) -> None:
         self.handler = handler
         self.connections = 0
@@ -100,8 +103,8 @@ class FakeRedis:
 
 
 @asynccontextmanager
-async def fake_redis(handler: Handler) -> AsyncIterator[tuple[FakeRedis, int]]:
-    fake = FakeRedis(handler)
+async def misbehaving_server(handler: Handler) -> AsyncIterator[tuple[MisbehavingServer, int]]:
+    fake = MisbehavingServer(handler)
     server = await asyncio.start_server(fake._serve, "127.0.0.1", 0)
     try:
         yield fake, server.sockets[0].getsockname()[1]
@@ -236,7 +239,7 @@ async def test_no_answer_fails_every_waiting_call_by_the_timeout_then_reconnects
         else:
             await fake.serve_commands(reader, writer)
 
-    async with fake_redis(handler) as (fake, port):
+    async with misbehaving_server(handler) as (fake, port):
         m = MultiplexedRedis(f"redis://127.0.0.1:{port}/0", timeout=0.2)
         started = time.monotonic()
         results = await within(asyncio.gather(*(m.execute("ECHO", f"m{i}") for i in range(10)), return_exceptions=True))
@@ -255,7 +258,7 @@ async def test_a_dropped_link_fails_every_waiting_call_then_reconnects():
             return
         await fake.serve_commands(reader, writer)
 
-    async with fake_redis(handler) as (fake, port):
+    async with misbehaving_server(handler) as (fake, port):
         m = MultiplexedRedis(f"redis://127.0.0.1:{port}/0", timeout=2)
         started = time.monotonic()
         results = await within(asyncio.gather(*(m.execute("ECHO", f"m{i}") for i in range(10)), return_exceptions=True))
@@ -281,7 +284,7 @@ async def test_a_connection_that_never_says_hello_fails_by_the_connect_timeout()
         while await reader.read(65536):  # AUTH is read, never answered
             pass
 
-    async with fake_redis(handler) as (fake, port):
+    async with misbehaving_server(handler) as (fake, port):
         m = MultiplexedRedis(f"redis://:pw@127.0.0.1:{port}/0", timeout=5, connect_timeout=0.2)
         started = time.monotonic()
         with pytest.raises(ConnectionError):
@@ -303,7 +306,7 @@ async def test_a_reply_nobody_asked_for_closes_the_link_and_reaches_nobody(extra
                 writer.write(b"+OK\r\n")
         await fake.serve_commands(reader, writer)
 
-    async with fake_redis(handler) as (fake, port):
+    async with misbehaving_server(handler) as (fake, port):
         m = MultiplexedRedis(f"redis://127.0.0.1:{port}/0", timeout=2)
         assert await m.execute("ECHO", "one") == b"one"
         await asyncio.sleep(0.1)  # the stray reply arrives while no call waits
@@ -320,7 +323,7 @@ async def test_a_reply_before_any_command_was_written_reaches_nobody():
             writer.write(b"+OK\r\n")  # stray, before the mux's SELECT went out
         await fake.serve_commands(reader, writer)
 
-    async with fake_redis(handler) as (fake, port):
+    async with misbehaving_server(handler) as (fake, port):
         m = MultiplexedRedis(f"redis://127.0.0.1:{port}/5", timeout=2)
         try:
             reply = await m.execute("ECHO", "mine")
@@ -343,7 +346,7 @@ async def test_a_cancelled_call_does_not_shift_the_replies_of_the_others():
         writer.write(b"".join(bulk(args[-1]) for args in pending))
         await fake.serve_commands(reader, writer)
 
-    async with fake_redis(handler) as (fake, port):
+    async with misbehaving_server(handler) as (fake, port):
         m = MultiplexedRedis(f"redis://127.0.0.1:{port}/0", timeout=2)
         tasks = [asyncio.create_task(m.execute("ECHO", f"m{i}")) for i in range(6)]
         await asyncio.wait_for(all_read.wait(), 1)  # every command is on the wire
@@ -374,7 +377,7 @@ async def test_auth_and_select_are_sent_first_on_every_link(userinfo, db, hello)
         writer.write(b"+OK\r\n")
         await fake.serve_commands(reader, writer)
 
-    async with fake_redis(handler) as (fake, port):
+    async with misbehaving_server(handler) as (fake, port):
         m = MultiplexedRedis(f"redis://{userinfo}127.0.0.1:{port}/{db}", timeout=2)
         assert await m.execute("ECHO", "hi") == b"hi"
         assert first_bytes == [pack(hello[0])]
@@ -389,7 +392,7 @@ async def test_a_refused_password_is_an_authentication_error():
             b"-WRONGPASS invalid username-password pair or user is disabled.\r\n" if args[0] == b"AUTH"
             else echo_reply(args)))
 
-    async with fake_redis(handler) as (fake, port):
+    async with misbehaving_server(handler) as (fake, port):
         m = MultiplexedRedis(f"redis://user:bad@127.0.0.1:{port}/0", timeout=2)
         with pytest.raises(AuthenticationError, match="WRONGPASS"):
             await m.execute("PING")
