@@ -132,7 +132,8 @@ def main() -> None:
         secret = uuid.uuid4().hex
         env = {k: v for k, v in os.environ.items() if not k.startswith("SALESFORCE_")}
         procs.append(subprocess.Popen([str(BIN), "sandbox", "--port", str(sandbox_port)], stdout=subprocess.DEVNULL,
-                                      env={**env, "SANDBOX_CLIENT_ID": "bench", "SANDBOX_CLIENT_SECRET": secret}))
+                                      env={**env, "SANDBOX_CLIENT_ID": "bench", "SANDBOX_CLIENT_SECRET": secret,
+                                           "SANDBOX_CONTROL_KEY": secret}))
         wait_ready(f"http://127.0.0.1:{sandbox_port}/sandbox/counters", procs[-1])
         genv = {**env, "REDIS_URL": redis_url, "SALESFORCE_LOGIN_URL": f"http://127.0.0.1:{sandbox_port}",
                 "SALESFORCE_CLIENT_ID": "bench", "SALESFORCE_CLIENT_SECRET": secret}
@@ -156,7 +157,8 @@ def main() -> None:
         after = commandstats(client)
         replay = wrk(url, args.seconds, args.concurrency, str(lua), {**wenv, "BENCH_FIXED_KEY": "replayed"})
         after_replay = commandstats(client)
-        counters = httpx.get(f"http://127.0.0.1:{sandbox_port}/sandbox/counters").json()
+        counters = httpx.get(f"http://127.0.0.1:{sandbox_port}/sandbox/counters",
+                             headers={"Authorization": f"Bearer {secret}"}).json()
 
         def per(a: dict, b: dict, n: int) -> str:
             diff = {k: b.get(k, 0) - a.get(k, 0) for k in b}

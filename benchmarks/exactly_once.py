@@ -2,7 +2,8 @@
 
 Starts, all on loopback: a Redis of its own (the embedded server, append-only file synced on every
 write, so that it can be killed and started again), the Health Cloud sandbox (`ehr-gateway sandbox`)
-failing a share of Book calls (half before storing, half by dropping the answer after storing), and
+failing a share of Book calls (a third before storing; a third by dropping the answer after storing;
+a third stored and then answered 503, 429 or 401, with Salesforce's body or a proxy's page), and
 `ehr-gateway serve --workers N` with two Cerner sources, one answering synchronously and one through
 the durable queue. Simulated EHRs then post every booking, a share of them twice (at once, or again
 later), retrying as a real interface would (on 202, 409, 502, 503 and broken connections). Midway,
@@ -44,7 +45,9 @@ ROOT = Path(__file__).resolve().parents[1]
 CORPUS_BODY = ROOT.parent / "shared" / "corpus" / "cerner-millennium-r4" / "r4_appointment_video_visit_entry.json"
 BIN = Path(sys.executable).with_name("ehr-gateway")
 SOURCES = {"cerner": "proof-cerner-key", "cernerq": "proof-cernerq-key"}  # sync, queue
-CLIENT_ID, CLIENT_SECRET = "proof-client", "proof-secret-7a1e"
+CLIENT_ID, CLIENT_SECRET, CONTROL_KEY = "proof-client", "proof-secret-7a1e", "proof-control-5c2d"
+# what the org's front answers after it stored a booking: statuses that once made duplicates
+AFTER_STORE = ("503:salesforce", "503:html", "429:html", "401:salesforce")
 RETRY_STATUSES = {202, 409, 502, 503}
 
 
@@ -54,7 +57,7 @@ class ProofOptions:
     duplicate_share: float = 1 / 3  # of bookings sent twice (half at once, half again later)
     concurrency: int = 32
     workers: int = 2
-    fault_ratio: float = 0.2  # of Book calls failing: half before storing, half dropping the answer
+    fault_ratio: float = 0.2  # of Book calls failing: a third before storing, two thirds after
     restart_redis: bool = True
     kill_worker: bool = True
     seed: int = 20261124
@@ -74,6 +77,7 @@ class Figures:
     sends: int = 0  # Book calls Salesforce received
     faults_before_store: int = 0
     faults_dropped_after_store: int = 0
+    faults_answered_after_store: int = 0  # stored, then answered 503, 429 or 401
     lookups: int = 0  # ServiceAppointment queries the gateway made
     in_doubt: int = 0  # attempts whose answer was lost (timeout, dropped, 5xx), from the gateway's log
     adopted: int = 0  # attempts that adopted the appointment an earlier attempt had made
@@ -231,7 +235,8 @@ async def run_proof(opts: ProofOptions, workdir: Path | None = None) -> Figures:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SALESFORCE_", "REDIS_URL", "EHR_GATEWAY"))}
     sandbox = subprocess.Popen(
         [str(BIN), "sandbox", "--port", str(sandbox_port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        env={**env, "SANDBOX_CLIENT_ID": CLIENT_ID, "SANDBOX_CLIENT_SECRET": CLIENT_SECRET}, start_new_session=True,
+        env={**env, "SANDBOX_CLIENT_ID": CLIENT_ID, "SANDBOX_CLIENT_SECRET": CLIENT_SECRET,
+             "SANDBOX_CONTROL_KEY": CONTROL_KEY}, start_new_session=True,
     )
     log = run.log_path.open("w")
     gateway = subprocess.Popen(
@@ -243,13 +248,15 @@ async def run_proof(opts: ProofOptions, workdir: Path | None = None) -> Figures:
     )
     sandbox_url, gateway_url = f"http://127.0.0.1:{sandbox_port}", f"http://127.0.0.1:{gateway_port}"
     try:
-        async with httpx.AsyncClient(base_url=sandbox_url, timeout=10) as sf, \
+        async with httpx.AsyncClient(base_url=sandbox_url, timeout=10,
+                                     headers={"Authorization": f"Bearer {CONTROL_KEY}"}) as sf, \
                 httpx.AsyncClient(base_url=gateway_url, timeout=30,
                                   limits=httpx.Limits(max_connections=opts.concurrency * 2)) as gw:
             await _wait_ready(gw, gateway, sf)
-            half = opts.fault_ratio / 2
-            r = await sf.post("/sandbox/faults", json={"fail_before_store_ratio": half, "drop_after_store_ratio": half,
-                                                        "fault_seed": opts.seed})
+            third = opts.fault_ratio / 3
+            r = await sf.post("/sandbox/faults", json={
+                "fail_before_store_ratio": third, "drop_after_store_ratio": third, "answer_after_store_ratio": third,
+                "answer_after_store": list(AFTER_STORE), "fault_seed": opts.seed})
             r.raise_for_status()
             bookings = _bookings(opts)
             started = time.monotonic()
@@ -260,7 +267,8 @@ async def run_proof(opts: ProofOptions, workdir: Path | None = None) -> Figures:
             chaos.cancel()
             await asyncio.gather(chaos, return_exceptions=True)
             run.figures.seconds = round(time.monotonic() - started, 1)
-            await sf.post("/sandbox/faults", json={"fail_before_store_ratio": 0, "drop_after_store_ratio": 0})
+            await sf.post("/sandbox/faults", json={"fail_before_store_ratio": 0, "drop_after_store_ratio": 0,
+                                                   "answer_after_store_ratio": 0})
             listing = (await sf.get("/sandbox/appointments")).json()
             counters = (await sf.get("/sandbox/counters")).json()
         _count(run.figures, bookings, listing, counters, run.log_path)
@@ -330,6 +338,7 @@ def _count(fig: Figures, bookings: list[_Booking], listing: list[dict], counters
     fig.sends = counters.get("book_calls", 0)
     fig.faults_before_store = counters.get("faults_before_store", 0)
     fig.faults_dropped_after_store = counters.get("faults_dropped_after_store", 0)
+    fig.faults_answered_after_store = counters.get("faults_answered_after_store", 0)
     fig.lookups = counters.get("query_calls", 0)
     for b in bookings:
         slot = (b.patient, b.start)

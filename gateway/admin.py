@@ -27,7 +27,16 @@ from litestar import Request, Response, Router, delete, get, post
 from litestar.params import FromPath
 
 from gateway.booking import Booker
-from gateway.errors import Conflict, Forbidden, GatewayError, InvalidRequest, NotFound, Unauthorized, Unavailable
+from gateway.errors import (
+    Conflict,
+    Forbidden,
+    GatewayError,
+    InvalidRequest,
+    NotFound,
+    Unauthorized,
+    Unavailable,
+    UnsupportedMediaType,
+)
 from gateway.fhir import FHIR_JSON, error_body
 from gateway.idempotency import IdempotencyStore
 from gateway.queue import BookingQueue
@@ -158,6 +167,20 @@ class AdminDeps:
     usage: Callable[[], dict[str, Any]]
 
 
+def _same_origin_json(request: Request) -> None:
+    """A sign-in is JSON from this origin: a form or a text/plain body (which another site's page
+    can post without asking) is refused, and so is a browser's request from another origin, so no
+    page can sign a browser in with a key of its choosing (login CSRF)."""
+    media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media != "application/json":
+        raise UnsupportedMediaType("send JSON {\"key\": \"<admin key>\"} as application/json")
+    origin = request.headers.get("origin")
+    own = f"{request.url.scheme}://{request.headers.get('host', '')}"
+    if (origin is not None and origin != own) or request.headers.get("sec-fetch-site", "same-origin") not in (
+            "same-origin", "none"):
+        raise Forbidden("a sign-in from another origin is refused")
+
+
 def _address(request: Request) -> str:
     return request.client.host if request.client else ""
 
@@ -194,7 +217,12 @@ def _int(value: str | None, name: str, default: int | None = None) -> int | None
 
 def admin_router(deps: AdminDeps) -> Router:
     async def guard(request: Request, *, action: bool = False) -> Operator:
-        op = await deps.auth.identify(request)
+        try:
+            op = await deps.auth.identify(request)
+        except (Unauthorized, Forbidden):
+            if (request.headers.get("authorization") or "").strip():  # a key was shown and refused
+                await deps.audit.record(None, "key-refused", request)
+            raise
         if action and op.csrf is not None:
             sent = request.headers.get("x-csrf-token", "")
             if not hmac.compare_digest(sent, op.csrf):
@@ -203,6 +231,7 @@ def admin_router(deps: AdminDeps) -> Router:
 
     @post("/api/session", status_code=200)
     async def sign_in(request: Request) -> Response[bytes]:
+        _same_origin_json(request)
         try:
             body = msgspec.json.decode(await request.body() or b"{}")
         except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):

@@ -6,7 +6,6 @@ import asyncio
 import gc
 import hashlib
 import os
-import re
 import time
 from typing import Any
 
@@ -18,7 +17,7 @@ from litestar.exceptions import HTTPException, InternalServerException
 from litestar.params import FromPath
 
 from gateway.admin import AdminAuth, AdminDeps, Audit, admin_router
-from gateway.booking import Answer, Booker, Target, Trace
+from gateway.booking import NO_SUCH_APPOINTMENT, Answer, Booker, Target, Trace
 from adapters.hl7v2 import FILLER, PLACER, ack, parse_siu
 from gateway.batch import Item, batch_response, parse_batch, response_entry
 from gateway.breaker import CircuitBreaker
@@ -56,7 +55,7 @@ from gateway.sealing import Sealer, sealer_from_env
 from gateway.smart import SmartAuth, TokenError
 from gateway.salesforce.auth import TokenProvider
 from gateway.salesforce._http import HttpClient
-from gateway.salesforce.client import SalesforceClient
+from gateway.salesforce.client import SALESFORCE_ID, SalesforceClient
 from gateway.settings import Settings, load_settings
 from gateway.worker import QueueWorker
 
@@ -137,9 +136,6 @@ def _unexpected(request: Request, exc: Exception) -> Response[bytes]:
     return _error_response(GatewayError("internal error"))
 
 
-_SALESFORCE_ID = re.compile(r"[A-Za-z0-9]{15}(?:[A-Za-z0-9]{3})?")
-
-
 def _target(request: Request, appointment_id: str | None) -> Target:
     return _target_of(appointment_id, request.query_params.getall("identifier", []))
 
@@ -148,8 +144,8 @@ def _target_of(appointment_id: str | None, values: list[str]) -> Target:
     """What a PUT names: the Salesforce id in the path, or `?identifier=system|value` (FHIR's
     conditional update, with a token: `value` alone means no system)."""
     if appointment_id is not None:
-        if not _SALESFORCE_ID.fullmatch(appointment_id):
-            raise NotFound("no appointment has that id (the id is the Salesforce id the gateway answered with)")
+        if not SALESFORCE_ID.fullmatch(appointment_id):
+            raise NotFound(NO_SUCH_APPOINTMENT)
         return Target(salesforce_id=appointment_id)
     if len(values) != 1 or not values[0].strip("|"):
         raise InvalidRequest("a conditional update names the appointment by one identifier: ?identifier=system|value",
@@ -256,13 +252,14 @@ def create_app(
     certificates = ClientCertificates(settings.sources)
     pid = os.getpid()
 
-    async def _admit(request: Request, source: str) -> None:
+    async def _admit(request: Request, source: str, *, spend: bool = True) -> None:
         """The source exists, and the caller is it: its certificate (when it needs one), its key or
-        SMART token, then its rate limit."""
+        SMART token, then its rate limit (`spend`: a batch spends it per entry, once it has read them)."""
         booker.source(source)
         certificates.check(source, request.scope)
         await inbound.authorize(source, request.headers.get("authorization"), smart)
-        await limiter.check(source)  # after the key: strangers cannot spend a source's allowance
+        if spend:
+            await limiter.check(source)  # after the key: strangers cannot spend a source's allowance
 
     async def _handle(request: Request, source: str, dry_run: bool, change: str | None = None) -> Response[bytes]:
         """`change`: a PUT (`change` is its path id, or "" for a conditional update by identifier)."""
@@ -425,7 +422,7 @@ def create_app(
         is given, else derived from the entry as for a single request."""
         request_id = new_id()
         try:
-            await _admit(request, source)
+            await _admit(request, source, spend=False)
             _check_media(request)
             try:
                 body = await request.body()
@@ -435,6 +432,7 @@ def create_app(
                 raise NotFound("this source takes HL7 v2 over MLLP, not FHIR over HTTP")
             items = parse_batch(body)
             key = parse_key_header(request.headers.get("idempotency-key"))
+            await limiter.check(source, cost=max(1, len(items)))  # each entry is a request
         except GatewayError as exc:
             return _error_response(exc, request_id)
         except HTTPException as exc:  # body over the size limit

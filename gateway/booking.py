@@ -44,6 +44,8 @@ from gateway.slots import slots_request
 from gateway.settings import SourceSettings
 
 _encoder = msgspec.json.Encoder()
+# one answer for an id that does not exist and for one this source may not see
+NO_SUCH_APPOINTMENT = "no appointment has that id (the id is the Salesforce id the gateway answered with)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,7 +230,7 @@ class Booker:
                 diagnostics=f"an appointment {status or 'without a status'} cannot be sent: Salesforce takes "
                             "reschedules (status booked) and cancellations (status cancelled)",
             )])
-        salesforce_id = target.salesforce_id or await self._find(source_name, target, mapped.request, trace)
+        salesforce_id, current = await self._owned(source_name, target)
         fp = fingerprint(booking)
         material = f"u:{salesforce_id}:" + (f"h:{key_header}" if key_header is not None else fp)
         trace.key_material = material
@@ -243,10 +245,6 @@ class Booker:
             raise IdempotencyKeyReused("this idempotency key was used before with a different change",
                                        expression=("Idempotency-Key",))
         try:
-            try:
-                current = await self._links.status(source_name, salesforce_id)
-            except REDIS_FAILURES:
-                raise Unavailable("the appointment's record (Redis) is unavailable; nothing was sent", retry_after=5) from None
             if current == CANCELLED:
                 raise Unprocessable(issues=[Issue(
                     code="business-rule", expression=status_path,
@@ -257,9 +255,9 @@ class Booker:
             else:
                 await self._client.update(salesforce_id, mapped.request, trace.salesforce)
         except SalesforceRefused as refused:
-            if trace.salesforce.status == 404:  # Salesforce has no appointment with that id
+            if trace.salesforce.status == 404:  # Salesforce has no appointment with that id (any more)
                 await self._store.park(claim)
-                raise NotFound("Salesforce has no appointment with that id") from None
+                raise NotFound(NO_SUCH_APPOINTMENT) from None
             trace.refusal = refused
             answer = Answer(refused.status, error_body(refused), {"Content-Type": FHIR_JSON})
             await self._store.complete(claim, answer.status, answer.body)
@@ -279,21 +277,27 @@ class Booker:
             pass  # Salesforce has the change; without the status here, Salesforce itself judges the next one
         return answer
 
-    async def _find(self, source_name: str, target: Target, request: BookingRequest, trace: Trace) -> str:
-        """The Salesforce id of the appointment the EHR's identifier names: its link, else a look-up of
-        the ServiceAppointment by the appointment's own fields (found when its times did not change)."""
-        assert self._links is not None and self._client is not None and target.value is not None
+    async def _owned(self, source_name: str, target: Target) -> tuple[str, str]:
+        """The Salesforce id a change names and its last status, only for an appointment this source
+        booked: its identifier's link, or the appointment's own record (both kept per source). Any
+        other appointment, of another source or never booked here, is the same 404 as an id that
+        does not exist, before anything is sent: a source can neither change nor find it."""
+        assert self._links is not None
         try:
-            found = await self._links.resolve(source_name, target.system, target.value)
+            if target.salesforce_id is None:
+                assert target.value is not None
+                found = await self._links.resolve(source_name, target.system, target.value)
+                if found is None:
+                    raise NotFound("no appointment with that identifier was booked through this gateway",
+                                   expression=("identifier",))
+                # the link is this source's: booked here (before records of status, if it is old)
+                return found, await self._links.status(source_name, found) or BOOKED
+            current = await self._links.status(source_name, target.salesforce_id)
         except REDIS_FAILURES:
             raise Unavailable("the appointment's record (Redis) is unavailable; nothing was sent", retry_after=5) from None
-        if found is None:
-            found = await self._client.find_booking(request, 0, trace.lookup)
-            trace.looked_up = "found" if found else "absent"
-        if found is None:
-            raise NotFound("no appointment with that identifier was booked through this gateway",
-                           expression=("identifier",))
-        return found
+        if current is None:
+            raise NotFound(NO_SUCH_APPOINTMENT)
+        return target.salesforce_id, current
 
     async def find_slots(self, source_name: str, params: Any, trace: Trace) -> list[dict[str, Any]]:
         """A slot search (gateway/slots.py): its codes mapped as a booking's, then Salesforce's Get Slots."""
@@ -367,30 +371,36 @@ class Booker:
                     "an earlier attempt's outcome is not settled yet; nothing was sent",
                     retry_after=max(1, math.ceil(wait_ms / 1000)),
                 )
-        try:
-            booked = await self._client.book(job.request, trace.salesforce)
-        except SalesforceRefused as refused:
-            # Salesforce's refusal is this booking's final answer: a retry gets it again
-            trace.refusal = refused
-            answer = Answer(refused.status, error_body(refused), {"Content-Type": FHIR_JSON})
-            await self._store.complete(claim, answer.status, answer.body)
-            return answer
-        except GatewayError as failure:
-            if not trace.salesforce.in_doubt:
-                await self._park(job, trace, in_doubt=False)  # certainly not sent
-                raise
-            # the answer was lost: a dropped connection after the write is found at once
+        for resent in (False, True):
             try:
-                found = await self._client.find_booking(job.request, claim.since_ms, trace.lookup)
-            except GatewayError:
-                found = None
-            trace.looked_up = "found" if found else "absent"
-            if found:
-                return await self._finish(job, found, trace, adopted=True)
-            await self._park(job, trace, in_doubt=True)
-            failure.retry_after = failure.retry_after or self._settle_retry_after
-            raise
-        return await self._finish(job, booked.id, trace)
+                booked = await self._client.book(job.request, trace.salesforce)
+            except SalesforceRefused as refused:
+                # Salesforce's own refusal (its error shape) stored nothing: this booking's final answer
+                trace.refusal = refused
+                answer = Answer(refused.status, error_body(refused), {"Content-Type": FHIR_JSON})
+                await self._store.complete(claim, answer.status, answer.body)
+                return answer
+            except GatewayError as failure:
+                if not trace.salesforce.in_doubt:
+                    await self._park(job, trace, in_doubt=False)  # certainly not sent, or not processed
+                    raise
+                # any other answer may follow a stored booking: look before anything is sent again
+                try:
+                    found = await self._client.find_booking(job.request, claim.since_ms, trace.lookup)
+                    trace.looked_up = "found" if found else "absent"
+                except GatewayError:
+                    found, trace.looked_up = None, "failed"
+                if found:
+                    return await self._finish(job, found, trace, adopted=True)
+                if trace.salesforce.reauthenticated and trace.looked_up == "absent" and not resent:
+                    # a 401, and the look-up with the renewed token finds nothing: send it once more
+                    trace.salesforce.reauthenticated = trace.salesforce.in_doubt = False
+                    continue
+                await self._park(job, trace, in_doubt=True)
+                failure.retry_after = failure.retry_after or self._settle_retry_after
+                raise
+            return await self._finish(job, booked.id, trace)
+        raise AssertionError("unreachable: the second pass returns or raises")
 
     async def _finish(self, job: _Job, salesforce_id: str, trace: Trace, *, adopted: bool = False) -> Answer:
         assert self._store is not None

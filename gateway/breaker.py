@@ -167,10 +167,12 @@ class CircuitBreaker:
     def snapshot(self) -> BreakerSnapshot:
         return BreakerSnapshot(self.state, self._successes, self._failures, *self._window, self._redis_ok)
 
-    async def before_call(self) -> None:
-        """Returns at once while closed; raises CircuitOpen (a 503) when the call must not go to Salesforce."""
+    async def before_call(self, *, counted: bool = True) -> None:
+        """Returns at once while closed; raises CircuitOpen (a 503) when the call must not go to Salesforce.
+        A call that is not `counted` (a look-up) is refused while open but never takes the probe:
+        it could not tell whether Salesforce books again."""
         state = self.state
-        if state == "closed":
+        if state == "closed" or (state == "half_open" and not counted):
             return
         now = time.monotonic()
         if state == "open":

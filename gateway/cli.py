@@ -73,14 +73,18 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
     client_id = os.environ.get("SANDBOX_CLIENT_ID", "sandbox-client-id")
     secret = os.environ.get("SANDBOX_CLIENT_SECRET") or secrets.token_urlsafe(24)
     cert_file = os.environ.get("SANDBOX_CERTIFICATE_FILE")
+    control_key = os.environ.get("SANDBOX_CONTROL_KEY") or secrets.token_urlsafe(24)
     config = SandboxConfig(
         client_id=client_id,
         client_secret=secret,
+        control_key=control_key,
         username=os.environ.get("SANDBOX_USERNAME", "integration@sandbox.example"),
         certificate_pem=Path(cert_file).read_text() if cert_file else None,
     )
     print(f"Health Cloud sandbox on http://{args.host}:{args.port}")
     print(f"  client id {client_id}; client secret {'from SANDBOX_CLIENT_SECRET' if 'SANDBOX_CLIENT_SECRET' in os.environ else secret}")
+    shown = "from SANDBOX_CONTROL_KEY" if "SANDBOX_CONTROL_KEY" in os.environ else control_key
+    print(f"  its own endpoints (/sandbox/appointments, faults, counters, reset): Authorization: Bearer {shown}")
     if cert_file:
         print("  JWT bearer flow: assertions checked against SANDBOX_CERTIFICATE_FILE")
     sys.stdout.flush()
@@ -145,9 +149,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             from gateway.sandbox import SandboxConfig, create_sandbox_app
             from gateway.server import ThreadedServer
 
-            secret = secrets.token_urlsafe(24)
+            secret, control_key = secrets.token_urlsafe(24), secrets.token_urlsafe(18)
             sandbox_server = ThreadedServer(
-                create_sandbox_app(SandboxConfig(client_id="ehr-gateway-demo", client_secret=secret)),
+                create_sandbox_app(SandboxConfig(client_id="ehr-gateway-demo", client_secret=secret,
+                                                 control_key=control_key)),
                 port=args.sandbox_port,
             ).start()
             os.environ.update(
@@ -157,7 +162,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 EHR_GATEWAY_DEMO_KEYS="1",
             )
             print(f"No Salesforce credentials: serving the Health Cloud sandbox at {sandbox_server.url}")
-            print(f"  its appointments: {sandbox_server.url}/sandbox/appointments")
+            print(f"  its appointments: {sandbox_server.url}/sandbox/appointments "
+                  f"with Authorization: Bearer {control_key} (the sandbox's control key)")
             print("  demo sources and keys (accepted only while the sandbox stands in for Salesforce):")
             for source, src in settings.sources.items():
                 if src.adapter == "hl7v2":  # no key: MLLP has none

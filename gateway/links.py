@@ -1,10 +1,12 @@
 """Where an EHR's appointment is in Salesforce: from each identifier the EHR gave it to the Salesforce
-id, and whether the appointment was cancelled, kept in Redis for `retention_days`.
+id, and the appointment's own record (booked or cancelled), kept in Redis per source for
+`retention_days`. The record is also the proof that a source booked the appointment: a change by
+Salesforce id is allowed only where it exists (`Booker._owned`).
 
-A conditional update (`PUT …/Appointment?identifier=system|value`) starts here. The links of a booking
+A change (`PUT …/Appointment/{id}` or `?identifier=system|value`) starts here. The links of a booking
 are written by the idempotency store's answer script, in the same round trip as the answer, on a
-single Redis; on a Cluster they live in other slots, so they are written just after (`write`). A link
-missing (written before this version, or lost with Redis) falls back to a ServiceAppointment look-up.
+single Redis; on a Cluster they live in other slots, so they are written just after (`write`). There
+is no org-wide look-up behind a missing link: what this source did not book here is not found.
 Keys hold digests of the identifiers, never the identifiers, and values hold only Salesforce ids and
 status words: nothing of the patient's.
 """
@@ -34,12 +36,10 @@ class Links:
         return f"{self._prefix}:appt:{{{source}:{salesforce_id}}}"
 
     def writes(self, source: str, salesforce_id: str, status: str, identifiers: Iterable[Identifier]) -> list[tuple[str, str]]:
-        """The keys and values that record an appointment: a link per identifier, and its status once
-        it is cancelled (the one status that refuses what follows; no key is "booked"), so a booking
-        without identifiers writes nothing here."""
+        """The keys and values that record an appointment: a link per identifier, and the
+        appointment's record with its status (whose presence says this source booked it)."""
         pairs = [(self.identifier_key(source, i.system, i.value), salesforce_id) for i in identifiers]
-        if status == CANCELLED:
-            pairs.append((self.appointment_key(source, salesforce_id), status))
+        pairs.append((self.appointment_key(source, salesforce_id), status))
         return pairs
 
     async def write(self, pairs: Iterable[tuple[str, str]]) -> None:

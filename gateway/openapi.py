@@ -297,6 +297,7 @@ def _admin_errors(*extra: str) -> dict[str, dict[str, Any]]:
         "409": "this entry was replayed already",
         "413": "the body is larger than [limits] max_body_bytes",
         "422": "the booking cannot be mapped or breaks a Salesforce rule",
+        "415": "the body is not application/json",
     }
     for status in extra:
         r[status] = _outcome(texts[status])
@@ -566,7 +567,7 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
                 {"200": _json_answer("signed in; the cookie is HttpOnly, SameSite=Strict, Path=/admin",
                                      _ref("Session"),
                                      Set_Cookie={"schema": {"type": "string"}, "description": f"`{COOKIE}=...`"}),
-                 **_admin_errors("400", "413")},
+                 **_admin_errors("400", "413", "415")},
                 operation_id="signIn", security=[],
                 requestBody={"required": True, "content": {_JSON: {"schema": {
                     "type": "object", "required": ["key"], "properties": {"key": {"type": "string", "minLength": 1}},

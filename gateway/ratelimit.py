@@ -14,18 +14,18 @@ import math
 
 import redis.asyncio as redis
 
-from gateway.errors import TooManyRequests, Unavailable
+from gateway.errors import PayloadTooLarge, TooManyRequests, Unavailable
 from gateway.idempotency import REDIS_FAILURES
 
 # KEYS: the subject's key. ARGV: emission interval ms, burst (requests), 1 to only look (spend
-# nothing). Returns {allowed, wait ms}.
+# nothing), cost (requests this one counts for). Returns {allowed, wait ms}.
 _GCRA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local interval, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
 local tat = tonumber(redis.call('GET', KEYS[1])) or now
 if tat < now then tat = now end
-local new_tat = tat + interval
+local new_tat = tat + interval * tonumber(ARGV[4] or 1)
 local allow_at = new_tat - interval * burst
 if allow_at > now then return {0, allow_at - now} end
 if ARGV[3] ~= '1' then redis.call('SET', KEYS[1], new_tat, 'PX', math.ceil(new_tat - now) + 1000) end
@@ -39,13 +39,18 @@ class RateLimiter:
         self._prefix = prefix
         self._gcra = client.register_script(_GCRA)
 
-    async def check(self, source: str) -> None:
+    async def check(self, source: str, cost: int = 1) -> None:
+        """Spend `cost` requests of the source's allowance (a batch spends one per entry), or raise
+        429; a cost over the whole minute's allowance can never pass: 413."""
         per_minute = self._limits.get(source)
         if per_minute is None:
             return
+        if cost > per_minute:
+            raise PayloadTooLarge(f"this batch has more entries than this source may send in a minute ({per_minute})")
         interval_ms = 60_000 / per_minute
         try:
-            allowed, wait_ms = await self._gcra(keys=[f"{self._prefix}:rate:{{{source}}}"], args=[interval_ms, per_minute, 0])
+            allowed, wait_ms = await self._gcra(keys=[f"{self._prefix}:rate:{{{source}}}"],
+                                                args=[interval_ms, per_minute, 0, cost])
         except REDIS_FAILURES:
             return
         if not allowed:

@@ -101,6 +101,8 @@ class SalesforceTuning(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # Salesforce sends no expires_in; a cached token is dropped after this even if never refused
     token_cache_seconds: int = 3600
     unavailable_retry_after_seconds: int = 30
+    # an answer larger than this is not read: the call is lost (in doubt, looked up), the memory kept
+    max_answer_bytes: int = 4_194_304
 
 
 class LimitSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -237,6 +239,8 @@ def load_file_settings(config_dir: Path) -> FileSettings:
         problems.append("$.idempotency.retention_hours: must be positive")
     if idem.link_retention_days <= 0:
         problems.append("$.idempotency.link_retention_days: must be positive")
+    if settings.salesforce.max_answer_bytes < 65_536:
+        problems.append("$.salesforce.max_answer_bytes: must be at least 65536")
     if idem.in_doubt_settle_seconds < 0:
         problems.append("$.idempotency.in_doubt_settle_seconds: must not be negative")
     q = settings.queue

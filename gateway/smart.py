@@ -28,6 +28,13 @@ from gateway.settings import SourceSettings
 ALGORITHMS = ("RS384", "ES384")
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 TOKEN_SECONDS = 300
+# what a token lets its source do (SMART v1 names, and v2's for the same); the answer's `scope` says
+# this, whatever was asked for, and a request for anything else is refused (invalid_scope)
+GRANTED = "system/Appointment.read system/Appointment.write system/Slot.read"
+_GRANTABLE = frozenset({*GRANTED.split(), "system/Appointment.*", "system/Appointment.cruds", "system/Appointment.rs",
+                        "system/Appointment.cu", "system/Appointment.u", "system/Appointment.c", "system/Slot.rs",
+                        "system/Slot.s", "system/Slot.r"})
+_MAX_JTI = 255  # RFC 7519 sets no bound; Redis keeps each one until its assertion expires
 _MAX_ASSERTION_LIFETIME = 300
 _JWKS_CACHE_SECONDS = 300
 
@@ -94,6 +101,12 @@ class SmartAuth:
             raise TokenError("invalid_client", f"the assertion is not valid: {type(exc).__name__}", 401) from None
         if claims["sub"] != claims["iss"]:
             raise TokenError("invalid_client", "sub must equal iss", 401)
+        jti = claims["jti"]
+        if not isinstance(jti, str) or not 0 < len(jti) <= _MAX_JTI or not jti.isprintable():
+            raise TokenError("invalid_client", f"jti must be a string of 1 to {_MAX_JTI} printable characters", 401)
+        asked = (form.get("scope") or "").split()
+        if len(asked) > 16 or any(s not in _GRANTABLE for s in asked):
+            raise TokenError("invalid_scope", f"the scopes a source may have are {GRANTED} (or their SMART v2 names)")
         now = time.time()
         if claims["exp"] > now + _MAX_ASSERTION_LIFETIME + 5:
             raise TokenError("invalid_client", "the assertion may live five minutes at most", 401)
@@ -106,8 +119,7 @@ class SmartAuth:
             await self._redis.set(self._token_key(token), client.source.encode(), ex=TOKEN_SECONDS)
         except REDIS_FAILURES:
             raise TokenError("temporarily_unavailable", "the token store is unavailable", 503) from None
-        scope = form.get("scope") or "system/Appointment.write"
-        return {"access_token": token, "token_type": "bearer", "expires_in": TOKEN_SECONDS, "scope": scope}
+        return {"access_token": token, "token_type": "bearer", "expires_in": TOKEN_SECONDS, "scope": GRANTED}
 
     async def source_of(self, token: str) -> str | None:
         """The source a token was issued to, or None (unknown or expired)."""

@@ -35,6 +35,7 @@ VIDEO_VISIT = "cerner-millennium-r4/r4_appointment_video_visit_entry.json"
 KEYS = {"cerner": "test-cerner-key", "epic": "test-epic-key", "fhir": "test-fhir-key"}
 ADMIN_KEY, PHI_KEY = "test-admin-key", "test-phi-admin-key"
 CLIENT_ID, CLIENT_SECRET = "test-client", "test-secret-3f9a1c"
+CONTROL_KEY = "test-sandbox-control-key"  # opens the sandbox's own endpoints (appointments, faults, reset)
 
 
 def digest(key: str) -> str:
@@ -105,7 +106,8 @@ def prefix(key_prefix: str) -> str:
 @pytest.fixture
 def sandbox_config(request: pytest.FixtureRequest) -> SandboxConfig:
     """Override per test with `@pytest.mark.parametrize("sandbox_config", [{...}], indirect=True)`."""
-    return SandboxConfig(client_id=CLIENT_ID, client_secret=CLIENT_SECRET, **getattr(request, "param", {}))
+    return SandboxConfig(client_id=CLIENT_ID, client_secret=CLIENT_SECRET, control_key=CONTROL_KEY,
+                         **getattr(request, "param", {}))
 
 
 @pytest.fixture

@@ -68,11 +68,14 @@ async def test_keys_decide_who_sees_what(gateway, sandbox):
     # the admin key: no patient data; the PHI key: the patient, and the view is audited
     plain = (await gateway.get(f"/admin/api/requests/{entry['id']}", headers=admin())).json()
     assert "patient" not in plain and PATIENT not in str(plain)
-    assert (await gateway.get("/admin/api/audit", headers=admin())).json()["audit"] == []
+    def views(audit: list[dict]) -> list[dict]:  # the two refused keys above are audited too
+        return [a for a in audit if a["action"] != "key-refused"]
+
+    assert views((await gateway.get("/admin/api/audit", headers=admin())).json()["audit"]) == []
     phi = (await gateway.get(f"/admin/api/requests/{entry['id']}", headers=admin(PHI_KEY))).json()
     assert phi["patient"] == f"Patient/{PATIENT}"
     assert "input" not in phi  # a booked booking's input is not kept
-    [audit] = (await gateway.get("/admin/api/audit", headers=admin())).json()["audit"]
+    [audit] = views((await gateway.get("/admin/api/audit", headers=admin())).json()["audit"])
     assert audit["action"] == "view-phi" and audit["entry"] == entry["id"] and audit["role"] == "phi"
 
 
@@ -283,3 +286,30 @@ async def test_queued_booking_is_sealed_at_rest_and_its_delivery_is_logged(redis
         assert delivered["op"] == "deliver" and delivered["sf_id"] == state(sandbox).appointments()[0].id
         [queued] = (await gw.get("/admin/api/requests", params={"outcome": "queued"}, headers=admin())).json()["requests"]
         assert queued["id"] == accepted.headers["x-request-id"] and queued["replayable"]
+
+
+async def test_a_refused_bearer_key_is_audited(gateway):
+    for key in ("wrong-key", KEYS["cerner"]):
+        r = await gateway.get("/admin/api/requests", headers={"Authorization": f"Bearer {key}"})
+        assert r.status_code in (401, 403)
+    audit = (await gateway.get("/admin/api/audit", headers={"Authorization": f"Bearer {ADMIN_KEY}"})).json()["audit"]
+    refused = [a for a in audit if a["action"] == "key-refused"]
+    assert len(refused) == 2 and all(a["ip"] == "127.0.0.1" and a["who"] == "" for a in refused)
+    assert not any("wrong-key" in str(a) or KEYS["cerner"] in str(a) for a in audit)  # the key itself: never
+
+
+async def test_sign_in_is_json_from_this_origin_only(gateway):
+    """Another site's page can post a form or text/plain without asking: signing a browser in with
+    the attacker's key (login CSRF) must fail, whatever the body says."""
+    body = msgspec.json.encode({"key": ADMIN_KEY})
+    for headers in ({"Content-Type": "text/plain"}, {"Content-Type": "application/x-www-form-urlencoded"}, {}):
+        r = await gateway.post("/admin/api/session", content=body, headers=headers)
+        assert r.status_code == 415 and "set-cookie" not in r.headers, headers
+    for headers in ({"Origin": "https://evil.example"}, {"Sec-Fetch-Site": "cross-site"},
+                    {"Origin": "null"}, {"Sec-Fetch-Site": "same-site"}):
+        r = await gateway.post("/admin/api/session", content=body, headers={"Content-Type": "application/json", **headers})
+        assert r.status_code == 403 and "set-cookie" not in r.headers, headers
+    own = str(gateway.base_url).rstrip("/")
+    r = await gateway.post("/admin/api/session", content=body, headers={
+        "Content-Type": "application/json", "Origin": own, "Sec-Fetch-Site": "same-origin"})
+    assert r.status_code == 200 and "set-cookie" in r.headers

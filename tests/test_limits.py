@@ -54,3 +54,25 @@ async def test_the_allowance_comes_back_with_time(redis_url, prefix):
         pass
     await limiter.check("epic")  # no limit configured: never refused
     await client.aclose()
+
+
+async def test_each_batch_entry_spends_the_allowance(redis_url, prefix, sandbox):
+    """A batch of n entries is n requests: 7 batches of 100 on a 600-a-minute source do not all pass
+    (the seventh is over), nothing of a refused batch is done, and a batch larger than a whole
+    minute's allowance is 413 (sending it again cannot pass)."""
+    settings = make_settings(redis_url, prefix, sandbox.url)
+    sources = dict(settings.file.sources)
+    sources["cerner"] = msgspec.structs.replace(sources["cerner"], rate_limit_per_minute=600)
+    sources["epic"] = msgspec.structs.replace(sources["epic"], rate_limit_per_minute=50)
+    settings = msgspec.structs.replace(settings, file=msgspec.structs.replace(settings.file, sources=sources))
+    # entries that are refused at once (not Appointments): the allowance, not Salesforce, is measured
+    batch = msgspec.json.encode({"resourceType": "Bundle", "type": "batch", "entry": [
+        {"resource": {"resourceType": "Patient"}, "request": {"method": "POST", "url": "Appointment"}}] * 100})
+    async with serve_gateway(settings) as gw:
+        statuses = [(await gw.post("/fhir/cerner", content=batch, headers=auth())).status_code for _ in range(7)]
+        assert statuses == [200] * 6 + [429], statuses
+        refused = (await gw.post("/fhir/cerner", content=batch, headers=auth()))
+        assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1
+        over = await gw.post("/fhir/epic", content=batch, headers=auth("epic"))
+        assert over.status_code == 413 and over.json()["issue"][0]["code"] == "too-costly"
+        assert (await gw.post("/fhir/epic/Appointment/$translate", content=b"{", headers=auth("epic"))).status_code == 400

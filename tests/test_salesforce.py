@@ -18,8 +18,16 @@ def state(sandbox):
     return sandbox.app.state.sandbox
 
 
-async def book(gateway, key: str):
-    return await gateway.post("/fhir/cerner/Appointment", content=corpus(VIDEO_VISIT), headers=auth(**{"Idempotency-Key": key}))
+async def book(gateway, key: str, body: bytes | None = None):
+    return await gateway.post("/fhir/cerner/Appointment", content=body or corpus(VIDEO_VISIT),
+                              headers=auth(**{"Idempotency-Key": key}))
+
+
+def another_visit(start: str = "2026-12-02T10:00:00Z", end: str = "2026-12-02T10:15:00Z") -> bytes:
+    """The corpus visit at other times: a booking of its own, which no look-up takes for the first."""
+    data = msgspec.json.decode(corpus(VIDEO_VISIT))
+    data.update(start=start, end=end)
+    return msgspec.json.encode(data)
 
 
 @pytest.mark.parametrize(
@@ -41,11 +49,13 @@ async def test_expired_token_is_refreshed_once_then_retried(gateway, sandbox):
     assert (await book(gateway, "t-1")).status_code == 201
     grants = state(sandbox).counters().token_grants
     state(sandbox).faults.set(expire_tokens=True)
-    r = await book(gateway, "t-2")
+    r = await book(gateway, "t-2", another_visit())
     assert r.status_code == 201
     c = state(sandbox).counters()
     assert c.token_grants == grants + 1
     assert c.invalid_session == 1
+    # a Book is not re-sent blind after its 401: looked up first (with the new token), then sent
+    assert (c.book_calls, c.query_calls) == (3, 1)
     assert len(state(sandbox).appointments()) == 2
 
 

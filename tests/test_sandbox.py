@@ -28,6 +28,7 @@ from gateway.server import ThreadedServer
 
 CLIENT_ID = "test-client-id"
 CLIENT_SECRET = "test-client-secret"
+CONTROL_KEY = "test-control-key"
 USERNAME = "integration@example.test"
 API = "/services/data/v66.0"
 BOOK = f"{API}/connect/health/appointment-management/appointment"
@@ -112,11 +113,13 @@ def _start(pem: str, **overrides: Any) -> Running:
         "client_secret": CLIENT_SECRET,
         "username": USERNAME,
         "certificate_pem": pem,
+        "control_key": CONTROL_KEY,
     }
     settings.update(overrides)
     app = create_sandbox_app(SandboxConfig(**settings))
     server = ThreadedServer(app).start()
     client = httpx.Client(base_url=server.url, timeout=10, verify=_TLS)
+    client.headers["Authorization"] = f"Bearer {CONTROL_KEY}"  # the sandbox's own endpoints; API calls set theirs
     return Running(server=server, state=app.state.sandbox, client=client)
 
 
@@ -193,13 +196,33 @@ def assert_sf_error(r: httpx.Response, status: int, code: str, fields: list[str]
 
 
 def test_threaded_server_listens_on_an_ephemeral_port_and_stops(certificate_pem: str) -> None:
-    server = ThreadedServer(create_sandbox_app(SandboxConfig()))
+    server = ThreadedServer(create_sandbox_app(SandboxConfig(control_key=CONTROL_KEY)))
     with server:
         assert server.port and server.port > 0
         assert server.url == f"http://127.0.0.1:{server.port}"
-        assert httpx.get(server.url + "/sandbox/faults").status_code == 200
+        assert httpx.get(server.url + "/sandbox/faults", headers={"Authorization": f"Bearer {CONTROL_KEY}"}).status_code == 200
     with pytest.raises(httpx.ConnectError):
         httpx.get(server.url + "/sandbox/faults", timeout=2)
+
+
+@pytest.mark.parametrize("control_key", [None, CONTROL_KEY])
+def test_the_sandboxs_own_endpoints_need_its_control_key(control_key: str | None) -> None:
+    """Appointments, faults, counters and reset are the sandbox's, not Salesforce's: a caller without
+    the control key (or any key, when none is configured) reads and changes nothing."""
+    with ThreadedServer(create_sandbox_app(SandboxConfig(control_key=control_key))) as server:
+        calls = [("GET", "/sandbox/appointments"), ("GET", "/sandbox/faults"), ("POST", "/sandbox/faults"),
+                 ("GET", "/sandbox/counters"), ("POST", "/sandbox/reset")]
+        for credential in (None, "Bearer wrong", "Basic " + CONTROL_KEY, "Bearer " + CONTROL_KEY + "x"):
+            headers = {"Authorization": credential} if credential else {}
+            for method, path in calls:
+                r = httpx.request(method, server.url + path, headers=headers, json={"server_error": 5})
+                assert r.status_code == 401, (credential, method, path)
+        assert server.app.state.sandbox.faults.snapshot().server_error == 0  # nothing was changed
+        if control_key:
+            for method, path in calls:
+                r = httpx.request(method, server.url + path, headers={"Authorization": f"Bearer {control_key}"},
+                                  json={"server_error": 0})
+                assert r.status_code == 200, (method, path, r.text)
 
 
 def test_threaded_server_sends_no_server_header(sandbox: Running) -> None:

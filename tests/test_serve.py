@@ -75,7 +75,10 @@ def test_serve_with_embedded_defaults_books_the_demo(tmp_path: Path, workers: in
         assert r.status_code == 201, r.text
         again = httpx.post(f"{base}/fhir/cerner/Appointment", content=VIDEO_VISIT.read_bytes(), headers=headers, timeout=10)
         assert again.content == r.content and again.headers["idempotent-replayed"] == "true"
-        stored = httpx.get(f"{sandbox_url}/sandbox/appointments", timeout=5).json()
+        assert httpx.get(f"{sandbox_url}/sandbox/appointments", timeout=5).status_code == 401  # not without its key
+        control = re.search(r"sandbox/appointments with Authorization: Bearer (\S+)", printed).group(1)
+        stored = httpx.get(f"{sandbox_url}/sandbox/appointments", timeout=5,
+                           headers={"Authorization": f"Bearer {control}"}).json()
         listing = stored if isinstance(stored, list) else stored.get("appointments", stored)
         assert [a["id"] for a in listing] == [r.json()["id"]]
         assert "12724066" not in (tmp_path / "stdout").read_text()  # the patient id: never logged

@@ -126,3 +126,20 @@ async def test_jwks_by_url(redis_url, prefix, sandbox):
             token = r.json()["access_token"]
             assert (await gw.post("/fhir/epic/Appointment/$translate", content=b"{}", headers=fhir(token))).status_code == 400
             assert (await gw.post("/fhir/cerner/Appointment/$translate", content=b"{}", headers=fhir(token))).status_code == 403
+
+
+async def test_the_answer_names_what_the_token_can_do_not_what_was_asked(smart_gateway):
+    """The token's scope is the gateway's to say: never an echo of the request (which could be any
+    text), and a request for what no source may have is invalid_scope; a jti is bounded."""
+    gw = smart_gateway
+    aud = str(gw.base_url) + "/auth/token"
+    r = await get_token(gw, assertion("cerner-client", aud), scope="system/Slot.read")
+    assert r.status_code == 200 and r.json()["scope"] == "system/Appointment.read system/Appointment.write system/Slot.read"
+    for asked in ("system/Patient.read", "system/*.*", "system/Slot.read <script>", "x" * 5000):
+        refused = await get_token(gw, assertion("cerner-client", aud), scope=asked)
+        assert refused.status_code == 400 and refused.json()["error"] == "invalid_scope", asked
+        assert asked not in refused.text
+    for jti in ("j" * 256, "a\nb"):
+        refused = await get_token(gw, assertion("cerner-client", aud, jti=jti))
+        assert refused.status_code == 401 and "jti" in refused.json()["error_description"]
+    assert (await get_token(gw, assertion("cerner-client", aud, jti="j" * 255))).status_code == 200

@@ -9,8 +9,8 @@ certainly never sent, or may it have reached Salesforce", is not in the exceptio
 pyreqwest (its ConnectError covers a reset after sending), rnet or niquests, is mislabelled by
 httpx-aiohttp, and needs split timeouts in aiohttp. Here it is two exceptions: `NeverSent` (no
 connection could be had in time: refused, DNS, TLS, connect timeout, pool exhausted) and `Lost`
-(the request was written and no complete answer came back: a timeout, a dropped connection, or an
-answer that is not HTTP).
+(the request was written and no complete answer came back: a timeout, a dropped connection, an
+answer that is not HTTP, or one over `max_answer_bytes`, which is never held in memory).
 
 What it does, all Salesforce needs: HTTP/1.1 keep-alive pools per origin, bounded; bodies with a
 Content-Length; answers with a Content-Length, chunked, or up to the close; TLS with certificates
@@ -56,7 +56,7 @@ class NeverSent(Exception):
 class Lost(Exception):
     """The request may have reached Salesforce, but no complete answer came back."""
 
-    def __init__(self, kind: str) -> None:  # "timeout" or "connection-lost"
+    def __init__(self, kind: str) -> None:  # "timeout", "connection-lost" or "too-large"
         super().__init__(kind)
         self.kind = kind
 
@@ -75,6 +75,7 @@ class _Connection(asyncio.Protocol):
         self._body: list[bytes] = []
         self._framed = False  # the answer says where it ends (Content-Length or chunked)
         self._in_answer = False
+        self._size = 0  # the answer's head and body so far, against the pool's bound
 
     # ----- asyncio.Protocol
 
@@ -84,6 +85,10 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.waiter is None:  # bytes nobody asked for (between calls): the connection is out of step
             self.abort()
+            return
+        self._size += len(data)
+        if self._size > self._pool.max_answer_bytes:  # an answer that could exhaust memory is not read
+            self._lose("too-large")
             return
         try:
             self._parser.feed_data(data)
@@ -132,7 +137,7 @@ class _Connection(asyncio.Protocol):
     # -----
 
     def _complete(self) -> None:
-        self._in_answer = False
+        self._in_answer, self._size = False, 0
         answer = Answer(self._parser.get_status_code(), self._headers, b"".join(self._body))
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(answer)
@@ -153,8 +158,9 @@ class _Connection(asyncio.Protocol):
 class _Pool:
     """The connections to one origin: reused newest first, at most `limit` open, callers queue beyond."""
 
-    def __init__(self, host: str, port: int, tls: ssl.SSLContext | None, limit: int) -> None:
+    def __init__(self, host: str, port: int, tls: ssl.SSLContext | None, limit: int, max_answer_bytes: int) -> None:
         self.host, self.port, self.tls, self.limit = host, port, tls, limit
+        self.max_answer_bytes = max_answer_bytes
         self.idle: list[_Connection] = []
         self.open = 0
         self.closed = False
@@ -272,6 +278,7 @@ class HttpClient:
         # waiting for a pooled connection plus making one: beyond it the call is "never sent"
         self._connect = tuning.connect_timeout_seconds
         self._limit = tuning.max_concurrent_calls + 4  # the booking calls, and room for token and look-up calls
+        self._max_answer = tuning.max_answer_bytes
         self._pools: dict[tuple[str, str, int], _Pool] = {}
         self._tls: ssl.SSLContext | None = None
 
@@ -285,7 +292,7 @@ class HttpClient:
 
                     self._tls = httpx.create_ssl_context()
                 tls = self._tls
-            pool = self._pools[origin] = _Pool(origin[1], origin[2], tls, self._limit)
+            pool = self._pools[origin] = _Pool(origin[1], origin[2], tls, self._limit, self._max_answer)
         return pool
 
     async def request(

@@ -35,6 +35,7 @@ class CallRecord:
     error_code: str | None = None
     retried_auth: bool = False
     in_doubt: bool = False  # the request may have reached Salesforce without its answer reaching us
+    reauthenticated: bool = False  # a Book answered 401: the token was renewed, the booking not re-sent
     matches: int | None = None  # a look-up: how many ServiceAppointments matched
 
 
@@ -90,10 +91,49 @@ def lookup_query(request: BookingRequest, since_ms: int) -> str | None:
     return f"SELECT Id FROM ServiceAppointment WHERE {' AND '.join(where)} ORDER BY CreatedDate ASC LIMIT 2"
 
 
+# Salesforce's record ids: 15 or 18 letters and digits. Anything else in an answer is not an id of
+# Salesforce's (it would go into Location and the body): the booking is then in doubt.
+SALESFORCE_ID = re.compile(r"[A-Za-z0-9]{15}(?:[A-Za-z0-9]{3})?")
+# refusals Salesforce documents as made before any processing: the request certainly stored nothing
+_NOT_PROCESSED = frozenset({"REQUEST_LIMIT_EXCEEDED"})
+
+
+def _salesforce_errors(payload: Any) -> list[dict[str, Any]] | None:
+    """The errors of an answer in Salesforce's own error shape (a JSON array of objects with an
+    `errorCode`, or the appointment API's object with `isSuccess: false`); None for anything else
+    (an HTML page, a proxy's text, an empty body): that answer did not come from Salesforce."""
+    if isinstance(payload, list) and payload and all(
+            isinstance(e, dict) and isinstance(e.get("errorCode"), str) for e in payload):
+        return payload
+    if isinstance(payload, dict):
+        lowered = {k.lower(): v for k, v in payload.items()}
+        if isinstance(lowered.get("errorcode"), str):
+            return [payload]
+        errs = _errors(lowered.get("error")) or _errors(lowered.get("errormessages"))
+        success = lowered.get("issuccess")
+        if success is False or (success is None and errs):
+            return errs or [{"message": "isSuccess is false"}]
+    return None
+
+
+def _decode(content: bytes) -> Any:
+    try:
+        return msgspec.json.decode(content) if content else None
+    except msgspec.DecodeError:
+        return None
+
+
 def _unhealthy(response: Answer) -> bool:
-    """An answer that says Salesforce cannot serve: 5xx, 429, the spent allowance, refused credentials."""
+    """An answer that says Salesforce (or the way to it) cannot serve: a 5xx, a 401, 408 or 429, the
+    spent allowance, a redirect, or any other 4xx that is not in Salesforce's error shape (an
+    intermediary's). A refusal of the request itself is an answer, not a failure."""
     status = response.status
-    return status >= 500 or status in (401, 429) or (status == 403 and b"REQUEST_LIMIT_EXCEEDED" in response.content)
+    if status < 300:
+        return False
+    if status >= 500 or status < 400 or status in (401, 408, 429):
+        return True
+    errs = _salesforce_errors(_decode(response.content))
+    return errs is None or any(e.get("errorCode") in _NOT_PROCESSED for e in errs)
 
 
 def _errors(value: Any) -> list[dict[str, Any]]:
@@ -104,6 +144,12 @@ def _errors(value: Any) -> list[dict[str, Any]]:
     if isinstance(value, str) and value:
         return [{"message": value}]
     return []
+
+
+def _code(errs: list[dict[str, Any]]) -> str | None:
+    """The first errorCode, bounded: it goes into logs, metrics and the EHR's answer."""
+    code = next((str(e.get("errorCode")) for e in errs if e.get("errorCode")), None)
+    return code[:64] if code else None
 
 
 def _scrub(message: str, request: BookingRequest) -> str:
@@ -136,8 +182,10 @@ class SalesforceClient:
         self.usage = ApiUsage()
 
     async def book(self, request: BookingRequest, record: CallRecord) -> Booked:
+        """Book. Not idempotent: after a 401 the token is renewed but the booking is not re-sent
+        (`record.reauthenticated`); the caller looks it up first, as after any answer in doubt."""
         body = _encoder.encode(request)
-        response = await self._call("POST", f"{self._base}/appointment", body, record)
+        response = await self._call("POST", f"{self._base}/appointment", body, record, resend=False)
         return self._read_booking(response, request, record)
 
     async def update(self, appointment_id: str, request: BookingRequest, record: CallRecord) -> Booked:
@@ -179,25 +227,23 @@ class SalesforceClient:
     async def find_booking(self, request: BookingRequest, since_ms: int, record: CallRecord) -> str | None:
         """Look for the ServiceAppointment an earlier, unanswered Book may have created (REST query
         API): same patient, facility, times and work type, created since the first attempt. Returns
-        its id, or None when there is none. Raises like `book` when Salesforce cannot answer."""
+        its id, or None when there is none. Raises like `book` when Salesforce cannot answer. Not
+        counted by the breaker: a look-up that works says nothing of whether Book does."""
         q = lookup_query(request, since_ms)
         if q is None:
             return None
-        response = await self._call("GET", self._query_path, b"", record, params={"q": q})
-        try:
-            payload: Any = msgspec.json.decode(response.content)
-        except msgspec.DecodeError:
-            payload = None
+        response = await self._call("GET", self._query_path, b"", record, params={"q": q}, counted=False)
+        payload = _decode(response.content)
         if response.status == 200 and isinstance(payload, dict) and isinstance(payload.get("records"), list):
-            records = [r for r in payload["records"] if isinstance(r, dict) and isinstance(r.get("Id"), str)]
-            record.matches = len(records)
-            return records[0]["Id"] if records else None
+            records = [r.get("Id") for r in payload["records"] if isinstance(r, dict)]
+            if all(isinstance(i, str) and SALESFORCE_ID.fullmatch(i) for i in records):
+                record.matches = len(records)
+                return records[0] if records else None
         errs = _errors(payload)
-        record.error_code = next((str(e.get("errorCode")) for e in errs if e.get("errorCode")), None)
-        retry_after = self._tuning.unavailable_retry_after_seconds
+        record.error_code = _code(errs)
         if response.status in (401, 403, 429, 503):
             raise Unavailable(f"Salesforce cannot be queried now ({record.error_code or response.status})",
-                              retry_after=retry_after, details_code=record.error_code)
+                              retry_after=self._tuning.unavailable_retry_after_seconds, details_code=record.error_code)
         raise SalesforceFailed(f"the look-up query failed (HTTP {response.status})", details_code=record.error_code)
 
     async def check_auth(self) -> None:
@@ -205,10 +251,13 @@ class SalesforceClient:
         await self._tokens.token()
 
     async def _call(
-        self, method: str, path: str, body: bytes, record: CallRecord, params: dict[str, str] | None = None
+        self, method: str, path: str, body: bytes, record: CallRecord, params: dict[str, str] | None = None,
+        *, resend: bool = True, counted: bool = True,
     ) -> Answer:
+        """One call, with one token renewal on a 401 (and, when `resend`, one retry with the new
+        token). `counted`: the call's health goes to the breaker."""
         if self._breaker is not None:
-            await self._breaker.before_call()  # open: refused at once, nothing sent
+            await self._breaker.before_call(counted=counted)  # open: refused at once, nothing sent
         started = time.perf_counter()
         healthy = False
         try:
@@ -220,12 +269,14 @@ class SalesforceClient:
                         # one refresh (in flight once across workers), then one retry
                         record.retried_auth = True
                         await self._tokens.invalidate(token)
-                        continue
+                        if resend:
+                            continue
+                        record.reauthenticated = True
                     break
             healthy = not _unhealthy(response)
         finally:
             record.latency_ms = (time.perf_counter() - started) * 1000
-            if self._breaker is not None:
+            if self._breaker is not None and counted:
                 # Salesforce's health only: a refusal of the booking (a 4xx) is an answer, not a failure
                 await (self._breaker.record_success() if healthy else self._breaker.record_failure())
         record.status = response.status
@@ -269,36 +320,35 @@ class SalesforceClient:
             self.usage.used, self.usage.limit = int(m.group(1)), int(m.group(2))
 
     def _read_booking(self, response: Answer, request: BookingRequest, record: CallRecord) -> Booked:
+        """Booked, refused (raises SalesforceRefused: Salesforce's own refusal, nothing stored), not
+        processed (Unavailable: the spent allowance), or anything else: in doubt (`record.in_doubt`),
+        raised as Unavailable (a 401, 429 or 503) or SalesforceFailed. Only Salesforce's own error
+        shape is believed: an intermediary's 400 or 408 may follow a stored booking."""
         status = response.status
-        try:
-            payload: Any = msgspec.json.decode(response.content) if response.content else None
-        except msgspec.DecodeError:
-            payload = None
-        if isinstance(payload, list) and len(payload) == 1 and isinstance(payload[0], dict):
+        payload = _decode(response.content)
+        if isinstance(payload, list) and len(payload) == 1 and isinstance(payload[0], dict) and status < 300:
             payload = payload[0]
-
-        if status in (200, 201) and isinstance(payload, dict):
+        errs = _salesforce_errors(payload)
+        if 200 <= status < 300 and isinstance(payload, dict) and errs is None:
             lowered = {k.lower(): v for k, v in payload.items()}
-            errs = _errors(lowered.get("error")) or _errors(lowered.get("errormessages"))
-            success = lowered.get("issuccess")
-            if success is False or (success is None and errs):
-                return self._refused(status, errs, request, record)
             ident = lowered.get("id")
-            if isinstance(ident, str) and ident:
+            if isinstance(ident, str) and SALESFORCE_ID.fullmatch(ident):
                 return Booked(id=ident, status=str(lowered.get("status") or "scheduled").lower())
-        errs = _errors(payload)
-        code = next((str(e.get("errorCode")) for e in errs if e.get("errorCode")), None)
+        code = _code(errs) if errs is not None else None
         record.error_code = code
         retry_after = self._tuning.unavailable_retry_after_seconds
+        if errs is not None and (code in _NOT_PROCESSED or (status < 300 or 400 <= status < 500)
+                                 and status not in (401, 408, 429)):
+            if code in _NOT_PROCESSED:  # the org's allowance: not an auth failure, and nothing was stored
+                raise Unavailable(f"Salesforce is over its request limit ({code})", retry_after=retry_after,
+                                  details_code=code)
+            return self._refused(status, errs, request, record)
+        record.in_doubt = True  # the request went out; this answer does not prove it was not stored
         if status == 401:
             raise Unavailable("Salesforce refused the gateway's credentials", retry_after=retry_after)
-        if (status == 403 and code == "REQUEST_LIMIT_EXCEEDED") or status in (429, 503):
-            # the org's allowance or Salesforce's capacity: not an auth failure, and nothing was stored
+        if status in (429, 503):
             raise Unavailable(f"Salesforce is over its request limit or unavailable ({code or status})",
                               retry_after=retry_after, details_code=code)
-        if 400 <= status < 500:
-            return self._refused(status, errs, request, record)
-        record.in_doubt = status >= 500 or status in (200, 201)
         raise SalesforceFailed(
             f"Salesforce failed (HTTP {status})" if status >= 500 else "Salesforce's answer cannot be read",
             details_code=code,
@@ -306,7 +356,7 @@ class SalesforceClient:
 
     @staticmethod
     def _refused(status: int, errs: list[dict[str, Any]], request: BookingRequest, record: CallRecord) -> Booked:
-        code = next((str(e.get("errorCode")) for e in errs if e.get("errorCode")), None) or f"HTTP_{status}"
+        code = _code(errs) or f"HTTP_{status}"
         record.error_code = code
         message = "; ".join(_scrub(str(e.get("message", "")), request) for e in errs if e.get("message"))
         raise SalesforceRefused(

@@ -49,6 +49,7 @@ __all__ = ["create_sandbox_app", "SandboxConnectionDropped"]
 JWT_GRANT = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 APPOINTMENTS = "/services/data/{version:str}/connect/health/appointment-management"
 APPOINTMENT_API_MIN = (65, 0)
+HANG_SECONDS = 3.0  # the "hang" fault: over the gateway's timeout in tests, under a test's patience
 _JSON = "application/json"
 _encoder = msgspec.json.Encoder()
 
@@ -284,6 +285,10 @@ async def book(request: Request[Any, Any, Any], version: FromPath[str]) -> ASGIA
     # the whole request is in before any work starts: like Salesforce, a caller that stops waiting
     # (a timeout during the latency fault) does not stop the booking from being stored
     body = await request.body()
+    replaced = sb.faults.take_book_answer()
+    if replaced is not None and replaced.before_store:  # a proxy's answer: the org never saw the call
+        sb.count("answers_replaced")
+        return await _replaced(sb, replaced, None)
     if (refusal := await _gate(request, sb, version, minimum=APPOINTMENT_API_MIN)) is not None:
         return refusal
     booking, raw, errors = decode_body(body, BookingRequest)
@@ -293,7 +298,7 @@ async def book(request: Request[Any, Any, Any], version: FromPath[str]) -> ASGIA
     if errors or start is None or raw is None:
         return _errors(sb, 400, *errors)
     # Drawn only for calls that would store, so the ratios are shares of storable bookings.
-    drawn = sb.faults.draw_book_fault()
+    drawn, after = sb.faults.draw_book_fault() or (None, None)
     if drawn == "fail_before_store":
         sb.count("faults_before_store")
         sb.count("server_errors")
@@ -305,7 +310,45 @@ async def book(request: Request[Any, Any, Any], version: FromPath[str]) -> ASGIA
     if drawn == "drop_after_store" or sb.faults.take("drop_after_store"):
         sb.count("dropped_connections")
         return _DropAfterHeaders(status, _encoder.encode(answer), _limit_header(sb))
+    if after is not None:
+        sb.count("faults_answered_after_store")
+        return await _replaced(sb, after, appt.id)
+    if replaced is not None:
+        sb.count("answers_replaced")
+        return await _replaced(sb, replaced, appt.id)
     return _api(sb, status, answer)
+
+
+# what Salesforce's own error body says for a status, when a fault answers in Salesforce's shape
+_CODES = {400: "JSON_PARSER_ERROR", 401: "INVALID_SESSION_ID", 403: "INSUFFICIENT_ACCESS", 404: "NOT_FOUND",
+          405: "METHOD_NOT_ALLOWED", 409: "CONFLICT", 412: "PRECONDITION_FAILED", 415: "UNSUPPORTED_MEDIA_TYPE",
+          429: "REQUEST_LIMIT_EXCEEDED", 503: "SERVER_UNAVAILABLE"}
+
+
+async def _replaced(sb: SandboxState, fault: Any, stored_id: str | None) -> ASGIApp:
+    """A Book answer as a fault makes it: `fault.status` with Salesforce's body for it (the Book
+    output for a 2xx, naming `fault.id` or the stored id, padded by `fault.pad_bytes`; else its
+    error list), a proxy's HTML page, an empty body, or bytes that are not JSON."""
+    status, kind = fault.status, fault.body
+    if kind == "drop":
+        return _DropAfterHeaders(status, b"{}", _limit_header(sb))
+    if kind == "hang":  # longer than any client waits; then a gateway timeout page
+        await asyncio.sleep(HANG_SECONDS)
+        kind, status = "html", 504
+    if kind == "html":
+        page = f"<html><head><title>{status}</title></head><body><h1>{status}</h1><p>upstream</p></body></html>"
+        return ASGIResponse(body=page.encode(), status_code=status, media_type="text/html")
+    if kind == "empty":
+        return ASGIResponse(body=b"", status_code=status, media_type=_JSON)
+    if kind == "garbage":
+        return ASGIResponse(body=b"\x00\xff{not json", status_code=status, media_type=_JSON)
+    if status < 300:
+        answer = _outcome(sb, fault.id or stored_id or "", "Scheduled")
+        if fault.pad_bytes:
+            (answer[0] if isinstance(answer, list) else answer)["padding"] = "x" * fault.pad_bytes
+        return _api(sb, status, answer)
+    code = _CODES.get(status, "UNKNOWN_EXCEPTION")
+    return _errors(sb, status, SfError(message=f"{code} (sandbox fault)", errorCode=code))
 
 
 async def _existing(
@@ -487,20 +530,37 @@ async def service_appointment(request: Request[Any, Any, Any], version: FromPath
     return _api(sb, 200, _record(version, appt.service_appointment(), appt.id))
 
 
-# sandbox-only fixtures (no auth: a test and demo aid, never part of Salesforce) -------------------
+# sandbox-only fixtures (a test and demo aid, never part of Salesforce), behind the control key ------
+
+
+def _controlled(handler: Any) -> Any:
+    """The sandbox's own endpoint, open only with `Authorization: Bearer <control_key>`."""
+
+    async def guarded(request: Request[Any, Any, Any]) -> ASGIApp:
+        key = _sandbox(request).config.control_key
+        scheme, _, sent = request.headers.get("authorization", "").partition(" ")
+        if not key or scheme.lower() != "bearer" or not hmac.compare_digest(sent.strip().encode(), key.encode()):
+            return _json(401, {"error": "the sandbox's own endpoints need Authorization: Bearer <control key>"})
+        return await handler(request)
+
+    guarded.__name__, guarded.__doc__ = handler.__name__, handler.__doc__
+    return guarded
 
 
 @get("/sandbox/appointments")
+@_controlled
 async def list_appointments(request: Request[Any, Any, Any]) -> ASGIApp:
     return _json(200, [a.listing() for a in _sandbox(request).appointments()])
 
 
 @get("/sandbox/faults")
+@_controlled
 async def get_faults(request: Request[Any, Any, Any]) -> ASGIApp:
     return _json(200, _sandbox(request).faults.snapshot())
 
 
 @post("/sandbox/faults")
+@_controlled
 async def set_faults(request: Request[Any, Any, Any]) -> ASGIApp:
     sb = _sandbox(request)
     try:
@@ -512,11 +572,13 @@ async def set_faults(request: Request[Any, Any, Any]) -> ASGIApp:
 
 
 @get("/sandbox/counters")
+@_controlled
 async def get_counters(request: Request[Any, Any, Any]) -> ASGIApp:
     return _json(200, _sandbox(request).counters())
 
 
 @post("/sandbox/reset")
+@_controlled
 async def reset(request: Request[Any, Any, Any]) -> ASGIApp:
     _sandbox(request).reset()
     return _json(200, {"reset": True})

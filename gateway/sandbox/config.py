@@ -11,6 +11,9 @@ import msgspec
 
 class SandboxConfig(msgspec.Struct, kw_only=True, frozen=True):
     client_id: str = "sandbox-client-id"
+    # `Authorization: Bearer <control_key>` opens the sandbox's own endpoints (appointments, faults,
+    # counters, reset); without one they are closed (401): nothing of the demo's org is open to anyone
+    control_key: str | None = None
     client_secret: str | None = "sandbox-client-secret"
     # JWT bearer flow: enabled only when a certificate is given. PEM text of an X.509 certificate.
     username: str | None = "integration@sandbox.example"

@@ -73,6 +73,13 @@ class Counters(msgspec.Struct, kw_only=True):
     dropped_connections: int = 0  # connections dropped after storing, counted or ratio
     faults_before_store: int = 0  # Book calls failed by fail_before_store_ratio
     faults_dropped_after_store: int = 0  # Book calls dropped by drop_after_store_ratio
+    faults_answered_after_store: int = 0  # Book calls stored, then answered by answer_after_store_ratio
+    answers_replaced: int = 0  # Book calls answered by the book_answer fault (before or after storing)
+
+
+# the body of a replaced answer: Salesforce's own shape for the status, a proxy's HTML page, nothing,
+# bytes that are not JSON, the connection dropped after the head, or no answer for seconds
+AnswerBody = Literal["salesforce", "html", "empty", "garbage", "drop", "hang"]
 
 
 class FaultsView(msgspec.Struct, kw_only=True):
@@ -83,8 +90,19 @@ class FaultsView(msgspec.Struct, kw_only=True):
     drop_after_store: int = 0
     fail_before_store_ratio: float = 0.0
     drop_after_store_ratio: float = 0.0
+    answer_after_store_ratio: float = 0.0
+    # what a ratio-drawn answer after storing is, one picked at random: "<status>:<body>"
+    answer_after_store: tuple[str, ...] = ("503:salesforce", "503:html", "429:html", "401:salesforce")
     fault_seed: int | None = None
     tokens_expired: int = 0  # how many times expire_tokens was triggered
+    # the next book_answer Book calls get this answer instead of Salesforce's, as from a proxy or a
+    # load balancer in front of the org: before the booking reaches the org, or after it was stored
+    book_answer: int = 0
+    book_answer_status: int = 503
+    book_answer_body: AnswerBody = "salesforce"
+    book_answer_before_store: bool = False
+    book_answer_id: str | None = None  # a 2xx that names this id instead of the stored one
+    book_answer_pad_bytes: int = 0  # a 2xx made this much larger
 
 
 class FaultsUpdate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -98,10 +116,29 @@ class FaultsUpdate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     drop_after_store: int | None = None
     fail_before_store_ratio: float | None = None
     drop_after_store_ratio: float | None = None
+    answer_after_store_ratio: float | None = None
+    answer_after_store: tuple[str, ...] | None = None
     fault_seed: int | None = None
+    book_answer: int | None = None
+    book_answer_status: int | None = None
+    book_answer_body: AnswerBody | None = None
+    book_answer_before_store: bool | None = None
+    book_answer_id: str | None = None
+    book_answer_pad_bytes: int | None = None
 
 
-BookFault = Literal["fail_before_store", "drop_after_store"]
+BookFault = Literal["fail_before_store", "drop_after_store", "answer_after_store"]
+_RATIOS = ("fail_before_store_ratio", "drop_after_store_ratio", "answer_after_store_ratio")
+
+
+class ReplacedAnswer(msgspec.Struct, frozen=True):
+    """One Book call's answer as a fault makes it (`gateway/sandbox/app.py` renders it)."""
+
+    status: int
+    body: AnswerBody
+    before_store: bool = False
+    id: str | None = None
+    pad_bytes: int = 0
 
 
 class SandboxFaults:
@@ -118,76 +155,49 @@ class SandboxFaults:
         self._view = FaultsView()
         self._rng = random.Random()
 
-    def set(
-        self,
-        *,
-        latency_ms: int | None = None,
-        request_limit_exceeded: int | None = None,
-        server_error: int | None = None,
-        server_error_status: int | None = None,
-        drop_after_store: int | None = None,
-        fail_before_store_ratio: float | None = None,
-        drop_after_store_ratio: float | None = None,
-        fault_seed: int | None = None,
-        expire_tokens: bool = False,
-    ) -> FaultsView:
-        changes = {
-            k: v
-            for k, v in {
-                "latency_ms": latency_ms,
-                "request_limit_exceeded": request_limit_exceeded,
-                "server_error": server_error,
-                "server_error_status": server_error_status,
-                "drop_after_store": drop_after_store,
-            }.items()
-            if v is not None
-        }
-        for name, value in changes.items():
-            if value < 0:
-                raise ValueError(f"{name} must not be negative")
-        if server_error_status is not None and server_error_status not in (500, 503):
+    def set(self, *, expire_tokens: bool = False, **changes: Any) -> FaultsView:
+        """Change the named faults (the fields of `FaultsView`; None keeps a value); ValueError names
+        the first bad one."""
+        changes = {k: v for k, v in changes.items() if v is not None}
+        unknown = set(changes) - set(FaultsView.__struct_fields__) | ({"tokens_expired"} & set(changes))
+        if unknown:
+            raise ValueError(f"unknown fault: {sorted(unknown)[0]}")
+        for name in ("latency_ms", "request_limit_exceeded", "server_error", "drop_after_store", "book_answer",
+                     "book_answer_pad_bytes"):
+            value = changes.get(name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ValueError(f"{name} must be a whole number, not negative")
+        if changes.get("server_error_status", 500) not in (500, 503):
             raise ValueError("server_error_status must be 500 or 503")
-        ratios = {
-            k: v
-            for k, v in {
-                "fail_before_store_ratio": fail_before_store_ratio,
-                "drop_after_store_ratio": drop_after_store_ratio,
-            }.items()
-            if v is not None
-        }
+        if not 200 <= changes.get("book_answer_status", 200) <= 599:
+            raise ValueError("book_answer_status must be an HTTP status (200 to 599)")
+        for kind in changes.get("answer_after_store", ()):
+            status, _, body = kind.partition(":")
+            if not (status.isdigit() and 200 <= int(status) <= 599 and body in AnswerBody.__args__):  # type: ignore[attr-defined]
+                raise ValueError("answer_after_store entries are '<status>:<body>' (" + "|".join(AnswerBody.__args__) + ")")  # type: ignore[attr-defined]
+        ratios = {k: v for k, v in changes.items() if k in _RATIOS}
         for name, value in ratios.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be a number from 0 to 1")
             changes[name] = float(value)
-        if fault_seed is not None:
-            if isinstance(fault_seed, bool) or not isinstance(fault_seed, int):
-                raise ValueError("fault_seed must be an integer")
-            changes["fault_seed"] = fault_seed
+        if "fault_seed" in changes and (isinstance(changes["fault_seed"], bool) or not isinstance(changes["fault_seed"], int)):
+            raise ValueError("fault_seed must be an integer")
         with self._lock:
             view = msgspec.structs.replace(self._view, **changes)
             # Checked against the merged view: a partial update must not push the sum past 1.
-            total = view.fail_before_store_ratio + view.drop_after_store_ratio
+            total = sum(getattr(view, name) for name in _RATIOS)
             if total > 1.0 and not math.isclose(total, 1.0):
-                raise ValueError("fail_before_store_ratio + drop_after_store_ratio must not exceed 1")
+                raise ValueError(" + ".join(_RATIOS) + " must not exceed 1")
             self._view = view
-            if ratios or fault_seed is not None:
+            if ratios or "fault_seed" in changes:
                 self._rng = random.Random(view.fault_seed)
         if expire_tokens:
             self.expire_tokens()
         return self.snapshot()
 
     def apply(self, update: FaultsUpdate) -> FaultsView:
-        return self.set(
-            latency_ms=update.latency_ms,
-            request_limit_exceeded=update.request_limit_exceeded,
-            server_error=update.server_error,
-            server_error_status=update.server_error_status,
-            drop_after_store=update.drop_after_store,
-            fail_before_store_ratio=update.fail_before_store_ratio,
-            drop_after_store_ratio=update.drop_after_store_ratio,
-            fault_seed=update.fault_seed,
-            expire_tokens=update.expire_tokens,
-        )
+        fields = {name: getattr(update, name) for name in update.__struct_fields__ if name != "expire_tokens"}
+        return self.set(expire_tokens=update.expire_tokens, **fields)
 
     def expire_tokens(self) -> None:
         """Invalidate every token issued so far, as a revoked or timed-out session would be."""
@@ -213,18 +223,33 @@ class SandboxFaults:
             self._view = msgspec.structs.replace(self._view, **{name: remaining - 1})
             return True
 
-    def draw_book_fault(self) -> BookFault | None:
-        """One draw for one Book call: which ratio fault, if any, it meets."""
+    def draw_book_fault(self) -> tuple[BookFault, ReplacedAnswer | None] | None:
+        """One draw for one Book call: which ratio fault, if any, it meets (and for an answer after
+        storing, which answer)."""
         with self._lock:
-            before, drop = self._view.fail_before_store_ratio, self._view.drop_after_store_ratio
-            if before <= 0.0 and drop <= 0.0:
+            view = self._view
+            if not any(getattr(view, name) > 0.0 for name in _RATIOS):
                 return None
             x = self._rng.random()  # in [0, 1): ratio 1.0 always fires, 0.0 never
-        if x < before:
-            return "fail_before_store"
-        if x < before + drop:
-            return "drop_after_store"
+            kind = self._rng.choice(view.answer_after_store) if view.answer_after_store else "503:html"
+        if x < view.fail_before_store_ratio:
+            return "fail_before_store", None
+        if x < view.fail_before_store_ratio + view.drop_after_store_ratio:
+            return "drop_after_store", None
+        if x < sum(getattr(view, name) for name in _RATIOS):
+            status, _, body = kind.partition(":")
+            return "answer_after_store", ReplacedAnswer(int(status), body)  # type: ignore[arg-type]
         return None
+
+    def take_book_answer(self) -> ReplacedAnswer | None:
+        """Consume one occurrence of the book_answer fault: the answer to give instead, or None."""
+        with self._lock:
+            view = self._view
+            if view.book_answer <= 0:
+                return None
+            self._view = msgspec.structs.replace(view, book_answer=view.book_answer - 1)
+        return ReplacedAnswer(view.book_answer_status, view.book_answer_body, view.book_answer_before_store,
+                              view.book_answer_id, view.book_answer_pad_bytes)
 
     def snapshot(self) -> FaultsView:
         with self._lock:
