@@ -415,7 +415,7 @@ def create_app(
             _summarise(request_id, source, op, status, trace, started, error, None, None, None)
         return ack(read_header(raw), code, issues)
 
-    listeners = [MllpListener(name, src.mllp_host, src.mllp_port or 0, _hl7, max_bytes=cfg.limits.max_body_bytes)
+    listeners = [MllpListener(name, src.mllp_host, src.mllp_port or 0, _hl7, cfg.mllp, metrics)
                  for name, src in settings.sources.items() if src.adapter == "hl7v2" and src.mllp_port is not None]
     mllp_ports: dict[str, int] = {}
 

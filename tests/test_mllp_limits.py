@@ -13,7 +13,8 @@ import pytest
 from adapters.hl7v2 import parse_siu
 from gateway.errors import InvalidRequest, PayloadTooLarge
 from gateway.settings import MllpSettings
-from tests.test_hl7v2 import mllp_gateway, msa, state
+from tests.conftest import make_settings
+from tests.test_hl7v2 import ATHENA, mllp_gateway, msa, state
 
 HEADER = "MSH|^~\\&|A|B|C|D|200401010000||SIU^S12|{control}|P|2.3\r"
 LIMITS = MllpSettings()
@@ -73,3 +74,107 @@ async def test_messages_of_delimiters_at_the_size_cap_are_ae_and_health_stays_li
     for i, acks in enumerate(answers):
         assert [msa(a)[1:3] for a in acks] == [["AE", f"dl-{i}-{n}"] for n in range(3)]
     assert state(sandbox).appointments() == []
+
+
+def capped(redis_url, prefix, sandbox, **limits):
+    return make_settings(redis_url, prefix, sandbox.url, mllp=MllpSettings(**limits))
+
+
+# a message answered at once, without Salesforce: not an SIU
+PROBE = b"\x0b" + HEADER.format(control="probe").replace("SIU^S12", "ADT^A01").encode() + b"\x1c\r"
+
+
+async def open_answered(port: int, host: str = "127.0.0.1"):
+    """A connection the listener has taken: a message sent on it was answered."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(host, 0))
+    writer.write(PROBE)
+    ack = (await asyncio.wait_for(reader.readuntil(b"\x1c\r"), 10))[1:-2].decode()
+    assert msa(ack)[2] == "probe"
+    return reader, writer
+
+
+async def closed_unanswered(port: int, host: str = "127.0.0.1") -> bool:
+    """A new connection is closed by the listener before it answers anything (False: it answered)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(host, 0))
+    try:
+        writer.write(PROBE)
+        await asyncio.wait_for(reader.readuntil(b"\x1c\r"), 10)
+        return False
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return True
+    finally:
+        writer.close()
+
+
+async def refused_count(http, reason: str) -> float:
+    body = (await http.get("/metrics")).text
+    line = f'ehrgw_mllp_refused_total{{reason="{reason}",source="athena"}}'
+    return next((float(x.split()[-1]) for x in body.splitlines() if x.startswith(line)), 0.0)
+
+
+async def test_connections_over_the_listener_cap_are_closed_counted_and_logged(redis_url, prefix, sandbox, log_file):
+    settings = capped(redis_url, prefix, sandbox, max_connections=4)
+    async with mllp_gateway(settings) as (port, http):
+        held = [await open_answered(port) for _ in range(4)]
+        assert await closed_unanswered(port)
+        assert await refused_count(http, "max_connections") == 1
+        for reader, writer in held:  # the ones inside the cap still work
+            writer.write(b"\x0b" + ATHENA.read_bytes().rstrip(b"\r\n") + b"\x1c\r")
+            assert msa((await asyncio.wait_for(reader.readuntil(b"\x1c\r"), 30))[1:-2].decode())[1:3] == ["AA", "403"]
+        held.pop()[1].close()
+        deadline = time.monotonic() + 10
+        while await closed_unanswered(port):  # the freed place is taken again, once the close is seen
+            assert time.monotonic() < deadline
+        for _, writer in held:
+            writer.close()
+    assert len(state(sandbox).appointments()) == 1
+    refusals = [line for line in log_file.read_text().splitlines() if '"mllp_refused"' in line]
+    assert any('"reason":"max_connections"' in line and '"source":"athena"' in line for line in refusals)
+
+
+async def test_connections_over_the_per_address_cap_are_closed_and_others_still_come_in(redis_url, prefix, sandbox):
+    settings = capped(redis_url, prefix, sandbox, max_connections=4, max_connections_per_peer=2)
+    async with mllp_gateway(settings) as (port, http):
+        held = [await open_answered(port) for _ in range(2)]
+        assert await closed_unanswered(port)
+        held.append(await open_answered(port, host="127.0.0.2"))  # another address is not held back
+        assert await refused_count(http, "max_connections_per_peer") == 1
+        assert await refused_count(http, "max_connections") == 0
+        for _, writer in held:
+            writer.close()
+
+
+async def test_a_silent_connection_and_a_block_that_never_ends_are_closed_after_idle_seconds(
+        redis_url, prefix, sandbox):
+    settings = capped(redis_url, prefix, sandbox, idle_seconds=0.5)
+    async with mllp_gateway(settings) as (port, _):
+        silent = await asyncio.open_connection("127.0.0.1", port)
+        trickle = await asyncio.open_connection("127.0.0.1", port)
+        trickle[1].write(b"\x0b" + HEADER.format(control="slow").encode())  # and then nothing
+        for reader, writer in (silent, trickle):
+            assert await asyncio.wait_for(reader.read(), 10) == b""  # closed, nothing answered
+            writer.close()
+
+
+async def test_oversized_and_empty_blocks_are_ae_and_the_connection_goes_on(redis_url, prefix, sandbox):
+    """Over the cap by one byte or by several times it, the block is drained and answered AE with its
+    MSH-10; an empty block is AE with an empty MSA-2; the same connection then books."""
+    settings = capped(redis_url, prefix, sandbox, max_message_bytes=4096)
+    async with mllp_gateway(settings) as (port, _):
+        just_over = delimiters("over-1", b"x", 4097)
+        far_over = delimiters("over-2", b"|", 3 * 4096)
+        acks = await send_and_read(port, [just_over, far_over, b"", ATHENA.read_bytes().rstrip(b"\r\n")])
+    assert [msa(a)[1:3] for a in acks] == [["AE", "over-1"], ["AE", "over-2"], ["AE", ""], ["AA", "403"]]
+    assert "4096 bytes" in msa(acks[0])[3]
+    assert len(state(sandbox).appointments()) == 1
+
+
+async def test_a_block_too_long_to_drain_is_answered_then_closed_cleanly(redis_url, prefix, sandbox):
+    settings = capped(redis_url, prefix, sandbox, max_message_bytes=4096)
+    async with mllp_gateway(settings) as (port, _):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"\x0b" + delimiters("endless", b"x", 10 * 4096))  # no end byte
+        ack = (await asyncio.wait_for(reader.readuntil(b"\x1c\r"), 10))[1:-2].decode()
+        assert msa(ack)[1:3] == ["AE", "endless"]
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # then the end of the stream, not a reset
+        writer.close()
