@@ -178,3 +178,25 @@ async def test_a_block_too_long_to_drain_is_answered_then_closed_cleanly(redis_u
         assert msa(ack)[1:3] == ["AE", "endless"]
         assert await asyncio.wait_for(reader.read(), 10) == b""  # then the end of the stream, not a reset
         writer.close()
+
+
+@pytest.mark.parametrize(("table", "refused"), [
+    ("[mllp]\nmax_connections = 8\nidle_seconds = 5\n", None),
+    ("[mllp]\nmax_connections_per_peer = 0\n", r"\$\.mllp: caps and idle_seconds must be positive"),
+    ("[mllp]\nmax_sockets = 8\n", r"mllp.*max_sockets"),  # an unknown key stops the start too
+])
+def test_the_mllp_table_is_checked_at_load(tmp_path, table, refused):
+    import shutil
+
+    from gateway.settings import ConfigError, load_file_settings
+    from tests.conftest import CONFIG
+
+    config = tmp_path / "config"
+    shutil.copytree(CONFIG, config)
+    with (config / "gateway.toml").open("a") as toml:
+        toml.write("\n" + table)
+    if refused is None:
+        assert load_file_settings(config).mllp == MllpSettings(max_connections=8, idle_seconds=5)
+    else:
+        with pytest.raises(ConfigError, match=refused):
+            load_file_settings(config)
