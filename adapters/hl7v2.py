@@ -10,7 +10,12 @@ location (Facility); NTE-3 a comment. Times without an offset are the source's `
 
 A coded field maps through the group whose `source` is the coding system it names (CE/CWE component
 3); without one, through `urn:ehr-gateway:hl7v2:<segment>-<field>`, e.g. `urn:ehr-gateway:hl7v2:AIS-3`.
-Problems name the field (`SCH-11`, `AIS-3`), as an ACK's error can.
+Problems name the field (`SCH-11`, `AIS-3`), as an ACK's error can, never a value from the message.
+
+MLLP has no authentication, and python-hl7's parse costs about 10 µs a separator (a 1 MB message of
+`|` took 9 s), so the counts of segment and field separators are checked in the bytes first
+(`[mllp] max_segments`, `max_fields`), and the message is parsed once: the ACK is built from the
+MSH segment read without python-hl7 (`read_header`), whatever became of the parse.
 """
 
 from __future__ import annotations
@@ -23,12 +28,30 @@ from zoneinfo import ZoneInfo
 import hl7
 
 from gateway.canonical import CanonicalBooking, Coding, Concept, Identifier, Instant, Participant
-from gateway.errors import InvalidRequest, Issue
+from gateway.errors import InvalidRequest, Issue, PayloadTooLarge
+from gateway.settings import MllpSettings
 
 EVENTS = {"S12": "book", "S13": "reschedule", "S14": "modify", "S15": "cancel"}
 PLACER, FILLER = "urn:ehr-gateway:hl7v2:placer", "urn:ehr-gateway:hl7v2:filler"
 _TS = re.compile(r"(\d{4})(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\d{2})?(?:\.\d+)?([+-]\d{4})?")
 _UNITS = {"MIN": 1, "MINUTES": 1, "M": 1, "H": 60, "HR": 60, "HOURS": 60, "S": 1 / 60}
+_ENCODING = "^~\\&"  # MSH-2 as nearly every sender writes it, and as the ACK does
+_HEADER_BYTES = 4096  # the MSH segment is looked for in the message's first bytes only
+_LIMITS = MllpSettings()
+
+
+@dataclass(frozen=True)
+class Header:
+    """The MSH fields an ACK needs, read without python-hl7; all empty when there is no MSH."""
+
+    separator: str = "|"
+    encoding: str = _ENCODING
+    sending: tuple[str, str] = ("", "")  # MSH-3, MSH-4
+    receiving: tuple[str, str] = ("", "")  # MSH-5, MSH-6
+    trigger: str = ""  # MSH-9.2
+    control_id: str = ""  # MSH-10
+    processing_id: str = ""  # MSH-11
+    version: str = ""  # MSH-12
 
 
 @dataclass(frozen=True)
@@ -46,14 +69,54 @@ def normalise(raw: bytes) -> str:
     return text.replace("\r\n", "\r").replace("\n", "\r")
 
 
-def parse_siu(raw: bytes, time_zone: str | None) -> Siu:
-    """Raises InvalidRequest (the ACK's AR) when the message cannot be read as an SIU event."""
+def read_header(raw: bytes) -> Header:
+    """The message's MSH segment, split by hand: a few KB at most, whatever the message's size."""
+    head = raw[:_HEADER_BYTES].lstrip(b"\x0b\r\n ").decode("utf-8", "replace")
+    end = min((i for i in (head.find("\r"), head.find("\n")) if i >= 0), default=-1)
+    segment = head[:end] if end >= 0 else head
+    if not segment.startswith("MSH") or len(segment) < 4:
+        return Header()
+    fields = segment.split(segment[3])
+    if end < 0:
+        fields = fields[:-1]  # the segment runs past the bytes read: its last field may be cut
+    msh = ["MSH", segment[3], *fields[1:]]  # msh[n] is MSH-n (MSH-1 is the separator itself)
+
+    def field(n: int) -> str:
+        return msh[n].strip() if len(msh) > n else ""
+
+    encoding = field(2)
+    component = encoding[:1] or "^"
+    trigger = field(9).split(component)
+    return Header(separator=segment[3], encoding=encoding, sending=(field(3), field(4)),
+                  receiving=(field(5), field(6)), trigger=trigger[1] if len(trigger) > 1 else "",
+                  control_id=field(10), processing_id=field(11), version=field(12))
+
+
+def check_counts(raw: bytes, header: Header, limits: MllpSettings = _LIMITS) -> None:
+    """Refuses (AE) a message with more segments or field separators than the caps: counted in the
+    bytes (a few ms for 1 MB), before python-hl7 spends its 10 µs a separator on it."""
+    segments = raw.count(b"\r") + raw.count(b"\n") - raw.count(b"\r\n") + 1
+    if segments > limits.max_segments:
+        raise PayloadTooLarge(f"the message has more than {limits.max_segments} segments", expression=("MSH",))
+    separators = {header.separator, *header.encoding[:4]} - {"\\"}  # the escape character splits nothing
+    fields = sum(raw.count(c.encode("utf-8", "replace")) for c in separators)
+    if fields > limits.max_fields:
+        raise PayloadTooLarge(f"the message has more than {limits.max_fields} fields and components",
+                              expression=("MSH",))
+
+
+def parse_siu(raw: bytes, time_zone: str | None, limits: MllpSettings = _LIMITS) -> Siu:
+    """Raises InvalidRequest (the ACK's AE) when the message cannot be read as an SIU event, and
+    PayloadTooLarge (AE too) when it is over the caps."""
+    check_counts(raw, read_header(raw), limits)
     try:
         message = hl7.parse(normalise(raw))
         msh = message.segment("MSH")
     except Exception:  # python-hl7 raises bare exceptions on malformed text: one answer for all
         raise InvalidRequest("not an HL7 v2 message (no MSH segment)", expression=("MSH",)) from None
     control_id = _text(msh, 10)
+    if not control_id:
+        raise InvalidRequest("MSH-10 (the message control id) is required", expression=("MSH-10",))
     kind = _component(msh, 9, 1)
     trigger = _component(msh, 9, 2)
     if kind != "SIU" or trigger not in EVENTS:
@@ -102,20 +165,24 @@ def parse_siu(raw: bytes, time_zone: str | None) -> Siu:
     return Siu(EVENTS[trigger], control_id, booking, placer or None, filler or None)
 
 
-def ack(raw: bytes, code: str, issues: tuple[Issue, ...] = ()) -> bytes:
-    """The ACK: MSA-1 `code` (AA, AE or AR), MSA-2 the message's MSH-10, and for an error MSA-3 and ERR
-    naming the field; without a readable MSH, a minimal ACK with an empty MSA-2."""
-    try:
-        message = hl7.parse(normalise(raw))
-        text = str(message.create_ack(code))
-    except Exception:
-        text = f"MSH|^~\\&|||||{datetime.now():%Y%m%d%H%M%S}||ACK|{datetime.now():%Y%m%d%H%M%S%f}|P|2.5\rMSA|{code}|"
+def ack(header: Header, code: str, issues: tuple[Issue, ...] = ()) -> bytes:
+    """The ACK: MSA-1 `code` (AA, AE or AR), MSA-2 the message's MSH-10 (empty when it had none), and
+    for an error MSA-3 the first issue's text and ERR the field it names. Written with the standard
+    separators; the header's values are copied as they are when the sender used them too."""
+    copy = (lambda v: v) if (header.separator, header.encoding[:4]) == ("|", _ENCODING) else _escape
+    now = datetime.now(timezone.utc)
+    msh = ["MSH", _ENCODING, *map(copy, header.receiving), *map(copy, header.sending), f"{now:%Y%m%d%H%M%S}", "",
+           f"ACK^{copy(header.trigger)}^ACK" if header.trigger else "ACK", f"{now:%Y%m%d%H%M%S%f}",
+           copy(header.processing_id) or "P", copy(header.version) or "2.5"]
+    msa = ["MSA", code, copy(header.control_id)]
+    segments = ["|".join(msh)]
     if issues:
         first = issues[0]
         where = first.expression[0] if first.expression else ""
-        note = _escape(first.diagnostics)[:200]
-        text += f"|{note}\rERR|{_escape(where)}^^^{first.code}"
-    return text.encode()
+        segments += ["|".join((*msa, _escape(first.diagnostics)[:200])), f"ERR|{_escape(where)}^^^{_escape(first.code)}"]
+    else:
+        segments.append("|".join(msa))
+    return ("\r".join(segments) + "\r").encode()
 
 
 def _escape(value: str) -> str:
@@ -167,12 +234,12 @@ def _instant(value: str, zone: ZoneInfo | None, field: str) -> Instant | None:
         return None
     m = _TS.fullmatch(value)
     if m is None or m.group(4) is None:  # a time needs at least the hour
-        raise InvalidRequest(f"{field}: {value!r} is not an HL7 date-time (YYYYMMDDHHMM[SS][+ZZZZ])", expression=(field,))
+        raise InvalidRequest(f"{field}: not an HL7 date-time (YYYYMMDDHHMM[SS][+ZZZZ])", expression=(field,))
     year, month, day, hour, minute, second, offset = m.groups()
     try:
         moment = datetime(int(year), int(month or 1), int(day or 1), int(hour), int(minute or 0), int(second or 0))
     except ValueError:
-        raise InvalidRequest(f"{field}: {value!r} is not a valid date-time", expression=(field,)) from None
+        raise InvalidRequest(f"{field}: not a valid date-time", expression=(field,)) from None
     if offset:
         sign = 1 if offset[0] == "+" else -1
         moment = moment.replace(tzinfo=timezone(timedelta(minutes=sign * (int(offset[1:3]) * 60 + int(offset[3:5])))))

@@ -18,7 +18,7 @@ from litestar.params import FromPath
 
 from gateway.admin import AdminAuth, AdminDeps, Audit, admin_router
 from gateway.booking import NO_SUCH_APPOINTMENT, Answer, Booker, Target, Trace
-from adapters.hl7v2 import FILLER, PLACER, ack, parse_siu
+from adapters.hl7v2 import FILLER, PLACER, ack, parse_siu, read_header
 from gateway.batch import Item, batch_response, parse_batch, response_entry
 from gateway.breaker import CircuitBreaker
 from gateway.capability import capability_statement
@@ -382,14 +382,15 @@ def create_app(
     async def _hl7(source: str, raw: bytes) -> bytes:
         """One SIU message from an MLLP listener: S12 books, S13/S14 reschedule, S15 cancels, through
         the same maps, rules and idempotency (keyed on the placer and filler ids); the ACK says AA,
-        AE (the content cannot be booked: unmapped, refused, unknown appointment) or AR (the message
-        cannot be read, or the gateway or Salesforce cannot take it now: send it again)."""
+        AE (it cannot be read or booked as sent: unreadable, over the caps, unmapped, refused, an
+        unknown appointment) or AR (the gateway or Salesforce cannot take it now: send it again).
+        The message is parsed once; the ACK is built from its MSH read cheaply."""
         started = time.perf_counter()
         request_id = new_id()
         trace = Trace()
         status, error, op, issues = 500, None, "book", ()
         try:
-            siu = parse_siu(raw, settings.sources[source].time_zone)
+            siu = parse_siu(raw, settings.sources[source].time_zone, cfg.mllp)
             if siu.event == "book":
                 answer = await booker.book_prepared(source, booker.check(source, siu.booking, trace), None, trace)
             else:
@@ -402,16 +403,16 @@ def create_app(
                 issues = tuple(trace.refusal.issues)
         except GatewayError as exc:
             status, error, issues = exc.status, exc, tuple(exc.issues)
-            code = "AE" if status in (404, 422) else "AR"
+            code = "AR" if status >= 500 or status in (409, 429) else "AE"  # AR: the same message may pass later
         except Exception as exc:  # a bug: the sender gets an AR (send again), the log the exception's type only
             log.error("unhandled", error=type(exc).__name__, path="mllp")
             code = "AR"
         finally:
             # the v2 message is not kept: a replay from the dashboard speaks FHIR
             _summarise(request_id, source, op, status, trace, started, error, None, None, None)
-        return ack(raw, code, issues)
+        return ack(read_header(raw), code, issues)
 
-    listeners = [MllpListener(name, src.mllp_host, src.mllp_port or 0, _hl7, max_bytes=cfg.limits.max_body_bytes)
+    listeners = [MllpListener(name, src.mllp_host, src.mllp_port or 0, _hl7, cfg.mllp, metrics)
                  for name, src in settings.sources.items() if src.adapter == "hl7v2" and src.mllp_port is not None]
     mllp_ports: dict[str, int] = {}
 

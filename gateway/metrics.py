@@ -65,6 +65,7 @@ OUTCOMES = frozenset({
 SALESFORCE_OPERATIONS = frozenset({"book", "lookup", "auth", "token"})
 IDEMPOTENCY_RESULTS = frozenset({"new", "done", "busy", "mismatch", "takeover", "queued"})
 QUEUE_STATES = ("ready", "delayed", "dead")
+MLLP_REFUSALS = frozenset({"max_connections", "max_connections_per_peer", "too_large", "empty"})
 CIRCUIT_VALUES = {"closed": 0.0, "half_open": 0.5, "open": 1.0}
 
 _SOURCE = re.compile(r"[a-z0-9_-]{1,64}")  # the config's rule for a source name
@@ -172,6 +173,10 @@ class Metrics:
             "ehrgw_queue_entries", "Queued bookings, by source and state (last reading).",
             ("source", "state"), registry=reg, multiprocess_mode="mostrecent",
         )
+        self._mllp_refused = Counter(
+            "ehrgw_mllp_refused", "MLLP connections closed over a cap, and blocks answered AE unread, by reason.",
+            ("source", "reason"), registry=reg,
+        )
         self._codemap_reloads = Counter(
             "ehrgw_codemap_reloads", "Code map reloads, by source and result.", ("source", "result"), registry=reg,
         )
@@ -229,6 +234,9 @@ class Metrics:
         source = self._source(source)
         for state, count in zip(QUEUE_STATES, (ready, delayed, dead), strict=True):
             self._queue.labels(source, state).set(count)
+
+    def mllp_refused(self, source: str, reason: str) -> None:
+        self._mllp_refused.labels(self._source(source), _word(reason, MLLP_REFUSALS)).inc()
 
     def codemap_reload(self, source: str, ok: bool) -> None:
         self._codemap_reloads.labels(self._source(source), "ok" if ok else "failed").inc()

@@ -115,6 +115,20 @@ class LimitSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_header_bytes: int = 16_384  # request line and headers together (431)
 
 
+class MllpSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The MLLP listeners of `hl7v2` sources. MLLP has no authentication, so every cap holds before a
+    message is read; each worker has its own listeners, so the connection caps are per worker."""
+
+    max_connections: int = 64  # per listener; a connection over it is closed at once
+    max_connections_per_peer: int = 8  # per listener and client address
+    idle_seconds: float = 60.0  # a connection silent this long, or a block this slow, is closed
+    max_message_bytes: int = 262_144  # a larger block is answered AE (an SIU is a few KB)
+    # counted in the bytes before python-hl7 sees the message: its parse costs about 10 µs a
+    # separator, so these bound a message's parse to tens of milliseconds
+    max_segments: int = 200
+    max_fields: int = 2_000  # field, component, repetition and subcomponent separators together
+
+
 class TlsSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """The gateway's own TLS. Paths are relative to the config folder; the key file must be
     readable by its owner only."""
@@ -155,6 +169,7 @@ class FileSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     request_log: RequestLogSettings = RequestLogSettings()
     codemaps: CodemapSettings = CodemapSettings()
     tls: TlsSettings = TlsSettings()
+    mllp: MllpSettings = MllpSettings()
 
 
 class SalesforceConnection(msgspec.Struct, frozen=True):
@@ -257,6 +272,10 @@ def load_file_settings(config_dir: Path) -> FileSettings:
     if min(lim.max_body_bytes, lim.max_header_bytes, lim.keep_alive_seconds, lim.header_timeout_seconds,
            lim.body_timeout_seconds) <= 0 or (lim.max_connections is not None and lim.max_connections < 1):
         problems.append("$.limits: sizes, times and max_connections must be positive")
+    mllp = settings.mllp
+    if min(mllp.max_connections, mllp.max_connections_per_peer, mllp.idle_seconds, mllp.max_message_bytes,
+           mllp.max_segments, mllp.max_fields) <= 0:
+        problems.append("$.mllp: caps and idle_seconds must be positive")
     tls = settings.tls
     if (tls.certificate_file is None) != (tls.key_file is None):
         problems.append("$.tls: certificate_file and key_file go together")

@@ -5,7 +5,10 @@ answered with its ACK."""
 from __future__ import annotations
 
 import asyncio
+from contextlib import asynccontextmanager
 
+import hl7
+import httpx
 import pytest
 
 from adapters.hl7v2 import normalise, parse_siu
@@ -36,19 +39,34 @@ async def exchange(mllp_port: int, *messages: bytes, start_block: bool = True) -
 
 
 def msa(ack: str) -> list[str]:
-    segment = next(s for s in ack.split("\r") if s.startswith("MSA|"))
-    return segment.split("|")
+    """The ACK's MSA fields by index (MSA-1 is [1]), read strictly: python-hl7 must parse it as MSH,
+    MSA and, for an error, ERR; nothing stray (MSA-3 is inside MSA, not after its terminator)."""
+    message = hl7.parse(ack)
+    names = [str(s[0]) for s in message]
+    assert names in (["MSH", "MSA"], ["MSH", "MSA", "ERR"]), names
+    assert str(message.segment("MSH")[9]).startswith("ACK")
+    fields = [str(f) for f in message.segment("MSA")]
+    assert (len(fields) > 3 and fields[3] != "") == (names[-1] == "ERR"), fields  # an error says why in MSA-3
+    return fields
 
 
-@pytest.fixture
-async def mllp(settings):
-    """The gateway (its HTTP side unused here) and its athena listener's port."""
+@asynccontextmanager
+async def mllp_gateway(settings):
+    """The gateway on real ports: its athena listener's MLLP port, and an HTTP client for the rest."""
     from gateway.app import create_app
     from gateway.server import ThreadedServer, gateway_server_options
 
     app = create_app(settings)
-    with ThreadedServer(app, **gateway_server_options(settings.file, settings.config_dir)):
-        yield app.state.mllp_ports["athena"]
+    with ThreadedServer(app, **gateway_server_options(settings.file, settings.config_dir)) as server:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+            yield app.state.mllp_ports["athena"], client
+
+
+@pytest.fixture
+async def mllp(settings):
+    """The athena listener's port (the gateway's HTTP side unused here)."""
+    async with mllp_gateway(settings) as (port, _):
+        yield port
 
 
 def with_event(raw: bytes, event: str, *, control: str, timing: str | None = None, reason: str | None = None) -> bytes:
@@ -106,13 +124,34 @@ async def test_an_lf_separated_s14_for_an_unknown_appointment_is_ae(mllp, sandbo
     assert state(sandbox).appointments() == []
 
 
-async def test_unreadable_messages_are_ar_and_the_connection_goes_on(mllp, sandbox):
+async def test_unreadable_messages_are_ae_and_the_connection_goes_on(mllp, sandbox):
+    """AE, not AR: sending the same message again cannot succeed."""
     not_siu = b"MSH|^~\\&|A|B|C|D|200401010000||ADT^A01|77|P|2.3\rPID|||1\r"
     garbage = b"this is not HL7"
     acks = await exchange(mllp, not_siu, garbage, ATHENA.read_bytes())
-    assert msa(acks[0])[1:3] == ["AR", "77"] and "MSH-9" in acks[0]
-    assert msa(acks[1])[1] == "AR"
+    assert msa(acks[0])[1:3] == ["AE", "77"] and "\rERR|MSH-9^" in acks[0]
+    assert msa(acks[1])[1:3] == ["AE", ""]  # no MSH: no control id to echo
     assert msa(acks[2])[1:3] == ["AA", "403"]  # the same connection still books
+
+
+async def test_a_message_without_msh10_is_ae_and_not_booked(mllp, sandbox):
+    fields = normalise(ATHENA.read_bytes()).split("|")
+    fields[9] = ""  # MSH-10 (fields[0] is MSH, fields[1] MSH-2)
+    (ack,) = await exchange(mllp, "|".join(fields).encode())
+    assert msa(ack)[1:3] == ["AE", ""] and "\rERR|MSH-10^" in ack
+    assert state(sandbox).appointments() == []
+
+
+async def test_an_error_ack_parses_strictly_and_echoes_the_header(mllp, sandbox):
+    """MSA-3 is inside MSA (not a stray segment after its terminator); the ACK answers the sender's
+    MSH-3/4 in its MSH-5/6 and keeps the trigger, processing id and version."""
+    raw = normalise(ATHENA.read_bytes()).replace("ov^office visit", "zz^unknown").encode()
+    (ack,) = await exchange(mllp, raw)
+    assert msa(ack)[1:3] == ["AE", "403"] and msa(ack)[3]
+    msh = hl7.parse(ack).segment("MSH")
+    assert [str(msh[n]) for n in (3, 5, 6, 9, 11, 12)] == [
+        "ATHENA", "ATHENANET", "235^TESTPRACTIVE", "ACK^S12^ACK", "T", "2.2"]
+    assert str(hl7.parse(ack).segment("ERR")[1]).startswith("SCH-8")
 
 
 async def test_an_unmapped_appointment_type_is_ae_naming_the_field(mllp, sandbox):
