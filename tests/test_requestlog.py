@@ -90,6 +90,8 @@ async def test_a_keyless_flood_neither_flushes_the_log_nor_fills_it(redis_url, p
         assert 2 <= len(door) <= elapsed + 3 and len(door) < sent / 4, (len(door), elapsed)
         assert all("input" not in e and not e["replayable"] and e["outcome"] == "rejected" for e in door)
         assert len(door) + sum(e.get("suppressed", 0) for e in door) == sent
+        stats = (await gw.get("/admin/api/stats", headers=admin())).json()["series"]
+        assert sum(p["count"] for p in stats if p["outcome"] == "rejected") == sent  # counted back in
         assert rejected_401((await gw.get("/metrics")).text) - counted == 1 + (sent - 1) * 2 // 3
 
 
