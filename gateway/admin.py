@@ -319,7 +319,7 @@ def admin_router(deps: AdminDeps) -> Router:
         latencies: dict[int, list[float]] = defaultdict(list)
         for e in entries:
             t = e.time_ms - e.time_ms % 60_000
-            counts[(t, e.source, e.outcome)] += 1
+            counts[(t, e.source, e.outcome)] += 1 + (e.suppressed or 0)  # the door's refusals not stored
             latencies[t].append(e.ms)
         return _ok({
             "bucket_seconds": 60,

@@ -49,7 +49,7 @@ from gateway.openapi import OPENAPI_PATH, openapi_json
 from gateway.queue import BookingQueue
 from gateway.redis_mux import MultiplexedRedis
 from gateway.ratelimit import RateLimiter
-from gateway.requestlog import KEEP_INPUT, Entry, LoggedIssue, RequestLog, Sealed
+from gateway.requestlog import KEEP_INPUT, Entry, RequestLog, logged_issues, logged_maps
 from gateway.requestlog import key_digest as log_key_digest
 from gateway.sealing import Sealer, sealer_from_env
 from gateway.smart import SmartAuth, TokenError
@@ -239,6 +239,9 @@ def create_app(
     reqlog = RequestLog(
         redis_client, cfg.redis.key_prefix, sealer=data_sealer,
         max_entries=cfg.request_log.max_entries, retention_hours=cfg.request_log.retention_hours,
+        max_actionable_entries=cfg.request_log.max_actionable_entries,
+        actionable_retention_hours=cfg.request_log.actionable_retention_hours,
+        max_bytes=cfg.request_log.max_bytes, max_input_bytes=cfg.request_log.max_input_bytes,
         flush_seconds=cfg.request_log.flush_seconds, scripts=scripts,
     )
     worker = QueueWorker(booker, queue, queue_sources, cfg.queue, reclaim_idle_seconds=cfg.idempotency.lease_seconds,
@@ -266,9 +269,10 @@ def create_app(
         started = time.perf_counter()
         request_id = new_id()
         trace = Trace()
-        status, body, key, error = 500, None, None, None
+        status, body, key, error, admitted = 500, None, None, None, False
         try:
             await _admit(request, source)
+            admitted = True
             _check_media(request)
             try:
                 body = await request.body()
@@ -296,8 +300,8 @@ def create_app(
             return response
         finally:
             _summarise(request_id, source, "translate" if dry_run else "change" if change is not None else "book",
-                       status, trace, started, error,
-                       body if status != 401 and status != 403 else None, request.headers.get("content-type"), key)
+                       status, trace, started, error, body, request.headers.get("content-type"), key,
+                       admitted=admitted)
 
     async def replay(entry: Entry) -> Entry:
         """An operator's replay of a logged booking from its sealed input, through the same path."""
@@ -322,8 +326,9 @@ def create_app(
 
     def _summarise(request_id: str, source: str, op: str, status: int, trace: Trace, started: float,
                    error: GatewayError | None, body: bytes | None, media_type: str | None, key: str | None,
-                   replay_of: str | None = None) -> Entry:
-        """The request's one log line and its request-log entry."""
+                   replay_of: str | None = None, admitted: bool = True) -> Entry:
+        """The request's one log line and its request-log entry. `admitted`: false for a request
+        refused at the door (`_admit`), whose entries the request log samples."""
         sf = trace.salesforce
         ms = round((time.perf_counter() - started) * 1000, 2)
         log.info(
@@ -348,18 +353,20 @@ def create_app(
             idempotency=trace.idempotency if trace.idempotency != "none" else None,
             sf_status=sf.status, sf_id=trace.salesforce_id, sf_error=sf.error_code,
             ms=ms, sf_ms=round(sf.latency_ms, 2) if sf.status else None,
-            maps_version=trace.maps_version, maps_used=trace.maps_used,
-            issues=tuple(LoggedIssue(i.code, i.diagnostics, i.expression)
-                         for i in ((error or trace.refusal).issues if (error or trace.refusal) else ())),
+            maps_version=trace.maps_version, maps_used=logged_maps(trace.maps_used),
+            issues=logged_issues((error or trace.refusal).issues if (error or trace.refusal) else ()),
             key_digest=log_key_digest(source, trace.key_material) if trace.key_material else None,
             replay_of=replay_of,
         )
         if op not in ("translate", "search") and source in settings.sources:  # bookings and changes only
-            # a failed change keeps no input: the replay path books, and the EHR resends its PUT
-            keep = outcome in KEEP_INPUT and body is not None and reqlog.keeps_inputs and op != "change"
-            sealed = Sealed(patient=trace.patient, input=body.decode("utf-8", "replace") if keep and body else None,
-                            media_type=media_type, idempotency_key=key)
-            entry = msgspec.structs.replace(entry, has_input=keep, sealed=reqlog.seal(request_id, sealed))
+            if not admitted:  # refused at the door: counted above, sampled here, nothing sealed
+                if (suppressed := reqlog.at_the_door(source)) is None:
+                    return entry
+                entry = msgspec.structs.replace(entry, suppressed=suppressed or None)
+            else:
+                # a failed change keeps no input: the replay path books, and the EHR resends its PUT
+                keep = outcome in KEEP_INPUT and op != "change"
+                entry = reqlog.with_sealed(entry, trace.patient, body if keep else None, media_type, key)
             reqlog.record(entry)
         return entry
 

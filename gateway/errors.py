@@ -13,6 +13,20 @@ import msgspec
 
 Severity = Literal["fatal", "error", "warning", "information"]
 
+# A value from the request that a message repeats (a code, a system, a status) is cut to this many
+# characters: a 500 KB code must not make a 500 KB answer, log line or request-log entry. Room for a
+# code system URI (Cerner's tenant code sets run to about 80).
+QUOTE_LIMIT = 128
+# Every diagnostics is cut to this, whoever wrote it: the backstop for a message that quotes a value
+# without `cut` (and for Salesforce's own messages).
+DIAGNOSTICS_LIMIT = 1024
+
+
+def cut(value: object, limit: int = QUOTE_LIMIT) -> str:
+    """`value` as a message may quote it: at most `limit` characters, an ellipsis marking a cut."""
+    text = value if isinstance(value, str) else str(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
 
 class Issue(msgspec.Struct, frozen=True, omit_defaults=True):
     """One OperationOutcome.issue. `code` is from http://hl7.org/fhir/issue-type."""
@@ -46,6 +60,9 @@ class GatewayError(Exception):
                     details_code=details_code,
                 )
             ]
+        if any(len(i.diagnostics) > DIAGNOSTICS_LIMIT for i in issues):
+            issues = [msgspec.structs.replace(i, diagnostics=cut(i.diagnostics, DIAGNOSTICS_LIMIT))
+                      if len(i.diagnostics) > DIAGNOSTICS_LIMIT else i for i in issues]
         self.issues = issues
         self.retry_after = retry_after
         super().__init__(issues[0].diagnostics)

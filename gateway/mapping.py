@@ -12,7 +12,7 @@ import msgspec
 
 from gateway.canonical import CanonicalBooking, Concept, Participant
 from gateway.codemaps import SourceMaps
-from gateway.errors import Issue
+from gateway.errors import Issue, cut
 from gateway.salesforce.wire import BookingRequest, SfParticipant, SfSlot
 from gateway.settings import SourceSettings
 
@@ -52,7 +52,7 @@ def _codes(
             issues.append(
                 Issue(
                     code="code-invalid",
-                    diagnostics=f"code {coding.code!r} of system {coding.system} has no {category} "
+                    diagnostics=f"code {cut(coding.code)!r} of system {cut(coding.system)} has no {category} "
                     f"mapping in {group.file} $.group[{group.index}]",
                     expression=(f"{concept.path}.coding[{ci}]",),
                 )

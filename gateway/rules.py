@@ -7,12 +7,14 @@ from datetime import datetime
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from gateway.canonical import CanonicalBooking, Instant
-from gateway.errors import Issue
+from gateway.errors import Issue, cut
 from gateway.salesforce.wire import BookingRequest
 
 COMMENT_LIMIT = 256
 # Statuses that say the appointment is not (or no longer) to happen: not a booking.
 NOT_BOOKABLE = frozenset({"cancelled", "entered-in-error"})
+# unresolved participants a message names; the rest are counted (a body may carry a hundred)
+_NAMED = 5
 
 
 def _instant(value: Instant | None, name: str, base: str, issues: list[Issue]) -> datetime | None:
@@ -38,7 +40,7 @@ def check(booking: CanonicalBooking, request: BookingRequest) -> list[Issue]:
     issues: list[Issue] = []
     base = booking.resource_path
     if booking.status in NOT_BOOKABLE:
-        issues.append(Issue(code="business-rule", diagnostics=f"an appointment with status {booking.status!r} "
+        issues.append(Issue(code="business-rule", diagnostics=f"an appointment with status {cut(booking.status)!r} "
                             "cannot be booked", expression=(f"{base}.status",)))
 
     kinds: dict[str, int] = {}
@@ -46,7 +48,9 @@ def check(booking: CanonicalBooking, request: BookingRequest) -> list[Issue]:
         kinds[p.kind] = kinds.get(p.kind, 0) + 1
     unresolved = ""
     if booking.unresolved_participants:
-        unresolved = (f"; {', '.join(booking.unresolved_participants)} could not be used (no reference to a "
+        paths = booking.unresolved_participants
+        named = ", ".join(paths[:_NAMED]) + (f" and {len(paths) - _NAMED} more" if len(paths) > _NAMED else "")
+        unresolved = (f"; {named} could not be used (no reference to a "
                       "Patient, Location, Practitioner, PractitionerRole or Device)")
     if not kinds.get("Patient"):
         issues.append(Issue(code="required", diagnostics="a Patient participant is required" + unresolved,

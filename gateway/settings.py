@@ -141,10 +141,16 @@ class TlsSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class RequestLogSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """The operators' request log in Redis: bounded by count and by age."""
+    """The operators' request log in Redis: bounded by count, age and bytes. Entries an operator may
+    act on (failed, refused, unmapped, queued) are bounded on their own, so other entries never
+    push them out."""
 
-    max_entries: int = 100_000
+    max_entries: int = 100_000  # entries of the other outcomes
     retention_hours: float = 168.0
+    max_actionable_entries: int = 100_000
+    actionable_retention_hours: float = 168.0
+    max_bytes: int = 256 * 1024 * 1024  # all entries together, approximately (requestlog.ENTRY_OVERHEAD)
+    max_input_bytes: int = 65_536  # a larger input is not kept (the entry says how large it was)
     flush_seconds: float = 0.2  # entries are written in batches; a crash loses at most this much
 
 
@@ -294,8 +300,12 @@ def load_file_settings(config_dir: Path) -> FileSettings:
     if settings.codemaps.reload_seconds <= 0:
         problems.append("$.codemaps.reload_seconds: must be positive")
     rl = settings.request_log
-    if rl.max_entries < 1 or rl.retention_hours <= 0 or rl.flush_seconds <= 0:
-        problems.append("$.request_log: need max_entries >= 1 and positive retention_hours and flush_seconds")
+    if min(rl.max_entries, rl.max_actionable_entries) < 1 or min(rl.retention_hours, rl.actionable_retention_hours,
+                                                                  rl.flush_seconds) <= 0:
+        problems.append("$.request_log: need max_entries and max_actionable_entries >= 1 and positive "
+                        "retention_hours, actionable_retention_hours and flush_seconds")
+    if rl.max_bytes < 65_536 or rl.max_input_bytes < 0:
+        problems.append("$.request_log: need max_bytes >= 64 KiB and max_input_bytes >= 0")
     if settings.salesforce.max_concurrent_calls < 1:
         problems.append("$.salesforce.max_concurrent_calls: must be at least 1")
     if problems:

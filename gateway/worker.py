@@ -18,7 +18,7 @@ from gateway.ids import new_id
 from gateway.logs import log
 from gateway.queue import BookingQueue, Entry, consumer_name
 from gateway.requestlog import Entry as LogEntry
-from gateway.requestlog import LoggedIssue, RequestLog
+from gateway.requestlog import RequestLog, logged_issues
 from gateway.settings import QueueSettings
 
 
@@ -93,7 +93,7 @@ class QueueWorker:
             logged, status = "booked", 201
         else:
             logged, status = "failed", 503
-        issues = tuple(LoggedIssue(i.code, i.diagnostics, i.expression) for i in (trace.refusal.issues if trace.refusal else ()))
+        issues = logged_issues(trace.refusal.issues if trace.refusal else ())
         self._request_log.record(LogEntry(
             id=new_id(), time_ms=int(time.time() * 1000), source=entry.item.source, op="deliver",
             outcome=logged, status=status, idempotency=trace.idempotency, sf_status=sf.status,

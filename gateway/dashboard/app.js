@@ -588,6 +588,8 @@
       field('Salesforce status', v.sf_status ? String(v.sf_status) : null),
       field('Salesforce id', v.sf_id ? h('code', null, v.sf_id) : null, 'detail-sf-id'),
       field('Salesforce error', v.sf_error ? h('code', null, v.sf_error) : null),
+      v.suppressed ? field('Not stored', v.suppressed + ' more refused like this one since the last stored', 'detail-suppressed') : null,
+      v.input_too_large ? field('Input', 'not kept: ' + v.input_too_large + ' bytes, over the request log\'s limit', 'detail-input-too-large') : null,
       v.replay_of ? field('Replay of', idButton(v.replay_of, 'Open')) : null,
       v.replayed_by ? field('Replayed by', idButton(v.replayed_by, 'Open'), 'detail-replayed-by') : null)));
 
