@@ -44,8 +44,9 @@ async def settled(gw, expected_newest: str) -> list[dict]:
 
 
 async def failed_booking(gw, sandbox) -> dict:
-    """A booking Salesforce fails (503, nothing stored): logged as failed, its input kept."""
-    state(sandbox).faults.set(server_error=1, server_error_status=503)
+    """A booking Salesforce cannot take (its allowance spent: certainly nothing stored, so the key is
+    free for a replay at once): logged as failed, its input kept."""
+    state(sandbox).faults.set(request_limit_exceeded=1)
     r = await gw.post("/fhir/cerner/Appointment", content=corpus(VIDEO_VISIT), headers=auth())
     assert r.status_code == 503, r.text
     [entry] = await wait_for_entries(gw, 1, outcome="failed")
