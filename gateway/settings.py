@@ -6,6 +6,7 @@ instead of failing on the first request.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -124,6 +125,13 @@ class TlsSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     client_ca_file: str | None = None
 
 
+class ServerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    # the reverse proxies whose X-Forwarded-For and X-Forwarded-Proto are believed (IP addresses or
+    # CIDR networks); from anyone else those headers are ignored. None by default: a forged address
+    # would escape the failed-admin-key throttle and mislead the audit
+    trusted_proxies: tuple[str, ...] = ()
+
+
 class RequestLogSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """The operators' request log in Redis: bounded by count and by age."""
 
@@ -153,6 +161,7 @@ class FileSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     request_log: RequestLogSettings = RequestLogSettings()
     codemaps: CodemapSettings = CodemapSettings()
     tls: TlsSettings = TlsSettings()
+    server: ServerSettings = ServerSettings()
 
 
 class SalesforceConnection(msgspec.Struct, frozen=True):
@@ -268,6 +277,11 @@ def load_file_settings(config_dir: Path) -> FileSettings:
     if tls.key_file is not None and (config_dir / tls.key_file).is_file():
         if (config_dir / tls.key_file).stat().st_mode & 0o077:
             problems.append("$.tls.key_file: must be readable by its owner only (chmod 600)")
+    for i, proxy in enumerate(settings.server.trusted_proxies):
+        try:
+            ipaddress.ip_network(proxy)
+        except ValueError:
+            problems.append(f"$.server.trusted_proxies[{i}]: not an IP address or CIDR network (host bits unset)")
     if settings.codemaps.reload_seconds <= 0:
         problems.append("$.codemaps.reload_seconds: must be positive")
     rl = settings.request_log
