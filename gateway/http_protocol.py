@@ -11,6 +11,10 @@ This subclass adds, per connection:
 - a body timeout: a declared body must arrive within `body_timeout` seconds of the head;
 - a head size cap (`max_header_bytes`), answered 431;
 - FHIR OperationOutcomes instead of plain text for all of these, and for unparsable requests;
+- a lingering close: a connection closed while the client may still be sending (an answer given
+  before the body arrived, such as a 413, or a refused head) first reads and drops what comes, up to
+  16 MiB or 5 seconds. Closing with unread bytes resets the connection, and a client that writes its
+  whole request before reading (urllib, Java's and .NET's clients) would lose the answer and retry;
 - the ASGI TLS extension (`scope["extensions"]["tls"]`): the client certificate a TLS connection
   presented, which uvicorn does not pass on, so a source can require mutual TLS;
 - one write per answer: uvicorn writes the status line and headers, then the body, as two writes
@@ -25,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import ssl
-from typing import Any
+from typing import Any, Callable
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -36,6 +40,7 @@ __all__ = ["GatewayProtocol", "gateway_protocol"]
 
 _TLS_VERSIONS = {"TLSv1.2": 0x0303, "TLSv1.3": 0x0304}
 _REASONS = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
+_LINGER_BYTES, _LINGER_SECONDS = 16 * 1024 * 1024, 5.0
 
 
 class _HeadTooLarge(Exception):
@@ -61,12 +66,14 @@ class GatewayProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._timer: asyncio.TimerHandle | None = None
         self._refusal: GatewayError | None = None
+        self._lingering = False
+        self._linger_left = 0
 
     # --- connection ---
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._coalescing = _Coalescing(transport, self.loop)
+        self._coalescing = _Coalescing(transport, self.loop, self._close_answered)
         tls = _tls_extension(transport.get_extra_info("ssl_object"))
         if tls is not None:
             self.app = _with_tls(self.app, tls)
@@ -76,6 +83,14 @@ class GatewayProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._lingering:  # closing: what the client still sends is dropped, within bounds
+            self._linger_left -= len(data)
+            if self._linger_left < 0:
+                self.transport.close()
+            return
+        super().data_received(data)
 
     # --- parser callbacks ---
 
@@ -104,6 +119,12 @@ class GatewayProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         self._disarm()
         super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        if self._lingering:  # the connection is closing: no keep-alive wait, no pipelined request
+            self.server_state.total_requests += 1
+            return
+        super().on_response_complete()
 
     def send_400_response(self, msg: str) -> None:
         # uvicorn's answer to what httptools could not parse (or what we refused while parsing)
@@ -142,9 +163,9 @@ class GatewayProtocol(HttpToolsProtocol):
             self.transport.close()  # an answer is under way; nothing sensible can be added to it
             return
         # the handler (if any) is waiting for the body: connection_lost tells it the client is gone
-        self._refuse(RequestTimeout(why))
+        self._refuse(RequestTimeout(why), linger=False)
 
-    def _refuse(self, error: GatewayError) -> None:
+    def _refuse(self, error: GatewayError, *, linger: bool = True) -> None:
         body = error_body(error)
         head = [b"HTTP/1.1 %d %s\r\n" % (error.status, _REASONS.get(error.status, b"Error"))]
         for name, value in self.server_state.default_headers:
@@ -152,20 +173,43 @@ class GatewayProtocol(HttpToolsProtocol):
         head.append(b"content-type: " + FHIR_JSON.encode() + b"\r\n")
         head.append(b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body))
         self.transport.write(b"".join(head) + body)
-        self.transport.close()
+        self._close(linger)
+
+    def _close_answered(self) -> None:
+        # an answer that closes the connection (the client asked, or HTTP/1.0) may have come before
+        # the request's body did (a 413, a 401 before reading): the client may still be sending it
+        self._close(linger=self.cycle is not None and self.cycle.more_body)
+
+    def _close(self, linger: bool) -> None:
+        if not linger or self.transport.is_closing():
+            self.transport.close()
+            return
+        self._lingering, self._linger_left = True, _LINGER_BYTES
+        self._coalescing.shut()  # a handler still running writes nothing after this answer
+        self._disarm()
+        self._timer = self.loop.call_later(_LINGER_SECONDS, self.transport.close)
+        if self.transport.can_write_eof():  # the answer is whole: the client may see the end of it
+            self.transport.write_eof()
+        self.flow.resume_reading()
 
 
 class _Coalescing:
     """A connection's transport as an answer sees it: writes made in one turn of the event loop are
-    joined and written at the end of that turn (or before a close), in order."""
+    joined and written at the end of that turn (or before a close), in order. A close goes to
+    `close` (the protocol's), after which nothing more is written."""
 
-    __slots__ = ("_transport", "_loop", "_pending")
+    __slots__ = ("_transport", "_loop", "_pending", "_close", "_closed")
 
-    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop,
+                 close: Callable[[], None] | None = None) -> None:
         self._transport, self._loop = transport, loop
         self._pending: list[bytes] = []
+        self._close = close or transport.close
+        self._closed = False
 
     def write(self, data: bytes) -> None:
+        if self._closed:
+            return
         if not self._pending:
             self._loop.call_soon(self._flush)
         self._pending.append(data)
@@ -179,10 +223,15 @@ class _Coalescing:
 
     def close(self) -> None:
         self._flush()
-        self._transport.close()
+        self.shut()
+        self._close()
+
+    def shut(self) -> None:
+        self._closed = True
+        self._pending.clear()
 
     def is_closing(self) -> bool:
-        return self._transport.is_closing()
+        return self._closed or self._transport.is_closing()
 
     def __getattr__(self, name: str) -> Any:  # anything else uvicorn asks of its transport
         return getattr(self._transport, name)

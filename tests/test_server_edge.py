@@ -1,11 +1,18 @@
-"""The server's edge, over real sockets: whose forwarded headers are believed."""
+"""The server's edge, over real sockets: whose forwarded headers are believed, and answers given
+before a large body has arrived."""
 
 from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import urllib.error
+import urllib.request
 
 import pytest
 
 from gateway.settings import ServerSettings
-from tests.conftest import ADMIN_KEY, make_settings, serve_gateway
+from tests.conftest import ADMIN_KEY, auth, make_settings, serve_gateway
 
 FORGED = {"X-Forwarded-For": "203.0.113.9", "X-Forwarded-Proto": "https"}
 
@@ -57,3 +64,83 @@ def test_trusted_proxies_are_addresses_or_networks(tmp_path, value: str):
     toml.write_text(toml.read_text() + f'\n[server]\ntrusted_proxies = ["::1", "10.0.0.0/8", "{value}"]\n')
     with pytest.raises(ConfigError, match=r"\$\.server\.trusted_proxies\[2\]: not an IP address or CIDR network"):
         load_file_settings(config)
+
+
+@pytest.fixture
+async def gateway(redis_url, prefix, sandbox):
+    async with serve_gateway(make_settings(redis_url, prefix, sandbox.url)) as client:
+        yield client
+
+
+BIG = b"x" * (4 << 20)  # four times [limits] max_body_bytes
+
+
+def _write_all_then_read(port: int, head: bytes, body: bytes) -> bytes:
+    """As urllib, Java's and .NET's clients do: the whole request first, then the answer, to the end."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(head + body)
+        answer = b""
+        while block := sock.recv(65536):
+            answer += block
+        return answer
+
+
+def _parse(answer: bytes) -> tuple[int, dict[str, str], dict]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in lines[1:])
+    assert int(headers["content-length"]) == len(body)  # the whole answer, not a reset
+    return int(lines[0].split()[1]), headers, json.loads(body)
+
+
+def _read_answer(stream) -> bytes:
+    """One answer off a keep-alive connection: its status line and its body."""
+    lines = []
+    while (line := stream.readline()) not in (b"\r\n", b""):
+        lines.append(line)
+    length = next(int(x.split(b":")[1]) for x in lines if x.lower().startswith(b"content-length"))
+    return lines[0] + stream.read(length)
+
+
+@pytest.mark.parametrize(("authorization", "status"), [(True, 413), (False, 401)])
+async def test_an_answer_before_the_body_reaches_a_client_that_writes_it_all_first(gateway, authorization, status):
+    # closing with the body still arriving would reset the connection and lose the answer: the
+    # server reads and drops the rest first
+    head = "POST /fhir/cerner/Appointment HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+    head += f"Authorization: {auth()['Authorization']}\r\n" if authorization else ""
+    head += f"Content-Type: application/fhir+json\r\nContent-Length: {len(BIG)}\r\n\r\n"
+    answer = await asyncio.to_thread(_write_all_then_read, gateway.base_url.port, head.encode(), BIG)
+    got, headers, outcome = _parse(answer)
+    assert got == status and headers["content-type"] == "application/fhir+json"
+    assert outcome["resourceType"] == "OperationOutcome"
+
+
+async def test_a_keep_alive_client_keeps_its_connection_after_a_413(gateway):
+    head = (f"POST /fhir/cerner/Appointment HTTP/1.1\r\nHost: x\r\nAuthorization: {auth()['Authorization']}\r\n"
+            f"Content-Type: application/fhir+json\r\nContent-Length: {len(BIG)}\r\n\r\n").encode()
+
+    def exchange() -> tuple[bytes, bytes]:
+        with socket.create_connection(("127.0.0.1", gateway.base_url.port), timeout=30) as sock:
+            stream = sock.makefile("rb")
+            sock.sendall(head + BIG)
+            too_large = _read_answer(stream)
+            sock.sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+            return too_large, _read_answer(stream)
+
+    too_large, next_one = await asyncio.to_thread(exchange)
+    assert too_large.startswith(b"HTTP/1.1 413") and b"OperationOutcome" in too_large
+    assert next_one.startswith(b"HTTP/1.1 200")  # the rest of the body was read and dropped
+
+
+async def test_urllib_gets_its_413(gateway):
+    def post() -> tuple[int, dict]:
+        request = urllib.request.Request(f"{gateway.base_url}/fhir/cerner/Appointment", data=BIG, headers=auth(),
+                                         method="POST")
+        try:
+            urllib.request.urlopen(request, timeout=30)
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+        raise AssertionError("the body was taken")
+
+    status, outcome = await asyncio.to_thread(post)
+    assert status == 413 and outcome["issue"][0]["code"] == "too-costly"
