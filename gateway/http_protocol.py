@@ -10,6 +10,12 @@ This subclass adds, per connection:
   applies);
 - a body timeout: a declared body must arrive within `body_timeout` seconds of the head;
 - a head size cap (`max_header_bytes`), answered 431;
+- canonical paths only, before any routing (400): no percent-encoded unreserved character or `/`,
+  no empty, `.` or `..` segment, no encoded control character, nothing that does not decode to
+  UTF-8. uvicorn decodes the path and Litestar merges slashes, so `/fhir/cern%65r/…` or
+  `/fhir//cerner/…` would reach `cerner` past a proxy's rule on the literal prefix; `$` may come
+  literally or as `%24` (no source name holds one);
+- one Host header on an HTTP/1.1 request, at most one on any, of a valid form (RFC 9112 §3.2; 400);
 - FHIR OperationOutcomes instead of plain text for all of these, and for unparsable requests;
 - a lingering close: a connection closed while the client may still be sending (an answer given
   before the body arrived, such as a 413, or a refused head) first reads and drops what comes, up to
@@ -28,9 +34,12 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import re
 import ssl
 from typing import Any, Callable
+from urllib.parse import unquote_to_bytes
 
+import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from gateway.errors import GatewayError, HeadersTooLarge, InvalidRequest, RequestTimeout
@@ -41,9 +50,15 @@ __all__ = ["GatewayProtocol", "gateway_protocol"]
 _TLS_VERSIONS = {"TLSv1.2": 0x0303, "TLSv1.3": 0x0304}
 _REASONS = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
 _LINGER_BYTES, _LINGER_SECONDS = 16 * 1024 * 1024, 5.0
+# what a percent-encoding in a path may not stand for: an unreserved character or "/" (the encoded
+# form would name the same resource as another spelling), or a control character
+_NOT_ENCODED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~/" + bytes(range(32)) + b"\x7f")
+_HEX = frozenset(b"0123456789ABCDEFabcdef")
+# RFC 3986's host (an IP literal, or a reg-name of unreserved, sub-delims and percent-encodings) and port
+_HOST = re.compile(rb"(?:\[[0-9A-Za-z:.]+\]|[A-Za-z0-9\-._~%!$&'()*+,;=]*)(?::[0-9]*)?")
 
 
-class _HeadTooLarge(Exception):
+class _Refused(Exception):
     """Raised inside the parser's callback; httptools turns it into a parser error."""
 
 
@@ -110,6 +125,10 @@ class GatewayProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._disarm()
+        problem = _host_problem(self.headers, self.parser.get_http_version()) or _path_problem(self.url)
+        if problem is not None:  # refused before uvicorn builds the request and the app routes it
+            self._refusal = InvalidRequest(problem)
+            raise _Refused
         super().on_headers_complete()
         if self.cycle is not None:  # the answer's writes (its head, then its body) go out as one
             self.cycle.transport = self._coalescing  # type: ignore[assignment]
@@ -136,7 +155,7 @@ class GatewayProtocol(HttpToolsProtocol):
         self._head_bytes += n
         if self._head_bytes > self._max_header_bytes:
             self._refusal = HeadersTooLarge(f"the request line and headers are over {self._max_header_bytes} bytes")
-            raise _HeadTooLarge
+            raise _Refused
 
     def _expects_body(self) -> bool:
         for name, value in self.headers:
@@ -191,6 +210,38 @@ class GatewayProtocol(HttpToolsProtocol):
         if self.transport.can_write_eof():  # the answer is whole: the client may see the end of it
             self.transport.write_eof()
         self.flow.resume_reading()
+
+
+def _host_problem(headers: list[tuple[bytes, bytes]], version: str) -> str | None:
+    hosts = [value for name, value in headers if name == b"host"]
+    if len(hosts) > 1:
+        return "a request has one Host header"
+    if not hosts:
+        return "an HTTP/1.1 request needs a Host header" if version == "1.1" else None
+    return None if _HOST.fullmatch(hosts[0]) else "the Host header is not a host and port"
+
+
+def _path_problem(target: bytes) -> str | None:
+    """Why the request target's path is not in its one canonical spelling, if it is not."""
+    if b"%" not in target and b"//" not in target and b"/." not in target:
+        return None  # nearly every request: three scans, no parse
+    path = httptools.parse_url(target).path or b""
+    if b"//" in path:
+        return "the path has an empty segment (//)"
+    if any(segment in (b".", b"..") for segment in path.split(b"/")):
+        return "the path has a . or .. segment"
+    if b"%" not in path:
+        return None
+    for encoded in path.split(b"%")[1:]:
+        if len(encoded) < 2 or encoded[0] not in _HEX or encoded[1] not in _HEX:
+            return "a % in the path is not followed by two hexadecimal digits"
+        if int(encoded[:2], 16) in _NOT_ENCODED:
+            return "the path percent-encodes a character that must be written as itself (or a / or a control character)"
+    try:
+        unquote_to_bytes(path).decode("utf-8")
+    except UnicodeDecodeError:
+        return "the path's percent-encodings are not UTF-8"
+    return None
 
 
 class _Coalescing:

@@ -1,5 +1,6 @@
-"""The server's edge, over real sockets: whose forwarded headers are believed, and answers given
-before a large body has arrived."""
+"""The server's edge, over real sockets: whose forwarded headers are believed, answers given before
+a large body has arrived, and request heads refused before any routing (paths not in their one
+canonical spelling, Host headers missing or repeated)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import urllib.request
 import pytest
 
 from gateway.settings import ServerSettings
-from tests.conftest import ADMIN_KEY, auth, make_settings, serve_gateway
+from tests.conftest import ADMIN_KEY, VIDEO_VISIT, auth, corpus, make_settings, serve_gateway
+from tests.test_server_limits import _exchange, _outcome
 
 FORGED = {"X-Forwarded-For": "203.0.113.9", "X-Forwarded-Proto": "https"}
 
@@ -144,3 +146,76 @@ async def test_urllib_gets_its_413(gateway):
 
     status, outcome = await asyncio.to_thread(post)
     assert status == 413 and outcome["issue"][0]["code"] == "too-costly"
+
+
+def _request(method: str, target: str, *, body: bytes = b"", host: str | None = "Host: x\r\n",
+             version: str = "HTTP/1.1") -> bytes:
+    head = f"{method} {target} {version}\r\n{host or ''}Connection: close\r\n"
+    if body:
+        head += f"Authorization: {auth()['Authorization']}\r\nContent-Type: application/fhir+json\r\n"
+    return (head + f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+async def _answer(gw, request: bytes) -> tuple[int, dict]:
+    answer, _ = await _exchange(gw.base_url.port, [request])
+    status, _, body = _outcome(answer)
+    return status, body
+
+
+@pytest.mark.parametrize("target", [
+    "/fhir/cern%65r/Appointment",  # an unreserved character encoded: cerner by another spelling
+    "/fhir/cerner/%41ppointment",
+    "/fhir//cerner/Appointment",  # an empty segment: merged into /fhir/cerner/… by the router
+    "/fhir/cerner//Appointment",
+    "/fhir/./cerner/Appointment",
+    "/fhir/x/../cerner/Appointment",
+    "/fhir/cerner%2FAppointment",  # an encoded /
+    "/fhir/cerner/Appointment%zz",  # not a percent-encoding
+    "http://x/fhir//cerner/Appointment",  # the absolute form is read the same way
+])
+async def test_a_path_in_another_spelling_is_refused_before_routing(gateway, target: str):
+    status, outcome = await _answer(gateway, _request("POST", target, body=corpus(VIDEO_VISIT)))
+    assert status == 400 and outcome["resourceType"] == "OperationOutcome"
+    assert outcome["issue"][0]["code"] == "structure" and "path" in outcome["issue"][0]["details"]["text"]
+
+
+@pytest.mark.parametrize("target", ["/admin/static/%00", "/admin/static/app.js%00", "/fhir/cerner/Appointment%0a",
+                                    "/admin/static/%ff", "/admin/static/%c3%28"])
+async def test_encoded_control_characters_and_bytes_that_are_not_utf8_are_400(gateway, target: str):
+    status, outcome = await _answer(gateway, _request("GET", target))
+    assert status == 400 and outcome["issue"][0]["code"] == "structure"
+
+
+async def test_canonical_paths_and_their_queries_still_pass(gateway):
+    translate = corpus(VIDEO_VISIT)
+    # FHIR clients write $ as itself; one that encodes it reaches the same operation (no source name has a $)
+    for target in ("/fhir/cerner/Appointment/$translate", "/fhir/cerner/Appointment/%24translate"):
+        assert (await _answer(gateway, _request("POST", target, body=translate)))[0] == 200
+    assert (await _answer(gateway, _request("GET", "/fhir/caf%C3%A9/metadata")))[0] == 404  # UTF-8: a name
+    # the query is not the path: slashes and encodings there are the parameters' business
+    assert (await _answer(gateway, _request("GET", "/fhir/cerner/metadata?url=http://x//y/./%41")))[0] == 200
+    assert (await gateway.get("/admin/static/app.js")).status_code == 200
+    assert (await gateway.get("/.well-known/nothing")).status_code == 404
+
+
+async def test_the_dashboard_serves_its_own_files_only(gateway):
+    assert (await gateway.get("/admin/static/app.css")).status_code == 200
+    for name in ("a" * 300, "index.html", "nothing.js", "%2e%2e"):  # too long for a file name was a 500
+        missing = await gateway.get(f"/admin/static/{name}")
+        assert 400 <= missing.status_code < 500 and missing.json()["resourceType"] == "OperationOutcome"
+
+
+@pytest.mark.parametrize(("host", "version"), [
+    (None, "HTTP/1.1"),
+    ("Host: x\r\nHost: y\r\n", "HTTP/1.1"),
+    ("Host: x\r\nHost: x\r\n", "HTTP/1.0"),
+    ("Host: x/y\r\n", "HTTP/1.1"),
+])
+async def test_a_missing_repeated_or_malformed_host_is_400(gateway, host: str | None, version: str):
+    status, outcome = await _answer(gateway, _request("GET", "/health/live", host=host, version=version))
+    assert status == 400 and "Host" in outcome["issue"][0]["details"]["text"]
+
+
+async def test_an_http10_request_needs_no_host(gateway):
+    answer, _ = await _exchange(gateway.base_url.port, [_request("GET", "/health/live", host=None, version="HTTP/1.0")])
+    assert answer.startswith(b"HTTP/1.1 200")
