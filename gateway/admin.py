@@ -379,10 +379,14 @@ def admin_router(deps: AdminDeps) -> Router:
         return Response((DASHBOARD / "index.html").read_bytes(), media_type="text/html; charset=utf-8",
                         headers=SECURITY_HEADERS)
 
+    # the dashboard's files, listed once: a request's name is looked up, never handed to the file
+    # system (a name too long for it was a 500)
+    static_files = {p.name: p for p in DASHBOARD.iterdir() if p.is_file() and p.name != "index.html"}
+
     @get("/static/{name:str}")
     async def static(name: FromPath[str]) -> Response[bytes]:
-        path = (DASHBOARD / name).resolve()
-        if path.parent != DASHBOARD.resolve() or not path.is_file() or name == "index.html":
+        path = static_files.get(name)
+        if path is None:
             return _fail(NotFound("no such file"))
         media = mimetypes.guess_type(name)[0] or "application/octet-stream"
         return Response(path.read_bytes(), media_type=media, headers=SECURITY_HEADERS)

@@ -740,6 +740,13 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
         **_msgspec_components(),
     }
 
+    for item in paths.values():  # the server refuses a path in another spelling before any routing
+        for op in item.values():
+            if any(p["in"] == "path" for p in op.get("parameters", ())) and "400" not in op["responses"]:
+                op["responses"] = dict(sorted({**op["responses"], "400": _outcome(
+                    "the path is not in its canonical spelling (a character percent-encoded that needs no encoding, "
+                    "an encoded / or control character, an empty or dot segment)")}.items()))
+
     return {
         "openapi": "3.1.0",
         "info": {
@@ -748,7 +755,8 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
             "summary": "Books EHR appointments (FHIR R4 and its Cerner and Epic dialects) in Salesforce Health Cloud.",
             "description": (
                 "Every refusal is a FHIR OperationOutcome (`application/fhir+json`), except the token endpoint's "
-                "OAuth errors. Any route may also answer 400 (an unparsable request), 408 (the request head or "
+                "OAuth errors. Any route may also answer 400 (an unparsable request, a path not in its canonical "
+                "spelling, a Host header missing or repeated), 408 (the request head or "
                 "body too slow) or 431 (headers over [limits] max_header_bytes) from the server itself, as "
                 "OperationOutcomes, and 405 (with `Allow`) for a method it does not serve. Sources configured: "
                 + (", ".join(fhir_sources) or "none") + "."

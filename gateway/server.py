@@ -27,14 +27,15 @@ __all__ = ["ThreadedServer", "gateway_server_options"]
 
 
 def gateway_server_options(cfg: FileSettings, config_dir: Path) -> dict[str, Any]:
-    """uvicorn options for the gateway from its settings: limits, slow-client timeouts, TLS, and
-    mutual TLS when a client CA is configured. `serve` and the tests use the same ones."""
+    """uvicorn options for the gateway from its settings: limits, slow-client timeouts, forwarded
+    headers, TLS, and mutual TLS when a client CA is configured. `serve` and the tests use the same ones."""
     lim, tls = cfg.limits, cfg.tls
     options: dict[str, Any] = {
         "http": gateway_protocol(header_timeout=lim.header_timeout_seconds, body_timeout=lim.body_timeout_seconds,
                                  max_header_bytes=lim.max_header_bytes),
         "timeout_keep_alive": max(1, round(lim.keep_alive_seconds)),
         "limit_concurrency": lim.max_connections,
+        **forwarded_options(cfg.server.trusted_proxies),
     }
     if tls.certificate_file and tls.key_file:
         options.update(ssl_certfile=str(config_dir / tls.certificate_file), ssl_keyfile=str(config_dir / tls.key_file))
@@ -43,6 +44,12 @@ def gateway_server_options(cfg: FileSettings, config_dir: Path) -> dict[str, Any
         # certificate that is presented must verify, or the handshake fails
         options.update(ssl_ca_certs=str(config_dir / tls.client_ca_file), ssl_cert_reqs=ssl.CERT_OPTIONAL)
     return options
+
+
+def forwarded_options(trusted_proxies: tuple[str, ...]) -> dict[str, Any]:
+    """X-Forwarded-For and X-Forwarded-Proto believed from these proxies only. Always explicit: given
+    no list, uvicorn would read FORWARDED_ALLOW_IPS from the environment (or trust loopback)."""
+    return {"proxy_headers": bool(trusted_proxies), "forwarded_allow_ips": list(trusted_proxies)}
 
 
 def _best(module: str, preferred: str, fallback: str) -> str:
@@ -76,6 +83,7 @@ class ThreadedServer:
             "http": _best("httptools", "httptools", "h11"),
             "lifespan": "auto",
             "timeout_graceful_shutdown": shutdown_timeout,
+            **forwarded_options(()),
         }
         options.update(uvicorn_options)
         # Never let uvicorn configure logging or write access lines, whatever the caller passed.

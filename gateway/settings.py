@@ -6,6 +6,7 @@ instead of failing on the first request.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -140,6 +141,13 @@ class TlsSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     client_ca_file: str | None = None
 
 
+class ServerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    # the reverse proxies whose X-Forwarded-For and X-Forwarded-Proto are believed (IP addresses or
+    # CIDR networks); from anyone else those headers are ignored. None by default: a forged address
+    # would escape the failed-admin-key throttle and mislead the audit
+    trusted_proxies: tuple[str, ...] = ()
+
+
 class RequestLogSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """The operators' request log in Redis: bounded by count, age and bytes. Entries an operator may
     act on (failed, refused, unmapped, queued) are bounded on their own, so other entries never
@@ -176,6 +184,7 @@ class FileSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     codemaps: CodemapSettings = CodemapSettings()
     tls: TlsSettings = TlsSettings()
     mllp: MllpSettings = MllpSettings()
+    server: ServerSettings = ServerSettings()
 
 
 class SalesforceConnection(msgspec.Struct, frozen=True):
@@ -297,6 +306,11 @@ def load_file_settings(config_dir: Path) -> FileSettings:
     if tls.key_file is not None and (config_dir / tls.key_file).is_file():
         if (config_dir / tls.key_file).stat().st_mode & 0o077:
             problems.append("$.tls.key_file: must be readable by its owner only (chmod 600)")
+    for i, proxy in enumerate(settings.server.trusted_proxies):
+        try:
+            ipaddress.ip_network(proxy)
+        except ValueError:
+            problems.append(f"$.server.trusted_proxies[{i}]: not an IP address or CIDR network (host bits unset)")
     if settings.codemaps.reload_seconds <= 0:
         problems.append("$.codemaps.reload_seconds: must be positive")
     rl = settings.request_log
