@@ -165,9 +165,10 @@ class AdminDeps:
     replay: Callable[[Entry], Awaitable[Entry]]
     maps: Any  # LiveMaps
     usage: Callable[[], dict[str, Any]]
+    origins: tuple[str, ...] = ()  # the gateway's public origins ([server] public_urls): a sign-in may come from them
 
 
-def _same_origin_json(request: Request) -> None:
+def _same_origin_json(request: Request, origins: tuple[str, ...]) -> None:
     """A sign-in is JSON from this origin: a form or a text/plain body (which another site's page
     can post without asking) is refused, and so is a browser's request from another origin, so no
     page can sign a browser in with a key of its choosing (login CSRF)."""
@@ -175,9 +176,9 @@ def _same_origin_json(request: Request) -> None:
     if media != "application/json":
         raise UnsupportedMediaType("send JSON {\"key\": \"<admin key>\"} as application/json")
     origin = request.headers.get("origin")
-    own = f"{request.url.scheme}://{request.headers.get('host', '')}"
-    if (origin is not None and origin != own) or request.headers.get("sec-fetch-site", "same-origin") not in (
-            "same-origin", "none"):
+    own = f"{request.url.scheme}://{request.headers.get('host', '')}"  # the browser's own view of it
+    cross_site = request.headers.get("sec-fetch-site", "same-origin") not in ("same-origin", "none")
+    if cross_site or (origin is not None and origin != own and origin not in origins):
         raise Forbidden("a sign-in from another origin is refused")
 
 
@@ -231,7 +232,7 @@ def admin_router(deps: AdminDeps) -> Router:
 
     @post("/api/session", status_code=200)
     async def sign_in(request: Request) -> Response[bytes]:
-        _same_origin_json(request)
+        _same_origin_json(request, deps.origins)
         try:
             body = msgspec.json.decode(await request.body() or b"{}")
         except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):

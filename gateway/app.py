@@ -8,6 +8,7 @@ import hashlib
 import os
 import time
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import msgspec
@@ -480,6 +481,9 @@ def create_app(
                        item.body if status not in (401, 403) else None, "application/fhir+json", key)
 
     published = time.strftime("%Y-%m-%d", time.gmtime())
+    # what the gateway says of its own address comes from its settings, never from a request's Host
+    public = settings.public_urls[0]
+    token_urls = [f"{url}/auth/token" for url in settings.public_urls]
 
     @get("/fhir/{source:str}/metadata")
     async def metadata(request: Request, source: FromPath[str]) -> Response[bytes]:
@@ -487,8 +491,7 @@ def create_app(
         found = settings.sources.get(source)
         if found is None or found.adapter == "hl7v2":
             return _error_response(NotFound("no FHIR source of that name is configured"))
-        base = f"{request.base_url}".rstrip("/")
-        return Response(capability_statement(source, found, base, published), media_type=FHIR_JSON)
+        return Response(capability_statement(source, found, public, published), media_type=FHIR_JSON)
 
     @get("/fhir/{source:str}/Slot")
     async def slot_search(request: Request, source: FromPath[str]) -> Response[bytes]:
@@ -501,8 +504,10 @@ def create_app(
             await _admit(request, source)
             found = await booker.find_slots(source, request.query_params, trace)
             status = 200
-            base = f"{request.base_url}".rstrip("/") + f"/fhir/{source}"
-            return Response(slot_searchset(found, request.query_params, base, str(request.url)), status_code=200,
+            query = request.scope.get("query_string", b"").decode("latin-1")
+            self_url = f"{public}{request.url.path}" + (f"?{query}" if query else "")
+            return Response(slot_searchset(found, request.query_params, f"{public}/fhir/{source}", self_url),
+                            status_code=200,
                             headers={"Content-Type": FHIR_JSON, "X-Request-ID": request_id})
         except GatewayError as exc:
             status, error = exc.status, exc
@@ -577,8 +582,8 @@ def create_app(
         headers = {"Cache-Control": "no-store", "Pragma": "no-cache"}
         try:
             form = {k: v for k, v in (await request.form()).items() if isinstance(v, str)}
-            # the audience an assertion names: this endpoint, as the client reached it
-            answer = await smart.issue(form, str(request.url).split("?", 1)[0])
+            # the audience an assertion names: this endpoint at one of the gateway's configured URLs
+            answer = await smart.issue(form, token_urls)
         except TokenError as exc:
             log.info("token", status=exc.status, error=exc.error)
             return Response(exc.body(), status_code=exc.status, media_type="application/json", headers=headers)
@@ -605,6 +610,7 @@ def create_app(
         audit=Audit(redis_client, cfg.redis.key_prefix), log=reqlog, booker=booker, queue=queue, store=store,
         queue_sources=queue_sources, replay=replay, maps=maps,
         usage=lambda: {"api_used": client.usage.used, "api_limit": client.usage.limit, "circuit": breaker.state},
+        origins=tuple("{0.scheme}://{0.netloc}".format(urlsplit(url)) for url in settings.public_urls),
     ))
 
     async def _close() -> None:

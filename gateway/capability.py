@@ -28,7 +28,7 @@ except PackageNotFoundError:  # run from a source tree that was not installed
 
 
 def capability_statement(name: str, source: SourceSettings, base: str, published: str) -> bytes:
-    """`base`: this gateway's URL as the client reached it, without a trailing slash; `published`:
+    """`base`: this gateway's published URL (`[server] public_urls`), without a trailing slash; `published`:
     an ISO date for `date` (when the configuration was loaded)."""
     fhir_base = f"{base}/fhir/{name}"
     auth = ["a bearer key issued for this source (`Authorization: Bearer <key>`)"]

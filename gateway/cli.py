@@ -174,6 +174,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         options = gateway_server_options(settings.file, config_dir)
         scheme = "https" if "ssl_certfile" in options else "http"
+        if not settings.file.server.public_urls and "EHR_GATEWAY_PUBLIC_URL" not in os.environ:
+            # what the gateway publishes of itself (metadata, search links, the SMART audience)
+            shown = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
+            os.environ["EHR_GATEWAY_PUBLIC_URL"] = f"{scheme}://{shown if ':' not in shown else f'[{shown}]'}:{args.port}"
+            if shown != args.host:
+                print(f"[server] public_urls is not set: publishing {os.environ['EHR_GATEWAY_PUBLIC_URL']}; "
+                      "set it to the address clients use")
         print(f"ehr-gateway on {scheme}://{args.host}:{args.port} with {args.workers} worker(s)")
         sys.stdout.flush()
         # uvicorn re-raises SIGTERM after its graceful shutdown; turning it into SystemExit lets the

@@ -12,6 +12,7 @@ import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import msgspec
@@ -146,6 +147,10 @@ class ServerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # CIDR networks); from anyone else those headers are ignored. None by default: a forged address
     # would escape the failed-admin-key throttle and mislead the audit
     trusted_proxies: tuple[str, ...] = ()
+    # the gateway as its clients reach it (scheme://host[:port][/path]), never read off a request's
+    # Host: the first is published (CapabilityStatement, search links, the SMART token URL), and any
+    # is a client assertion's audience. Unset: EHR_GATEWAY_PUBLIC_URL (serve sets its own address)
+    public_urls: tuple[str, ...] = ()
 
 
 class RequestLogSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -206,15 +211,33 @@ class SalesforceConnection(msgspec.Struct, frozen=True):
         return f"SalesforceConnection(login_url={self.login_url!r}, flow={self.flow!r})"
 
 
+DEFAULT_PUBLIC_URL = "http://127.0.0.1:8000"  # serve's own default address
+
+
 class Settings(msgspec.Struct, frozen=True):
     config_dir: Path
     file: FileSettings
     salesforce: SalesforceConnection | None  # None: no credentials, the sandbox is used
     redis_url: str | None
+    public_url_env: str | None = None  # EHR_GATEWAY_PUBLIC_URL
 
     @property
     def sources(self) -> dict[str, SourceSettings]:
         return self.file.sources
+
+    @property
+    def public_urls(self) -> tuple[str, ...]:
+        """The gateway's own base URLs, the published one first (see ServerSettings.public_urls)."""
+        return self.file.server.public_urls or (self.public_url_env or DEFAULT_PUBLIC_URL,)
+
+
+def public_url_problem(url: str) -> str | None:
+    """Why `url` cannot be the gateway's public base URL, or None."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment \
+            or url.endswith("/") or any(c.isspace() for c in url):
+        return "an http(s)://host[:port][/path] URL, without a query or a trailing slash"
+    return None
 
 
 def default_config_dir() -> Path:
@@ -306,6 +329,9 @@ def load_file_settings(config_dir: Path) -> FileSettings:
     if tls.key_file is not None and (config_dir / tls.key_file).is_file():
         if (config_dir / tls.key_file).stat().st_mode & 0o077:
             problems.append("$.tls.key_file: must be readable by its owner only (chmod 600)")
+    for i, url in enumerate(settings.server.public_urls):
+        if why := public_url_problem(url):
+            problems.append(f"$.server.public_urls[{i}]: {why}")
     for i, proxy in enumerate(settings.server.trusted_proxies):
         try:
             ipaddress.ip_network(proxy)
@@ -368,9 +394,13 @@ def salesforce_from_env(env: dict[str, str] | os._Environ[str] = os.environ) -> 
 
 def load_settings(config_dir: Path | None = None) -> Settings:
     config_dir = config_dir or default_config_dir()
+    public = os.environ.get("EHR_GATEWAY_PUBLIC_URL") or None
+    if public is not None and (why := public_url_problem(public)):
+        raise ConfigError(f"EHR_GATEWAY_PUBLIC_URL: {why}")
     return Settings(
         config_dir=config_dir,
         file=load_file_settings(config_dir),
         salesforce=salesforce_from_env(),
         redis_url=os.environ.get("REDIS_URL") or None,
+        public_url_env=public,
     )

@@ -3,7 +3,8 @@ and a client id; it obtains short-lived access tokens from `POST /auth/token` wi
 client assertion (RS384 or ES384), and calls the source's endpoints with them.
 
 Checked for every assertion: the algorithm (RS384/ES384 only, never `none` or an HMAC), the key
-(`kid` in the source's JWKS), `iss` = `sub` = the client id, `aud` = this token endpoint's URL, `exp`
+(`kid` in the source's JWKS), `iss` = `sub` = the client id, `aud` = this token endpoint's URL at one
+of the gateway's configured public URLs (`[server] public_urls`, never the request's Host), `exp`
 in the future and at most five minutes ahead, and `jti` never seen before (kept in Redis until the
 assertion expires). Tokens are random; Redis keeps only their digest, with the source and a TTL.
 A token is good only on its own source's endpoints, like a key.
@@ -75,7 +76,9 @@ class SmartAuth:
     def _token_key(self, token: str) -> str:
         return f"{self._prefix}:smart:token:{hashlib.sha256(token.encode()).hexdigest()}"
 
-    async def issue(self, form: dict[str, str], token_url: str) -> dict[str, Any]:
+    async def issue(self, form: dict[str, str], token_urls: list[str]) -> dict[str, Any]:
+        """A token for a valid assertion whose `aud` is one of `token_urls` (this endpoint at the
+        gateway's configured public URLs), or TokenError."""
         if form.get("grant_type") != "client_credentials":
             raise TokenError("unsupported_grant_type", "grant_type must be client_credentials")
         if form.get("client_assertion_type") != ASSERTION_TYPE:
@@ -94,7 +97,7 @@ class SmartAuth:
         key = await self._key(client, header.get("kid"), header["alg"])
         try:
             claims = jwt.decode(
-                assertion, key, algorithms=[header["alg"]], audience=token_url, issuer=str(unverified.get("iss")),
+                assertion, key, algorithms=[header["alg"]], audience=token_urls, issuer=str(unverified.get("iss")),
                 options={"require": ["iss", "sub", "aud", "exp", "jti"]}, leeway=5,
             )
         except jwt.PyJWTError as exc:

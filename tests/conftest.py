@@ -154,7 +154,12 @@ async def serve_gateway(
     from gateway.app import create_app
 
     server_options = gateway_server_options(settings.file, settings.config_dir)  # as `serve` runs it
-    with ThreadedServer(create_app(settings, **options), **server_options) as server:  # type: ignore[arg-type]
+    port = free_port()
+    if not settings.file.server.public_urls:  # the gateway's address, as `serve` gives it its own
+        scheme = "https" if "ssl_certfile" in server_options else "http"
+        server = msgspec.structs.replace(settings.file.server, public_urls=(f"{scheme}://127.0.0.1:{port}",))
+        settings = msgspec.structs.replace(settings, file=msgspec.structs.replace(settings.file, server=server))
+    with ThreadedServer(create_app(settings, **options), port=port, **server_options) as server:  # type: ignore[arg-type]
         async with httpx.AsyncClient(base_url=server.url, timeout=30, verify=client_tls) as client:
             yield client
 
@@ -163,6 +168,14 @@ async def serve_gateway(
 async def gateway(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
     async with serve_gateway(settings) as client:
         yield client
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def corpus(path: str) -> bytes:

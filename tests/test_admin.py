@@ -313,3 +313,17 @@ async def test_sign_in_is_json_from_this_origin_only(gateway):
     r = await gateway.post("/admin/api/session", content=body, headers={
         "Content-Type": "application/json", "Origin": own, "Sec-Fetch-Site": "same-origin"})
     assert r.status_code == 200 and "set-cookie" in r.headers
+
+
+async def test_sign_in_from_the_published_origin_is_taken_behind_a_proxy_that_rewrites_host(redis_url, prefix, sandbox):
+    settings = make_settings(redis_url, prefix, sandbox.url)
+    server = msgspec.structs.replace(settings.file.server, public_urls=("https://ops.example.org",))
+    settings = msgspec.structs.replace(settings, file=msgspec.structs.replace(settings.file, server=server))
+    async with serve_gateway(settings) as gw:
+        body = msgspec.json.encode({"key": ADMIN_KEY})
+        r = await gw.post("/admin/api/session", content=body, headers={
+            "Content-Type": "application/json", "Origin": "https://ops.example.org", "Host": "gateway:8000"})
+        assert r.status_code == 200, r.text
+        r = await gw.post("/admin/api/session", content=body, headers={
+            "Content-Type": "application/json", "Origin": "https://ops.example.org.evil.example"})
+        assert r.status_code == 403

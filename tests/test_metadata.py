@@ -72,3 +72,26 @@ async def test_fhirpy_searches_slots_and_books_one(gateway, sandbox):
         **{"service-type": VIDEO},
     ).fetch()
     assert [s["id"] for s in left] == [slots[1]["id"]]
+
+
+async def test_published_urls_come_from_the_settings_not_the_host_header(redis_url, prefix, sandbox):
+    """A forged Host is not reflected into the CapabilityStatement's addresses (its token URL would
+    send a SMART client's assertion elsewhere) nor into a searchset's links."""
+    settings = with_smart(make_settings(redis_url, prefix, sandbox.url), "cerner", jwks=JWKS)
+    server = msgspec.structs.replace(settings.file.server, public_urls=("https://ehr-gateway.example.org/ehr",))
+    settings = msgspec.structs.replace(settings, file=msgspec.structs.replace(settings.file, server=server))
+    async with serve_gateway(settings) as gw:
+        forged = {"Host": "evil.example", "X-Forwarded-Host": "evil.example", "X-Forwarded-Proto": "http"}
+        caps = await gw.get("/fhir/cerner/metadata", headers=forged)
+        assert caps.status_code == 200 and "evil.example" not in caps.text
+        body = caps.json()
+        assert body["implementation"]["url"] == "https://ehr-gateway.example.org/ehr/fhir/cerner"
+        token = body["rest"][0]["security"]["extension"][0]["extension"][0]["valueUri"]
+        assert token == "https://ehr-gateway.example.org/ehr/auth/token"
+        query = "/fhir/cerner/Slot?start=ge2026-12-01T09:00:00Z&start=le2026-12-01T10:00:00Z&actor=Practitioner/593923" \
+                f"&actor=Location/21304876&service-type={VIDEO}"
+        found = await gw.get(query, headers={**auth(), **forged})
+        assert found.status_code == 200 and "evil.example" not in found.text, found.text
+        bundle = found.json()
+        assert bundle["link"][0]["url"].startswith("https://ehr-gateway.example.org/ehr/fhir/cerner/Slot?")
+        assert all(e["fullUrl"].startswith("https://ehr-gateway.example.org/ehr/fhir/cerner/Slot/") for e in bundle["entry"])

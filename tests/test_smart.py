@@ -43,8 +43,8 @@ def assertion(client_id: str, aud: str, *, key=RSA_KEY, kid="rsa-1", alg="RS384"
     return jwt.encode(body, key, algorithm=alg, headers={"kid": kid})
 
 
-async def get_token(gw, signed: str, **form):
-    return await gw.post("/auth/token", data={
+async def get_token(gw, signed: str, headers: dict[str, str] | None = None, **form):
+    return await gw.post("/auth/token", headers=headers, data={
         "grant_type": "client_credentials", "scope": "system/Appointment.write",
         "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
         "client_assertion": signed, **form})
@@ -143,3 +143,21 @@ async def test_the_answer_names_what_the_token_can_do_not_what_was_asked(smart_g
         refused = await get_token(gw, assertion("cerner-client", aud, jti=jti))
         assert refused.status_code == 401 and "jti" in refused.json()["error_description"]
     assert (await get_token(gw, assertion("cerner-client", aud, jti="j" * 255))).status_code == 200
+
+
+async def test_the_audience_is_the_configured_url_whatever_the_host_header_says(redis_url, prefix, sandbox):
+    """An assertion minted for another server's token endpoint is refused even when sent with that
+    server's Host; one for this gateway's configured URL (any of them) is taken whatever the Host."""
+    settings = with_smart(make_settings(redis_url, prefix, sandbox.url), "cerner", jwks=JWKS)
+    server = msgspec.structs.replace(settings.file.server,
+                                     public_urls=("https://ehr-gateway.example.org", "https://gw.internal.example"))
+    settings = msgspec.structs.replace(settings, file=msgspec.structs.replace(settings.file, server=server))
+    async with serve_gateway(settings) as gw:
+        elsewhere = "https://other-server.example/auth/token"
+        r = await get_token(gw, assertion("cerner-client", elsewhere), headers={"Host": "other-server.example"})
+        assert r.status_code == 401 and r.json()["error"] == "invalid_client"
+        reached = str(gw.base_url) + "/auth/token"  # how this test reaches it: not a configured URL
+        assert (await get_token(gw, assertion("cerner-client", reached))).status_code == 401
+        for aud in ("https://ehr-gateway.example.org/auth/token", "https://gw.internal.example/auth/token"):
+            r = await get_token(gw, assertion("cerner-client", aud), headers={"Host": "evil.example"})
+            assert r.status_code == 200, (aud, r.text)
