@@ -20,6 +20,7 @@ Choices every dialect shares:
   replaces Appointment.comment (it is what the booking party wrote at booking time; the resource's
   comment may be the scheduler's from `$find`), and `comment_path` names the parameter. Argonaut's
   `patient-id` adds the Patient participant when the resource does not already carry it.
+- A key repeated within one JSON object is a 400 (`adapters/_keys.py`): which one counts is ambiguous.
 - Errors never quote the body: they name the FHIR path and the JSON types involved. A resourceType
   is only repeated when it is a FHIR resource type name.
 """
@@ -31,6 +32,7 @@ from typing import ClassVar
 
 import msgspec
 
+from adapters._keys import check_keys
 from gateway.canonical import (
     CanonicalBooking,
     Concept,
@@ -253,6 +255,11 @@ class R4Adapter:
             # and RecursionError for nesting past its depth limit
             raise _not_json(exc) from None
         self._check_type(res.resourceType, res.fullUrl, res.resource, prefix)
+        if not prefix:  # the whole body, once it is JSON of the right shape
+            try:
+                check_keys(raw)
+            except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+                raise _not_json(exc) from None
         return res
 
     def _check_head(self, raw: bytes | msgspec.Raw, prefix: str) -> str:

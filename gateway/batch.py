@@ -17,6 +17,7 @@ from urllib.parse import parse_qsl
 
 import msgspec
 
+from adapters._keys import check_keys
 from adapters._shapes import MAX_ITEMS
 from gateway.errors import InvalidRequest, Issue, Unprocessable
 
@@ -54,7 +55,8 @@ def parse_batch(body: bytes) -> list[Item | Issue]:
     """The entries, or for an entry that names no action the gateway takes, the Issue that says why."""
     try:
         bundle = msgspec.json.decode(body, type=_Bundle)
-    except (msgspec.DecodeError, msgspec.ValidationError):
+        check_keys(body)  # the Bundle's own keys (each entry's resource is checked again by its adapter)
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError):
         raise InvalidRequest("the body is not a FHIR Bundle") from None
     if bundle.resourceType != "Bundle":
         raise InvalidRequest("POST /fhir/{source} takes a Bundle of type batch", expression=("Bundle.resourceType",))

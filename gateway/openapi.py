@@ -268,8 +268,8 @@ def _json_answer(description: str, schema: dict[str, Any], **headers: Any) -> di
 def _fhir_errors(*, body: bool) -> dict[str, dict[str, Any]]:
     """The refusals of the three FHIR routes; `X-Request-ID` on each."""
     r: dict[str, dict[str, Any]] = {
-        "400": _outcome("not JSON, not FHIR, the wrong resourceType, an element of the wrong JSON type, or a "
-                        "malformed Idempotency-Key", request_id=True),
+        "400": _outcome("not JSON, not FHIR, the wrong resourceType, an element of the wrong JSON type, a key named "
+                        "twice in one object, or a malformed Idempotency-Key", request_id=True),
         "401": _outcome("no key or token, an unknown one, or a required client certificate missing", request_id=True),
         "403": _outcome("a key, token or client certificate of another source", request_id=True),
         "404": _outcome("no FHIR source of that name is configured", request_id=True),

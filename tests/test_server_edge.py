@@ -1,6 +1,6 @@
 """The server's edge, over real sockets: whose forwarded headers are believed, answers given before
-a large body has arrived, and request heads refused before any routing (paths not in their one
-canonical spelling, Host headers missing or repeated)."""
+a large body has arrived, request heads refused before any routing (paths not in their one
+canonical spelling, Host headers missing or repeated), and bodies that name a JSON key twice."""
 
 from __future__ import annotations
 
@@ -219,3 +219,42 @@ async def test_a_missing_repeated_or_malformed_host_is_400(gateway, host: str | 
 async def test_an_http10_request_needs_no_host(gateway):
     answer, _ = await _exchange(gateway.base_url.port, [_request("GET", "/health/live", host=None, version="HTTP/1.0")])
     assert answer.startswith(b"HTTP/1.1 200")
+
+
+VISIT = corpus(VIDEO_VISIT).decode()
+BOOKED = VISIT.replace('"status": "noshow"', '"status": "booked"', 1)  # the Appointment's own status
+
+
+@pytest.mark.parametrize("body", [
+    BOOKED.replace('{', '{"status": "cancelled",', 1),  # which status was meant?
+    BOOKED.replace('{', '{"st\\u0061tus": "cancelled",', 1),  # the same key, spelled with an escape
+    BOOKED.replace('"reference": "Patient/12724066"', '"reference": "Patient/1", "reference": "Patient/12724066"'),
+    # a colon written as an escape takes the standard library's pair-by-pair check
+    BOOKED.replace('{', '{"comment": "at 10\\u003a30", "comment": "later",', 1),
+    # $book Parameters: the resource inside
+    '{"resourceType": "Parameters", "parameter": [{"name": "appt-resource", "resource": '
+    + BOOKED.replace('{', '{"start": "2020-07-10T12:00:00Z",', 1) + '}]}',
+])
+async def test_a_key_named_twice_is_refused(gateway, sandbox, body: str):
+    for path in ("/fhir/cerner/Appointment", "/fhir/cerner/Appointment/$translate"):
+        r = await gateway.post(path, content=body.encode(), headers=auth())
+        assert r.status_code == 400, r.text
+        issue = r.json()["issue"][0]
+        assert issue["code"] == "structure" and "key twice" in issue["details"]["text"]
+        assert "cancelled" not in r.text and "Patient/1" not in r.text  # no value is echoed
+    assert sandbox.app.state.sandbox.appointments() == []  # nothing was booked
+
+
+async def test_a_batch_whose_bundle_names_a_key_twice_is_refused(gateway):
+    entry = '{"resource": ' + BOOKED + ', "request": {"method": "POST", "url": "Appointment"}}'
+    body = '{"resourceType": "Bundle", "type": "batch", "type": "transaction", "entry": [' + entry + ']}'
+    r = await gateway.post("/fhir/cerner", content=body.encode(), headers=auth())
+    assert r.status_code == 400 and "key twice" in r.json()["issue"][0]["details"]["text"]
+
+
+async def test_the_same_key_in_different_objects_and_escaped_colons_pass(gateway):
+    # "status", "reference" and "system" recur across the booking's objects; an escaped colon in a
+    # string is the same text as a colon
+    body = BOOKED.replace('{', '{"comment": "at 10\\u003a30",', 1)
+    r = await gateway.post("/fhir/cerner/Appointment/$translate", content=body.encode(), headers=auth())
+    assert r.status_code == 200, r.text
