@@ -30,10 +30,11 @@ from litestar.params import FromPath
 from litestar.response.base import ASGIResponse
 from litestar.types import ASGIApp, Receive, Scope, Send
 
-from gateway.salesforce.wire import BookingRequest, SfError
 from gateway.sandbox.config import SandboxConfig
 from gateway.sandbox.rules import (
+    BookingRequest,
     CancelRequest,
+    SfError,
     SlotsRequest,
     check_booking,
     decode_body,

@@ -13,11 +13,51 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import msgspec
 
-from gateway.salesforce.wire import BookingRequest, SfError
-
 PARTICIPANT_KINDS = ("Patient", "Facility", "Practitioner", "Device")
 CODE_ARRAYS = ("appointmentTypes", "serviceTypes", "serviceCategories")
 MAX_COMMENT = 256
+
+
+# The shapes below are written from the spec (shared/spec/salesforce.md), not taken from the
+# gateway's client: a field the client names wrong is then a disagreement the tests can see.
+
+
+class SfError(msgspec.Struct, frozen=True, omit_defaults=True):
+    """One entry of Salesforce's error body: a JSON array of `{"message", "errorCode", "fields"}`."""
+
+    message: str | None = None
+    errorCode: str | None = None
+    fields: list[str] | None = None
+
+
+class Participant(msgspec.Struct, kw_only=True, frozen=True):
+    reference: str
+    isReferenceRequired: bool | None = None
+
+
+class BookedSlot(msgspec.Struct, kw_only=True, frozen=True):
+    id: str
+    reference: str
+
+
+class BookingRequest(msgspec.Struct, kw_only=True, frozen=True):
+    """Body of `POST …/appointment` (Book) and `PUT …/appointment/{id}` (Update, with `id`): the
+    "Book request fields" table."""
+
+    participants: tuple[Participant, ...]
+    startDate: str | None = None
+    endDate: str | None = None
+    workTypeId: str | None = None
+    channelId: str | None = None
+    comment: str | None = None
+    timeZone: str | None = None
+    sourceSystem: str | None = None
+    appointmentTypes: tuple[str, ...] | None = None
+    serviceTypes: tuple[str, ...] | None = None
+    serviceCategories: tuple[str, ...] | None = None
+    specialties: tuple[str, ...] | None = None
+    slots: tuple[BookedSlot, ...] | None = None
+    id: str | None = None
 
 
 class CancelRequest(msgspec.Struct, kw_only=True, frozen=True):

@@ -19,8 +19,8 @@ from typing import Any, Literal
 
 import msgspec
 
-from gateway.salesforce.wire import BookingRequest
 from gateway.sandbox.config import SandboxConfig
+from gateway.sandbox.rules import BookingRequest
 
 _CHECKSUM_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ012345"
 _BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
