@@ -337,11 +337,10 @@ class SalesforceClient:
         code = _code(errs) if errs is not None else None
         record.error_code = code
         retry_after = self._tuning.unavailable_retry_after_seconds
-        if errs is not None and (code in _NOT_PROCESSED or (status < 300 or 400 <= status < 500)
-                                 and status not in (401, 408, 429)):
-            if code in _NOT_PROCESSED:  # the org's allowance: not an auth failure, and nothing was stored
-                raise Unavailable(f"Salesforce is over its request limit ({code})", retry_after=retry_after,
-                                  details_code=code)
+        if errs is not None and code in _NOT_PROCESSED:  # the org's allowance: nothing was stored
+            raise Unavailable(f"Salesforce is over its request limit ({code})", retry_after=retry_after,
+                              details_code=code)
+        if errs is not None and (status < 300 or 400 <= status < 500) and status not in (401, 408, 429):
             return self._refused(status, errs, request, record)
         record.in_doubt = True  # the request went out; this answer does not prove it was not stored
         if status == 401:
