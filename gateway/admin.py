@@ -373,7 +373,9 @@ def admin_router(deps: AdminDeps) -> Router:
     async def translate(request: Request, source: FromPath[str]) -> Response[bytes]:
         await guard(request, action=True)
         prepared = deps.booker.prepare(source, await request.body())
-        return _ok({"request": msgspec.to_builtins(prepared.mapped.request)})
+        warnings = [{"code": i.code, "diagnostics": i.diagnostics, "expression": list(i.expression)}
+                    for i in prepared.warnings]  # what the mapping left out, shown beside the request
+        return _ok({"request": msgspec.to_builtins(prepared.mapped.request), "warnings": warnings})
 
     @get("/")
     async def dashboard() -> Response[bytes]:

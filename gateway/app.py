@@ -37,7 +37,7 @@ from gateway.errors import (
     Unauthorized,
     UnsupportedMediaType,
 )
-from gateway.fhir import FHIR_JSON, error_body, slot_searchset
+from gateway.fhir import FHIR_JSON, error_body, slot_searchset, warning_header
 from gateway.ids import new_id
 from gateway.idempotency import REDIS_FAILURES, IdempotencyStore, parse_key_header
 from gateway.links import Links
@@ -282,8 +282,10 @@ def create_app(
             if dry_run:
                 prepared = booker.prepare(source, body, trace)
                 status = 200
-                return Response(_json.encode(prepared.mapped.request), status_code=200,
-                                headers={"Content-Type": "application/json", "X-Request-ID": request_id})
+                headers = {"Content-Type": "application/json", "X-Request-ID": request_id}
+                if prepared.warnings:  # the body stays the Salesforce request: what was left out goes beside it
+                    headers["Warning"] = warning_header(prepared.warnings)
+                return Response(_json.encode(prepared.mapped.request), status_code=200, headers=headers)
             key = parse_key_header(request.headers.get("idempotency-key"))
             if change is not None:
                 answer = await booker.change(source, body, _target(request, change or None), key, trace)
@@ -340,7 +342,7 @@ def create_app(
             looked_up=trace.looked_up, adopted=trace.adopted or None, parked=trace.parked,
             # more than one ServiceAppointment matched the look-up: worth an operator's look
             lookup_matches=trace.lookup.matches if (trace.lookup.matches or 0) > 1 else None,
-            maps=trace.maps_version, ms=ms, pid=pid,
+            maps=trace.maps_version, warnings=len(trace.warnings) or None, ms=ms, pid=pid,
         )
         outcome = _outcome(status, trace, error)
         metrics.request(source if source in settings.sources else "other", op, outcome, status, ms / 1000)
@@ -355,7 +357,7 @@ def create_app(
             sf_status=sf.status, sf_id=trace.salesforce_id, sf_error=sf.error_code,
             ms=ms, sf_ms=round(sf.latency_ms, 2) if sf.status else None,
             maps_version=trace.maps_version, maps_used=logged_maps(trace.maps_used),
-            issues=logged_issues((error or trace.refusal).issues if (error or trace.refusal) else ()),
+            issues=logged_issues((error or trace.refusal).issues if (error or trace.refusal) else trace.warnings),
             key_digest=log_key_digest(source, trace.key_material) if trace.key_material else None,
             replay_of=replay_of,
         )

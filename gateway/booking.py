@@ -53,6 +53,11 @@ class Prepared:
     booking: CanonicalBooking
     mapped: Mapped
 
+    @property
+    def warnings(self) -> tuple[Issue, ...]:
+        """What the mapping left out (a category with no map for its codings) and let pass."""
+        return tuple(i for i in self.mapped.issues if i.severity == "warning")
+
 
 @dataclass(slots=True)
 class Answer:
@@ -76,6 +81,7 @@ class Trace:
     maps_used: tuple[str, ...] = ()
     patient: str | None = None  # PHI: only ever sealed into the request log
     key_material: str | None = None  # what the idempotency record is keyed on (may hold identifiers)
+    warnings: tuple[Issue, ...] = ()  # what the mapping left out: shown in $translate and the request log
     salesforce_id: str | None = None
     refusal: SalesforceRefused | None = None  # Salesforce refused: answered (422), not raised
     result: str | None = None  # what a 200 did: "rescheduled" or "cancelled" (a PUT), "ok" (a search)
@@ -144,10 +150,11 @@ class Booker:
         """Map and check a parsed booking (an HL7 v2 message's arrives parsed)."""
         source = self.source(source_name)
         mapped = map_booking(booking, source, self._maps.get(source_name, EMPTY))
+        issues = list(mapped.issues) + check(booking, mapped.request)
         if trace is not None:  # for the request log, refused or not
             trace.maps_version, trace.maps_used = mapped.maps_version, mapped.used
             trace.patient = next((p.reference for p in booking.participants if p.kind == "Patient"), None)
-        issues = list(mapped.issues) + check(booking, mapped.request)
+            trace.warnings = tuple(i for i in issues if i.severity == "warning")
         if any(i.severity in ("error", "fatal") for i in issues):
             raise Unprocessable(issues=sorted(issues, key=lambda i: i.severity != "error"))
         return Prepared(booking, mapped)
@@ -222,6 +229,7 @@ class Booker:
         elif status in (BOOKED, "pending", "proposed"):
             trace.maps_version, trace.maps_used = mapped.maps_version, mapped.used
             problems = list(mapped.issues) + check(booking, mapped.request)
+            trace.warnings = tuple(i for i in problems if i.severity == "warning")
             if any(i.severity in ("error", "fatal") for i in problems):
                 raise Unprocessable(issues=sorted(problems, key=lambda i: i.severity != "error"))
         else:

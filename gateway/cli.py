@@ -61,6 +61,8 @@ def cmd_translate(args: argparse.Namespace) -> int:
     except GatewayError as error:
         print(msgspec.json.format(error_body(error), indent=2).decode())
         return 1
+    for warning in prepared.warnings:  # left out, not refused: beside the request, on stderr
+        print(f"warning: {', '.join(warning.expression)}: {warning.diagnostics}", file=sys.stderr)
     print(msgspec.json.format(msgspec.json.encode(prepared.mapped.request), indent=2).decode())
     return 0
 

@@ -64,6 +64,17 @@ def error_body(error: GatewayError) -> bytes:
     return operation_outcome(error.issues)
 
 
+def warning_header(issues: Iterable[Issue]) -> str:
+    """Warnings beside an answer whose body has no room for them (`$translate`'s is the Salesforce
+    request): HTTP's `Warning` (RFC 7234, 5.5), code 299, one warning-value per issue."""
+    def text(issue: Issue) -> str:
+        where = f"{issue.expression[0]}: " if issue.expression else ""
+        plain = "".join(c if " " <= c <= "~" else "?" for c in where + issue.diagnostics)  # a header is ASCII
+        return plain.replace("\\", "\\\\").replace('"', '\\"')
+
+    return ", ".join(f'299 ehr-gateway "{text(i)}"' for i in issues)
+
+
 # --- the Appointment answered for a booking ---
 
 

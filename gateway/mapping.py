@@ -23,7 +23,7 @@ _ARRAY_CATEGORIES = (
     ("serviceCategories", "service_categories"),
     ("specialties", "specialties"),
 )
-# Salesforce can book without a specialty; a specialty that does not map is dropped with a warning.
+# Salesforce can book without a specialty; one with no map is left out with a warning.
 _OPTIONAL = frozenset({"specialties"})
 # workTypeId and channelId are looked up from these elements' codings
 _SCALAR_FEEDS = ("appointment_types", "service_types")
@@ -39,7 +39,9 @@ class Mapped(msgspec.Struct, frozen=True):
 def _codes(
     maps: SourceMaps, category: str, concept: Concept, issues: list[Issue], used: list[str]
 ) -> list[str] | None:
-    """Salesforce codes for one concept in one category; None when no coding had a group."""
+    """Salesforce codes for one concept in one category; None when no coding's system has a group
+    for the category (the concept is ignored for it). A coding whose system has a group but whose
+    code has none is an error here: that map is incomplete."""
     found: list[str] | None = None
     for ci, coding in enumerate(concept.codings):
         if not coding.system or not coding.code:
@@ -47,6 +49,7 @@ def _codes(
         group = maps.group(category, coding.system)
         if group is None:
             continue  # contract: a system with no group is ignored for that category
+        found = found if found is not None else []
         hit = group.lookup(coding.code)
         if hit is None:
             issues.append(
@@ -58,25 +61,23 @@ def _codes(
                 )
             )
             continue
-        found = found if found is not None else []
         used.append(f"{group.file} $.group[{group.index}] {coding.code}")
         found.extend(c for c in hit if c not in found)
     return found
 
 
-def _unmapped_issue(concept: Concept, category: str, *, optional: bool) -> Issue:
-    why = ""
+def _ignored_issue(concept: Concept, category: str, *, left_out: bool) -> Issue:
+    """A concept none of whose codings has a map for `category`: left out with a warning when
+    Salesforce can book without it, else the error that says what is missing."""
+    why = " (it has text only, no coding)" if not concept.codings else ""
     if any(not c.system for c in concept.codings):
         why = " (a coding without a system cannot be mapped safely)"
-    elif not concept.codings:
-        why = " (it has text only, no coding)"
-    return Issue(
-        code="informational" if optional else "code-invalid",
-        severity="warning" if optional else "error",
-        diagnostics=f"no coding maps to a Salesforce {category} code{why}"
-        + ("; dropped" if optional else ""),
-        expression=(concept.path,),
-    )
+    if left_out:
+        return Issue(code="informational", severity="warning", expression=(concept.path,),
+                     diagnostics=f"no coding has a Salesforce {category} map{why}; left out")
+    return Issue(code="code-invalid", expression=(concept.path,),
+                 diagnostics=f"no coding maps to a Salesforce {category} code{why}, and Salesforce needs one of "
+                             "workTypeId, appointmentTypes, serviceTypes or serviceCategories")
 
 
 def _scalar(
@@ -153,18 +154,24 @@ def map_booking(booking: CanonicalBooking, source: SourceSettings, maps: SourceM
     feeds = [c for f in _SCALAR_FEEDS for c in getattr(booking, f)]
     work_type, typed = _scalar(maps, "workTypeId", feeds, issues, used)
     channel, _ = _scalar(maps, "channelId", feeds, issues, used)
+    ignored: list[tuple[Concept, str]] = []
     for category, field in _ARRAY_CATEGORIES:
         out: list[str] = []
         for concept in getattr(booking, field):
+            before = len(issues)
             codes = _codes(maps, category, concept, issues, used)
             if codes:
                 out.extend(c for c in codes if c not in out)
-                continue
-            # a concept that found its workTypeId is satisfied: the visit type is known
-            if concept.path in typed:
-                continue
-            issues.append(_unmapped_issue(concept, category, optional=category in _OPTIONAL))
+            elif len(issues) == before and concept.path not in typed:
+                # no map for its systems, or an explicit no-mapping (unmatched): nothing to send for it
+                # (and one that found its workTypeId needs nothing more: the visit type is known)
+                ignored.append((concept, category))
         arrays[category] = tuple(out) or None
+    # contract: a category whose codings all lack a map is left out when the booking has another
+    # thing Salesforce books by; an error only when it has none
+    bookable = bool(work_type or arrays["appointmentTypes"] or arrays["serviceTypes"] or arrays["serviceCategories"])
+    for concept, category in ignored:
+        issues.append(_ignored_issue(concept, category, left_out=bookable or category in _OPTIONAL))
 
     request = BookingRequest(
         participants=_sf_participants(booking.participants),

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ADMIN_KEY, CONFIG, PHI_KEY, VIDEO_VISIT, auth, corpus, make_settings, serve_gateway
+from tests.test_code_rules import epic_book
 
 SERVICE_TYPE_CODE = "2572307911"  # the Video Visit's Millennium appointment type
 ISSUE_PATH = "Appointment.serviceType[0].coding[0]"
@@ -193,6 +194,12 @@ async def test_phi_operator_sees_the_input_and_sign_out_forgets_it(redis_url, pr
             await page.get_by_test_id("translate-input").fill(corpus(VIDEO_VISIT).decode())
             await page.get_by_test_id("translate-submit").click()
             await expect(page.get_by_test_id("translate-issues")).to_contain_text(ISSUE_PATH)
+            # a category with no map for its system, beside one that maps: translated, the warning shown
+            await page.get_by_test_id("translate-source").select_option("epic")
+            await page.get_by_test_id("translate-input").fill(epic_book().decode())
+            await page.get_by_test_id("translate-submit").click()
+            await expect(page.get_by_test_id("translate-warnings")).to_contain_text("serviceCategory[0]")
+            await expect(page.get_by_test_id("translate-request")).to_contain_text("40111223")
             await page.screenshot(path=str(tmp_path / "codemaps.png"), full_page=True)
 
             sid = next(c["value"] for c in await context.cookies() if c["name"] == "ehrgw_admin")

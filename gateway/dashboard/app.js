@@ -1020,8 +1020,14 @@
     clear(out).append(h('p', { class: 'muted' }, 'Translating…'));
     try {
       const result = await api('POST', '/translate/' + enc(source), { body: text, contentType: 'application/fhir+json' });
+      const warnings = result && Array.isArray(result.warnings) ? result.warnings : [];
       clear(out).append(
         h('p', { class: 'callout callout-ok', testid: 'translate-ok' }, 'Mapped. This is the request the gateway would send to Salesforce.'),
+        warnings.length ? h('div', { class: 'callout callout-warn', testid: 'translate-warnings' },
+          h('strong', null, 'Left out:'),
+          h('ul', { class: 'issues' }, warnings.map((i) => h('li', { class: 'issue' },
+            h('p', { class: 'issue-text' }, i.diagnostics),
+            (i.expression || []).length ? h('p', { class: 'issue-where' }, 'At ', i.expression.map((e, n) => [n ? ', ' : '', h('code', null, e)])) : null)))) : null,
         h('pre', { class: 'code', testid: 'translate-request' }, JSON.stringify(result && result.request, null, 2)));
     } catch (err) {
       const issues = err.body && Array.isArray(err.body.issue) ? err.body.issue : [];
