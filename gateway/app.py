@@ -7,6 +7,7 @@ import gc
 import hashlib
 import os
 import time
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -63,6 +64,7 @@ from gateway.worker import QueueWorker
 _ACCEPTED_MEDIA = ("application/fhir+json", "application/json")
 # accepted only while the loopback sandbox stands in for Salesforce (see app_from_env)
 DEMO_KEY = "demo-{source}-key"
+DEMO_OPERATORS_ENV = "EHR_GATEWAY_DEMO_OPERATORS_SHA256"  # the demo's admin and PHI key digests
 _json = msgspec.json.Encoder()
 
 
@@ -665,18 +667,31 @@ def connect_redis(url: str, *, cluster: bool = False) -> Any:
     return redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
 
 
+def demo_credentials(settings: Settings, env: Mapping[str, str]) -> tuple[Settings, dict[str, list[str]] | None]:
+    """The demo's keys, only while the loopback sandbox `serve` started stands in for Salesforce
+    (never with a real org): each source's fixed demo key, and the operator keys `serve` made for
+    this start (their digests in `DEMO_OPERATORS_ENV`, `<admin>,<phi>`), added to `[admin]` so the
+    dashboard opens on the sandbox's data."""
+    sandbox = settings.salesforce is not None and settings.salesforce.login_url.startswith("http://127.0.0.1:")
+    if env.get("EHR_GATEWAY_DEMO_KEYS") != "1" or not sandbox:
+        return settings, None
+    extra = {s: [key_digest(DEMO_KEY.format(source=s))] for s in settings.sources}
+    admin_digest, _, phi_digest = env.get(DEMO_OPERATORS_ENV, "").partition(",")
+    if admin_digest and phi_digest:
+        admin = settings.file.admin
+        admin = msgspec.structs.replace(admin, api_keys_sha256=(*admin.api_keys_sha256, admin_digest),
+                                        phi_keys_sha256=(*admin.phi_keys_sha256, phi_digest))
+        settings = msgspec.structs.replace(settings, file=msgspec.structs.replace(settings.file, admin=admin))
+    return settings, extra
+
+
 def app_from_env() -> Litestar:
     """Entry point for `uvicorn --factory` workers: the serve command leaves everything in the
     environment (config folder, REDIS_URL, Salesforce connection or the sandbox's)."""
     from gateway.logs import configure
 
     configure()
-    settings = load_settings()
-    extra = None
-    # demo keys only ever reach the loopback sandbox the serve command started, never a real org
-    sandbox = settings.salesforce is not None and settings.salesforce.login_url.startswith("http://127.0.0.1:")
-    if os.environ.get("EHR_GATEWAY_DEMO_KEYS") == "1" and sandbox:
-        extra = {s: [key_digest(DEMO_KEY.format(source=s))] for s in settings.sources}
+    settings, extra = demo_credentials(load_settings(), os.environ)
     app = create_app(settings, extra_keys=extra, workers=int(os.environ.get("EHR_GATEWAY_WORKERS", "1")))
     app.on_startup.append(_freeze_startup_objects)  # after the app's own start-up
     return app

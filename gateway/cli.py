@@ -146,8 +146,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             embedded = EmbeddedRedis(data_dir.resolve()).start()
             os.environ["REDIS_URL"] = embedded.url
             print(f"REDIS_URL is not set: started an embedded Redis ({embedded.url}, append-only file on)")
+        demo_operators: dict[str, str] = {}
         if settings.salesforce is None:
-            from gateway.app import DEMO_KEY
+            from gateway.app import DEMO_KEY, DEMO_OPERATORS_ENV, key_digest
             from gateway.sandbox import SandboxConfig, create_sandbox_app
             from gateway.server import ThreadedServer
 
@@ -172,6 +173,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     print(f"    {source:<10} HL7 v2 SIU over MLLP on {src.mllp_host}:{src.mllp_port}")
                 else:
                     print(f"    {source:<10} Authorization: Bearer {DEMO_KEY.format(source=source)}")
+            # the dashboard too: operator keys made for this start, accepted only while the sandbox stands in
+            demo_operators = {"admin": secrets.token_urlsafe(18), "phi": secrets.token_urlsafe(18)}
+            os.environ[DEMO_OPERATORS_ENV] = ",".join(key_digest(k) for k in demo_operators.values())
         from gateway.server import gateway_server_options
 
         options = gateway_server_options(settings.file, config_dir)
@@ -183,6 +187,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
             if shown != args.host:
                 print(f"[server] public_urls is not set: publishing {os.environ['EHR_GATEWAY_PUBLIC_URL']}; "
                       "set it to the address clients use")
+        if demo_operators:
+            public = settings.file.server.public_urls[0] if settings.file.server.public_urls else \
+                os.environ["EHR_GATEWAY_PUBLIC_URL"]
+            print(f"  the operators' dashboard: {public}/admin/ (sign in with a key; both only for this demo):")
+            print(f"    admin      {demo_operators['admin']}  (the request log, replays, code maps)")
+            print(f"    PHI        {demo_operators['phi']}  (the same, and the patient data it holds)")
         print(f"ehr-gateway on {scheme}://{args.host}:{args.port} with {args.workers} worker(s)")
         sys.stdout.flush()
         # uvicorn re-raises SIGTERM after its graceful shutdown; turning it into SystemExit lets the

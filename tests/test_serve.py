@@ -90,6 +90,22 @@ def test_serve_with_embedded_defaults_books_the_demo(tmp_path: Path, workers: in
             total = sum(s.value for fam in text_string_to_metric_families(scraped.text)
                         for s in fam.samples if s.name == "ehrgw_requests_total")
             assert total == 2, scraped.text
+        # the dashboard opens too: the operator keys printed for this start, on every worker
+        admin_key = re.search(r"^\s+admin\s+(\S+)", printed, re.M).group(1)
+        phi_key = re.search(r"^\s+PHI\s+(\S+)", printed, re.M).group(1)
+        assert f"the operators' dashboard: {base}/admin/" in printed
+        assert httpx.get(f"{base}/admin/", timeout=5).status_code == 200
+        for _ in range(3):  # whichever worker answers
+            logged = httpx.get(f"{base}/admin/api/requests", headers={"Authorization": f"Bearer {admin_key}"}, timeout=5)
+            assert logged.status_code == 200 and len(logged.json()["requests"]) >= 1, logged.text
+            booked = next(e["id"] for e in logged.json()["requests"] if e["outcome"] == "booked")
+            as_admin = httpx.get(f"{base}/admin/api/requests/{booked}", timeout=5,
+                                 headers={"Authorization": f"Bearer {admin_key}"}).json()
+            as_phi = httpx.get(f"{base}/admin/api/requests/{booked}", timeout=5,
+                               headers={"Authorization": f"Bearer {phi_key}"}).json()
+            assert "patient" not in as_admin and as_phi["patient"] == "Patient/12724066", as_phi
+            assert httpx.get(f"{base}/admin/api/requests", headers={"Authorization": "Bearer demo-cerner-key"},
+                             timeout=5).status_code == 403  # a source's key is not an operator's
         key_file = tmp_path / "data" / "data.key"
         assert key_file.exists() and key_file.stat().st_mode & 0o077 == 0  # the demo's sealing key, owner-only
     finally:
@@ -163,3 +179,26 @@ def test_a_key_file_others_can_read_stops_the_start(tmp_path: Path):
         toml.write('\n[tls]\ncertificate_file = "gateway.crt"\nkey_file = "gateway.key"\n')
     with pytest.raises(ConfigError, match=r"tls.key_file: must be readable by its owner only"):
         load_file_settings(config)
+
+
+def test_demo_keys_are_accepted_only_while_the_loopback_sandbox_stands_in():
+    import hashlib
+
+    from gateway.app import DEMO_OPERATORS_ENV, demo_credentials
+    from gateway.settings import SalesforceConnection, Settings, load_file_settings
+
+    def settings(login_url: str) -> Settings:
+        return Settings(config_dir=ROOT / "config", file=load_file_settings(ROOT / "config"),
+                        salesforce=SalesforceConnection(login_url=login_url, client_id="c", client_secret="s"),
+                        redis_url="redis://127.0.0.1:6379")
+
+    digests = [hashlib.sha256(k.encode()).hexdigest() for k in ("an-admin-key", "a-phi-key")]
+    env = {"EHR_GATEWAY_DEMO_KEYS": "1", DEMO_OPERATORS_ENV: ",".join(digests)}
+    demo, extra = demo_credentials(settings("http://127.0.0.1:40001"), env)
+    assert digests[0] in demo.file.admin.api_keys_sha256 and digests[1] in demo.file.admin.phi_keys_sha256
+    assert extra == {s: [hashlib.sha256(f"demo-{s}-key".encode()).hexdigest()] for s in demo.file.sources}
+    for login_url, flags in (("https://acme.my.salesforce.com", env), ("http://127.0.0.1:40001", {}),
+                             ("http://127.0.0.1.example.org:80", env)):
+        real = settings(login_url)
+        kept, none = demo_credentials(real, flags)
+        assert none is None and kept.file.admin == real.file.admin, login_url
