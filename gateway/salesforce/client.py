@@ -11,7 +11,7 @@ import re
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, TypeVar, get_args
 
 import msgspec
 
@@ -19,7 +19,16 @@ from gateway.breaker import CircuitBreaker
 from gateway.errors import SalesforceFailed, SalesforceRefused, Unavailable
 from gateway.salesforce._http import Answer, HttpClient, Lost, NeverSent
 from gateway.salesforce.auth import Token, TokenProvider
-from gateway.salesforce.wire import BookingRequest, CancelRequest, SfParticipant, SlotsRequest
+from gateway.salesforce.wire import (
+    AvailableSlot,
+    BookingRequest,
+    CancelRequest,
+    FoundSlots,
+    FreeSlot,
+    SfParticipant,
+    SlotsAnswer,
+    SlotsRequest,
+)
 from gateway.settings import SalesforceConnection, SalesforceTuning
 
 _LIMIT_INFO = re.compile(r"api-usage=(\d+)/(\d+)")
@@ -163,6 +172,105 @@ def _scrub(message: str, request: BookingRequest) -> str:
     return message[:300]
 
 
+_S = TypeVar("_S", bound=msgspec.Struct)
+
+
+class _Lenient:
+    """Decoded JSON into a wire Struct, read as Salesforce's samples need: keys in any case, keys the
+    Struct does not name ignored, and an element of a list of objects that does not fit left out
+    (counted in `skipped`) rather than failing the whole answer."""
+
+    def __init__(self) -> None:
+        self.skipped = 0
+
+    def read(self, value: Any, kind: type[_S]) -> _S | None:
+        if not isinstance(value, dict):
+            return None
+        fields = _lenient_fields(kind)
+        clean: dict[str, Any] = {}
+        for key, item in value.items():
+            field = fields.get(key.lower()) if isinstance(key, str) else None
+            if field is None:
+                continue
+            name, element = field
+            if element is not None and isinstance(item, list):
+                read = [self.read(e, element) for e in item]
+                self.skipped += read.count(None)
+                item = [e for e in read if e is not None]
+            clean[name] = item
+        try:
+            return msgspec.convert(clean, kind)
+        except msgspec.ValidationError:
+            return None
+
+
+_LENIENT_FIELDS: dict[type, dict[str, tuple[str, type | None]]] = {}
+
+
+def _lenient_fields(kind: type) -> dict[str, tuple[str, type | None]]:
+    """A Struct's fields by lower-case name: (name, the Struct of its elements when it is a list of them)."""
+    fields = _LENIENT_FIELDS.get(kind)
+    if fields is None:
+        fields = {}
+        for f in msgspec.structs.fields(kind):
+            element = next((a for a in get_args(f.type) if isinstance(a, type) and issubclass(a, msgspec.Struct)), None)
+            fields[f.encode_name.lower()] = (f.encode_name, element)
+        _LENIENT_FIELDS[kind] = fields
+    return fields
+
+
+def _slot_time(value: str) -> tuple[datetime, bool] | None:
+    """A slot's date-time, and whether it had no zone (then it is read as UTC, as the spec says)."""
+    if "T" not in value:
+        return None
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return (moment, False) if moment.tzinfo is not None else (moment.replace(tzinfo=timezone.utc), True)
+
+
+def _free_slot(slot: AvailableSlot, resource_type: str, resource_id: str) -> FreeSlot | None:
+    start, end = _slot_time(slot.slotStartDate), _slot_time(slot.slotEndDate)
+    if not slot.slotId or start is None or end is None or end[0] <= start[0]:
+        return None
+    return FreeSlot(id=slot.slotId, start=start[0], end=end[0], resource_type=resource_type, resource_id=resource_id,
+                    zone_assumed=start[1] or end[1])
+
+
+def _record(ident: str) -> str:
+    """The record a Salesforce id names: its 15-letter form (the 18-letter one adds a case checksum)."""
+    return ident[:15] if SALESFORCE_ID.fullmatch(ident) else ident
+
+
+def read_slots(payload: Any, request: SlotsRequest) -> FoundSlots | None:
+    """Get Slots' answer (`{"resourceSlotDetails": [{"resourceId", "availableSlots": [...]}]}`, an
+    object or a one-element array, keys in any case), each slot with the resource of the request its
+    entry names. Slots that cannot be read, and entries naming a resource the request did not ask
+    for, are left out and counted. None when the payload is not that answer at all."""
+    if isinstance(payload, list) and len(payload) == 1:
+        payload = payload[0]
+    if isinstance(payload, dict) and any(str(k).lower() == "issuccess" and v is False for k, v in payload.items()):
+        return None
+    reader = _Lenient()
+    answer = reader.read(payload, SlotsAnswer)
+    if answer is None:
+        return None
+    # a resource's type and id as the request named them, found by the id of the record it names
+    kinds = {_record(r.resourceId): (r.resourceType or "Provider", r.resourceId) for r in reversed(request.resources)}
+    found: list[FreeSlot] = []
+    unread = reader.skipped
+    for entry in answer.resourceSlotDetails:
+        kind = kinds.get(_record(entry.resourceId))
+        for slot in entry.availableSlots:
+            free = _free_slot(slot, *kind) if kind is not None else None
+            if free is None:
+                unread += 1
+            else:
+                found.append(free)
+    return FoundSlots(slots=tuple(found), unread=unread)
+
+
 class SalesforceClient:
     def __init__(
         self,
@@ -203,23 +311,13 @@ class SalesforceClient:
         response = await self._call("PATCH", f"{self._base}/appointment/{appointment_id}", body, record)
         return self._read_booking(response, scrub, record)
 
-    async def get_slots(self, request: SlotsRequest, record: CallRecord) -> list[dict[str, Any]]:
-        """Get Slots: the free slots of the request's resources, as Salesforce lists them (read leniently:
-        the list under `slots`, in an object or a one-element array). Refusals and failures raise as
-        for a booking."""
+    async def get_slots(self, request: SlotsRequest, record: CallRecord) -> FoundSlots:
+        """Get Slots: the free slots of the request's resources (`read_slots`). Refusals and failures
+        raise as for a booking."""
         response = await self._call("POST", f"{self._base}/slots", _encoder.encode(request), record)
-        try:
-            payload: Any = msgspec.json.decode(response.content) if response.content else None
-        except msgspec.DecodeError:
-            payload = None
-        if isinstance(payload, list) and len(payload) == 1:
-            payload = payload[0]
-        if response.status == 200 and isinstance(payload, dict):
-            lowered = {k.lower(): v for k, v in payload.items()}
-            found = lowered.get("slots")
-            if lowered.get("issuccess") is not False and isinstance(found, list):
-                return [s for s in found if isinstance(s, dict)]
-        # not a list of slots: classified (refused, over the limit, failed) as a booking's answer is
+        if response.status == 200 and (found := read_slots(_decode(response.content), request)) is not None:
+            return found
+        # not Get Slots' answer: classified (refused, over the limit, failed) as a booking's answer is
         scrub = BookingRequest(participants=tuple(SfParticipant(reference=f"X/{r.resourceId}") for r in request.resources))
         self._read_booking(response, scrub, record)
         raise SalesforceFailed("Salesforce's answer to Get Slots cannot be read")

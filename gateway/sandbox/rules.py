@@ -90,6 +90,26 @@ class SlotsRequest(msgspec.Struct, kw_only=True, frozen=True):
     serviceTypes: tuple[str, ...] | None = None
 
 
+class AvailableSlot(msgspec.Struct, kw_only=True, frozen=True):
+    """One free slot of the "Get Slots Output"."""
+
+    slotId: str
+    slotStartDate: str
+    slotEndDate: str
+    sourceSystem: str | None  # written out as null when the request named none, as in the sample
+
+
+class ResourceSlotDetails(msgspec.Struct, kw_only=True, frozen=True):
+    resourceId: str
+    availableSlots: list[AvailableSlot]
+
+
+class SlotsOutput(msgspec.Struct, kw_only=True, frozen=True):
+    """The answer of Get Slots: each entry names the resource its free slots belong to."""
+
+    resourceSlotDetails: list[ResourceSlotDetails]
+
+
 def error(code: str, message: str, *fields: str) -> SfError:
     return SfError(message=message, errorCode=code, fields=list(fields))
 
