@@ -647,7 +647,7 @@ def test_cancel_refusals(sandbox: Running) -> None:
 
 def _slots_body(**changes: Any) -> dict[str, Any]:
     body: dict[str, Any] = {
-        "resources": [{"resourceId": "PR-42", "serviceTerritoryId": "0HhHs00000BBBBB", "resourceType": "Practitioner"}],
+        "resources": [{"resourceId": "PR-42", "serviceTerritoryId": "0HhHs00000BBBBB", "resourceType": "Provider"}],
         "workTypeId": "08qHs0000000001AAA",
         "startDate": "2030-01-07T00:00:00Z",
         "endDate": "2030-01-08T00:00:00Z",

@@ -39,6 +39,7 @@ from gateway.sandbox.rules import (
     SfError,
     SlotsOutput,
     SlotsRequest,
+    UpdateRequest,
     check_booking,
     decode_body,
     error,
@@ -372,7 +373,7 @@ async def update(request: Request[Any, Any, Any], version: FromPath[str], appoin
     current = await _existing(request, sb, "update_calls", version, appointment_id)
     if not isinstance(current, StoredAppointment):
         return current
-    booking, raw, errors = decode_body(await request.body(), BookingRequest)
+    booking, raw, errors = decode_body(await request.body(), UpdateRequest)
     start = end = None
     if not errors:
         errors, start, end = check_booking(booking, require_channel_id=sb.config.require_channel_id)
@@ -472,7 +473,7 @@ def _iso_z(value: datetime) -> str:
 def _free_slots(sb: SandboxState, resource: Any, start: datetime, end: datetime,
                 source_system: str | None) -> list[AvailableSlot]:
     cfg = sb.config
-    kind = "Device" if (resource.resourceType or "").lower() == "device" else "Practitioner"
+    kind = "Device" if resource.resourceType == "Device" else "Practitioner"  # a Provider books as a Practitioner
     busy = [
         (a.start, a.end)
         for a in sb.appointments()
