@@ -353,24 +353,15 @@ class SalesforceClient:
         *, resend: bool = True, counted: bool = True,
     ) -> Answer:
         """One call, with one token renewal on a 401 (and, when `resend`, one retry with the new
-        token). `counted`: the call's health goes to the breaker."""
+        token) or when the instance cannot be reached (`_exchange`). `counted`: the call's health
+        goes to the breaker."""
         if self._breaker is not None:
             await self._breaker.before_call(counted=counted)  # open: refused at once, nothing sent
         started = time.perf_counter()
         healthy = False
         try:
             async with self._gate:
-                for attempt in (1, 2):
-                    token = await self._tokens.token()
-                    response = await self._send(method, token, path, body, record, params)
-                    if response.status == 401 and attempt == 1 and self._is_invalid_session(response):
-                        # one refresh (in flight once across workers), then one retry
-                        record.retried_auth = True
-                        await self._tokens.invalidate(token)
-                        if resend:
-                            continue
-                        record.reauthenticated = True
-                    break
+                response = await self._exchange(method, path, body, record, params, resend)
             healthy = not _unhealthy(response)
         finally:
             record.latency_ms = (time.perf_counter() - started) * 1000
@@ -381,9 +372,38 @@ class SalesforceClient:
         self._read_limit(response)
         return response
 
+    async def _exchange(self, method: str, path: str, body: bytes, record: CallRecord,
+                        params: dict[str, str] | None, resend: bool) -> Answer:
+        """The call's attempts: a second one only after a token renewal (see `_call`)."""
+        for attempt in (1, 2):
+            mark = self._tokens.refreshes
+            token = await self._tokens.token()
+            try:
+                response = await self._send(method, token, path, body, record, params)
+            except NeverSent as exc:
+                # A cached token whose instance cannot be reached may name an instance that moved (an
+                # org migrated, a sandbox restarted on another port): renewed once, and if the new one
+                # names another instance, the call goes there (nothing was sent: even a Book may go).
+                if attempt == 1 and exc.kind != "busy" and not self._tokens.minted_since(mark, token):
+                    if (await self._tokens.renew(token)).instance_url != token.instance_url:
+                        record.retried_auth = True
+                        continue
+                raise Unavailable("Salesforce cannot be reached; nothing was sent",
+                                  retry_after=self._tuning.unavailable_retry_after_seconds) from None
+            if response.status == 401 and attempt == 1 and self._is_invalid_session(response):
+                # one refresh (in flight once across workers), then one retry
+                record.retried_auth = True
+                await self._tokens.invalidate(token)
+                if resend:
+                    continue
+                record.reauthenticated = True
+            return response
+        raise AssertionError("the second attempt always returns")
+
     async def _send(
         self, method: str, token: Token, path: str, body: bytes, record: CallRecord, params: dict[str, str] | None
     ) -> Answer:
+        """One request with `token`. NeverSent goes to the caller; a lost answer is in doubt."""
         headers = {
             "Authorization": f"Bearer {token.access_token}",
             "Content-Type": "application/json",
@@ -392,11 +412,6 @@ class SalesforceClient:
         try:
             return await self._http.request(method, token.instance_url + path, body=body or None, headers=headers,
                                             params=params)
-        except NeverSent:
-            raise Unavailable(
-                "Salesforce cannot be reached; nothing was sent",
-                retry_after=self._tuning.unavailable_retry_after_seconds,
-            ) from None
         except Lost as exc:
             record.in_doubt = True
             record.error_code = exc.kind

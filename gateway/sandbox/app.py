@@ -235,7 +235,7 @@ async def token(request: Request[Any, Any, Any]) -> ASGIApp:
         {
             "access_token": access_token,
             "signature": SandboxState.token_signature(cfg.client_secret, identity, issued_at),
-            "instance_url": base,
+            "instance_url": cfg.instance_url or base,
             "id": identity,
             "token_type": "Bearer",
             "issued_at": issued_at,

@@ -25,6 +25,8 @@ class SandboxConfig(msgspec.Struct, kw_only=True, frozen=True):
     answer_status: Literal[200, 201] = 201
     answer_shape: Literal["object", "array"] = "object"
     error_key: Literal["error", "errorMessages"] = "error"
+    # the instance its tokens name; None: its own address. A real org's login host and instance differ
+    instance_url: str | None = None
     # Salesforce sessions time out after idleness, not at a fixed expiry; None disables it.
     session_timeout_s: float | None = 7200.0
     # One doc page requires channelId; off by default because the other does not.
