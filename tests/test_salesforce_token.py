@@ -1,5 +1,6 @@
-"""The Salesforce token is cached per connection, and a cached token whose instance cannot be reached
-is renewed: over real HTTP, against sandboxes started and stopped here, on the shared Redis."""
+"""The Salesforce token is cached per connection, a cached token whose instance cannot be reached is
+renewed, and readiness reaches the instance: over real HTTP, against sandboxes started and stopped
+here, on the shared Redis."""
 
 from __future__ import annotations
 
@@ -124,6 +125,60 @@ async def test_a_token_just_minted_is_not_minted_again_when_its_instance_refuses
             assert counters(server).token_grants == 2
     finally:
         server.stop()
+
+
+def every_time(redis_url: str, prefix: str, login_url: str):
+    """Settings whose readiness calls the instance on every check (no call stands in for one)."""
+    return make_settings(redis_url, prefix, login_url, salesforce=SalesforceTuning(ready_check_seconds=0))
+
+
+async def test_readiness_passes_only_while_the_instance_answers(redis_url, prefix):
+    server = new_sandbox()
+    try:
+        async with serve_gateway(every_time(redis_url, prefix, server.url)) as gateway:
+            ready = await gateway.get("/health/ready")
+            assert ready.status_code == 200, ready.text
+            assert ready.json()["checks"]["salesforce_instance"] == "pass"
+            c = counters(server)
+            assert c.resource_calls == 1 and ready.json()["salesforce_api_usage"]["used"] == c.api_calls
+            server.app.state.sandbox.faults.set(expire_tokens=True)  # a revoked session: renewed, passes
+            assert (await gateway.get("/health/ready")).status_code == 200
+            assert counters(server).token_grants == 2
+            server.stop()
+            # before: 200, the token being cached, though nothing could be booked
+            down = await gateway.get("/health/ready")
+            assert down.status_code == 503 and "retry-after" in down.headers
+            assert down.json()["checks"] == {"redis": "pass", "salesforce_auth": "pass", "salesforce_instance": "fail"}
+    finally:
+        server.stop()
+
+
+async def test_readiness_renews_a_cached_token_whose_instance_is_gone(redis_url, prefix, sandbox):
+    settings = every_time(redis_url, prefix, sandbox.url)
+    client = aredis.Redis.from_url(redis_url)
+    try:
+        gone = f"http://127.0.0.1:{free_port()}"
+        await client.set(token_key(prefix, settings.salesforce),
+                         msgspec.json.encode(Token(access_token="stale", instance_url=gone)), px=60_000)
+        async with serve_gateway(settings) as gateway:
+            ready = await gateway.get("/health/ready")
+            assert ready.status_code == 200, ready.text
+        assert counters(sandbox).token_grants == 1
+    finally:
+        await client.aclose()
+
+
+async def test_readiness_spends_the_orgs_allowance_sparingly(redis_url, prefix, sandbox):
+    """Readiness needs no key, and each call to Salesforce counts against the org's daily allowance:
+    within `ready_check_seconds` (10 s by default) a call that worked stands in for a new one."""
+    async with serve_gateway(make_settings(redis_url, prefix, sandbox.url)) as gateway:
+        for _ in range(20):
+            assert (await gateway.get("/health/ready")).status_code == 200
+        assert counters(sandbox).resource_calls == 1
+    async with serve_gateway(make_settings(redis_url, f"{prefix}:b", sandbox.url)) as gateway:
+        assert (await book(gateway, "recent", 5)).status_code == 201  # a call that worked
+        assert (await gateway.get("/health/ready")).status_code == 200
+        assert counters(sandbox).resource_calls == 1
 
 
 async def test_two_connections_never_share_a_cached_token(redis_url, prefix):

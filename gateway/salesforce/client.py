@@ -287,6 +287,8 @@ class SalesforceClient:
         self._gate = asyncio.Semaphore(tuning.max_concurrent_calls)
         self._base = f"/services/data/v{conn.api_version}/connect/health/appointment-management"
         self._query_path = f"/services/data/v{conn.api_version}/query"
+        self._resources_path = f"/services/data/v{conn.api_version}/"
+        self._served_at = -float("inf")  # when a call last worked (perf_counter)
         self.usage = ApiUsage()
 
     async def book(self, request: BookingRequest, record: CallRecord) -> Booked:
@@ -348,14 +350,28 @@ class SalesforceClient:
         """Readiness: a token can be had (from the cache or freshly minted)."""
         await self._tokens.token()
 
+    async def check_instance(self) -> None:
+        """Readiness: the token's instance answers an authenticated call, the REST API's cheapest
+        (Resources by Version, readable by any API user): a token renewed on a 401 or an instance that
+        cannot be reached, as for any call. Raises unless it answers 200. Neither asks nor tells the
+        breaker: whether it answers says nothing of whether Book works. Each call spends the org's
+        allowance and readiness needs no key, so a call that worked in the last
+        `ready_check_seconds` stands in for it."""
+        if time.perf_counter() - self._served_at < self._tuning.ready_check_seconds:
+            return
+        response = await self._call("GET", self._resources_path, b"", CallRecord(), counted=False, gated=False)
+        if response.status != 200:
+            raise Unavailable(f"Salesforce's instance answered HTTP {response.status}",
+                              retry_after=self._tuning.unavailable_retry_after_seconds)
+
     async def _call(
         self, method: str, path: str, body: bytes, record: CallRecord, params: dict[str, str] | None = None,
-        *, resend: bool = True, counted: bool = True,
+        *, resend: bool = True, counted: bool = True, gated: bool = True,
     ) -> Answer:
         """One call, with one token renewal on a 401 (and, when `resend`, one retry with the new
         token) or when the instance cannot be reached (`_exchange`). `counted`: the call's health
-        goes to the breaker."""
-        if self._breaker is not None:
+        goes to the breaker; `gated`: the breaker is asked first."""
+        if self._breaker is not None and gated:
             await self._breaker.before_call(counted=counted)  # open: refused at once, nothing sent
         started = time.perf_counter()
         healthy = False
@@ -363,6 +379,8 @@ class SalesforceClient:
             async with self._gate:
                 response = await self._exchange(method, path, body, record, params, resend)
             healthy = not _unhealthy(response)
+            if healthy:
+                self._served_at = time.perf_counter()
         finally:
             record.latency_ms = (time.perf_counter() - started) * 1000
             if self._breaker is not None and counted:

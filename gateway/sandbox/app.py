@@ -503,6 +503,17 @@ def _record(version: str, fields: dict[str, Any], record_id: str) -> dict[str, A
     return {"attributes": {"type": soql.SOBJECT, "url": url}, **fields}
 
 
+@get("/services/data/{version:str}")
+async def resources(request: Request[Any, Any, Any], version: FromPath[str]) -> ASGIApp:
+    """Resources by Version: what this API version offers, by name (the cheapest authenticated call)."""
+    sb = _sandbox(request)
+    sb.count("resource_calls")
+    if (refusal := await _gate(request, sb, version)) is not None:
+        return refusal
+    base = f"/services/data/{version}"
+    return _api(sb, 200, {name: f"{base}/{name}" for name in ("connect", "limits", "query", "sobjects")})
+
+
 @get("/services/data/{version:str}/query")
 async def query(request: Request[Any, Any, Any], version: FromPath[str]) -> ASGIApp:
     sb = _sandbox(request)
@@ -625,6 +636,7 @@ def create_sandbox_app(config: SandboxConfig | None = None) -> Litestar:
             update,
             cancel,
             slots,
+            resources,
             query,
             service_appointment,
             list_appointments,
