@@ -60,7 +60,7 @@ def test_the_sandbox_imports_nothing_of_the_gateways_salesforce_client():
 
 @pytest.fixture
 def org(sandbox) -> httpx.Client:
-    """An HTTP client with a session of the sandbox's."""
+    """An HTTP client carrying an access token of the sandbox's."""
     with httpx.Client(base_url=sandbox.url, timeout=10) as client:
         grant = client.post("/services/oauth2/token", data={
             "grant_type": "client_credentials", "client_id": CLIENT_ID, "client_secret": CLIENT_SECRET})
