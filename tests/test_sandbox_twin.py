@@ -48,7 +48,8 @@ def _imports(path: Path) -> list[str]:
 def test_the_sandbox_imports_nothing_of_the_gateways_salesforce_client():
     files = sorted((ROOT / "gateway" / "sandbox").glob("*.py"))
     assert len(files) >= 6
-    offending = {f.name: m for f in files for m in _imports(f) if m == "gateway.salesforce" or m.startswith("gateway.salesforce.")}
+    offending = {f.name: m for f in files for m in _imports(f)
+                 if m == "gateway.salesforce" or m.startswith("gateway.salesforce.")}
     assert offending == {}
     # nor through anything it imports: a fresh interpreter loads the sandbox and no module of the client
     loaded = subprocess.run(
