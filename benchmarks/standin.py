@@ -13,6 +13,7 @@ It answers what the gateway's Salesforce client and the benchmark baselines call
   caller that loses its token or its body shows up as errors.
 * `GET /services/data/v<version>/query?q=…` (the gateway's look-up after a lost answer): 200, no
   records.
+* `GET /services/data/v<version>/` (Resources by Version, what the gateway's readiness calls): 200.
 * `GET /_standin/counters`: how many calls of each kind it answered (the benchmark checks that
   replays never reach it).
 * anything else: 404 with Salesforce's `NOT_FOUND` error list.
@@ -48,6 +49,7 @@ DEFAULT_API_VERSION = "66.0"
 
 _BOOK_PATH = re.compile(r"^/services/data/v[0-9.]+/connect/health/appointment-management/appointment$")
 _QUERY_PATH = re.compile(r"^/services/data/v[0-9.]+/query/?$")
+_RESOURCES_PATH = re.compile(r"^/services/data/v[0-9.]+/?$")
 
 
 def answers(base_url: str) -> dict[str, tuple[int, list[tuple[str, str]], bytes]]:
@@ -67,6 +69,7 @@ def answers(base_url: str) -> dict[str, tuple[int, list[tuple[str, str]], bytes]
         "token": (200, [("Content-Type", "application/json;charset=UTF-8"), ("Cache-Control", "no-cache,must-revalidate,max-age=0,no-store,private")], enc(token)),
         "book": (201, sf_json, enc({"id": BOOKED_ID, "isSuccess": True, "status": "Scheduled", "error": []})),
         "query": (200, sf_json, enc({"totalSize": 0, "done": True, "records": []})),
+        "resources": (200, sf_json, enc({"query": "/services/data/v66.0/query", "sobjects": "/services/data/v66.0/sobjects"})),
         "unauthorized": (401, sf_json, enc([{"message": "Session expired or invalid", "errorCode": "INVALID_SESSION_ID"}])),
         "empty_body": (400, sf_json, enc([{"message": "The request body is empty.", "errorCode": "JSON_PARSER_ERROR"}])),
         "not_found": (404, sf_json, enc([{"message": "The requested resource does not exist", "errorCode": "NOT_FOUND"}])),
@@ -76,7 +79,8 @@ def answers(base_url: str) -> dict[str, tuple[int, list[tuple[str, str]], bytes]
 
 class Counters:
     def __init__(self) -> None:
-        self.values = {"token": 0, "book": 0, "query": 0, "unauthorized": 0, "empty_body": 0, "not_found": 0}
+        self.values = {"token": 0, "book": 0, "query": 0, "resources": 0, "unauthorized": 0, "empty_body": 0,
+                       "not_found": 0}
 
     def body(self) -> bytes:
         return json.dumps(self.values).encode()
@@ -96,6 +100,8 @@ def route(method: str, path: str, auth: bytes | None, body_len: int) -> str:
             return "book" if body_len else "empty_body"
         if method == "GET" and _QUERY_PATH.match(path):
             return "query"
+        if method == "GET" and _RESOURCES_PATH.match(path):
+            return "resources"
     return "not_found"
 
 

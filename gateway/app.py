@@ -535,14 +535,15 @@ def create_app(
             checks["redis"] = "pass"
         except REDIS_FAILURES:
             checks["redis"] = "fail"
-        if checks["redis"] == "pass":
+        checks["salesforce_auth"] = checks["salesforce_instance"] = "unknown"
+        for name, check in (("salesforce_auth", client.check_auth), ("salesforce_instance", client.check_instance)):
+            if "fail" in checks.values():  # each needs the one before: a token needs Redis, a call a token
+                break
             try:
-                await client.check_auth()
-                checks["salesforce_auth"] = "pass"
+                await check()
+                checks[name] = "pass"
             except GatewayError:
-                checks["salesforce_auth"] = "fail"
-        else:
-            checks["salesforce_auth"] = "unknown"
+                checks[name] = "fail"
         ok = all(v == "pass" for v in checks.values())
         body = {"status": "pass" if ok else "fail", "checks": checks, "circuit": breaker.state,
                 "salesforce_api_usage": {"used": client.usage.used, "limit": client.usage.limit}}

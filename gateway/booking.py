@@ -38,7 +38,7 @@ from gateway.mapping import Mapped, cancellation_reason, map_booking
 from gateway.queue import BookingQueue, QueuedBooking
 from gateway.rules import check
 from gateway.salesforce.client import CallRecord, SalesforceClient
-from gateway.salesforce.wire import BookingRequest
+from gateway.salesforce.wire import BookingRequest, FoundSlots
 from gateway.sealing import Sealer
 from gateway.slots import slots_request
 from gateway.settings import SourceSettings
@@ -307,7 +307,7 @@ class Booker:
             raise NotFound(NO_SUCH_APPOINTMENT)
         return target.salesforce_id, current
 
-    async def find_slots(self, source_name: str, params: Any, trace: Trace) -> list[dict[str, Any]]:
+    async def find_slots(self, source_name: str, params: Any, trace: Trace) -> FoundSlots:
         """A slot search (gateway/slots.py): its codes mapped as a booking's, then Salesforce's Get Slots."""
         assert self._client is not None
         self._fhir_adapter(source_name)

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from datetime import datetime
 from typing import Any
 
 import msgspec
 
 from gateway.canonical import CanonicalBooking
 from gateway.errors import GatewayError, Issue
+from gateway.salesforce.wire import FoundSlots
 
 FHIR_JSON = "application/fhir+json"
 SALESFORCE_ERROR_SYSTEM = "urn:ehr-gateway:salesforce:errorCode"
@@ -158,9 +160,9 @@ class _Search(msgspec.Struct):
     mode: str = "match"
 
 
-class _Entry(msgspec.Struct):
-    fullUrl: str
-    resource: _Slot
+class _Entry(msgspec.Struct, omit_defaults=True, kw_only=True):
+    fullUrl: str | None = None  # none for the warnings' entry: it is no resource of this server
+    resource: _Slot | _OperationOutcome
     search: _Search
 
 
@@ -176,22 +178,45 @@ class _Bundle(msgspec.Struct, tag_field="resourceType", tag="Bundle"):
     entry: list[_Entry]
 
 
-def slot_searchset(found: list[dict[str, Any]], params: Any, base: str, self_url: str) -> bytes:
+# Get Slots' resourceType -> the FHIR resource a Slot's schedule names
+_SLOT_ACTOR = {"Provider": "Practitioner", "Device": "Device"}
+
+
+def _instant(value: datetime) -> str:
+    text = value.isoformat()
+    return text[:-6] + "Z" if text.endswith("+00:00") else text
+
+
+def slot_searchset(found: FoundSlots, params: Any, base: str, self_url: str) -> bytes:
     """A slot search's answer (gateway/slots.py): one Slot per free slot Salesforce named, in its
-    order; those without an id, times or a usable FHIR id are left out."""
+    order. Slots that could not be read, or whose id cannot be a FHIR id, are left out; a warning
+    (an OperationOutcome entry, search mode `outcome`) says how many, and how many times Salesforce
+    wrote without a zone and were read as UTC."""
     wanted = [_Coding(system=system, code=code) for v in params.getall("service-type", []) for t in v.split(",")
               for system, bar, code in [t.rpartition("|")] if bar and system and code]
     entries = []
-    for slot in found:
-        sid, start, end = slot.get("id"), slot.get("startTime"), slot.get("endTime")
-        if not (isinstance(sid, str) and _FHIR_ID.fullmatch(sid) and isinstance(start, str) and isinstance(end, str)):
+    left_out, zoneless = found.unread, 0
+    for slot in found.slots:
+        if not _FHIR_ID.fullmatch(slot.id):
+            left_out += 1
             continue
-        resource = slot.get("reference") or (f"{slot.get('resourceType') or 'Practitioner'}/{slot.get('resourceId')}"
-                                             if slot.get("resourceId") else None)
+        zoneless += slot.zone_assumed
+        actor = f"{_SLOT_ACTOR.get(slot.resource_type, slot.resource_type)}/{slot.resource_id}"
         entries.append(_Entry(
-            fullUrl=f"{base}/Slot/{sid}",
-            resource=_Slot(id=sid, schedule=_SlotSchedule(display=resource), status="free", start=start, end=end,
+            fullUrl=f"{base}/Slot/{slot.id}",
+            resource=_Slot(id=slot.id, schedule=_SlotSchedule(display=actor), status="free",
+                           start=_instant(slot.start), end=_instant(slot.end),
                            serviceType=[_CodeableConcept(coding=wanted)] if wanted else None),
             search=_Search(),
         ))
-    return _encoder.encode(_Bundle(type="searchset", total=len(entries), link=[_Link("self", self_url)], entry=entries))
+    total = len(entries)
+    warnings = []
+    if left_out:
+        warnings.append(f"{left_out} slot(s) in Salesforce's answer could not be read and are left out")
+    if zoneless:
+        warnings.append(f"{zoneless} slot(s) came from Salesforce with times without a time zone: read as UTC")
+    if warnings:
+        outcome = _OperationOutcome(issue=[_OOIssue(severity="warning", code="informational", details=_Details(text=w))
+                                           for w in warnings])
+        entries.append(_Entry(resource=outcome, search=_Search(mode="outcome")))
+    return _encoder.encode(_Bundle(type="searchset", total=total, link=[_Link("self", self_url)], entry=entries))

@@ -708,8 +708,10 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
             "type": "object", "required": ["status", "checks", "circuit", "salesforce_api_usage"],
             "properties": {
                 "status": {"enum": ["pass", "fail"]},
-                "checks": {"type": "object", "required": ["redis", "salesforce_auth"], "properties": {
-                    "redis": {"enum": ["pass", "fail"]}, "salesforce_auth": {"enum": ["pass", "fail", "unknown"]}}},
+                "checks": {"type": "object", "required": ["redis", "salesforce_auth", "salesforce_instance"],
+                           "properties": {"redis": {"enum": ["pass", "fail"]},
+                                          "salesforce_auth": {"enum": ["pass", "fail", "unknown"]},
+                                          "salesforce_instance": {"enum": ["pass", "fail", "unknown"]}}},
                 "circuit": {"enum": ["closed", "open", "half_open"]},
                 "salesforce_api_usage": {"type": "object", "required": ["used", "limit"], "properties": {
                     "used": {"type": "integer"}, "limit": {"type": "integer"}}},

@@ -105,6 +105,9 @@ class SalesforceTuning(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     unavailable_retry_after_seconds: int = 30
     # an answer larger than this is not read: the call is lost (in doubt, looked up), the memory kept
     max_answer_bytes: int = 4_194_304
+    # readiness calls the instance (an API call, counted against the org's allowance) at most this
+    # often per worker; a call that worked within it, a booking's included, stands in for one
+    ready_check_seconds: float = 10.0
 
 
 class LimitSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -292,6 +295,8 @@ def load_file_settings(config_dir: Path) -> FileSettings:
         problems.append("$.idempotency.retention_hours: must be positive")
     if idem.link_retention_days <= 0:
         problems.append("$.idempotency.link_retention_days: must be positive")
+    if settings.salesforce.ready_check_seconds < 0:
+        problems.append("$.salesforce.ready_check_seconds: must be 0 or more")
     if settings.salesforce.max_answer_bytes < 65_536:
         problems.append("$.salesforce.max_answer_bytes: must be at least 65536")
     if idem.in_doubt_settle_seconds < 0:

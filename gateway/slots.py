@@ -3,8 +3,8 @@
 `GET /fhir/{source}/Slot?start=ge…&start=le…&service-type=system|code&actor=Practitioner/…` reads
 like a booking without a patient: the codes go through the source's code maps exactly as an
 Appointment's would (so the same workTypeId, channelId and code arrays reach Salesforce), the actors
-become Salesforce's resources (a Practitioner or Device each; a Location is their service
-territory), and each free slot comes back as a Slot whose id books with `Appointment.slot`.
+become Salesforce's resources (a Practitioner is a "Provider", a Device a "Device"; a Location is
+their service territory), and each free slot comes back as a Slot whose id books with `Appointment.slot`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from gateway.settings import SourceSettings
 
 _LOWER, _UPPER = ("ge", "gt"), ("le", "lt")
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
-_RESOURCE_KINDS = {"Practitioner": "Practitioner", "PractitionerRole": "Practitioner", "Device": "Device"}
+# a search's actor -> Get Slots' resourceType ("Provider" or "Device")
+_RESOURCE_KINDS = {"Practitioner": "Provider", "PractitionerRole": "Provider", "Device": "Device"}
 
 
 

@@ -146,7 +146,8 @@ async def test_offsets_keep_their_instant(gateway, sandbox):
 async def test_health_live_and_ready(gateway):
     assert (await gateway.get("/health/live")).status_code == 200
     ready = await gateway.get("/health/ready")
-    assert ready.status_code == 200 and ready.json()["checks"] == {"redis": "pass", "salesforce_auth": "pass"}
+    assert ready.status_code == 200
+    assert ready.json()["checks"] == {"redis": "pass", "salesforce_auth": "pass", "salesforce_instance": "pass"}
 
 
 async def test_keys_never_leave_in_answers(gateway):

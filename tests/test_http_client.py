@@ -215,9 +215,10 @@ async def test_the_request_carries_host_length_headers_query_and_form():
 async def test_a_refused_connection_is_never_sent():
     async with http_client(connect_timeout_seconds=2) as client:
         started = time.monotonic()
-        with pytest.raises(NeverSent):
+        with pytest.raises(NeverSent) as refused:
             await client.request("POST", f"http://127.0.0.1:{free_port()}/x", body=b"b")
         assert time.monotonic() - started < 0.5
+        assert refused.value.kind == "unreachable"  # the Salesforce client renews a cached token's instance then
 
 
 @pytest.mark.parametrize(
@@ -301,9 +302,10 @@ async def test_a_full_pool_makes_the_next_call_wait_then_never_sent_or_served():
         held = [asyncio.create_task(client.request("GET", f"{url}/hold/{i}")) for i in range(5)]
         await until(lambda: len(fake.requests) == 5)  # the limit: max_concurrent_calls + 4
         started = time.monotonic()
-        with pytest.raises(NeverSent):
+        with pytest.raises(NeverSent) as busy:
             await client.request("POST", f"{url}/sixth", body=b"{}")
         assert 0.15 <= time.monotonic() - started < 1.0  # waited the connect timeout for a free slot
+        assert busy.value.kind == "busy"  # the instance answers: no reason to renew the token
         assert len(fake.requests) == 5 and fake.connections == 5  # nothing of the sixth went out
 
         queued = asyncio.create_task(client.request("GET", f"{url}/queued"))

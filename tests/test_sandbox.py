@@ -231,7 +231,8 @@ def test_threaded_server_sends_no_server_header(sandbox: Running) -> None:
 
 @pytest.mark.parametrize(
     "bad",
-    [{"answer_status": 204}, {"answer_shape": "list"}, {"error_key": "errors"}, {"api_version": "v66"}, {"slot_minutes": 0}],
+    [{"answer_status": 204}, {"answer_shape": "list"}, {"error_key": "errors"}, {"api_version": "v66"}, {"slot_minutes": 0},
+     {"slot_times": "local"}],
 )
 def test_config_refuses_values_the_sandbox_cannot_honour(bad: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
@@ -646,7 +647,7 @@ def test_cancel_refusals(sandbox: Running) -> None:
 
 def _slots_body(**changes: Any) -> dict[str, Any]:
     body: dict[str, Any] = {
-        "resources": [{"resourceId": "PR-42", "serviceTerritoryId": "0HhHs00000BBBBB", "resourceType": "Practitioner"}],
+        "resources": [{"resourceId": "PR-42", "serviceTerritoryId": "0HhHs00000BBBBB", "resourceType": "Provider"}],
         "workTypeId": "08qHs0000000001AAA",
         "startDate": "2030-01-07T00:00:00Z",
         "endDate": "2030-01-08T00:00:00Z",
@@ -655,34 +656,65 @@ def _slots_body(**changes: Any) -> dict[str, Any]:
     return body
 
 
+def _slots(body: dict[str, Any], resource: str = "PR-42") -> list[dict[str, Any]]:
+    (entry,) = [e for e in body["resourceSlotDetails"] if e["resourceId"] == resource]
+    return entry["availableSlots"]
+
+
 def test_slots_are_every_half_hour_in_working_hours_minus_bookings(sandbox: Running) -> None:
     r = sandbox.client.post(SLOTS, json=_slots_body(), headers=sandbox.auth())
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["isSuccess"] is True and body["error"] == []
-    starts = [s["startTime"] for s in body["slots"]]
+    starts = [s["slotStartDate"] for s in _slots(body)]
     assert len(starts) == 16
     assert starts[0] == "2030-01-07T09:00:00Z" and starts[-1] == "2030-01-07T16:30:00Z"
-    first = body["slots"][0]
-    assert first["endTime"] == "2030-01-07T09:30:00Z"
-    assert first["resourceId"] == "PR-42" and first["reference"] == "Practitioner/PR-42" and first["id"]
-    assert first["serviceTerritoryId"] == "0HhHs00000BBBBB"
+    first = _slots(body)[0]
+    assert first["slotEndDate"] == "2030-01-07T09:30:00Z" and first["slotId"]
 
     assert sandbox.book(booking()).status_code == 201  # 09:00-09:30 with PR-42
     again = sandbox.client.post(SLOTS, json=_slots_body(), headers=sandbox.auth()).json()
-    assert [s["startTime"] for s in again["slots"]] == starts[1:]
+    assert [s["slotStartDate"] for s in _slots(again)] == starts[1:]
     other = sandbox.client.post(
         SLOTS, json=_slots_body(resources=[{"resourceId": "PR-7"}]), headers=sandbox.auth()
     ).json()
-    assert len(other["slots"]) == 16
+    assert len(_slots(other, "PR-7")) == 16
     assert sandbox.state.counters().slots_calls == 3
+
+
+def test_slots_answer_is_salesforces_documented_get_slots_output(sandbox: Running) -> None:
+    """salesforce.md's "Get Slots Output": resourceSlotDetails, one entry per resource asked for,
+    naming it; every property a string or an array (sourceSystem null when the request named none)."""
+    resources = [{"resourceId": "PR-42", "resourceType": "Provider"}, {"resourceId": "DV-1", "resourceType": "Device"}]
+    r = sandbox.client.post(SLOTS, json=_slots_body(resources=resources, startDate="2030-01-07T09:00:00Z",
+                                                    endDate="2030-01-07T10:00:00Z"), headers=sandbox.auth())
+    body = r.json()
+    assert list(body) == ["resourceSlotDetails"]
+    assert [list(e) for e in body["resourceSlotDetails"]] == [["resourceId", "availableSlots"]] * 2
+    assert [e["resourceId"] for e in body["resourceSlotDetails"]] == ["PR-42", "DV-1"]
+    slots = [s for e in body["resourceSlotDetails"] for s in e["availableSlots"]]
+    assert len(slots) == 4
+    assert all(list(s) == ["slotId", "slotStartDate", "slotEndDate", "sourceSystem"] for s in slots)
+    assert all(isinstance(s[k], str) for s in slots for k in ("slotId", "slotStartDate", "slotEndDate"))
+    assert {s["sourceSystem"] for s in slots} == {None}
+    named = sandbox.client.post(SLOTS, json=_slots_body(sourceSystem="cerner"), headers=sandbox.auth()).json()
+    assert {s["sourceSystem"] for s in _slots(named)} == {"cerner"}
+
+
+def test_slots_answer_variations_are_configurable(start_sandbox: Any) -> None:
+    """A one-element array (answer_shape), and times without a zone as one of Salesforce's samples
+    writes them (slot_times)."""
+    sb = start_sandbox(answer_shape="array", slot_times="zoneless")
+    body = sb.client.post(SLOTS, json=_slots_body(), headers=sb.auth()).json()
+    assert isinstance(body, list) and len(body) == 1
+    first = _slots(body[0])[0]
+    assert (first["slotStartDate"], first["slotEndDate"]) == ("2030-01-07T09:00:00.0000", "2030-01-07T09:30:00.0000")
 
 
 def test_slots_honour_the_range_edges(sandbox: Running) -> None:
     r = sandbox.client.post(
         SLOTS, json=_slots_body(startDate="2030-01-07T10:15:00Z", endDate="2030-01-07T11:30:00Z"), headers=sandbox.auth()
     )
-    assert [s["startTime"] for s in r.json()["slots"]] == ["2030-01-07T10:30:00Z", "2030-01-07T11:00:00Z"]
+    assert [s["slotStartDate"] for s in _slots(r.json())] == ["2030-01-07T10:30:00Z", "2030-01-07T11:00:00Z"]
 
 
 @pytest.mark.parametrize(

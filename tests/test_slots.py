@@ -6,8 +6,12 @@ from __future__ import annotations
 from urllib.parse import urlencode
 
 import msgspec
+import pytest
 
+from gateway.salesforce.client import read_slots
+from gateway.salesforce.wire import SlotResource, SlotsRequest
 from tests.conftest import VIDEO_VISIT, auth, corpus
+from tests.fhir_validate import validate
 
 VIDEO = "https://fhir.cerner.com/ec2458f2-1e24-41c8-b71b-0e701af7583d/codeSet/14249|2572307911"
 DAY = "2026-12-01"
@@ -39,6 +43,76 @@ async def test_free_slots_come_back_as_a_searchset_of_slots(gateway, sandbox):
     assert all(e["fullUrl"].endswith(f"/fhir/cerner/Slot/{e['resource']['id']}") for e in bundle["entry"])
     assert slots[0]["schedule"] == {"display": "Practitioner/593923"}
     assert state(sandbox).counters().slots_calls == 1  # one Get Slots call
+
+
+async def test_salesforces_documented_answer_is_read_and_the_searchset_is_valid_fhir(gateway, sandbox):
+    """The sandbox answers Get Slots as salesforce.md documents it (resourceSlotDetails); each slot
+    belongs to the resource its entry names, with the type the search asked for."""
+    r = await gateway.get(query(actor=["Practitioner/593923", "Device/DV-7"]), headers=auth())
+    assert r.status_code == 200, r.text
+    bundle = validate(r.content, "Bundle")
+    sent = state(sandbox).counters().slots_calls
+    assert sent == 1
+    actors = [e["resource"]["schedule"]["display"] for e in bundle["entry"]]
+    assert actors == ["Practitioner/593923"] * 4 + ["Device/DV-7"] * 4
+    assert all(e["search"]["mode"] == "match" for e in bundle["entry"]) and bundle["total"] == 8
+    assert len({e["resource"]["id"] for e in bundle["entry"]}) == 8
+
+
+@pytest.mark.parametrize("sandbox_config", [{"slot_times": "zoneless", "answer_shape": "array"}], indirect=True)
+async def test_times_without_a_zone_are_read_as_utc_and_said_so(gateway, sandbox):
+    r = await gateway.get(query(), headers=auth())
+    assert r.status_code == 200, r.text
+    bundle = validate(r.content, "Bundle")
+    slots = [e["resource"] for e in bundle["entry"] if e["search"]["mode"] == "match"]
+    assert [(s["start"], s["end"]) for s in slots][0] == (f"{DAY}T09:00:00Z", f"{DAY}T09:30:00Z")
+    assert bundle["total"] == len(slots) == 4
+    (outcome,) = [e["resource"] for e in bundle["entry"] if e["search"]["mode"] == "outcome"]
+    assert outcome["resourceType"] == "OperationOutcome" and outcome["issue"][0]["severity"] == "warning"
+    assert "4 slot(s)" in outcome["issue"][0]["details"]["text"] and "UTC" in outcome["issue"][0]["details"]["text"]
+
+
+_SEARCH = SlotsRequest(resources=(SlotResource(resourceId="PR-1", resourceType="Provider"),
+                                  SlotResource(resourceId="0bSxx0000000001AAA", resourceType="Device")),
+                       startDate="2030-01-07T00:00:00Z", endDate="2030-01-08T00:00:00Z")
+
+
+def test_the_answer_is_read_leniently():
+    """Keys in any case, an object or a one-element array; a slot that cannot be read, or an entry
+    naming a resource the search did not ask for, is left out and counted, not a failure of all."""
+    answer = {"ResourceSlotDetails": [
+        {"RESOURCEID": "PR-1", "availableslots": [
+            {"slotId": "s1", "slotStartDate": "2030-01-07T09:00:00Z", "slotEndDate": "2030-01-07T09:30:00Z",
+             "sourceSystem": None, "somethingNew": "ignored"},
+            {"slotId": "s2"},  # no times
+            "not an object",
+            {"slotId": "s3", "slotStartDate": "2030-01-07T10:00:00Z", "slotEndDate": "2030-01-07T09:30:00Z"},
+            {"slotId": "s4", "slotStartDate": "2030-01-07", "slotEndDate": "2030-01-07T09:30:00Z"},
+            {"slotId": 5, "slotStartDate": "2030-01-07T11:00:00Z", "slotEndDate": "2030-01-07T11:30:00Z"}]},
+        # the 15-letter form of the Device's id: the same record
+        {"resourceId": "0bSxx0000000001", "availableSlots": [
+            {"slotid": "d1", "SLOTSTARTDATE": "2030-01-07T09:00:00+02:00", "slotEndDate": "2030-01-07T09:30:00+02:00"}]},
+        {"resourceId": "PR-UNASKED", "availableSlots": [
+            {"slotId": "u1", "slotStartDate": "2030-01-07T09:00:00Z", "slotEndDate": "2030-01-07T09:30:00Z"}]},
+    ]}
+    for payload in (answer, [answer]):
+        found = read_slots(payload, _SEARCH)
+        assert found is not None
+        assert [(s.id, s.resource_type, s.resource_id, s.zone_assumed) for s in found.slots] == [
+            ("s1", "Provider", "PR-1", False), ("d1", "Device", "0bSxx0000000001AAA", False)]
+        assert found.slots[1].start.utcoffset().total_seconds() == 7200
+        assert found.unread == 6
+    zoneless = read_slots({"resourceSlotDetails": [{"resourceId": "PR-1", "availableSlots": [
+        {"slotId": "z", "slotStartDate": "2025-07-14T00:12:00.7912", "slotEndDate": "2025-07-14T00:42:00.7912"}]}]}, _SEARCH)
+    (slot,) = zoneless.slots
+    assert slot.zone_assumed and slot.start.isoformat() == "2025-07-14T00:12:00.791200+00:00"
+
+
+@pytest.mark.parametrize("payload", [
+    None, [], [{}, {}], {"slots": []}, {"resourceSlotDetails": "none"}, {"isSuccess": False, "resourceSlotDetails": []},
+])
+def test_what_is_not_get_slots_answer_is_not_read_as_one(payload):
+    assert read_slots(payload, _SEARCH) is None
 
 
 async def test_a_slot_found_books_and_is_then_taken(gateway, sandbox):

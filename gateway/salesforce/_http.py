@@ -52,6 +52,10 @@ class Answer:
 class NeverSent(Exception):
     """The connection was never made (refused, DNS, TLS, connect timeout, pool exhausted): nothing left."""
 
+    def __init__(self, kind: str) -> None:  # "unreachable", "timeout" or "busy" (no pooled connection came free)
+        super().__init__(kind)
+        self.kind = kind
+
 
 class Lost(Exception):
     """The request may have reached Salesforce, but no complete answer came back."""
@@ -181,7 +185,7 @@ class _Pool:
                 break
             waiter: asyncio.Future[_Connection | None] = loop.create_future()
             self.waiters.append(waiter)
-            timer = loop.call_at(deadline, _expire, waiter, NeverSent("no connection to Salesforce came free in time"))
+            timer = loop.call_at(deadline, _expire, waiter, NeverSent("busy"))
             try:
                 handed = await waiter
             except BaseException:
@@ -202,9 +206,9 @@ class _Pool:
                                        server_hostname=self.host if self.tls else None),
                 max(0.0, deadline - loop.time()),
             )
-        except (OSError, TimeoutError) as exc:  # ssl.SSLError and DNS errors are OSErrors
+        except OSError as exc:  # ssl.SSLError, DNS errors and TimeoutError are OSErrors
             self._slot_free()
-            raise NeverSent(type(exc).__name__) from None
+            raise NeverSent("timeout" if isinstance(exc, TimeoutError) else "unreachable") from None
         except BaseException:
             self._slot_free()
             raise

@@ -1,14 +1,17 @@
 """OAuth 2.0 to Salesforce: client credentials or JWT bearer, one token shared by every worker.
 
-The token and its `instance_url` live in Redis. A worker keeps a local copy to save a round trip per
-call; when Salesforce answers 401 INVALID_SESSION_ID, the worker drops the shared token only if it is
-still the one that failed (compare-and-delete), and one refresh is in flight across all workers (a
-Redis lock), the others waiting for its result.
+The token and its `instance_url` live in Redis, under a key of the connection's own (a digest of the
+login URL, client id, username and grant), so a gateway pointed at another org, app or user never
+reads a token minted for the first. A worker keeps a local copy to save a round trip per call; when
+Salesforce refuses it (401 INVALID_SESSION_ID) or its instance cannot be reached, the worker drops
+the shared token only if it is still the one that failed (compare-and-delete), and one refresh is in
+flight across all workers (a Redis lock), the others waiting for its result.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 
 import jwt
@@ -28,6 +31,15 @@ local cur = redis.call('GET', KEYS[1])
 if cur and cjson.decode(cur).access_token == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+
+
+def token_key(prefix: str, conn: SalesforceConnection) -> str:
+    """The Redis key of the connection's token (its refresh lock adds `:refresh`): one hash tag, so
+    each is one Redis Cluster slot. A digest names the connection; no secret goes into it."""
+    parts = (conn.login_url.rstrip("/"), conn.client_id, conn.username or "", conn.flow,
+             conn.audience if conn.flow == "jwt_bearer" else "")
+    digest = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
+    return f"{prefix}:sf:{{token:{digest}}}"
 
 
 class Token(msgspec.Struct, frozen=True):
@@ -52,14 +64,15 @@ class TokenProvider:
         self._conn = conn
         self._http = http
         self._redis = client
-        self._key = f"{prefix}:sf:{{token}}"
-        self._lock_key = f"{prefix}:sf:{{token}}:refresh"
+        self._key = token_key(prefix, conn)
+        self._lock_key = f"{self._key}:refresh"
         self._cache_ms = cache_seconds * 1000
         self._retry_after = retry_after
         self._local: Token | None = None
         self._local_lock = asyncio.Lock()
         self._drop = client.register_script(_DROP_IF_SAME)
         self.refreshes = 0  # tokens this worker minted
+        self._last_minted: Token | None = None
 
     async def token(self) -> Token:
         if self._local is not None:
@@ -77,6 +90,16 @@ class TokenProvider:
             await self._drop(keys=[self._key], args=[failed.access_token])
         except RedisError:
             raise Unavailable("Redis is unavailable", retry_after=5) from None
+
+    def minted_since(self, mark: int, token: Token) -> bool:
+        """Whether `token` is one this worker minted since `refreshes` was `mark`: renewing it would
+        only mint the same again."""
+        return self.refreshes != mark and token == self._last_minted
+
+    async def renew(self, failed: Token) -> Token:
+        """A token other than `failed`: dropped (as `invalidate`), then shared or minted anew."""
+        await self.invalidate(failed)
+        return await self.token()
 
     async def _shared_token(self) -> Token:
         try:
@@ -121,4 +144,5 @@ class TokenProvider:
         except (msgspec.DecodeError, msgspec.ValidationError):
             raise Unavailable("Salesforce's token answer cannot be read", retry_after=self._retry_after) from None
         self.refreshes += 1
-        return Token(access_token=parsed.access_token, instance_url=parsed.instance_url.rstrip("/"))
+        self._last_minted = Token(access_token=parsed.access_token, instance_url=parsed.instance_url.rstrip("/"))
+        return self._last_minted

@@ -11,7 +11,7 @@ import re
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, TypeVar, get_args
 
 import msgspec
 
@@ -19,7 +19,16 @@ from gateway.breaker import CircuitBreaker
 from gateway.errors import SalesforceFailed, SalesforceRefused, Unavailable
 from gateway.salesforce._http import Answer, HttpClient, Lost, NeverSent
 from gateway.salesforce.auth import Token, TokenProvider
-from gateway.salesforce.wire import BookingRequest, CancelRequest, SfParticipant, SlotsRequest
+from gateway.salesforce.wire import (
+    AvailableSlot,
+    BookingRequest,
+    CancelRequest,
+    FoundSlots,
+    FreeSlot,
+    SfParticipant,
+    SlotsAnswer,
+    SlotsRequest,
+)
 from gateway.settings import SalesforceConnection, SalesforceTuning
 
 _LIMIT_INFO = re.compile(r"api-usage=(\d+)/(\d+)")
@@ -163,6 +172,105 @@ def _scrub(message: str, request: BookingRequest) -> str:
     return message[:300]
 
 
+_S = TypeVar("_S", bound=msgspec.Struct)
+
+
+class _Lenient:
+    """Decoded JSON into a wire Struct, read as Salesforce's samples need: keys in any case, keys the
+    Struct does not name ignored, and an element of a list of objects that does not fit left out
+    (counted in `skipped`) rather than failing the whole answer."""
+
+    def __init__(self) -> None:
+        self.skipped = 0
+
+    def read(self, value: Any, kind: type[_S]) -> _S | None:
+        if not isinstance(value, dict):
+            return None
+        fields = _lenient_fields(kind)
+        clean: dict[str, Any] = {}
+        for key, item in value.items():
+            field = fields.get(key.lower()) if isinstance(key, str) else None
+            if field is None:
+                continue
+            name, element = field
+            if element is not None and isinstance(item, list):
+                read = [self.read(e, element) for e in item]
+                self.skipped += read.count(None)
+                item = [e for e in read if e is not None]
+            clean[name] = item
+        try:
+            return msgspec.convert(clean, kind)
+        except msgspec.ValidationError:
+            return None
+
+
+_LENIENT_FIELDS: dict[type, dict[str, tuple[str, type | None]]] = {}
+
+
+def _lenient_fields(kind: type) -> dict[str, tuple[str, type | None]]:
+    """A Struct's fields by lower-case name: (name, the Struct of its elements when it is a list of them)."""
+    fields = _LENIENT_FIELDS.get(kind)
+    if fields is None:
+        fields = {}
+        for f in msgspec.structs.fields(kind):
+            element = next((a for a in get_args(f.type) if isinstance(a, type) and issubclass(a, msgspec.Struct)), None)
+            fields[f.encode_name.lower()] = (f.encode_name, element)
+        _LENIENT_FIELDS[kind] = fields
+    return fields
+
+
+def _slot_time(value: str) -> tuple[datetime, bool] | None:
+    """A slot's date-time, and whether it had no zone (then it is read as UTC, as the spec says)."""
+    if "T" not in value:
+        return None
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return (moment, False) if moment.tzinfo is not None else (moment.replace(tzinfo=timezone.utc), True)
+
+
+def _free_slot(slot: AvailableSlot, resource_type: str, resource_id: str) -> FreeSlot | None:
+    start, end = _slot_time(slot.slotStartDate), _slot_time(slot.slotEndDate)
+    if not slot.slotId or start is None or end is None or end[0] <= start[0]:
+        return None
+    return FreeSlot(id=slot.slotId, start=start[0], end=end[0], resource_type=resource_type, resource_id=resource_id,
+                    zone_assumed=start[1] or end[1])
+
+
+def _record(ident: str) -> str:
+    """The record a Salesforce id names: its 15-letter form (the 18-letter one adds a case checksum)."""
+    return ident[:15] if SALESFORCE_ID.fullmatch(ident) else ident
+
+
+def read_slots(payload: Any, request: SlotsRequest) -> FoundSlots | None:
+    """Get Slots' answer (`{"resourceSlotDetails": [{"resourceId", "availableSlots": [...]}]}`, an
+    object or a one-element array, keys in any case), each slot with the resource of the request its
+    entry names. Slots that cannot be read, and entries naming a resource the request did not ask
+    for, are left out and counted. None when the payload is not that answer at all."""
+    if isinstance(payload, list) and len(payload) == 1:
+        payload = payload[0]
+    if isinstance(payload, dict) and any(str(k).lower() == "issuccess" and v is False for k, v in payload.items()):
+        return None
+    reader = _Lenient()
+    answer = reader.read(payload, SlotsAnswer)
+    if answer is None:
+        return None
+    # a resource's type and id as the request named them, found by the id of the record it names
+    kinds = {_record(r.resourceId): (r.resourceType or "Provider", r.resourceId) for r in reversed(request.resources)}
+    found: list[FreeSlot] = []
+    unread = reader.skipped
+    for entry in answer.resourceSlotDetails:
+        kind = kinds.get(_record(entry.resourceId))
+        for slot in entry.availableSlots:
+            free = _free_slot(slot, *kind) if kind is not None else None
+            if free is None:
+                unread += 1
+            else:
+                found.append(free)
+    return FoundSlots(slots=tuple(found), unread=unread)
+
+
 class SalesforceClient:
     def __init__(
         self,
@@ -179,6 +287,8 @@ class SalesforceClient:
         self._gate = asyncio.Semaphore(tuning.max_concurrent_calls)
         self._base = f"/services/data/v{conn.api_version}/connect/health/appointment-management"
         self._query_path = f"/services/data/v{conn.api_version}/query"
+        self._resources_path = f"/services/data/v{conn.api_version}/"
+        self._served_at = -float("inf")  # when a call last worked (perf_counter)
         self.usage = ApiUsage()
 
     async def book(self, request: BookingRequest, record: CallRecord) -> Booked:
@@ -203,23 +313,13 @@ class SalesforceClient:
         response = await self._call("PATCH", f"{self._base}/appointment/{appointment_id}", body, record)
         return self._read_booking(response, scrub, record)
 
-    async def get_slots(self, request: SlotsRequest, record: CallRecord) -> list[dict[str, Any]]:
-        """Get Slots: the free slots of the request's resources, as Salesforce lists them (read leniently:
-        the list under `slots`, in an object or a one-element array). Refusals and failures raise as
-        for a booking."""
+    async def get_slots(self, request: SlotsRequest, record: CallRecord) -> FoundSlots:
+        """Get Slots: the free slots of the request's resources (`read_slots`). Refusals and failures
+        raise as for a booking."""
         response = await self._call("POST", f"{self._base}/slots", _encoder.encode(request), record)
-        try:
-            payload: Any = msgspec.json.decode(response.content) if response.content else None
-        except msgspec.DecodeError:
-            payload = None
-        if isinstance(payload, list) and len(payload) == 1:
-            payload = payload[0]
-        if response.status == 200 and isinstance(payload, dict):
-            lowered = {k.lower(): v for k, v in payload.items()}
-            found = lowered.get("slots")
-            if lowered.get("issuccess") is not False and isinstance(found, list):
-                return [s for s in found if isinstance(s, dict)]
-        # not a list of slots: classified (refused, over the limit, failed) as a booking's answer is
+        if response.status == 200 and (found := read_slots(_decode(response.content), request)) is not None:
+            return found
+        # not Get Slots' answer: classified (refused, over the limit, failed) as a booking's answer is
         scrub = BookingRequest(participants=tuple(SfParticipant(reference=f"X/{r.resourceId}") for r in request.resources))
         self._read_booking(response, scrub, record)
         raise SalesforceFailed("Salesforce's answer to Get Slots cannot be read")
@@ -250,30 +350,37 @@ class SalesforceClient:
         """Readiness: a token can be had (from the cache or freshly minted)."""
         await self._tokens.token()
 
+    async def check_instance(self) -> None:
+        """Readiness: the token's instance answers an authenticated call, the REST API's cheapest
+        (Resources by Version, readable by any API user): a token renewed on a 401 or an instance that
+        cannot be reached, as for any call. Raises unless it answers 200. Neither asks nor tells the
+        breaker: whether it answers says nothing of whether Book works. Each call spends the org's
+        allowance and readiness needs no key, so a call that worked in the last
+        `ready_check_seconds` stands in for it."""
+        if time.perf_counter() - self._served_at < self._tuning.ready_check_seconds:
+            return
+        response = await self._call("GET", self._resources_path, b"", CallRecord(), counted=False, gated=False)
+        if response.status != 200:
+            raise Unavailable(f"Salesforce's instance answered HTTP {response.status}",
+                              retry_after=self._tuning.unavailable_retry_after_seconds)
+
     async def _call(
         self, method: str, path: str, body: bytes, record: CallRecord, params: dict[str, str] | None = None,
-        *, resend: bool = True, counted: bool = True,
+        *, resend: bool = True, counted: bool = True, gated: bool = True,
     ) -> Answer:
         """One call, with one token renewal on a 401 (and, when `resend`, one retry with the new
-        token). `counted`: the call's health goes to the breaker."""
-        if self._breaker is not None:
+        token) or when the instance cannot be reached (`_exchange`). `counted`: the call's health
+        goes to the breaker; `gated`: the breaker is asked first."""
+        if self._breaker is not None and gated:
             await self._breaker.before_call(counted=counted)  # open: refused at once, nothing sent
         started = time.perf_counter()
         healthy = False
         try:
             async with self._gate:
-                for attempt in (1, 2):
-                    token = await self._tokens.token()
-                    response = await self._send(method, token, path, body, record, params)
-                    if response.status == 401 and attempt == 1 and self._is_invalid_session(response):
-                        # one refresh (in flight once across workers), then one retry
-                        record.retried_auth = True
-                        await self._tokens.invalidate(token)
-                        if resend:
-                            continue
-                        record.reauthenticated = True
-                    break
+                response = await self._exchange(method, path, body, record, params, resend)
             healthy = not _unhealthy(response)
+            if healthy:
+                self._served_at = time.perf_counter()
         finally:
             record.latency_ms = (time.perf_counter() - started) * 1000
             if self._breaker is not None and counted:
@@ -283,9 +390,38 @@ class SalesforceClient:
         self._read_limit(response)
         return response
 
+    async def _exchange(self, method: str, path: str, body: bytes, record: CallRecord,
+                        params: dict[str, str] | None, resend: bool) -> Answer:
+        """The call's attempts: a second one only after a token renewal (see `_call`)."""
+        for attempt in (1, 2):
+            mark = self._tokens.refreshes
+            token = await self._tokens.token()
+            try:
+                response = await self._send(method, token, path, body, record, params)
+            except NeverSent as exc:
+                # A cached token whose instance cannot be reached may name an instance that moved (an
+                # org migrated, a sandbox restarted on another port): renewed once, and if the new one
+                # names another instance, the call goes there (nothing was sent: even a Book may go).
+                if attempt == 1 and exc.kind != "busy" and not self._tokens.minted_since(mark, token):
+                    if (await self._tokens.renew(token)).instance_url != token.instance_url:
+                        record.retried_auth = True
+                        continue
+                raise Unavailable("Salesforce cannot be reached; nothing was sent",
+                                  retry_after=self._tuning.unavailable_retry_after_seconds) from None
+            if response.status == 401 and attempt == 1 and self._is_invalid_session(response):
+                # one refresh (in flight once across workers), then one retry
+                record.retried_auth = True
+                await self._tokens.invalidate(token)
+                if resend:
+                    continue
+                record.reauthenticated = True
+            return response
+        raise AssertionError("the second attempt always returns")
+
     async def _send(
         self, method: str, token: Token, path: str, body: bytes, record: CallRecord, params: dict[str, str] | None
     ) -> Answer:
+        """One request with `token`. NeverSent goes to the caller; a lost answer is in doubt."""
         headers = {
             "Authorization": f"Bearer {token.access_token}",
             "Content-Type": "application/json",
@@ -294,11 +430,6 @@ class SalesforceClient:
         try:
             return await self._http.request(method, token.instance_url + path, body=body or None, headers=headers,
                                             params=params)
-        except NeverSent:
-            raise Unavailable(
-                "Salesforce cannot be reached; nothing was sent",
-                retry_after=self._tuning.unavailable_retry_after_seconds,
-            ) from None
         except Lost as exc:
             record.in_doubt = True
             record.error_code = exc.kind

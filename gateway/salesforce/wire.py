@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
 import msgspec
 
 
@@ -55,6 +57,47 @@ class SlotsRequest(msgspec.Struct, frozen=True, omit_defaults=True):
     appointmentTypes: tuple[str, ...] | None = None
     serviceCategories: tuple[str, ...] | None = None
     serviceTypes: tuple[str, ...] | None = None
+
+
+class AvailableSlot(msgspec.Struct, frozen=True):
+    """One free slot of Get Slots' answer (its "Get Slots Output")."""
+
+    slotId: str
+    slotStartDate: str
+    slotEndDate: str
+    sourceSystem: str | None = None
+
+
+class ResourceSlotDetails(msgspec.Struct, frozen=True):
+    """The free slots of one resource the request named."""
+
+    resourceId: str
+    availableSlots: tuple[AvailableSlot, ...] = ()
+
+
+class SlotsAnswer(msgspec.Struct, frozen=True):
+    """Get Slots' answer: `{"resourceSlotDetails": [{"resourceId", "availableSlots": [...]}]}`."""
+
+    resourceSlotDetails: tuple[ResourceSlotDetails, ...]
+
+
+class FreeSlot(msgspec.Struct, frozen=True):
+    """A free slot as the client hands it on: its times read (a time Salesforce wrote without a zone
+    is UTC, and `zone_assumed` says so), with the resource of the request it belongs to."""
+
+    id: str
+    start: datetime
+    end: datetime
+    resource_type: str  # the request's resourceType: "Provider" or "Device"
+    resource_id: str
+    zone_assumed: bool = False
+
+
+class FoundSlots(msgspec.Struct, frozen=True):
+    """What a Get Slots call found, and how many slots of its answer could not be read (left out)."""
+
+    slots: tuple[FreeSlot, ...]
+    unread: int = 0
 
 
 class CancelRequest(msgspec.Struct, frozen=True, omit_defaults=True):

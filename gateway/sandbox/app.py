@@ -32,10 +32,14 @@ from litestar.types import ASGIApp, Receive, Scope, Send
 
 from gateway.sandbox.config import SandboxConfig
 from gateway.sandbox.rules import (
+    AvailableSlot,
     BookingRequest,
     CancelRequest,
+    ResourceSlotDetails,
     SfError,
+    SlotsOutput,
     SlotsRequest,
+    UpdateRequest,
     check_booking,
     decode_body,
     error,
@@ -231,7 +235,7 @@ async def token(request: Request[Any, Any, Any]) -> ASGIApp:
         {
             "access_token": access_token,
             "signature": SandboxState.token_signature(cfg.client_secret, identity, issued_at),
-            "instance_url": base,
+            "instance_url": cfg.instance_url or base,
             "id": identity,
             "token_type": "Bearer",
             "issued_at": issued_at,
@@ -369,7 +373,7 @@ async def update(request: Request[Any, Any, Any], version: FromPath[str], appoin
     current = await _existing(request, sb, "update_calls", version, appointment_id)
     if not isinstance(current, StoredAppointment):
         return current
-    booking, raw, errors = decode_body(await request.body(), BookingRequest)
+    booking, raw, errors = decode_body(await request.body(), UpdateRequest)
     start = end = None
     if not errors:
         errors, start, end = check_booking(booking, require_channel_id=sb.config.require_channel_id)
@@ -450,43 +454,42 @@ async def slots(request: Request[Any, Any, Any], version: FromPath[str]) -> ASGI
                 )
     if errors or start is None or end is None:
         return _errors(sb, 400, *errors)
-    found = [slot for resource in body.resources for slot in _free_slots(sb, resource, start, end)]
-    return _api(sb, 200, {"isSuccess": True, "slots": found, cfg.error_key: []})
+    output = SlotsOutput(resourceSlotDetails=[
+        ResourceSlotDetails(resourceId=r.resourceId, availableSlots=_free_slots(sb, r, start, end, body.sourceSystem))
+        for r in body.resources])
+    return _api(sb, 200, [output] if cfg.answer_shape == "array" else output)
+
+
+def _slot_time(sb: SandboxState, value: datetime) -> str:
+    if sb.config.slot_times == "zoneless":  # as one of Salesforce's samples writes it
+        return value.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.0000")
+    return _iso_z(value)
 
 
 def _iso_z(value: datetime) -> str:
     return value.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _free_slots(sb: SandboxState, resource: Any, start: datetime, end: datetime) -> list[dict[str, Any]]:
+def _free_slots(sb: SandboxState, resource: Any, start: datetime, end: datetime,
+                source_system: str | None) -> list[AvailableSlot]:
     cfg = sb.config
-    kind = "Device" if (resource.resourceType or "").lower() == "device" else "Practitioner"
+    kind = "Device" if resource.resourceType == "Device" else "Practitioner"  # a Provider books as a Practitioner
     busy = [
         (a.start, a.end)
         for a in sb.appointments()
         if a.status == "Scheduled" and resource.resourceId in a.participant_ids(kind)
     ]
     step = timedelta(minutes=cfg.slot_minutes)
-    found: list[dict[str, Any]] = []
+    found: list[AvailableSlot] = []
     day = start.astimezone(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
     while day < end:
         t = day + timedelta(hours=cfg.workday_start_hour)
         closing = day + timedelta(hours=cfg.workday_end_hour)
         while t + step <= closing:
             if t >= start and t + step <= end and not any(b0 < t + step and t < b1 for b0, b1 in busy):
-                found.append(
-                    {
-                        "id": f"{resource.resourceId}-{t:%Y%m%d%H%M}",
-                        "startTime": _iso_z(t),
-                        "endTime": _iso_z(t + step),
-                        "status": "SlotAvailable",
-                        "resourceId": resource.resourceId,
-                        "resourceType": resource.resourceType or kind,
-                        "serviceTerritoryId": resource.serviceTerritoryId,
-                        "serviceResourceId": resource.serviceResourceId,
-                        "reference": f"{kind}/{resource.resourceId}",
-                    }
-                )
+                found.append(AvailableSlot(slotId=f"{resource.resourceId}-{t:%Y%m%d%H%M}",
+                                           slotStartDate=_slot_time(sb, t), slotEndDate=_slot_time(sb, t + step),
+                                           sourceSystem=source_system))
             t += step
         day += timedelta(days=1)
     return found
@@ -498,6 +501,17 @@ def _free_slots(sb: SandboxState, resource: Any, start: datetime, end: datetime)
 def _record(version: str, fields: dict[str, Any], record_id: str) -> dict[str, Any]:
     url = f"/services/data/{version}/sobjects/{soql.SOBJECT}/{record_id}"
     return {"attributes": {"type": soql.SOBJECT, "url": url}, **fields}
+
+
+@get("/services/data/{version:str}")
+async def resources(request: Request[Any, Any, Any], version: FromPath[str]) -> ASGIApp:
+    """Resources by Version: what this API version offers, by name (the cheapest authenticated call)."""
+    sb = _sandbox(request)
+    sb.count("resource_calls")
+    if (refusal := await _gate(request, sb, version)) is not None:
+        return refusal
+    base = f"/services/data/{version}"
+    return _api(sb, 200, {name: f"{base}/{name}" for name in ("connect", "limits", "query", "sobjects")})
 
 
 @get("/services/data/{version:str}/query")
@@ -622,6 +636,7 @@ def create_sandbox_app(config: SandboxConfig | None = None) -> Litestar:
             update,
             cancel,
             slots,
+            resources,
             query,
             service_appointment,
             list_appointments,

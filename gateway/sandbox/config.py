@@ -25,6 +25,8 @@ class SandboxConfig(msgspec.Struct, kw_only=True, frozen=True):
     answer_status: Literal[200, 201] = 201
     answer_shape: Literal["object", "array"] = "object"
     error_key: Literal["error", "errorMessages"] = "error"
+    # the instance its tokens name; None: its own address. A real org's login host and instance differ
+    instance_url: str | None = None
     # Salesforce sessions time out after idleness, not at a fixed expiry; None disables it.
     session_timeout_s: float | None = 7200.0
     # One doc page requires channelId; off by default because the other does not.
@@ -34,6 +36,8 @@ class SandboxConfig(msgspec.Struct, kw_only=True, frozen=True):
     workday_start_hour: int = 9
     workday_end_hour: int = 17
     max_slot_range_days: int = 62
+    # Get Slots' times: with their zone, or without one, as one of Salesforce's samples writes them
+    slot_times: Literal["utc", "zoneless"] = "utc"
 
     def __post_init__(self) -> None:
         # Structs are not validated on construction; a typo here would make every test lie quietly.
@@ -41,6 +45,8 @@ class SandboxConfig(msgspec.Struct, kw_only=True, frozen=True):
             raise ValueError("answer_status must be 200 or 201")
         if self.answer_shape not in ("object", "array"):
             raise ValueError("answer_shape must be 'object' or 'array'")
+        if self.slot_times not in ("utc", "zoneless"):
+            raise ValueError("slot_times must be 'utc' or 'zoneless'")
         if self.error_key not in ("error", "errorMessages"):
             raise ValueError("error_key must be 'error' or 'errorMessages'")
         if not self.api_version.replace(".", "", 1).isdigit() or "." not in self.api_version:

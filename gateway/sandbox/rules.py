@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import msgspec
@@ -19,7 +19,9 @@ MAX_COMMENT = 256
 
 
 # The shapes below are written from the spec (shared/spec/salesforce.md), not taken from the
-# gateway's client: a field the client names wrong is then a disagreement the tests can see.
+# gateway's client: a field the client names wrong is then a disagreement the tests can see. The
+# spec gives each request's whole shape, so a field it does not list is refused, as Salesforce's
+# parser refuses it (400 JSON_PARSER_ERROR).
 
 
 class SfError(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -30,19 +32,18 @@ class SfError(msgspec.Struct, frozen=True, omit_defaults=True):
     fields: list[str] | None = None
 
 
-class Participant(msgspec.Struct, kw_only=True, frozen=True):
+class Participant(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     reference: str
     isReferenceRequired: bool | None = None
 
 
-class BookedSlot(msgspec.Struct, kw_only=True, frozen=True):
+class BookedSlot(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     id: str
     reference: str
 
 
-class BookingRequest(msgspec.Struct, kw_only=True, frozen=True):
-    """Body of `POST …/appointment` (Book) and `PUT …/appointment/{id}` (Update, with `id`): the
-    "Book request fields" table."""
+class BookingRequest(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """Body of `POST …/appointment` (Book): the "Book request fields" table."""
 
     participants: tuple[Participant, ...]
     startDate: str | None = None
@@ -57,11 +58,17 @@ class BookingRequest(msgspec.Struct, kw_only=True, frozen=True):
     serviceCategories: tuple[str, ...] | None = None
     specialties: tuple[str, ...] | None = None
     slots: tuple[BookedSlot, ...] | None = None
+
+
+class UpdateRequest(BookingRequest, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """Body of `PUT …/appointment/{id}` (Update): the booking fields plus `id` (checked against the
+    URL by the handler, so a missing one is named like any other required field)."""
+
     id: str | None = None
 
 
-class CancelRequest(msgspec.Struct, kw_only=True, frozen=True):
-    """Body of `PATCH …/appointment/{id}`."""
+class CancelRequest(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """Body of `PATCH …/appointment/{id}`: `{id, status: "Cancelled", cancellationReason, comment}`."""
 
     id: str | None = None
     status: str | None = None
@@ -69,14 +76,17 @@ class CancelRequest(msgspec.Struct, kw_only=True, frozen=True):
     comment: str | None = None
 
 
-class SlotResource(msgspec.Struct, kw_only=True, frozen=True, omit_defaults=True):
+class SlotResource(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """One `resources` entry of Get Slots."""
+
     resourceId: str | None = None
     serviceTerritoryId: str | None = None
     serviceResourceId: str | None = None
-    resourceType: str | None = None
+    assetCategory: str | None = None
+    resourceType: Literal["Provider", "Device"] | None = None
 
 
-class SlotsRequest(msgspec.Struct, kw_only=True, frozen=True):
+class SlotsRequest(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     """Body of `POST …/appointment-management/slots`."""
 
     resources: tuple[SlotResource, ...] | None = None
@@ -88,6 +98,26 @@ class SlotsRequest(msgspec.Struct, kw_only=True, frozen=True):
     appointmentTypes: tuple[str, ...] | None = None
     serviceCategories: tuple[str, ...] | None = None
     serviceTypes: tuple[str, ...] | None = None
+
+
+class AvailableSlot(msgspec.Struct, kw_only=True, frozen=True):
+    """One free slot of the "Get Slots Output"."""
+
+    slotId: str
+    slotStartDate: str
+    slotEndDate: str
+    sourceSystem: str | None  # written out as null when the request named none, as in the sample
+
+
+class ResourceSlotDetails(msgspec.Struct, kw_only=True, frozen=True):
+    resourceId: str
+    availableSlots: list[AvailableSlot]
+
+
+class SlotsOutput(msgspec.Struct, kw_only=True, frozen=True):
+    """The answer of Get Slots: each entry names the resource its free slots belong to."""
+
+    resourceSlotDetails: list[ResourceSlotDetails]
 
 
 def error(code: str, message: str, *fields: str) -> SfError:
@@ -120,6 +150,7 @@ def valid_time_zone(name: str) -> bool:
 
 
 _MISSING_FIELD = re.compile(r"missing required field `([^`]+)`")
+_UNKNOWN_FIELD = re.compile(r"unknown field `([^`]{1,64})")
 _AT_PATH = re.compile(r"at `\$\.([A-Za-z_]+)")
 
 
@@ -139,9 +170,12 @@ def decode_body(body: bytes, kind: type[Any]) -> tuple[Any, dict[str, Any] | Non
             nested = _AT_PATH.search(text)
             field = nested.group(1) if nested else m.group(1)
             return None, raw, [missing(field)]
+        if m := _UNKNOWN_FIELD.search(text):  # Salesforce's parser names the field it does not know
+            return None, raw, [error("JSON_PARSER_ERROR", f'Unrecognized field "{m.group(1)}"')]
         nested = _AT_PATH.search(text)
         fields = [nested.group(1)] if nested else []
-        # msgspec's message names types and paths ("Expected `str`, got `int` - at `$.x`"), no values.
+        # msgspec's message names types and paths ("Expected `str`, got `int` - at `$.x`"), and at
+        # most a value that is not one of a field's few allowed ones.
         return None, raw, [error("JSON_PARSER_ERROR", f"Cannot deserialize the request body: {text}", *fields)]
     return typed, raw, []
 

@@ -67,6 +67,7 @@ class Counters(msgspec.Struct, kw_only=True):
     cancel_calls: int = 0
     slots_calls: int = 0
     query_calls: int = 0
+    resource_calls: int = 0  # Resources by Version: what readiness calls
     invalid_session: int = 0
     limit_refusals: int = 0
     server_errors: int = 0  # 5xx answers from a fault, counted or ratio
