@@ -177,3 +177,23 @@ async def test_the_corepoint_s14_modifies_what_its_s12_booked(mllp, sandbox):
     (stored,) = state(sandbox).appointments()
     assert stored.status == "Scheduled" and state(sandbox).counters().update_calls == 1
     assert stored.request["comment"] == "1MONTH HLCK" and stored.request["appointmentTypes"] == ["CHECKUP"]
+
+
+def test_an_hl7v2_source_without_time_zone_is_refused_at_start(tmp_path):
+    """v2 times rarely carry an offset: an hl7v2 source must name the zone they are in. The shipped
+    configuration has it (and loads)."""
+    import shutil
+
+    from gateway.settings import ConfigError, load_file_settings
+    from tests.conftest import CONFIG
+
+    assert load_file_settings(CONFIG).sources["athena"].time_zone == "America/New_York"
+    config = tmp_path / "config"
+    shutil.copytree(CONFIG, config)
+    toml = (config / "gateway.toml").read_text()
+    athena = toml.index("[sources.athena]")
+    without = toml[:athena] + toml[athena:].replace('time_zone = "America/New_York"\n', "", 1)
+    assert without != toml
+    (config / "gateway.toml").write_text(without)
+    with pytest.raises(ConfigError, match=r"\$\.sources\.athena\.time_zone: required with adapter 'hl7v2'"):
+        load_file_settings(config)
