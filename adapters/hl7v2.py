@@ -99,7 +99,10 @@ def check_counts(raw: bytes, header: Header, limits: MllpSettings = _LIMITS) -> 
     if segments > limits.max_segments:
         raise PayloadTooLarge(f"the message has more than {limits.max_segments} segments", expression=("MSH",))
     separators = {header.separator, *header.encoding[:4]} - {"\\"}  # the escape character splits nothing
-    fields = sum(raw.count(c.encode("utf-8", "replace")) for c in separators)
+    if not all(" " < c < "\x7f" for c in separators):  # else the bytes counted are not those python-hl7 splits on
+        raise InvalidRequest(issues=[Issue(code="value", expression=("MSH-2",), diagnostics=(
+            "the delimiters (MSH-1, MSH-2) must be printable ASCII characters"))])
+    fields = sum(raw.count(c.encode()) for c in separators)
     if fields > limits.max_fields:
         raise PayloadTooLarge(f"the message has more than {limits.max_fields} fields and components",
                               expression=("MSH",))
