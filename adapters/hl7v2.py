@@ -28,7 +28,7 @@ from zoneinfo import ZoneInfo
 import hl7
 
 from gateway.canonical import CanonicalBooking, Coding, Concept, Identifier, Instant, Participant
-from gateway.errors import InvalidRequest, Issue, PayloadTooLarge
+from gateway.errors import InvalidRequest, Issue, PayloadTooLarge, cut
 from gateway.settings import MllpSettings
 
 EVENTS = {"S12": "book", "S13": "reschedule", "S14": "modify", "S15": "cancel"}
@@ -100,8 +100,7 @@ def check_counts(raw: bytes, header: Header, limits: MllpSettings = _LIMITS) -> 
         raise PayloadTooLarge(f"the message has more than {limits.max_segments} segments", expression=("MSH",))
     separators = {header.separator, *header.encoding[:4]} - {"\\"}  # the escape character splits nothing
     if not all(" " < c < "\x7f" for c in separators):  # else the bytes counted are not those python-hl7 splits on
-        raise InvalidRequest(issues=[Issue(code="value", expression=("MSH-2",), diagnostics=(
-            "the delimiters (MSH-1, MSH-2) must be printable ASCII characters"))])
+        raise _invalid("value", "MSH-2", "the delimiters (MSH-1, MSH-2) must be printable ASCII characters")
     fields = sum(raw.count(c.encode()) for c in separators)
     if fields > limits.max_fields:
         raise PayloadTooLarge(f"the message has more than {limits.max_fields} fields and components",
@@ -119,24 +118,29 @@ def parse_siu(raw: bytes, time_zone: str | None, limits: MllpSettings = _LIMITS)
         raise InvalidRequest("not an HL7 v2 message (no MSH segment)", expression=("MSH",)) from None
     control_id = _text(msh, 10)
     if not control_id:
-        raise InvalidRequest("MSH-10 (the message control id) is required", expression=("MSH-10",))
+        raise _invalid("required", "MSH-10", "MSH-10 (the message control id) is required")
     kind = _component(msh, 9, 1)
     trigger = _component(msh, 9, 2)
     if kind != "SIU" or trigger not in EVENTS:
-        raise InvalidRequest(f"not an SIU S12-S15 message ({kind or '?'}^{trigger or '?'})", expression=("MSH-9",))
+        raise _invalid("not-supported", "MSH-9" if kind != "SIU" else "MSH-9.2",
+                       f"not an SIU S12-S15 message ({cut(kind, 16) or '?'}^{cut(trigger, 16) or '?'})")
     sch = _segment(message, "SCH")
     if sch is None:
         raise InvalidRequest("an SIU message needs its SCH segment", expression=("SCH",))
     placer, filler = _component(sch, 1, 1), _component(sch, 2, 1)
     if not placer and not filler:
-        raise InvalidRequest("SCH-1 (placer) or SCH-2 (filler) must name the appointment", expression=("SCH-1",))
+        raise InvalidRequest(issues=[Issue(code="required", expression=("SCH-1", "SCH-2"),
+                                           diagnostics="SCH-1 (placer) or SCH-2 (filler) must name the appointment")])
     zone = ZoneInfo(time_zone) if time_zone else None
     start = _instant(_component(sch, 11, 4), zone, "SCH-11")
     end = _instant(_component(sch, 11, 5), zone, "SCH-11")
     if start is not None and end is None and _text(sch, 9):
         minutes = _minutes(_text(sch, 9), _component(sch, 10, 1))
         if minutes:
-            end = Instant(_iso(datetime.fromisoformat(start.text) + timedelta(minutes=minutes)), "SCH-9")
+            try:
+                end = Instant(_iso(datetime.fromisoformat(start.text) + timedelta(minutes=minutes)), "SCH-9")
+            except (OverflowError, ValueError):  # NaN, infinite, or an end past year 9999
+                raise _invalid("value", "SCH-9", "SCH-9/SCH-10: the duration gives no valid end") from None
     participants: list[Participant] = []
     pid = _segment(message, "PID")
     patient = (_component(pid, 3, 1) or _component(pid, 2, 1)) if pid is not None else None
@@ -193,6 +197,11 @@ def _escape(value: str) -> str:
             .replace("~", "\\R\\").replace("\r", " ").replace("\n", " "))
 
 
+def _invalid(code: str, field: str, diagnostics: str) -> InvalidRequest:
+    """A message that cannot be read as sent (AE); `code`, the FHIR issue type, chooses the ACK's HL7 error code."""
+    return InvalidRequest(issues=[Issue(code=code, diagnostics=diagnostics, expression=(field,))])
+
+
 def _segment(message: hl7.Message, name: str) -> hl7.Segment | None:
     found = _segments(message, name)
     return found[0] if found else None
@@ -237,19 +246,21 @@ def _instant(value: str, zone: ZoneInfo | None, field: str) -> Instant | None:
         return None
     m = _TS.fullmatch(value)
     if m is None or m.group(4) is None:  # a time needs at least the hour
-        raise InvalidRequest(f"{field}: not an HL7 date-time (YYYYMMDDHHMM[SS][+ZZZZ])", expression=(field,))
+        raise _invalid("value", field, f"{field}: not an HL7 date-time (YYYYMMDDHHMM[SS][+ZZZZ])")
     year, month, day, hour, minute, second, offset = m.groups()
     try:
         moment = datetime(int(year), int(month or 1), int(day or 1), int(hour), int(minute or 0), int(second or 0))
     except ValueError:
-        raise InvalidRequest(f"{field}: not a valid date-time", expression=(field,)) from None
+        raise _invalid("value", field, f"{field}: not a valid date-time") from None
+    if offset and not (int(offset[1:3]) < 24 and int(offset[3:5]) < 60):
+        raise _invalid("value", field, f"{field}: the offset is not a valid one (+/-HHMM)")
     if offset:
         sign = 1 if offset[0] == "+" else -1
         moment = moment.replace(tzinfo=timezone(timedelta(minutes=sign * (int(offset[1:3]) * 60 + int(offset[3:5])))))
     elif zone is not None:
         moment = moment.replace(tzinfo=zone)
     else:
-        raise InvalidRequest(f"{field}: a time without an offset needs the source's time_zone", expression=(field,))
+        raise _invalid("value", field, f"{field}: a time without an offset needs the source's time_zone")
     return Instant(_iso(moment), field)
 
 

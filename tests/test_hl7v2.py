@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from adapters.hl7v2 import normalise, parse_siu
+from gateway.errors import InvalidRequest
 from tests.conftest import CORPUS
 
 ATHENA = CORPUS / "hl7v2" / "athena-siu-s12-403.hl7"
@@ -197,3 +198,23 @@ def test_an_hl7v2_source_without_time_zone_is_refused_at_start(tmp_path):
     (config / "gateway.toml").write_text(without)
     with pytest.raises(ConfigError, match=r"\$\.sources\.athena\.time_zone: required with adapter 'hl7v2'"):
         load_file_settings(config)
+
+
+@pytest.mark.parametrize(("fields", "where"), [
+    ({11: "^^^200403221320+9999"}, "SCH-11"),  # an offset past 24 hours
+    ({9: "1e12", 11: "^^^200403221320"}, "SCH-9"),  # an end past year 9999
+    ({9: "nan", 11: "^^^200403221320"}, "SCH-9"),
+    ({9: "10", 11: "^^^999912312359"}, "SCH-9"),
+])
+def test_an_unreadable_time_or_duration_is_refused_as_sent(fields, where):
+    """Refused as the message's fault (InvalidRequest: AE), naming the field; these raised
+    OverflowError or ValueError, which the MLLP path answered AR: the sender would resend for ever."""
+    segments = normalise(ATHENA.read_bytes()).split("\r")
+    sch = next(i for i, s in enumerate(segments) if s.startswith("SCH|"))
+    parts = segments[sch].split("|")
+    for n, value in fields.items():
+        parts[n] = value
+    segments[sch] = "|".join(parts)
+    with pytest.raises(InvalidRequest) as refused:
+        parse_siu("\r".join(segments).encode(), "America/New_York")
+    assert refused.value.issues[0].expression == (where,) and refused.value.issues[0].code == "value"
