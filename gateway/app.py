@@ -66,6 +66,8 @@ _ACCEPTED_MEDIA = ("application/fhir+json", "application/json")
 DEMO_KEY = "demo-{source}-key"
 DEMO_OPERATORS_ENV = "EHR_GATEWAY_DEMO_OPERATORS_SHA256"  # the demo's admin and PHI key digests
 _json = msgspec.json.Encoder()
+# an SIU whose stored answer is Salesforce's refusal, replayed: its ACK says so (AE), quoting nothing
+_REFUSED = Issue(code="processing", diagnostics="Salesforce refused this booking when it was first sent")
 
 
 def key_digest(key: str) -> str:
@@ -393,10 +395,11 @@ def create_app(
 
     async def _hl7(source: str, raw: bytes) -> bytes:
         """One SIU message from an MLLP listener: S12 books, S13/S14 reschedule, S15 cancels, through
-        the same maps, rules and idempotency (keyed on the placer and filler ids); the ACK says AA,
-        AE (it cannot be read or booked as sent: unreadable, over the caps, unmapped, refused, an
-        unknown appointment) or AR (the gateway or Salesforce cannot take it now: send it again).
-        The message is parsed once; the ACK is built from its MSH read cheaply."""
+        the same maps, rules and idempotency (keyed on the placer and filler ids). The ACK says AA,
+        AE (sending the same message again cannot succeed: unreadable, unmapped, refused, an unknown
+        appointment, ids used for another one) or AR (it can: Redis or Salesforce unavailable, a 429,
+        the circuit open, the appointment in flight, or a fault of the gateway's own). The message is
+        parsed once; the ACK is built from its MSH read cheaply, and names this request log entry."""
         started = time.perf_counter()
         request_id = new_id()
         trace = Trace()
@@ -410,9 +413,9 @@ def create_app(
                 target = Target(system=PLACER, value=siu.placer) if siu.placer else Target(system=FILLER, value=siu.filler)
                 answer = await booker.change_booking(source, siu.booking, target, None, trace)
             status = answer.status
-            code = "AA" if status < 400 else "AE"  # a stored refusal is replayed as the error it was
-            if trace.refusal is not None:
-                issues = tuple(trace.refusal.issues)
+            code = "AA" if status < 400 else "AE"
+            if status >= 400:  # Salesforce's refusal, or its replay (stored as the answer it was)
+                issues = tuple(trace.refusal.issues) if trace.refusal else (_REFUSED,)
         except GatewayError as exc:
             status, error, issues = exc.status, exc, tuple(exc.issues)
             code = "AR" if status >= 500 or status in (409, 429) else "AE"  # AR: the same message may pass later
@@ -422,7 +425,7 @@ def create_app(
         finally:
             # the v2 message is not kept: a replay from the dashboard speaks FHIR
             _summarise(request_id, source, op, status, trace, started, error, None, None, None)
-        return ack(read_header(raw), code, issues)
+        return ack(read_header(raw), code, issues, reference=request_id)
 
     listeners = [MllpListener(name, src.mllp_host, src.mllp_port or 0, _hl7, cfg.mllp, metrics)
                  for name, src in settings.sources.items() if src.adapter == "hl7v2" and src.mllp_port is not None]

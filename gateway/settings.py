@@ -274,6 +274,8 @@ def load_file_settings(config_dir: Path) -> FileSettings:
                 ZoneInfo(src.time_zone)
             except (ZoneInfoNotFoundError, ValueError):
                 problems.append(f"{where}.time_zone: not an IANA time zone name")
+        if src.adapter == "hl7v2" and src.time_zone is None:  # v2 times rarely carry an offset
+            problems.append(f"{where}.time_zone: required with adapter 'hl7v2' (the zone of times without an offset)")
         if (src.adapter == "hl7v2") != (src.mllp_port is not None):
             problems.append(f"{where}.mllp_port: required with adapter 'hl7v2' and only with it")
         elif src.mllp_port is not None and not 0 <= src.mllp_port <= 65535:

@@ -12,7 +12,9 @@ import httpx
 import pytest
 
 from adapters.hl7v2 import normalise, parse_siu
+from gateway.errors import InvalidRequest
 from tests.conftest import CORPUS
+from tests.hl7_strict import read
 
 ATHENA = CORPUS / "hl7v2" / "athena-siu-s12-403.hl7"
 COREPOINT = CORPUS / "hl7v2" / "corepoint-siu-s14-example.hl7"
@@ -39,15 +41,12 @@ async def exchange(mllp_port: int, *messages: bytes, start_block: bool = True) -
 
 
 def msa(ack: str) -> list[str]:
-    """The ACK's MSA fields by index (MSA-1 is [1]), read strictly: python-hl7 must parse it as MSH,
-    MSA and, for an error, ERR; nothing stray (MSA-3 is inside MSA, not after its terminator)."""
-    message = hl7.parse(ack)
-    names = [str(s[0]) for s in message]
-    assert names in (["MSH", "MSA"], ["MSH", "MSA", "ERR"]), names
-    assert str(message.segment("MSH")[9]).startswith("ACK")
-    fields = [str(f) for f in message.segment("MSA")]
-    assert (len(fields) > 3 and fields[3] != "") == (names[-1] == "ERR"), fields  # an error says why in MSA-3
-    return fields
+    """The ACK's MSA fields by index (MSA-1 is [1], MSA-3 the text), read as a strict interface engine
+    reads it (tests/hl7_strict.py: hl7apy at STRICT for the ACK's version); an error says why in MSA-3
+    and ERR, an AA has neither."""
+    answer = read(ack.encode("ascii"))
+    assert bool(answer.text) == bool(answer.err) == (answer.code != "AA"), answer
+    return ["MSA", answer.code, answer.control_id, answer.text]
 
 
 @asynccontextmanager
@@ -129,8 +128,8 @@ async def test_unreadable_messages_are_ae_and_the_connection_goes_on(mllp, sandb
     not_siu = b"MSH|^~\\&|A|B|C|D|200401010000||ADT^A01|77|P|2.3\rPID|||1\r"
     garbage = b"this is not HL7"
     acks = await exchange(mllp, not_siu, garbage, ATHENA.read_bytes())
-    assert msa(acks[0])[1:3] == ["AE", "77"] and "\rERR|MSH-9^" in acks[0]
-    assert msa(acks[1])[1:3] == ["AE", ""]  # no MSH: no control id to echo
+    assert msa(acks[0])[1:3] == ["AE", "77"] and "\rERR|MSH^1^9^200&" in acks[0]  # 200: unsupported message type
+    assert msa(acks[1])[1:3] == ["AE", '""']  # no MSH: no control id to echo (HL7's null)
     assert msa(acks[2])[1:3] == ["AA", "403"]  # the same connection still books
 
 
@@ -138,26 +137,27 @@ async def test_a_message_without_msh10_is_ae_and_not_booked(mllp, sandbox):
     fields = normalise(ATHENA.read_bytes()).split("|")
     fields[9] = ""  # MSH-10 (fields[0] is MSH, fields[1] MSH-2)
     (ack,) = await exchange(mllp, "|".join(fields).encode())
-    assert msa(ack)[1:3] == ["AE", ""] and "\rERR|MSH-10^" in ack
+    assert msa(ack)[1:3] == ["AE", '""'] and "\rERR|MSH^1^10^101&" in ack  # 101: required field missing
     assert state(sandbox).appointments() == []
 
 
 async def test_an_error_ack_parses_strictly_and_echoes_the_header(mllp, sandbox):
     """MSA-3 is inside MSA (not a stray segment after its terminator); the ACK answers the sender's
-    MSH-3/4 in its MSH-5/6 and keeps the trigger, processing id and version."""
+    MSH-3/4 in its MSH-5/6 (v2.2's are ST: a component separator in them is escaped) and keeps the
+    trigger, processing id and version (v2.2's MSH-9 has no third component)."""
     raw = normalise(ATHENA.read_bytes()).replace("ov^office visit", "zz^unknown").encode()
     (ack,) = await exchange(mllp, raw)
     assert msa(ack)[1:3] == ["AE", "403"] and msa(ack)[3]
     msh = hl7.parse(ack).segment("MSH")
     assert [str(msh[n]) for n in (3, 5, 6, 9, 11, 12)] == [
-        "ATHENA", "ATHENANET", "235^TESTPRACTIVE", "ACK^S12^ACK", "T", "2.2"]
-    assert str(hl7.parse(ack).segment("ERR")[1]).startswith("SCH-8")
+        "ATHENA", "ATHENANET", "235\\S\\TESTPRACTIVE", "ACK^S12", "T", "2.2"]
+    assert str(hl7.parse(ack).segment("ERR")[1]).startswith("SCH^1^8^103&")
 
 
 async def test_an_unmapped_appointment_type_is_ae_naming_the_field(mllp, sandbox):
     raw = normalise(ATHENA.read_bytes()).replace("ov^office visit", "zz^unknown").encode()
     (ack,) = await exchange(mllp, raw)
-    assert msa(ack)[1] == "AE" and "ERR|SCH-8" in ack
+    assert msa(ack)[1] == "AE" and "ERR|SCH^1^8^103&" in ack
     assert state(sandbox).appointments() == []
 
 
@@ -177,3 +177,43 @@ async def test_the_corepoint_s14_modifies_what_its_s12_booked(mllp, sandbox):
     (stored,) = state(sandbox).appointments()
     assert stored.status == "Scheduled" and state(sandbox).counters().update_calls == 1
     assert stored.request["comment"] == "1MONTH HLCK" and stored.request["appointmentTypes"] == ["CHECKUP"]
+
+
+def test_an_hl7v2_source_without_time_zone_is_refused_at_start(tmp_path):
+    """v2 times rarely carry an offset: an hl7v2 source must name the zone they are in. The shipped
+    configuration has it (and loads)."""
+    import shutil
+
+    from gateway.settings import ConfigError, load_file_settings
+    from tests.conftest import CONFIG
+
+    assert load_file_settings(CONFIG).sources["athena"].time_zone == "America/New_York"
+    config = tmp_path / "config"
+    shutil.copytree(CONFIG, config)
+    toml = (config / "gateway.toml").read_text()
+    athena = toml.index("[sources.athena]")
+    without = toml[:athena] + toml[athena:].replace('time_zone = "America/New_York"\n', "", 1)
+    assert without != toml
+    (config / "gateway.toml").write_text(without)
+    with pytest.raises(ConfigError, match=r"\$\.sources\.athena\.time_zone: required with adapter 'hl7v2'"):
+        load_file_settings(config)
+
+
+@pytest.mark.parametrize(("fields", "where"), [
+    ({11: "^^^200403221320+9999"}, "SCH-11"),  # an offset past 24 hours
+    ({9: "1e12", 11: "^^^200403221320"}, "SCH-9"),  # an end past year 9999
+    ({9: "nan", 11: "^^^200403221320"}, "SCH-9"),
+    ({9: "10", 11: "^^^999912312359"}, "SCH-9"),
+])
+def test_an_unreadable_time_or_duration_is_refused_as_sent(fields, where):
+    """Refused as the message's fault (InvalidRequest: AE), naming the field; these raised
+    OverflowError or ValueError, which the MLLP path answered AR: the sender would resend for ever."""
+    segments = normalise(ATHENA.read_bytes()).split("\r")
+    sch = next(i for i, s in enumerate(segments) if s.startswith("SCH|"))
+    parts = segments[sch].split("|")
+    for n, value in fields.items():
+        parts[n] = value
+    segments[sch] = "|".join(parts)
+    with pytest.raises(InvalidRequest) as refused:
+        parse_siu("\r".join(segments).encode(), "America/New_York")
+    assert refused.value.issues[0].expression == (where,) and refused.value.issues[0].code == "value"
