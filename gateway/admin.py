@@ -36,6 +36,7 @@ from gateway.errors import (
     Unauthorized,
     Unavailable,
     UnsupportedMediaType,
+    http,
 )
 from gateway.fhir import FHIR_JSON, error_body
 from gateway.idempotency import IdempotencyStore
@@ -213,7 +214,7 @@ def _int(value: str | None, name: str, default: int | None = None) -> int | None
     try:
         return int(value)
     except ValueError:
-        raise InvalidRequest(f"{name} must be an integer", expression=(name,)) from None
+        raise InvalidRequest(f"{name} must be an integer", location=http(name)) from None
 
 
 def admin_router(deps: AdminDeps) -> Router:
@@ -269,12 +270,12 @@ def admin_router(deps: AdminDeps) -> Router:
         q = request.query_params
         outcome = q.get("outcome") or None
         if outcome is not None and outcome not in OUTCOMES:
-            raise InvalidRequest(f"outcome is one of {', '.join(OUTCOMES)}", expression=("outcome",))
+            raise InvalidRequest(f"outcome is one of {', '.join(OUTCOMES)}", location=http("outcome"))
         source = q.get("source") or None
         if source is not None and source not in deps.booker.sources:
-            raise InvalidRequest("no source of that name is configured", expression=("source",))
+            raise InvalidRequest("no source of that name is configured", location=http("source"))
         if q.get("key") and source is None:
-            raise InvalidRequest("searching by idempotency key needs the source too", expression=("key",))
+            raise InvalidRequest("searching by idempotency key needs the source too", location=http("key"))
         entries = await deps.log.search(
             source=source, outcome=outcome, since_ms=_int(q.get("since"), "since"),
             sf_id=q.get("sf_id") or None, key=q.get("key") or None, limit=_int(q.get("limit"), "limit", 50) or 50,

@@ -36,6 +36,7 @@ from gateway.errors import (
     RequestTimeout,
     Unauthorized,
     UnsupportedMediaType,
+    http,
 )
 from gateway.fhir import FHIR_JSON, error_body, slot_searchset
 from gateway.ids import new_id
@@ -150,7 +151,7 @@ def _target_of(appointment_id: str | None, values: list[str]) -> Target:
         return Target(salesforce_id=appointment_id)
     if len(values) != 1 or not values[0].strip("|"):
         raise InvalidRequest("a conditional update names the appointment by one identifier: ?identifier=system|value",
-                             expression=("identifier",))
+                             location=http("identifier"))
     system, bar, value = values[0].rpartition("|")
     return Target(system=system or None, value=value) if bar else Target(value=values[0])
 

@@ -32,6 +32,7 @@ class _OOIssue(msgspec.Struct, omit_defaults=True):
     code: str
     details: _Details
     expression: list[str] | None = None
+    location: list[str] | None = None
 
 
 class _OperationOutcome(msgspec.Struct, omit_defaults=True, tag_field="resourceType", tag="OperationOutcome"):
@@ -53,6 +54,7 @@ def operation_outcome(issues: Iterable[Issue]) -> bytes:
                         coding=[_Coding(SALESFORCE_ERROR_SYSTEM, i.details_code)] if i.details_code else None,
                     ),
                     expression=list(i.expression) or None,
+                    location=list(i.location) or None,
                 )
                 for i in issues
             ]

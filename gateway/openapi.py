@@ -146,7 +146,8 @@ _PARAMETERS = {
 _OPERATION_OUTCOME = {
     "type": "object",
     "description": "Every refusal: a FHIR OperationOutcome whose `issue.code` is from the FHIR issue-type code "
-                   "system. `expression` names FHIR paths; no issue repeats a value of the patient's record.",
+                   "system. `expression` names FHIR paths, `location` headers and query parameters; no issue "
+                   "repeats a value of the patient's record.",
     "required": ["resourceType", "issue"],
     "properties": {
         "resourceType": {"const": "OperationOutcome"},
@@ -172,6 +173,8 @@ _OPERATION_OUTCOME = {
                     },
                 },
                 "expression": _array(_STRING),
+                "location": {**_array(_STRING), "description": "the HTTP part at fault, `http.` + the name of a "
+                                                               "header or query parameter (`http.Idempotency-Key`)"},
             },
         }},
     },

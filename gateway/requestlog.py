@@ -63,6 +63,7 @@ class LoggedIssue(msgspec.Struct, frozen=True, omit_defaults=True):
     code: str
     diagnostics: str
     expression: tuple[str, ...] = ()
+    location: tuple[str, ...] = ()  # a header or query parameter (`http.Idempotency-Key`)
 
 
 class Sealed(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -221,7 +222,7 @@ def key_digest(source: str, material: str) -> str:
 
 def logged_issues(issues: Iterable[Issue]) -> tuple[LoggedIssue, ...]:
     """An entry's issues: the first LOGGED_ISSUES, then one more counting the rest."""
-    logged = [LoggedIssue(i.code, i.diagnostics, i.expression) for i in issues]
+    logged = [LoggedIssue(i.code, i.diagnostics, i.expression, i.location) for i in issues]
     if len(logged) > LOGGED_ISSUES:
         more = len(logged) - LOGGED_ISSUES
         logged[LOGGED_ISSUES:] = [LoggedIssue("too-costly", f"and {more} more issues, not listed here")]

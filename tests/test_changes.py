@@ -127,7 +127,7 @@ async def test_a_conditional_update_needs_one_identifier(gateway, sandbox):
     for query in ("", "?identifier=", "?identifier=a|1&identifier=b|2"):
         r = await put(gateway, f"/fhir/cerner/Appointment{query}", appointment(status="cancelled"))
         assert r.status_code == 400, (query, r.text)
-        assert r.json()["issue"][0]["expression"] == ["identifier"]
+        assert r.json()["issue"][0]["location"] == ["http.identifier"]
 
 
 async def test_a_reused_key_with_another_change_is_422(gateway, sandbox):

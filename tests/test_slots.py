@@ -8,6 +8,7 @@ from urllib.parse import urlencode
 import msgspec
 
 from tests.conftest import VIDEO_VISIT, auth, corpus
+from tests.fhir_validate import validate
 
 VIDEO = "https://fhir.cerner.com/ec2458f2-1e24-41c8-b71b-0e701af7583d/codeSet/14249|2572307911"
 DAY = "2026-12-01"
@@ -54,6 +55,8 @@ async def test_a_slot_found_books_and_is_then_taken(gateway, sandbox):
 
 
 async def test_malformed_searches_are_400_and_name_the_parameter(gateway, sandbox):
+    """The parameter is named in `location` (`http.` + its name, as R4 says for HTTP parts), not in
+    `expression`, which is a FHIRPath into a resource."""
     cases = {
         "start": query(start=[f"ge{DAY}T09:00:00Z"]),  # no upper bound
         "actor": query(actor=["Patient/1"]),
@@ -62,7 +65,8 @@ async def test_malformed_searches_are_400_and_name_the_parameter(gateway, sandbo
     for name, path in cases.items():
         r = await gateway.get(path, headers=auth())
         assert r.status_code == 400, (name, r.text)
-        assert r.json()["issue"][0]["expression"] == [name]
+        (issue,) = validate(r.content, "OperationOutcome")["issue"]
+        assert issue["location"] == [f"http.{name}"] and "expression" not in issue, issue
     naive = await gateway.get(query(start=[f"ge{DAY}T09:00:00", f"le{DAY}T11:00:00Z"]), headers=auth())
     assert naive.status_code == 400  # a date-time without its offset
     assert state(sandbox).counters().slots_calls == 0
