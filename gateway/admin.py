@@ -40,6 +40,7 @@ from gateway.errors import (
 )
 from gateway.fhir import FHIR_JSON, error_body
 from gateway.idempotency import IdempotencyStore
+from gateway.ids import new_id
 from gateway.queue import BookingQueue
 from gateway.ratelimit import FailureThrottle
 from gateway.requestlog import OUTCOMES, Entry, RequestLog, View
@@ -193,8 +194,9 @@ def _ok(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> 
 
 
 def _fail(error: GatewayError) -> Response[bytes]:
+    # the router's exception handlers answer past the app's after_request: the id is set here
     return Response(error_body(error), status_code=error.status,
-                    headers={"Content-Type": FHIR_JSON, **SECURITY_HEADERS, **error.headers})
+                    headers={"Content-Type": FHIR_JSON, **SECURITY_HEADERS, **error.headers, "X-Request-ID": new_id()})
 
 
 def _views(deps: AdminDeps, entries: list[Entry]) -> list[dict[str, Any]]:

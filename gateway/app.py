@@ -107,10 +107,15 @@ def _respond(answer: Answer, request_id: str) -> Response[bytes]:
 
 
 def _error_response(error: GatewayError, request_id: str | None = None) -> Response[bytes]:
-    headers = {"Content-Type": FHIR_JSON, **error.headers}
-    if request_id:
-        headers["X-Request-ID"] = request_id
+    headers = {"Content-Type": FHIR_JSON, **error.headers, "X-Request-ID": request_id or new_id()}
     return Response(error_body(error), status_code=error.status, headers=headers)
+
+
+async def _with_request_id(response: Response[Any]) -> Response[Any]:
+    """Every answer names its request (`X-Request-ID`): a request that is logged keeps its log line's
+    id, any other (metadata, health, admin, ...) gets one here."""
+    response.headers.setdefault("X-Request-ID", new_id())
+    return response
 
 
 _LITESTAR_REFUSALS: dict[int, tuple[type[GatewayError], str]] = {
@@ -446,7 +451,9 @@ def create_app(
         except GatewayError as exc:
             return _error_response(exc, request_id)
         except HTTPException as exc:  # body over the size limit
-            return _litestar_error(request, exc)
+            response = _litestar_error(request, exc)
+            response.headers["X-Request-ID"] = request_id
+            return response
         entries = []
         for item in items:
             if isinstance(item, Issue):
@@ -630,6 +637,7 @@ def create_app(
     app = Litestar(
         route_handlers=[batch, book, book_operation, change_by_id, change_by_identifier, slot_search, metadata, translate, live, ready, metrics_page, token, openapi, admin],
         exception_handlers={HTTPException: _litestar_error, Exception: _unexpected},
+        after_request=_with_request_id,
         on_startup=[_start],
         on_shutdown=[_close],
         request_max_body_size=cfg.limits.max_body_bytes,

@@ -750,6 +750,11 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
                     "the path is not in its canonical spelling (a character percent-encoded that needs no encoding, "
                     "an encoded / or control character, an empty or dot segment)")}.items()))
 
+    for item in paths.values():  # every answer names its request
+        for op in item.values():
+            for response in op["responses"].values():
+                response["headers"] = {**response.get("headers", {}), "X-Request-ID": _REQUEST_ID}
+
     return {
         "openapi": "3.1.0",
         "info": {

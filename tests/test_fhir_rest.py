@@ -1,12 +1,17 @@
-"""FHIR's REST rules over real HTTP (issue 13, item 11). Every FHIR body answered is checked by the
+"""FHIR's REST rules over real HTTP (issue 13, item 11): header and query problems in
+`issue.location`, and `X-Request-ID` on every answer. Every FHIR body answered is checked by the
 suite's R4 validator."""
 
 from __future__ import annotations
 
+import re
+
 import msgspec
 
-from tests.conftest import VIDEO_VISIT, auth, corpus
+from tests.conftest import ADMIN_KEY, VIDEO_VISIT, auth, corpus
 from tests.fhir_validate import validate
+
+REQUEST_ID = re.compile(r"[0-9a-f]{16}")
 
 
 def appointment(ident: str, **changes) -> bytes:
@@ -36,3 +41,39 @@ async def test_header_and_query_problems_are_located_not_expressed(gateway, sand
         assert r.status_code == status, (path, r.text)
         (issue,) = validate(r.content, "OperationOutcome")["issue"]
         assert issue["location"] == [where] and "expression" not in issue, issue
+
+
+async def test_every_answer_carries_a_request_id(gateway, sandbox):
+    """As the README promises: Litestar's own refusals (no route, wrong method, body too large), the
+    HTTP server's (a path not in its canonical spelling, headers over the cap), metadata, health,
+    metrics, the OpenAPI document, the admin API and dashboard, and the token endpoint."""
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    calls = [
+        ("GET", "/no-such-route", {}, None, 404),
+        ("DELETE", "/fhir/cerner/Appointment", {}, None, 405),
+        ("POST", "/auth/token", form, b"x=" + b"y" * 1_100_000, 413),
+        ("POST", "/auth/token", form, b"grant_type=password", 400),
+        ("GET", "/fhir//cerner/metadata", {}, None, 400),
+        ("GET", "/fhir/cerner/metadata", {"X-Big": "b" * 20_000}, None, 431),
+        ("GET", "/fhir/cerner/metadata", {}, None, 200),
+        ("GET", "/fhir/nowhere/metadata", {}, None, 404),
+        ("GET", "/health/live", {}, None, 200),
+        ("GET", "/health/ready", {}, None, 200),
+        ("GET", "/metrics", {}, None, 200),
+        ("GET", "/openapi.json", {}, None, 200),
+        ("GET", "/admin/", {}, None, 200),
+        ("GET", "/admin/api/requests", {}, None, 401),
+        ("GET", "/admin/api/requests", admin, None, 200),
+        ("GET", "/admin/api/requests/nothing", admin, None, 404),
+    ]
+    seen = set()
+    for method, path, headers, body, status in calls:
+        r = await gateway.request(method, path, headers=headers, content=body)
+        assert r.status_code == status, (method, path, r.status_code, r.text[:200])
+        request_id = r.headers.get("x-request-id", "")
+        assert REQUEST_ID.fullmatch(request_id), (method, path, status, dict(r.headers))
+        seen.add(request_id)
+        if r.headers.get("content-type", "").startswith("application/fhir+json"):
+            validate(r.content)
+    assert len(seen) == len(calls)  # one id per answer
