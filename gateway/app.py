@@ -29,7 +29,6 @@ from gateway.errors import (
     SalesforceRefused,
     GatewayError,
     InvalidRequest,
-    Issue,
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
@@ -102,8 +101,18 @@ def _check_media(request: Request) -> None:
         raise UnsupportedMediaType("send application/fhir+json or application/json")
 
 
-def _respond(answer: Answer, request_id: str) -> Response[bytes]:
-    return Response(answer.body, status_code=answer.status, headers={**answer.headers, "X-Request-ID": request_id})
+def _absolute(headers: dict[str, str], public: str) -> dict[str, str]:
+    """`Location` as FHIR wants it, `[base]/Appointment/<id>`: the Booker (and the idempotency
+    records, old and new) name the path; the gateway's published address is prefixed on the way out."""
+    location = headers.get("Location")
+    if location is not None and location.startswith("/"):
+        return {**headers, "Location": public + location}
+    return headers
+
+
+def _respond(answer: Answer, request_id: str, public: str) -> Response[bytes]:
+    return Response(answer.body, status_code=answer.status,
+                    headers={**_absolute(answer.headers, public), "X-Request-ID": request_id})
 
 
 def _error_response(error: GatewayError, request_id: str | None = None) -> Response[bytes]:
@@ -261,6 +270,10 @@ def create_app(
                           {name: src.rate_limit_per_minute or 0 for name, src in settings.sources.items()})
     certificates = ClientCertificates(settings.sources)
     pid = os.getpid()
+    published = time.strftime("%Y-%m-%d", time.gmtime())
+    # what the gateway says of its own address comes from its settings, never from a request's Host
+    public = settings.public_urls[0]
+    token_urls = [f"{url}/auth/token" for url in settings.public_urls]
 
     async def _admit(request: Request, source: str, *, spend: bool = True) -> None:
         """The source exists, and the caller is it: its certificate (when it needs one), its key or
@@ -296,7 +309,7 @@ def create_app(
             else:
                 answer = await booker.book(source, body, key, trace)
             status = answer.status
-            return _respond(answer, request_id)
+            return _respond(answer, request_id, public)
         except GatewayError as exc:
             status, error = exc.status, exc
             return _error_response(exc, request_id)
@@ -456,9 +469,8 @@ def create_app(
             return response
         entries = []
         for item in items:
-            if isinstance(item, Issue):
-                refused = InvalidRequest(item.diagnostics, expression=item.expression)
-                entries.append(response_entry(refused.status, error_body(refused), None))
+            if isinstance(item, GatewayError):
+                entries.append(response_entry(item.status, error_body(item), None))
                 continue
             entries.append(await _entry(source, item, f"{key}#{item.index}" if key is not None else None))
         return Response(batch_response(entries), status_code=200,
@@ -476,7 +488,7 @@ def create_app(
                 target = _target_of(item.appointment_id, [item.identifier] if item.identifier else [])
                 answer = await booker.change(source, item.body, target, key, trace)
             status = answer.status
-            return response_entry(status, answer.body, answer.headers.get("Location"))
+            return response_entry(status, answer.body, _absolute(answer.headers, public).get("Location"))
         except GatewayError as exc:
             status, error = exc.status, exc
             return response_entry(exc.status, error_body(exc), None)
@@ -487,11 +499,6 @@ def create_app(
         finally:
             _summarise(request_id, source, op, status, trace, started, error,
                        item.body if status not in (401, 403) else None, "application/fhir+json", key)
-
-    published = time.strftime("%Y-%m-%d", time.gmtime())
-    # what the gateway says of its own address comes from its settings, never from a request's Host
-    public = settings.public_urls[0]
-    token_urls = [f"{url}/auth/token" for url in settings.public_urls]
 
     @get("/fhir/{source:str}/metadata")
     async def metadata(request: Request, source: FromPath[str]) -> Response[bytes]:

@@ -363,7 +363,8 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
         "schema": {"type": "string", "pattern": '^([ -~]{1,255}|"[ -~]{1,255}")$', "not": {"const": '""'}},
     }
     replayed_headers = {
-        "Location": {"description": "/fhir/{source}/Appointment/{id}", "schema": {"type": "string"}},
+        "Location": {"description": "[base]/Appointment/{id}, absolute: the source's FHIR base at the first "
+                                    "[server] public_urls", "schema": {"type": "string", "format": "uri"}},
         "Idempotent-Replayed": {"description": "`true` when this is the first attempt's answer, byte for byte",
                                 "schema": {"const": "true"}},
         "X-Request-ID": _REQUEST_ID,
@@ -474,8 +475,9 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
              **_fhir_errors(body=True)},
             operation_id="batch",
             description="Entries: POST Appointment (book), PUT Appointment/<id> or Appointment?identifier=… "
-                        "(reschedule or cancel). A transaction is 422. With `Idempotency-Key`, entry i's key is "
-                        "`<key>#i`." + mtls_note,
+                        "(reschedule or cancel); any other entry is answered `405` (not-supported) in its place, and "
+                        "an entry holding an Appointment has its absolute `fullUrl`. A transaction is 422. With "
+                        "`Idempotency-Key`, entry i's key is `<key>#i`." + mtls_note,
             parameters=[fhir_source, idempotency_key],
             requestBody=fhir_body({"type": "object", "required": ["resourceType", "type"],
                                    "properties": {"resourceType": {"const": "Bundle"},

@@ -33,7 +33,7 @@ async def test_books_the_cerner_appointment(gateway, sandbox):
     assert len(stored) == 1
     assert body["resourceType"] == "Appointment" and body["status"] == "booked"
     assert body["id"] == stored[0].id
-    assert r.headers["location"] == f"/fhir/cerner/Appointment/{stored[0].id}"
+    assert r.headers["location"] == f"{gateway.base_url}/fhir/cerner/Appointment/{stored[0].id}"
     assert r.headers["content-type"].startswith("application/fhir+json")
     assert {"system": SALESFORCE_ID_SYSTEM, "value": stored[0].id} in body["identifier"]
     sent = stored[0].request

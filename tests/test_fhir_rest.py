@@ -1,5 +1,5 @@
-"""FHIR's REST rules over real HTTP (issue 13, item 11): header and query problems in
-`issue.location`, and `X-Request-ID` on every answer. Every FHIR body answered is checked by the
+"""FHIR's REST rules over real HTTP (issue 13, item 11): absolute `Location`, header and query
+problems in `issue.location`, and `X-Request-ID` on every answer. Every FHIR body answered is checked by the
 suite's R4 validator."""
 
 from __future__ import annotations
@@ -19,6 +19,27 @@ def appointment(ident: str, **changes) -> bytes:
     data["identifier"] = [{"system": "urn:oid:1.2.3", "value": ident}]
     data.update(changes)
     return msgspec.json.encode(data)
+
+
+async def test_location_is_absolute_and_a_replay_answers_the_same(gateway, sandbox):
+    """`Location` is `[base]/Appointment/<id>`, the base being the source's at the first public URL
+    (here the gateway's own address). A replay answers the same Location: a booked record rebuilds
+    it, and a change's record keeps the path it stored (as every record stored before absolute
+    Locations did), which is made absolute on the way out."""
+    booked = await gateway.post("/fhir/cerner/Appointment", content=appointment("loc-1"), headers=auth())
+    assert booked.status_code == 201, booked.text
+    sf_id = validate(booked.content, "Appointment")["id"]
+    where = f"{gateway.base_url}/fhir/cerner/Appointment/{sf_id}"
+    assert booked.headers["location"] == where
+    again = await gateway.post("/fhir/cerner/Appointment", content=appointment("loc-1"), headers=auth())
+    assert again.headers["idempotent-replayed"] == "true" and again.headers["location"] == where
+    moved = appointment("loc-1", status="booked", start="2026-12-01T15:00:00Z", end="2026-12-01T15:30:00Z")
+    for attempt in range(2):
+        changed = await gateway.put(f"/fhir/cerner/Appointment/{sf_id}", content=moved, headers=auth())
+        assert changed.status_code == 200, changed.text
+        validate(changed.content, "Appointment")
+        assert changed.headers["location"] == where
+        assert changed.headers.get("idempotent-replayed") == ("true" if attempt else None)
 
 
 async def test_header_and_query_problems_are_located_not_expressed(gateway, sandbox):
