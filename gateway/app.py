@@ -8,12 +8,13 @@ import hashlib
 import os
 import time
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import httpx
 import msgspec
 import redis.asyncio as redis
 from litestar import Litestar, Request, Response, get, post, put
+from litestar.datastructures import MultiDict
 from litestar.exceptions import HTTPException, InternalServerException
 from litestar.params import FromPath
 
@@ -58,9 +59,11 @@ from gateway.salesforce.auth import TokenProvider
 from gateway.salesforce._http import HttpClient
 from gateway.salesforce.client import SALESFORCE_ID, SalesforceClient
 from gateway.settings import Settings, load_settings
+from gateway.slots import paging
 from gateway.worker import QueueWorker
 
 _ACCEPTED_MEDIA = ("application/fhir+json", "application/json")
+_FORM = "application/x-www-form-urlencoded"  # a FHIR search by POST
 # accepted only while the loopback sandbox stands in for Salesforce (see app_from_env)
 DEMO_KEY = "demo-{source}-key"
 _json = msgspec.json.Encoder()
@@ -95,10 +98,20 @@ class Inbound:
             raise Forbidden("this key belongs to another source")
 
 
+def _media(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
 def _check_media(request: Request) -> None:
-    media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-    if media not in _ACCEPTED_MEDIA:
+    if _media(request) not in _ACCEPTED_MEDIA:
         raise UnsupportedMediaType("send application/fhir+json or application/json")
+
+
+async def _read_body(request: Request) -> bytes:
+    try:
+        return await request.body()
+    except InternalServerException:  # Litestar's word for a client gone mid-body
+        raise RequestTimeout("the client stopped sending the body") from None
 
 
 def _absolute(headers: dict[str, str], public: str) -> dict[str, str]:
@@ -294,10 +307,7 @@ def create_app(
             await _admit(request, source)
             admitted = True
             _check_media(request)
-            try:
-                body = await request.body()
-            except InternalServerException:  # Litestar's word for a client gone mid-body
-                raise RequestTimeout("the client stopped sending the body") from None
+            body = await _read_body(request)
             if dry_run:
                 prepared = booker.prepare(source, body, trace)
                 status = 200
@@ -452,10 +462,7 @@ def create_app(
         try:
             await _admit(request, source, spend=False)
             _check_media(request)
-            try:
-                body = await request.body()
-            except InternalServerException:
-                raise RequestTimeout("the client stopped sending the body") from None
+            body = await _read_body(request)
             if source not in booker.sources or settings.sources[source].adapter == "hl7v2":
                 raise NotFound("this source takes HL7 v2 over MLLP, not FHIR over HTTP")
             items = parse_batch(body)
@@ -508,27 +515,49 @@ def create_app(
             return _error_response(NotFound("no FHIR source of that name is configured"))
         return Response(capability_statement(source, found, public, published), media_type=FHIR_JSON)
 
-    @get("/fhir/{source:str}/Slot")
-    async def slot_search(request: Request, source: FromPath[str]) -> Response[bytes]:
-        """Free slots, from Salesforce's Get Slots, as a FHIR searchset Bundle (gateway/slots.py)."""
+    async def _search(request: Request, source: str, *, by_post: bool) -> Response[bytes]:
+        """Free slots, from Salesforce's Get Slots, as a FHIR searchset Bundle (gateway/slots.py); by
+        POST, the form body's parameters join the query's (FHIR search by POST: the same answer)."""
         started = time.perf_counter()
         request_id = new_id()
         trace = Trace()
         status, error = 500, None
         try:
             await _admit(request, source)
-            found = await booker.find_slots(source, request.query_params, trace)
+            params = await _search_form(request) if by_post else request.query_params
+            offset, count = paging(params)
+            found = await booker.find_slots(source, params, trace)
             status = 200
-            query = request.scope.get("query_string", b"").decode("latin-1")
-            self_url = f"{public}{request.url.path}" + (f"?{query}" if query else "")
-            return Response(slot_searchset(found, request.query_params, f"{public}/fhir/{source}", self_url),
-                            status_code=200,
+            base = f"{public}/fhir/{source}"
+            return Response(slot_searchset(found, params, base, f"{base}/Slot", offset, count), status_code=200,
                             headers={"Content-Type": FHIR_JSON, "X-Request-ID": request_id})
         except GatewayError as exc:
             status, error = exc.status, exc
             return _error_response(exc, request_id)
+        except HTTPException as exc:  # a form body over the size limit
+            status = exc.status_code
+            response = _litestar_error(request, exc)
+            response.headers["X-Request-ID"] = request_id
+            return response
         finally:
             _summarise(request_id, source, "search", status, trace, started, error, None, None, None)
+
+    async def _search_form(request: Request) -> MultiDict[str]:
+        if _media(request) != _FORM:
+            raise UnsupportedMediaType(f"a search by POST sends its parameters as {_FORM}")
+        try:
+            form = parse_qsl((await _read_body(request)).decode(), keep_blank_values=True, max_num_fields=1000)
+        except (UnicodeDecodeError, ValueError):
+            raise InvalidRequest("the search's form body cannot be read (UTF-8, at most 1,000 fields)") from None
+        return MultiDict([*request.query_params.multi_items(), *form])
+
+    @get("/fhir/{source:str}/Slot")
+    async def slot_search(request: Request, source: FromPath[str]) -> Response[bytes]:
+        return await _search(request, source, by_post=False)
+
+    @post("/fhir/{source:str}/Slot/_search", status_code=200)
+    async def slot_search_by_post(request: Request, source: FromPath[str]) -> Response[bytes]:
+        return await _search(request, source, by_post=True)
 
     @post("/fhir/{source:str}/Appointment/$translate", status_code=200)
     async def translate(request: Request, source: FromPath[str]) -> Response[bytes]:
@@ -642,7 +671,8 @@ def create_app(
             await scripts.aclose()
 
     app = Litestar(
-        route_handlers=[batch, book, book_operation, change_by_id, change_by_identifier, slot_search, metadata, translate, live, ready, metrics_page, token, openapi, admin],
+        route_handlers=[batch, book, book_operation, change_by_id, change_by_identifier, slot_search,
+                        slot_search_by_post, metadata, translate, live, ready, metrics_page, token, openapi, admin],
         exception_handlers={HTTPException: _litestar_error, Exception: _unexpected},
         after_request=_with_request_id,
         on_startup=[_start],

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from typing import Any
+from urllib.parse import urlencode
 
 import msgspec
 
@@ -160,16 +161,18 @@ class _Link(msgspec.Struct):
     url: str
 
 
-class _Bundle(msgspec.Struct, tag_field="resourceType", tag="Bundle"):
+class _Bundle(msgspec.Struct, omit_defaults=True, tag_field="resourceType", tag="Bundle"):
     type: str
     total: int
     link: list[_Link]
-    entry: list[_Entry]
+    entry: list[_Entry] | None = None  # FHIR JSON has no empty arrays
 
 
-def slot_searchset(found: list[dict[str, Any]], params: Any, base: str, self_url: str) -> bytes:
+def slot_searchset(found: list[dict[str, Any]], params: Any, base: str, search_url: str,
+                   offset: int = 0, count: int | None = None) -> bytes:
     """A slot search's answer (gateway/slots.py): one Slot per free slot Salesforce named, in its
-    order; those without an id, times or a usable FHIR id are left out."""
+    order; those without an id, times or a usable FHIR id are left out. `search_url` is the search's
+    own address without a query; the page holds `count` of them (all when None) from `offset`."""
     wanted = [_Coding(system=system, code=code) for v in params.getall("service-type", []) for t in v.split(",")
               for system, bar, code in [t.rpartition("|")] if bar and system and code]
     entries = []
@@ -185,4 +188,21 @@ def slot_searchset(found: list[dict[str, Any]], params: Any, base: str, self_url
                            serviceType=[_CodeableConcept(coding=wanted)] if wanted else None),
             search=_Search(),
         ))
-    return _encoder.encode(_Bundle(type="searchset", total=len(entries), link=[_Link("self", self_url)], entry=entries))
+    return _encoder.encode(_page(entries, params, search_url, offset, count))
+
+
+def _page(entries: list[_Entry], params: Any, search_url: str, offset: int, count: int | None) -> _Bundle:
+    """One page of a searchset. Nothing is held between pages: `next` asks the same search again
+    with `_offset` moved on (Get Slots has no paging of its own, and a slot taken meanwhile is
+    simply gone from the next answer)."""
+    kept = [(k, v) for k, v in params.multi_items() if k not in ("_count", "_offset")]
+
+    def url(at: int) -> str:
+        paging = ([("_count", str(count))] if count is not None else []) + ([("_offset", str(at))] if at else [])
+        return f"{search_url}?{urlencode(kept + paging)}"
+
+    end = len(entries) if count is None else min(len(entries), offset + count)
+    links = [_Link("self", url(offset))]
+    if count != 0 and end < len(entries):  # `_count=0` asks for the total alone
+        links.append(_Link("next", url(end)))
+    return _Bundle(type="searchset", total=len(entries), link=links, entry=entries[offset:end] or None)

@@ -34,6 +34,7 @@ OPENAPI_PATH = "/openapi.json"
 _REF = "#/components/schemas/{name}"
 _JSON = "application/json"
 _FHIR_MEDIA = (FHIR_JSON, _JSON)  # what the FHIR routes accept, and what `_check_media` lets in
+_FORM = "application/x-www-form-urlencoded"
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -417,11 +418,13 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
 
     slot_responses = {
         "200": {"description": "a FHIR searchset Bundle of free Slots (status `free`); a Slot's id books with "
-                               "`Appointment.slot`", "headers": {"X-Request-ID": _REQUEST_ID},
+                               "`Appointment.slot`; with `_count`, a page of them and a `next` link while more are "
+                               "left", "headers": {"X-Request-ID": _REQUEST_ID},
                 "content": {FHIR_JSON: {"schema": {"type": "object", "required": ["resourceType", "type", "entry"],
                                                    "properties": {"resourceType": {"const": "Bundle"},
                                                                   "type": {"const": "searchset"},
                                                                   "total": {"type": "integer"},
+                                                                  "link": {"type": "array"},
                                                                   "entry": {"type": "array"}}}}}},
         **_fhir_errors(body=False),
         "502": _outcome("Salesforce failed (a 5xx, or an answer that cannot be read)", retry_after=True,
@@ -434,6 +437,18 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
     def query_param(name: str, description: str, *, required: bool = False) -> dict[str, Any]:
         return {"name": name, "in": "query", "required": required, "description": description,
                 "schema": {"type": "array", "items": {"type": "string"}}, "style": "form", "explode": True}
+
+    # the searches' parameters, in the query of a GET or the form body of a POST …/_search
+    page_size = {"type": "integer", "minimum": 0, "maximum": 999_999_999}
+    slot_params = {
+        "start": ("both bounds: ge<from> (or gt) and le<to> (or lt); a date, or a date-time with its offset", None),
+        "actor": ("Practitioner/<id> or Device/<id> (one at least), Location/<id>", None),
+        "service-type": ("system|code tokens", None),
+        "appointment-type": ("system|code tokens", None),
+        "specialty": ("system|code tokens", None),
+        "_count": ("the page size (all when absent; 0: the total alone)", page_size),
+        "_offset": ("where the page starts: what a `next` link sets (each page asks Get Slots again)", page_size),
+    }
 
     translate_responses = {
         "200": _json_answer("the Salesforce request the booking would become; nothing is sent or stored",
@@ -497,14 +512,21 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
             "Search free slots (Salesforce Get Slots)", "FHIR", slot_responses, operation_id="searchSlots",
             description="The codes map through the source's code maps as a booking's would; the actors are the "
                         "Practitioners or Devices whose slots are wanted (and at most one Location)." + mtls_note,
-            parameters=[fhir_source,
-                        query_param("start", "both bounds: ge<from> (or gt) and le<to> (or lt); a date, or a "
-                                             "date-time with its offset", required=True),
-                        query_param("actor", "Practitioner/<id> or Device/<id> (one at least), Location/<id>",
-                                    required=True),
-                        query_param("service-type", "system|code tokens"),
-                        query_param("appointment-type", "system|code tokens"),
-                        query_param("specialty", "system|code tokens")],
+            parameters=[fhir_source, *(
+                {"name": name, "in": "query", "required": False, "description": text, "schema": schema}
+                if schema is not None else query_param(name, text, required=name in ("start", "actor"))
+                for name, (text, schema) in slot_params.items())],
+            security=fhir_security,
+        )},
+        "/fhir/{source}/Slot/_search": {"post": _operation(
+            "Search free slots by POST (FHIR search with a form body)", "FHIR",
+            dict(sorted({**slot_responses, **_fhir_errors(body=True)}.items())), operation_id="searchSlotsByPost",
+            description="The same search as GET …/Slot, its parameters form-encoded in the body (and any in the "
+                        "query too); the same answer." + mtls_note,
+            parameters=[fhir_source],
+            requestBody={"required": True, "content": {_FORM: {"schema": {"type": "object", "properties": {
+                name: schema if schema is not None else {"type": "array", "items": _STRING}
+                for name, (text, schema) in slot_params.items()}}}}},
             security=fhir_security,
         )},
         "/fhir/{source}/Appointment/$translate": {"post": _operation(

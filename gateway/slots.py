@@ -24,8 +24,19 @@ from gateway.settings import SourceSettings
 _LOWER, _UPPER = ("ge", "gt"), ("le", "lt")
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 _RESOURCE_KINDS = {"Practitioner": "Practitioner", "PractitionerRole": "Practitioner", "Device": "Device"}
+_NUMBER = re.compile(r"\d{1,9}")
 
 
+def paging(params: Any) -> tuple[int, int | None]:
+    """`_offset` and `_count` of a search (the page's first slot, and how many: all when absent),
+    checked before Salesforce is asked. `_offset` is the gateway's own: its `next` links set it."""
+    found = []
+    for name in ("_offset", "_count"):
+        values = params.getall(name, [])
+        if len(values) > 1 or (values and not _NUMBER.fullmatch(values[0])):
+            raise InvalidRequest(f"{name} takes one whole number, 0 or more", location=http(name))
+        found.append(int(values[0]) if values else None)
+    return found[0] or 0, found[1]
 
 
 def _instant(value: str, upper: bool) -> str:
