@@ -38,7 +38,7 @@ from gateway.errors import (
     UnsupportedMediaType,
     http,
 )
-from gateway.fhir import FHIR_JSON, error_body, slot_searchset
+from gateway.fhir import FHIR_JSON, error_body, negotiate, slot_searchset
 from gateway.ids import new_id
 from gateway.idempotency import REDIS_FAILURES, IdempotencyStore, parse_key_header
 from gateway.links import Links
@@ -58,7 +58,7 @@ from gateway.smart import SmartAuth, TokenError
 from gateway.salesforce.auth import TokenProvider
 from gateway.salesforce._http import HttpClient
 from gateway.salesforce.client import SALESFORCE_ID, SalesforceClient
-from gateway.settings import Settings, load_settings
+from gateway.settings import Settings, SourceSettings, load_settings
 from gateway.slots import paging
 from gateway.worker import QueueWorker
 
@@ -105,6 +105,15 @@ def _media(request: Request) -> str:
 def _check_media(request: Request) -> None:
     if _media(request) not in _ACCEPTED_MEDIA:
         raise UnsupportedMediaType("send application/fhir+json or application/json")
+
+
+def _negotiate(request: Request, params: Any = None) -> None:
+    """FHIR's content negotiation on every FHIR route: `_format` (from `params`, else the query)
+    overrides `Accept`. The query is parsed only when it may hold `_format`."""
+    if params is None and b"_format" in request.scope.get("query_string", b""):
+        params = request.query_params
+    formats = params.getall("_format", []) if params is not None else []
+    negotiate(formats[0] if formats else None, request.headers.get("accept"))
 
 
 async def _read_body(request: Request) -> bytes:
@@ -306,6 +315,7 @@ def create_app(
         try:
             await _admit(request, source)
             admitted = True
+            _negotiate(request)
             _check_media(request)
             body = await _read_body(request)
             if dry_run:
@@ -461,6 +471,7 @@ def create_app(
         request_id = new_id()
         try:
             await _admit(request, source, spend=False)
+            _negotiate(request)
             _check_media(request)
             body = await _read_body(request)
             if source not in booker.sources or settings.sources[source].adapter == "hl7v2":
@@ -507,12 +518,22 @@ def create_app(
             _summarise(request_id, source, op, status, trace, started, error,
                        item.body if status not in (401, 403) else None, "application/fhir+json", key)
 
-    @get("/fhir/{source:str}/metadata")
-    async def metadata(request: Request, source: FromPath[str]) -> Response[bytes]:
-        """The source's CapabilityStatement (gateway/capability.py): no credentials, no patient data."""
+    def _conformance(source: str, request: Request) -> SourceSettings:
+        """The FHIR source whose conformance resources are asked for (no credentials: FHIR clients
+        read them first; they hold no key and no patient data)."""
         found = settings.sources.get(source)
         if found is None or found.adapter == "hl7v2":
-            return _error_response(NotFound("no FHIR source of that name is configured"))
+            raise NotFound("no FHIR source of that name is configured")
+        _negotiate(request)
+        return found
+
+    @get("/fhir/{source:str}/metadata")
+    async def metadata(request: Request, source: FromPath[str]) -> Response[bytes]:
+        """The source's CapabilityStatement (gateway/capability.py)."""
+        try:
+            found = _conformance(source, request)
+        except GatewayError as exc:
+            return _error_response(exc)
         return Response(capability_statement(source, found, public, published), media_type=FHIR_JSON)
 
     async def _search(request: Request, source: str, *, by_post: bool) -> Response[bytes]:
@@ -525,6 +546,7 @@ def create_app(
         try:
             await _admit(request, source)
             params = await _search_form(request) if by_post else request.query_params
+            _negotiate(request, params)
             offset, count = paging(params)
             found = await booker.find_slots(source, params, trace)
             status = 200

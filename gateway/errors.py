@@ -114,6 +114,12 @@ class RequestTimeout(GatewayError):
     status, code = 408, "timeout"
 
 
+class NotAcceptable(GatewayError):
+    """The client accepts no format the gateway answers in (`_format` or `Accept`)."""
+
+    status, code = 406, "not-supported"
+
+
 class PayloadTooLarge(GatewayError):
     status, code = 413, "too-costly"
 

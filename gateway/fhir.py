@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from functools import lru_cache
 from typing import Any
 from urllib.parse import urlencode
 
 import msgspec
 
 from gateway.canonical import CanonicalBooking
-from gateway.errors import GatewayError, Issue
+from gateway.errors import GatewayError, Issue, NotAcceptable, http
 
 FHIR_JSON = "application/fhir+json"
 SALESFORCE_ERROR_SYSTEM = "urn:ehr-gateway:salesforce:errorCode"
@@ -65,6 +66,55 @@ def operation_outcome(issues: Iterable[Issue]) -> bytes:
 
 def error_body(error: GatewayError) -> bytes:
     return operation_outcome(error.issues)
+
+
+# -- content negotiation (FHIR http.html#mime-type) -----------------------------------------------
+
+# what the gateway answers in, and the media ranges that name it; `json` is FHIR's `_format` shorthand
+_ANSWERED = ("application/fhir+json", "application/json")
+_FORMAT_SHORTHAND = {"json": FHIR_JSON}
+_REFUSAL = "this server answers in JSON only (application/fhir+json or application/json, FHIR 4.0)"
+
+
+def negotiate(format_value: str | None, accept: str | None) -> None:
+    """Refuses (406) a client that accepts none of the gateway's formats: `_format` when given (it
+    overrides `Accept`, for clients that cannot set headers), else `Accept`; neither accepts all."""
+    if format_value is not None:
+        # `+` in a query string decodes to a space: `_format=application/fhir+json` unescaped
+        wanted = format_value.strip().lower().replace(" ", "+")
+        if not _accepts_json(_FORMAT_SHORTHAND.get(wanted, wanted)):
+            raise NotAcceptable(_REFUSAL, location=http("_format"))
+    elif accept and not _accepts_json(accept):
+        raise NotAcceptable(_REFUSAL, location=http("Accept"))
+
+
+@lru_cache(maxsize=256)  # clients send a handful of distinct headers; the cache keeps parsing off the path
+def _accepts_json(accept: str) -> bool:
+    """RFC 9110 §12.5.1: for each media type answered, the most specific range that matches it gives
+    its quality; acceptable when one of them has a quality above 0. A range whose `fhirVersion` is
+    not 4.0 matches nothing."""
+    best = {media: (-1, 0.0) for media in _ANSWERED}  # media type -> (specificity, quality)
+    for part in accept.split(","):
+        media, *params = part.split(";")
+        media = media.strip().lower()
+        quality, version_ok = 1.0, True
+        for param in params:
+            name, _, value = param.partition("=")
+            name, value = name.strip().lower(), value.strip().strip('"')
+            if name == "q":
+                try:
+                    quality = min(max(float(value), 0.0), 1.0)
+                except ValueError:
+                    quality = 0.0
+            elif name == "fhirversion":
+                version_ok = value == "4.0" or value.startswith("4.0.")
+        if not version_ok:
+            continue
+        for answered, (specificity, _) in best.items():
+            rank = 2 if media == answered else 1 if media == "application/*" else 0 if media == "*/*" else -1
+            if rank > specificity:
+                best[answered] = (rank, quality)
+    return any(rank >= 0 and quality > 0 for rank, quality in best.values())
 
 
 # --- the Appointment answered for a booking ---

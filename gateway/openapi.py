@@ -278,6 +278,8 @@ def _fhir_errors(*, body: bool) -> dict[str, dict[str, Any]]:
         "403": _outcome("a key, token or client certificate of another source", request_id=True),
         "404": _outcome("no FHIR source of that name is configured", request_id=True),
         "408": _outcome("the body did not arrive in time"),
+        "406": _outcome("neither `_format` nor `Accept` allows JSON (application/fhir+json, application/json, "
+                        "`*/*`, FHIR 4.0); `_format` overrides `Accept`", request_id=True),
         "415": _outcome("a media type other than application/fhir+json or application/json", request_id=True),
         "422": _outcome("a code without a mapping, or a Salesforce rule broken; also the stored answer of a "
                         "booking Salesforce refused", request_id=True),
@@ -505,7 +507,8 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
             {"200": {"description": "a FHIR R4 CapabilityStatement of what this source may do",
                      "content": {FHIR_JSON: {"schema": {"type": "object", "required": ["resourceType", "fhirVersion"],
                                                         "properties": {"resourceType": {"const": "CapabilityStatement"}}}}}},
-             "404": _outcome("no FHIR source of that name is configured")},
+             "404": _outcome("no FHIR source of that name is configured"),
+             "406": _fhir_errors(body=False)["406"]},
             operation_id="capabilities", parameters=[fhir_source], security=[],
         )},
         "/fhir/{source}/Slot": {"get": _operation(
@@ -526,7 +529,7 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
             parameters=[fhir_source],
             requestBody={"required": True, "content": {_FORM: {"schema": {"type": "object", "properties": {
                 name: schema if schema is not None else {"type": "array", "items": _STRING}
-                for name, (text, schema) in slot_params.items()}}}}},
+                for name, (text, schema) in slot_params.items()} | {"_format": _STRING}}}}},
             security=fhir_security,
         )},
         "/fhir/{source}/Appointment/$translate": {"post": _operation(
@@ -774,9 +777,14 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
                     "the path is not in its canonical spelling (a character percent-encoded that needs no encoding, "
                     "an encoded / or control character, an empty or dot segment)")}.items()))
 
-    for item in paths.values():  # every answer names its request
+    format_param = {"name": "_format", "in": "query", "required": False, "schema": {"type": "string"},
+                    "description": "overrides `Accept` (FHIR): `json`, `application/fhir+json` or `application/json`; "
+                                   "anything else is 406"}
+    for path, item in paths.items():
         for op in item.values():
-            for response in op["responses"].values():
+            if path.startswith("/fhir/{source}"):  # FHIR's content negotiation on every route of a source
+                op["parameters"] = [*op.get("parameters", ()), format_param]
+            for response in op["responses"].values():  # every answer names its request
                 response["headers"] = {**response.get("headers", {}), "X-Request-ID": _REQUEST_ID}
 
     return {

@@ -1,17 +1,23 @@
-"""FHIR's REST rules over real HTTP (issue 13, item 11): absolute `Location`, header and query
-problems in `issue.location`, and `X-Request-ID` on every answer. Every FHIR body answered is checked by the
-suite's R4 validator."""
+"""FHIR's REST rules over real HTTP (issue 13, item 11): absolute `Location`, content negotiation
+(406), header and query problems in `issue.location`, and `X-Request-ID` on every answer. Every FHIR
+body answered is checked by the suite's R4 validator."""
 
 from __future__ import annotations
 
 import re
 
 import msgspec
+import pytest
 
 from tests.conftest import ADMIN_KEY, VIDEO_VISIT, auth, corpus
 from tests.fhir_validate import validate
 
 REQUEST_ID = re.compile(r"[0-9a-f]{16}")
+SLOTS = "/fhir/cerner/Slot?start=ge2026-12-01T09:00:00Z&start=le2026-12-01T10:00:00Z&actor=Practitioner/593923"
+
+
+def state(sandbox):
+    return sandbox.app.state.sandbox
 
 
 def appointment(ident: str, **changes) -> bytes:
@@ -40,6 +46,73 @@ async def test_location_is_absolute_and_a_replay_answers_the_same(gateway, sandb
         validate(changed.content, "Appointment")
         assert changed.headers["location"] == where
         assert changed.headers.get("idempotent-replayed") == ("true" if attempt else None)
+
+
+@pytest.mark.parametrize("accept", [
+    "application/fhir+json", "application/json", "*/*", "application/*", "application/fhir+json; fhirVersion=4.0",
+    "application/json; charset=utf-8", "application/fhir+xml, application/fhir+json;q=0.5",
+    "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8",  # a browser's
+])
+async def test_json_in_any_spelling_is_acceptable(gateway, accept):
+    r = await gateway.get("/fhir/cerner/metadata", headers={"Accept": accept})
+    assert r.status_code == 200, r.text
+    validate(r.content, "CapabilityStatement")
+
+
+@pytest.mark.parametrize("accept", [
+    "application/fhir+xml", "application/xml", "text/html", "text/turtle", "application/fhir+json; fhirVersion=3.0",
+    "application/json;q=0", "application/fhir+json;q=0, application/json;q=0, application/xml", "*/*;q=0",
+])
+async def test_an_accept_without_json_is_406(gateway, accept):
+    r = await gateway.get("/fhir/cerner/metadata", headers={"Accept": accept})
+    assert r.status_code == 406, r.text
+    (issue,) = validate(r.content, "OperationOutcome")["issue"]
+    assert (issue["code"], issue["location"]) == ("not-supported", ["http.Accept"])
+    assert REQUEST_ID.fullmatch(r.headers["x-request-id"])
+
+
+async def test_format_overrides_accept(gateway):
+    """FHIR's `_format` (for clients that cannot set headers) decides over `Accept`, both ways; its
+    `+` may arrive unescaped (a space once the query is decoded)."""
+    for value in ("json", "application/json", "application/fhir+json", "application/fhir%2Bjson"):
+        r = await gateway.get(f"/fhir/cerner/metadata?_format={value}", headers={"Accept": "application/fhir+xml"})
+        assert r.status_code == 200, (value, r.text)
+    for value in ("xml", "text/xml", "application/fhir+xml", "html", "ttl"):
+        r = await gateway.get(f"/fhir/cerner/metadata?_format={value}", headers={"Accept": "application/fhir+json"})
+        assert r.status_code == 406, (value, r.text)
+        assert validate(r.content, "OperationOutcome")["issue"][0]["location"] == ["http._format"]
+
+
+async def test_every_fhir_route_refuses_what_it_cannot_answer_in_before_acting(gateway, sandbox):
+    """Bookings, changes, batches, `$book`, `$translate`, Slot search (GET and POST) and metadata all
+    answer 406 to a client that accepts no JSON, and nothing reaches Salesforce."""
+    form = SLOTS.partition("?")[2]
+    routes = [
+        ("POST", "/fhir/cerner/Appointment", appointment("neg-1"), "application/fhir+json"),
+        ("POST", "/fhir/cerner/Appointment/$book", appointment("neg-2"), "application/fhir+json"),
+        ("POST", "/fhir/cerner/Appointment/$translate", appointment("neg-3"), "application/fhir+json"),
+        ("PUT", "/fhir/cerner/Appointment/0Hxxx0000000001AAA", appointment("neg-4"), "application/fhir+json"),
+        ("PUT", "/fhir/cerner/Appointment?identifier=urn:oid:1.2.3|neg-5", appointment("neg-5"), "application/fhir+json"),
+        ("POST", "/fhir/cerner", msgspec.json.encode({"resourceType": "Bundle", "type": "batch", "entry": [
+            {"resource": msgspec.json.decode(appointment("neg-6")), "request": {"method": "POST", "url": "Appointment"}}]}),
+         "application/fhir+json"),
+        ("GET", SLOTS, None, None),
+        ("POST", "/fhir/cerner/Slot/_search", form.encode(), "application/x-www-form-urlencoded"),
+        ("GET", "/fhir/cerner/metadata", None, None),
+    ]
+    for method, path, body, media in routes:
+        for negotiation, where in (({"Accept": "application/fhir+xml"}, "http.Accept"),
+                                   ({"Accept": "*/*", "_format": "xml"}, "http._format")):
+            headers = {**auth(), "Accept": negotiation["Accept"]}
+            if media:
+                headers["Content-Type"] = media
+            target = path + (("&" if "?" in path else "?") + "_format=xml" if "_format" in negotiation else "")
+            r = await gateway.request(method, target, content=body, headers=headers)
+            assert r.status_code == 406, (method, target, r.status_code, r.text)
+            assert validate(r.content, "OperationOutcome")["issue"][0]["location"] == [where]
+            assert REQUEST_ID.fullmatch(r.headers["x-request-id"]), (method, path)
+    counters = state(sandbox).counters()
+    assert (counters.book_calls, counters.slots_calls, state(sandbox).appointments()) == (0, 0, [])
 
 
 async def test_header_and_query_problems_are_located_not_expressed(gateway, sandbox):
