@@ -23,7 +23,7 @@ from gateway.booking import NO_SUCH_APPOINTMENT, Answer, Booker, Target, Trace
 from adapters.hl7v2 import FILLER, PLACER, ack, parse_siu, read_header
 from gateway.batch import Item, batch_response, parse_batch, response_entry
 from gateway.breaker import CircuitBreaker
-from gateway.capability import capability_statement
+from gateway.capability import TRANSLATE, capability_statement, translate_definition
 from gateway.errors import (
     Forbidden,
     IdempotencyKeyReused,
@@ -536,6 +536,17 @@ def create_app(
             return _error_response(exc)
         return Response(capability_statement(source, found, public, published), media_type=FHIR_JSON)
 
+    @get("/fhir/{source:str}/OperationDefinition/{name:str}")
+    async def operation_definition(request: Request, source: FromPath[str], name: FromPath[str]) -> Response[bytes]:
+        """The definition the CapabilityStatement names for `$translate`, so that it resolves."""
+        try:
+            _conformance(source, request)
+            if name != TRANSLATE:
+                raise NotFound(f"the one operation defined here is OperationDefinition/{TRANSLATE}")
+        except GatewayError as exc:
+            return _error_response(exc)
+        return Response(translate_definition(f"{public}/fhir/{source}", published), media_type=FHIR_JSON)
+
     async def _search(request: Request, source: str, *, by_post: bool) -> Response[bytes]:
         """Free slots, from Salesforce's Get Slots, as a FHIR searchset Bundle (gateway/slots.py); by
         POST, the form body's parameters join the query's (FHIR search by POST: the same answer)."""
@@ -694,7 +705,8 @@ def create_app(
 
     app = Litestar(
         route_handlers=[batch, book, book_operation, change_by_id, change_by_identifier, slot_search,
-                        slot_search_by_post, metadata, translate, live, ready, metrics_page, token, openapi, admin],
+                        slot_search_by_post, metadata, operation_definition, translate, live, ready, metrics_page,
+                        token, openapi, admin],
         exception_handlers={HTTPException: _litestar_error, Exception: _unexpected},
         after_request=_with_request_id,
         on_startup=[_start],

@@ -511,6 +511,19 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
              "406": _fhir_errors(body=False)["406"]},
             operation_id="capabilities", parameters=[fhir_source], security=[],
         )},
+        "/fhir/{source}/OperationDefinition/{name}": {"get": _operation(
+            "The definition of the gateway's own $translate, as the CapabilityStatement names it", "FHIR",
+            {"200": {"description": "a FHIR R4 OperationDefinition",
+                     "content": {FHIR_JSON: {"schema": {"type": "object", "required": ["resourceType", "url", "code"],
+                                                        "properties": {"resourceType": {"const": "OperationDefinition"},
+                                                                       "code": {"const": "translate"}}}}}},
+             "404": _outcome("no FHIR source of that name, or no definition of that name"),
+             "406": _fhir_errors(body=False)["406"]},
+            operation_id="operationDefinition", security=[],
+            parameters=[fhir_source, {"name": "name", "in": "path", "required": True, "schema": {"type": "string"},
+                                      "description": "`appointment-translate`; any other is 404",
+                                      "examples": {"translate": {"value": "appointment-translate"}}}],
+        )},
         "/fhir/{source}/Slot": {"get": _operation(
             "Search free slots (Salesforce Get Slots)", "FHIR", slot_responses, operation_id="searchSlots",
             description="The codes map through the source's code maps as a booking's would; the actors are the "

@@ -84,8 +84,9 @@ async def test_format_overrides_accept(gateway):
 
 
 async def test_every_fhir_route_refuses_what_it_cannot_answer_in_before_acting(gateway, sandbox):
-    """Bookings, changes, batches, `$book`, `$translate`, Slot search (GET and POST) and metadata all
-    answer 406 to a client that accepts no JSON, and nothing reaches Salesforce."""
+    """Bookings, changes, batches, `$book`, `$translate`, Slot search (GET and POST), metadata and the
+    OperationDefinition all answer 406 to a client that accepts no JSON, and nothing reaches
+    Salesforce."""
     form = SLOTS.partition("?")[2]
     routes = [
         ("POST", "/fhir/cerner/Appointment", appointment("neg-1"), "application/fhir+json"),
@@ -99,6 +100,7 @@ async def test_every_fhir_route_refuses_what_it_cannot_answer_in_before_acting(g
         ("GET", SLOTS, None, None),
         ("POST", "/fhir/cerner/Slot/_search", form.encode(), "application/x-www-form-urlencoded"),
         ("GET", "/fhir/cerner/metadata", None, None),
+        ("GET", "/fhir/cerner/OperationDefinition/appointment-translate", None, None),
     ]
     for method, path, body, media in routes:
         for negotiation, where in (({"Accept": "application/fhir+xml"}, "http.Accept"),
