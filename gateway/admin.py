@@ -36,9 +36,11 @@ from gateway.errors import (
     Unauthorized,
     Unavailable,
     UnsupportedMediaType,
+    http,
 )
 from gateway.fhir import FHIR_JSON, error_body
 from gateway.idempotency import IdempotencyStore
+from gateway.ids import new_id
 from gateway.queue import BookingQueue
 from gateway.ratelimit import FailureThrottle
 from gateway.requestlog import OUTCOMES, Entry, RequestLog, View
@@ -192,8 +194,9 @@ def _ok(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> 
 
 
 def _fail(error: GatewayError) -> Response[bytes]:
+    # the router's exception handlers answer past the app's after_request: the id is set here
     return Response(error_body(error), status_code=error.status,
-                    headers={"Content-Type": FHIR_JSON, **SECURITY_HEADERS, **error.headers})
+                    headers={"Content-Type": FHIR_JSON, **SECURITY_HEADERS, **error.headers, "X-Request-ID": new_id()})
 
 
 def _views(deps: AdminDeps, entries: list[Entry]) -> list[dict[str, Any]]:
@@ -213,7 +216,7 @@ def _int(value: str | None, name: str, default: int | None = None) -> int | None
     try:
         return int(value)
     except ValueError:
-        raise InvalidRequest(f"{name} must be an integer", expression=(name,)) from None
+        raise InvalidRequest(f"{name} must be an integer", location=http(name)) from None
 
 
 def admin_router(deps: AdminDeps) -> Router:
@@ -269,12 +272,12 @@ def admin_router(deps: AdminDeps) -> Router:
         q = request.query_params
         outcome = q.get("outcome") or None
         if outcome is not None and outcome not in OUTCOMES:
-            raise InvalidRequest(f"outcome is one of {', '.join(OUTCOMES)}", expression=("outcome",))
+            raise InvalidRequest(f"outcome is one of {', '.join(OUTCOMES)}", location=http("outcome"))
         source = q.get("source") or None
         if source is not None and source not in deps.booker.sources:
-            raise InvalidRequest("no source of that name is configured", expression=("source",))
+            raise InvalidRequest("no source of that name is configured", location=http("source"))
         if q.get("key") and source is None:
-            raise InvalidRequest("searching by idempotency key needs the source too", expression=("key",))
+            raise InvalidRequest("searching by idempotency key needs the source too", location=http("key"))
         entries = await deps.log.search(
             source=source, outcome=outcome, since_ms=_int(q.get("since"), "since"),
             sf_id=q.get("sf_id") or None, key=q.get("key") or None, limit=_int(q.get("limit"), "limit", 50) or 50,

@@ -9,12 +9,13 @@ import os
 import time
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import httpx
 import msgspec
 import redis.asyncio as redis
 from litestar import Litestar, Request, Response, get, post, put
+from litestar.datastructures import MultiDict
 from litestar.exceptions import HTTPException, InternalServerException
 from litestar.params import FromPath
 
@@ -23,22 +24,22 @@ from gateway.booking import NO_SUCH_APPOINTMENT, Answer, Booker, Target, Trace
 from adapters.hl7v2 import FILLER, PLACER, ack, parse_siu, read_header
 from gateway.batch import Item, batch_response, parse_batch, response_entry
 from gateway.breaker import CircuitBreaker
-from gateway.capability import capability_statement
+from gateway.capability import TRANSLATE, capability_statement, translate_definition
 from gateway.errors import (
     Forbidden,
     IdempotencyKeyReused,
     SalesforceRefused,
     GatewayError,
     InvalidRequest,
-    Issue,
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
     RequestTimeout,
     Unauthorized,
     UnsupportedMediaType,
+    http,
 )
-from gateway.fhir import FHIR_JSON, error_body, slot_searchset, warning_header
+from gateway.fhir import FHIR_JSON, error_body, negotiate, slot_searchset, warning_header
 from gateway.ids import new_id
 from gateway.idempotency import REDIS_FAILURES, IdempotencyStore, parse_key_header
 from gateway.links import Links
@@ -58,10 +59,12 @@ from gateway.smart import SmartAuth, TokenError
 from gateway.salesforce.auth import TokenProvider
 from gateway.salesforce._http import HttpClient
 from gateway.salesforce.client import SALESFORCE_ID, SalesforceClient
-from gateway.settings import Settings, load_settings
+from gateway.settings import Settings, SourceSettings, load_settings
+from gateway.slots import paging
 from gateway.worker import QueueWorker
 
 _ACCEPTED_MEDIA = ("application/fhir+json", "application/json")
+_FORM = "application/x-www-form-urlencoded"  # a FHIR search by POST
 # accepted only while the loopback sandbox stands in for Salesforce (see app_from_env)
 DEMO_KEY = "demo-{source}-key"
 DEMO_OPERATORS_ENV = "EHR_GATEWAY_DEMO_OPERATORS_SHA256"  # the demo's admin and PHI key digests
@@ -99,21 +102,55 @@ class Inbound:
             raise Forbidden("this key belongs to another source")
 
 
+def _media(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
 def _check_media(request: Request) -> None:
-    media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-    if media not in _ACCEPTED_MEDIA:
+    if _media(request) not in _ACCEPTED_MEDIA:
         raise UnsupportedMediaType("send application/fhir+json or application/json")
 
 
-def _respond(answer: Answer, request_id: str) -> Response[bytes]:
-    return Response(answer.body, status_code=answer.status, headers={**answer.headers, "X-Request-ID": request_id})
+def _negotiate(request: Request, params: Any = None) -> None:
+    """FHIR's content negotiation on every FHIR route: `_format` (from `params`, else the query)
+    overrides `Accept`. The query is parsed only when it may hold `_format`."""
+    if params is None and b"_format" in request.scope.get("query_string", b""):
+        params = request.query_params
+    formats = params.getall("_format", []) if params is not None else []
+    negotiate(formats[0] if formats else None, request.headers.get("accept"))
+
+
+async def _read_body(request: Request) -> bytes:
+    try:
+        return await request.body()
+    except InternalServerException:  # Litestar's word for a client gone mid-body
+        raise RequestTimeout("the client stopped sending the body") from None
+
+
+def _absolute(headers: dict[str, str], public: str) -> dict[str, str]:
+    """`Location` as FHIR wants it, `[base]/Appointment/<id>`: the Booker (and the idempotency
+    records, old and new) name the path; the gateway's published address is prefixed on the way out."""
+    location = headers.get("Location")
+    if location is not None and location.startswith("/"):
+        return {**headers, "Location": public + location}
+    return headers
+
+
+def _respond(answer: Answer, request_id: str, public: str) -> Response[bytes]:
+    return Response(answer.body, status_code=answer.status,
+                    headers={**_absolute(answer.headers, public), "X-Request-ID": request_id})
 
 
 def _error_response(error: GatewayError, request_id: str | None = None) -> Response[bytes]:
-    headers = {"Content-Type": FHIR_JSON, **error.headers}
-    if request_id:
-        headers["X-Request-ID"] = request_id
+    headers = {"Content-Type": FHIR_JSON, **error.headers, "X-Request-ID": request_id or new_id()}
     return Response(error_body(error), status_code=error.status, headers=headers)
+
+
+async def _with_request_id(response: Response[Any]) -> Response[Any]:
+    """Every answer names its request (`X-Request-ID`): a request that is logged keeps its log line's
+    id, any other (metadata, health, admin, ...) gets one here."""
+    response.headers.setdefault("X-Request-ID", new_id())
+    return response
 
 
 _LITESTAR_REFUSALS: dict[int, tuple[type[GatewayError], str]] = {
@@ -154,7 +191,7 @@ def _target_of(appointment_id: str | None, values: list[str]) -> Target:
         return Target(salesforce_id=appointment_id)
     if len(values) != 1 or not values[0].strip("|"):
         raise InvalidRequest("a conditional update names the appointment by one identifier: ?identifier=system|value",
-                             expression=("identifier",))
+                             location=http("identifier"))
     system, bar, value = values[0].rpartition("|")
     return Target(system=system or None, value=value) if bar else Target(value=values[0])
 
@@ -259,6 +296,10 @@ def create_app(
                           {name: src.rate_limit_per_minute or 0 for name, src in settings.sources.items()})
     certificates = ClientCertificates(settings.sources)
     pid = os.getpid()
+    published = time.strftime("%Y-%m-%d", time.gmtime())
+    # what the gateway says of its own address comes from its settings, never from a request's Host
+    public = settings.public_urls[0]
+    token_urls = [f"{url}/auth/token" for url in settings.public_urls]
 
     async def _admit(request: Request, source: str, *, spend: bool = True) -> None:
         """The source exists, and the caller is it: its certificate (when it needs one), its key or
@@ -278,11 +319,9 @@ def create_app(
         try:
             await _admit(request, source)
             admitted = True
+            _negotiate(request)
             _check_media(request)
-            try:
-                body = await request.body()
-            except InternalServerException:  # Litestar's word for a client gone mid-body
-                raise RequestTimeout("the client stopped sending the body") from None
+            body = await _read_body(request)
             if dry_run:
                 prepared = booker.prepare(source, body, trace)
                 status = 200
@@ -296,7 +335,7 @@ def create_app(
             else:
                 answer = await booker.book(source, body, key, trace)
             status = answer.status
-            return _respond(answer, request_id)
+            return _respond(answer, request_id, public)
         except GatewayError as exc:
             status, error = exc.status, exc
             return _error_response(exc, request_id)
@@ -439,11 +478,9 @@ def create_app(
         request_id = new_id()
         try:
             await _admit(request, source, spend=False)
+            _negotiate(request)
             _check_media(request)
-            try:
-                body = await request.body()
-            except InternalServerException:
-                raise RequestTimeout("the client stopped sending the body") from None
+            body = await _read_body(request)
             if source not in booker.sources or settings.sources[source].adapter == "hl7v2":
                 raise NotFound("this source takes HL7 v2 over MLLP, not FHIR over HTTP")
             items = parse_batch(body)
@@ -452,12 +489,13 @@ def create_app(
         except GatewayError as exc:
             return _error_response(exc, request_id)
         except HTTPException as exc:  # body over the size limit
-            return _litestar_error(request, exc)
+            response = _litestar_error(request, exc)
+            response.headers["X-Request-ID"] = request_id
+            return response
         entries = []
         for item in items:
-            if isinstance(item, Issue):
-                refused = InvalidRequest(item.diagnostics, expression=item.expression)
-                entries.append(response_entry(refused.status, error_body(refused), None))
+            if isinstance(item, GatewayError):
+                entries.append(response_entry(item.status, error_body(item), None))
                 continue
             entries.append(await _entry(source, item, f"{key}#{item.index}" if key is not None else None))
         return Response(batch_response(entries), status_code=200,
@@ -475,7 +513,7 @@ def create_app(
                 target = _target_of(item.appointment_id, [item.identifier] if item.identifier else [])
                 answer = await booker.change(source, item.body, target, key, trace)
             status = answer.status
-            return response_entry(status, answer.body, answer.headers.get("Location"))
+            return response_entry(status, answer.body, _absolute(answer.headers, public).get("Location"))
         except GatewayError as exc:
             status, error = exc.status, exc
             return response_entry(exc.status, error_body(exc), None)
@@ -487,40 +525,79 @@ def create_app(
             _summarise(request_id, source, op, status, trace, started, error,
                        item.body if status not in (401, 403) else None, "application/fhir+json", key)
 
-    published = time.strftime("%Y-%m-%d", time.gmtime())
-    # what the gateway says of its own address comes from its settings, never from a request's Host
-    public = settings.public_urls[0]
-    token_urls = [f"{url}/auth/token" for url in settings.public_urls]
+    def _conformance(source: str, request: Request) -> SourceSettings:
+        """The FHIR source whose conformance resources are asked for (no credentials: FHIR clients
+        read them first; they hold no key and no patient data)."""
+        found = settings.sources.get(source)
+        if found is None or found.adapter == "hl7v2":
+            raise NotFound("no FHIR source of that name is configured")
+        _negotiate(request)
+        return found
 
     @get("/fhir/{source:str}/metadata")
     async def metadata(request: Request, source: FromPath[str]) -> Response[bytes]:
-        """The source's CapabilityStatement (gateway/capability.py): no credentials, no patient data."""
-        found = settings.sources.get(source)
-        if found is None or found.adapter == "hl7v2":
-            return _error_response(NotFound("no FHIR source of that name is configured"))
+        """The source's CapabilityStatement (gateway/capability.py)."""
+        try:
+            found = _conformance(source, request)
+        except GatewayError as exc:
+            return _error_response(exc)
         return Response(capability_statement(source, found, public, published), media_type=FHIR_JSON)
 
-    @get("/fhir/{source:str}/Slot")
-    async def slot_search(request: Request, source: FromPath[str]) -> Response[bytes]:
-        """Free slots, from Salesforce's Get Slots, as a FHIR searchset Bundle (gateway/slots.py)."""
+    @get("/fhir/{source:str}/OperationDefinition/{name:str}")
+    async def operation_definition(request: Request, source: FromPath[str], name: FromPath[str]) -> Response[bytes]:
+        """The definition the CapabilityStatement names for `$translate`, so that it resolves."""
+        try:
+            _conformance(source, request)
+            if name != TRANSLATE:
+                raise NotFound(f"the one operation defined here is OperationDefinition/{TRANSLATE}")
+        except GatewayError as exc:
+            return _error_response(exc)
+        return Response(translate_definition(f"{public}/fhir/{source}", published), media_type=FHIR_JSON)
+
+    async def _search(request: Request, source: str, *, by_post: bool) -> Response[bytes]:
+        """Free slots, from Salesforce's Get Slots, as a FHIR searchset Bundle (gateway/slots.py); by
+        POST, the form body's parameters join the query's (FHIR search by POST: the same answer)."""
         started = time.perf_counter()
         request_id = new_id()
         trace = Trace()
         status, error = 500, None
         try:
             await _admit(request, source)
-            found = await booker.find_slots(source, request.query_params, trace)
+            params = await _search_form(request) if by_post else request.query_params
+            _negotiate(request, params)
+            offset, count = paging(params)
+            found = await booker.find_slots(source, params, trace)
             status = 200
-            query = request.scope.get("query_string", b"").decode("latin-1")
-            self_url = f"{public}{request.url.path}" + (f"?{query}" if query else "")
-            return Response(slot_searchset(found, request.query_params, f"{public}/fhir/{source}", self_url),
-                            status_code=200,
+            base = f"{public}/fhir/{source}"
+            return Response(slot_searchset(found, params, base, f"{base}/Slot", offset, count), status_code=200,
                             headers={"Content-Type": FHIR_JSON, "X-Request-ID": request_id})
         except GatewayError as exc:
             status, error = exc.status, exc
             return _error_response(exc, request_id)
+        except HTTPException as exc:  # a form body over the size limit
+            status = exc.status_code
+            response = _litestar_error(request, exc)
+            response.headers["X-Request-ID"] = request_id
+            return response
         finally:
             _summarise(request_id, source, "search", status, trace, started, error, None, None, None)
+
+    async def _search_form(request: Request) -> MultiDict[str]:
+        if _media(request) != _FORM:
+            raise UnsupportedMediaType(f"a search by POST sends its parameters as {_FORM}")
+        try:
+            form = parse_qsl((await _read_body(request)).decode(), keep_blank_values=True, max_num_fields=1000)
+        except (UnicodeDecodeError, ValueError):
+            raise InvalidRequest("the search's form body cannot be read (UTF-8, at most 1,000 fields)") from None
+        return MultiDict([*request.query_params.multi_items(), *form])
+
+    @get("/fhir/{source:str}/Slot")
+    async def slot_search(request: Request, source: FromPath[str]) -> Response[bytes]:
+        return await _search(request, source, by_post=False)
+
+    @post("/fhir/{source:str}/Slot/_search", status_code=200)
+    async def slot_search_by_post(request: Request, source: FromPath[str]) -> Response[bytes]:
+        return await _search(request, source, by_post=True)
 
     @post("/fhir/{source:str}/Appointment/$translate", status_code=200)
     async def translate(request: Request, source: FromPath[str]) -> Response[bytes]:
@@ -635,8 +712,11 @@ def create_app(
             await scripts.aclose()
 
     app = Litestar(
-        route_handlers=[batch, book, book_operation, change_by_id, change_by_identifier, slot_search, metadata, translate, live, ready, metrics_page, token, openapi, admin],
+        route_handlers=[batch, book, book_operation, change_by_id, change_by_identifier, slot_search,
+                        slot_search_by_post, metadata, operation_definition, translate, live, ready, metrics_page,
+                        token, openapi, admin],
         exception_handlers={HTTPException: _litestar_error, Exception: _unexpected},
+        after_request=_with_request_id,
         on_startup=[_start],
         on_shutdown=[_close],
         request_max_body_size=cfg.limits.max_body_bytes,

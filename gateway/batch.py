@@ -19,7 +19,7 @@ import msgspec
 
 from adapters._keys import check_keys
 from adapters._shapes import MAX_ITEMS
-from gateway.errors import InvalidRequest, Issue, Unprocessable
+from gateway.errors import GatewayError, InvalidRequest, Issue, MethodNotAllowed, Unprocessable
 
 _encoder = msgspec.json.Encoder()
 
@@ -51,8 +51,10 @@ class Item(msgspec.Struct, frozen=True):
     identifier: str | None = None
 
 
-def parse_batch(body: bytes) -> list[Item | Issue]:
-    """The entries, or for an entry that names no action the gateway takes, the Issue that says why."""
+def parse_batch(body: bytes) -> list[Item | GatewayError]:
+    """The entries, or for an entry that cannot be acted on, the error it is answered with: 405
+    (`not-supported`) for an interaction the gateway does not take in a batch, 400 for an entry
+    without its resource."""
     try:
         bundle = msgspec.json.decode(body, type=_Bundle)
         check_keys(body)  # the Bundle's own keys (each entry's resource is checked again by its adapter)
@@ -70,37 +72,42 @@ def parse_batch(body: bytes) -> list[Item | Issue]:
     if len(entries) > MAX_ITEMS:
         raise Unprocessable(issues=[Issue(code="too-costly", expression=("Bundle.entry",),
                                           diagnostics=f"a batch takes at most {MAX_ITEMS} entries")])
-    items: list[Item | Issue] = []
+    items: list[Item | GatewayError] = []
     for i, entry in enumerate(entries):
         at = f"Bundle.entry[{i}]"
         method = (entry.request.method or "").upper() if entry.request else ""
         url = (entry.request.url or "").lstrip("/") if entry.request else ""
         path, _, query = url.partition("?")
-        if not entry.resource:
-            items.append(Issue(code="required", expression=(f"{at}.resource",), diagnostics="the entry has no resource"))
-        elif method == "POST" and path == "Appointment" and not query:
-            items.append(Item(i, "book", bytes(entry.resource)))
+        if method == "POST" and path == "Appointment" and not query:
+            kind, appointment_id, identifier = "book", None, None
         elif method == "PUT" and path.startswith("Appointment/") and path.count("/") == 1 and not query:
-            items.append(Item(i, "change", bytes(entry.resource), appointment_id=path.split("/", 1)[1]))
+            kind, appointment_id, identifier = "change", path.split("/", 1)[1], None
         elif method == "PUT" and path == "Appointment" and query:
             identifiers = [v for k, v in parse_qsl(query, keep_blank_values=True) if k == "identifier"]
-            items.append(Item(i, "change", bytes(entry.resource), identifier=identifiers[0] if len(identifiers) == 1 else ""))
+            kind, appointment_id, identifier = "change", None, identifiers[0] if len(identifiers) == 1 else ""
         else:
-            items.append(Issue(code="not-supported", expression=(f"{at}.request",),
-                               diagnostics="an entry books (POST Appointment) or changes (PUT Appointment/<id> or "
-                                           "Appointment?identifier=…) an appointment"))
+            # 405: the entry is well formed, but its interaction is not one the gateway takes in a batch
+            items.append(MethodNotAllowed(
+                "an entry books (POST Appointment) or changes (PUT Appointment/<id> or Appointment?identifier=…) "
+                "an appointment", expression=(f"{at}.request",)))
+            continue
+        if not entry.resource:
+            items.append(InvalidRequest("the entry has no resource", expression=(f"{at}.resource",)))
+            continue
+        items.append(Item(i, kind, bytes(entry.resource), appointment_id=appointment_id, identifier=identifier))
     return items
 
 
 def response_entry(status: int, body: bytes, location: str | None) -> dict[str, Any]:
-    """One `batch-response` entry: the Appointment as `resource` on success, the OperationOutcome as
-    `response.outcome` otherwise."""
+    """One `batch-response` entry: the Appointment as `resource` on success, with its absolute
+    `location` as `fullUrl`; the OperationOutcome as `response.outcome` otherwise."""
     response: dict[str, Any] = {"status": f"{status} {HTTPStatus(status).phrase}"}
     if location:
         response["location"] = location
     resource = msgspec.json.decode(body) if body else None
     entry: dict[str, Any] = {"response": response}
     if status < 300 and resource is not None and resource.get("resourceType") == "Appointment":
+        entry = {"fullUrl": location, **entry} if location else entry
         entry["resource"] = resource
     elif resource is not None:
         response["outcome"] = resource

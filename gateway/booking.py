@@ -30,6 +30,7 @@ from gateway.errors import (
     SalesforceRefused,
     Unavailable,
     Unprocessable,
+    http,
 )
 from gateway.fhir import FHIR_JSON, booked_appointment, error_body, operation_outcome
 from gateway.idempotency import REDIS_FAILURES, Claim, IdempotencyStore, fingerprint, key_material
@@ -129,7 +130,7 @@ class Booker:
     def source(self, name: str) -> SourceSettings:
         found = self._sources.get(name)
         if found is None:
-            raise NotFound("no source of that name is configured", expression=("source",))
+            raise NotFound("no source of that name is configured")  # the path's segment: no FHIRPath, no parameter
         return found
 
     def _fhir_adapter(self, source_name: str) -> Any:
@@ -188,7 +189,7 @@ class Booker:
             )
         if claim.state == "mismatch":
             raise IdempotencyKeyReused(
-                "this idempotency key was used before with a different booking", expression=("Idempotency-Key",)
+                "this idempotency key was used before with a different booking", location=http("Idempotency-Key")
             )
         source = self.source(source_name)
         # a queue source keeps its lease through a failure, so the booking passes to the queue whole
@@ -251,7 +252,7 @@ class Booker:
                            retry_after=max(1, min(self._in_flight_retry_after, claim.retry_after_ms // 1000 + 1)))
         if claim.state == "mismatch":
             raise IdempotencyKeyReused("this idempotency key was used before with a different change",
-                                       expression=("Idempotency-Key",))
+                                       location=http("Idempotency-Key"))
         try:
             if current == CANCELLED:
                 raise Unprocessable(issues=[Issue(
@@ -297,7 +298,7 @@ class Booker:
                 found = await self._links.resolve(source_name, target.system, target.value)
                 if found is None:
                     raise NotFound("no appointment with that identifier was booked through this gateway",
-                                   expression=("identifier",))
+                                   location=http("identifier"))
                 # the link is this source's: booked here (before records of status, if it is old)
                 return found, await self._links.status(source_name, found) or BOOKED
             current = await self._links.status(source_name, target.salesforce_id)

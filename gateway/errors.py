@@ -29,13 +29,21 @@ def cut(value: object, limit: int = QUOTE_LIMIT) -> str:
 
 
 class Issue(msgspec.Struct, frozen=True, omit_defaults=True):
-    """One OperationOutcome.issue. `code` is from http://hl7.org/fhir/issue-type."""
+    """One OperationOutcome.issue. `code` is from http://hl7.org/fhir/issue-type. `expression` holds
+    FHIRPaths into the resource; `location` names the HTTP parts (`http.` + a header's or query
+    parameter's name, as R4 says), which are no FHIRPath."""
 
     code: str
     diagnostics: str
     expression: tuple[str, ...] = ()
     severity: Severity = "error"
     details_code: str | None = None  # e.g. Salesforce's errorCode, shown in issue.details.coding
+    location: tuple[str, ...] = ()
+
+
+def http(name: str) -> tuple[str, ...]:
+    """The `location` of a request's header or query parameter (`http.Idempotency-Key`)."""
+    return (f"http.{name}",)
 
 
 class GatewayError(Exception):
@@ -47,6 +55,7 @@ class GatewayError(Exception):
         diagnostics: str | None = None,
         *,
         expression: tuple[str, ...] | list[str] = (),
+        location: tuple[str, ...] = (),
         issues: list[Issue] | None = None,
         retry_after: int | None = None,
         details_code: str | None = None,
@@ -58,6 +67,7 @@ class GatewayError(Exception):
                     diagnostics=diagnostics or self.__class__.__doc__ or "error",
                     expression=tuple(expression),
                     details_code=details_code,
+                    location=location,
                 )
             ]
         if any(len(i.diagnostics) > DIAGNOSTICS_LIMIT for i in issues):
@@ -102,6 +112,12 @@ class RequestTimeout(GatewayError):
     """The request's head or body did not arrive in time."""
 
     status, code = 408, "timeout"
+
+
+class NotAcceptable(GatewayError):
+    """The client accepts no format the gateway answers in (`_format` or `Accept`)."""
+
+    status, code = 406, "not-supported"
 
 
 class PayloadTooLarge(GatewayError):

@@ -6,12 +6,14 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from datetime import datetime
+from functools import lru_cache
 from typing import Any
+from urllib.parse import urlencode
 
 import msgspec
 
 from gateway.canonical import CanonicalBooking
-from gateway.errors import GatewayError, Issue
+from gateway.errors import GatewayError, Issue, NotAcceptable, http
 from gateway.salesforce.wire import FoundSlots
 
 FHIR_JSON = "application/fhir+json"
@@ -34,6 +36,7 @@ class _OOIssue(msgspec.Struct, omit_defaults=True):
     code: str
     details: _Details
     expression: list[str] | None = None
+    location: list[str] | None = None
 
 
 class _OperationOutcome(msgspec.Struct, omit_defaults=True, tag_field="resourceType", tag="OperationOutcome"):
@@ -55,6 +58,7 @@ def operation_outcome(issues: Iterable[Issue]) -> bytes:
                         coding=[_Coding(SALESFORCE_ERROR_SYSTEM, i.details_code)] if i.details_code else None,
                     ),
                     expression=list(i.expression) or None,
+                    location=list(i.location) or None,
                 )
                 for i in issues
             ]
@@ -75,6 +79,55 @@ def warning_header(issues: Iterable[Issue]) -> str:
         return plain.replace("\\", "\\\\").replace('"', '\\"')
 
     return ", ".join(f'299 ehr-gateway "{text(i)}"' for i in issues)
+
+
+# -- content negotiation (FHIR http.html#mime-type) -----------------------------------------------
+
+# what the gateway answers in, and the media ranges that name it; `json` is FHIR's `_format` shorthand
+_ANSWERED = ("application/fhir+json", "application/json")
+_FORMAT_SHORTHAND = {"json": FHIR_JSON}
+_REFUSAL = "this server answers in JSON only (application/fhir+json or application/json, FHIR 4.0)"
+
+
+def negotiate(format_value: str | None, accept: str | None) -> None:
+    """Refuses (406) a client that accepts none of the gateway's formats: `_format` when given (it
+    overrides `Accept`, for clients that cannot set headers), else `Accept`; neither accepts all."""
+    if format_value is not None:
+        # `+` in a query string decodes to a space: `_format=application/fhir+json` unescaped
+        wanted = format_value.strip().lower().replace(" ", "+")
+        if not _accepts_json(_FORMAT_SHORTHAND.get(wanted, wanted)):
+            raise NotAcceptable(_REFUSAL, location=http("_format"))
+    elif accept and not _accepts_json(accept):
+        raise NotAcceptable(_REFUSAL, location=http("Accept"))
+
+
+@lru_cache(maxsize=256)  # clients send a handful of distinct headers; the cache keeps parsing off the path
+def _accepts_json(accept: str) -> bool:
+    """RFC 9110 §12.5.1: for each media type answered, the most specific range that matches it gives
+    its quality; acceptable when one of them has a quality above 0. A range whose `fhirVersion` is
+    not 4.0 matches nothing."""
+    best = {media: (-1, 0.0) for media in _ANSWERED}  # media type -> (specificity, quality)
+    for part in accept.split(","):
+        media, *params = part.split(";")
+        media = media.strip().lower()
+        quality, version_ok = 1.0, True
+        for param in params:
+            name, _, value = param.partition("=")
+            name, value = name.strip().lower(), value.strip().strip('"')
+            if name == "q":
+                try:
+                    quality = min(max(float(value), 0.0), 1.0)
+                except ValueError:
+                    quality = 0.0
+            elif name == "fhirversion":
+                version_ok = value == "4.0" or value.startswith("4.0.")
+        if not version_ok:
+            continue
+        for answered, (specificity, _) in best.items():
+            rank = 2 if media == answered else 1 if media == "application/*" else 0 if media == "*/*" else -1
+            if rank > specificity:
+                best[answered] = (rank, quality)
+    return any(rank >= 0 and quality > 0 for rank, quality in best.values())
 
 
 # --- the Appointment answered for a booking ---
@@ -171,11 +224,11 @@ class _Link(msgspec.Struct):
     url: str
 
 
-class _Bundle(msgspec.Struct, tag_field="resourceType", tag="Bundle"):
+class _Bundle(msgspec.Struct, omit_defaults=True, tag_field="resourceType", tag="Bundle"):
     type: str
     total: int
     link: list[_Link]
-    entry: list[_Entry]
+    entry: list[_Entry] | None = None  # FHIR JSON has no empty arrays
 
 
 # Get Slots' resourceType -> the FHIR resource a Slot's schedule names
@@ -187,11 +240,13 @@ def _instant(value: datetime) -> str:
     return text[:-6] + "Z" if text.endswith("+00:00") else text
 
 
-def slot_searchset(found: FoundSlots, params: Any, base: str, self_url: str) -> bytes:
+def slot_searchset(found: FoundSlots, params: Any, base: str, search_url: str,
+                   offset: int = 0, count: int | None = None) -> bytes:
     """A slot search's answer (gateway/slots.py): one Slot per free slot Salesforce named, in its
     order. Slots that could not be read, or whose id cannot be a FHIR id, are left out; a warning
     (an OperationOutcome entry, search mode `outcome`) says how many, and how many times Salesforce
-    wrote without a zone and were read as UTC."""
+    wrote without a zone and were read as UTC. `search_url` is the search's own address without a
+    query; the page holds `count` of them (all when None) from `offset`."""
     wanted = [_Coding(system=system, code=code) for v in params.getall("service-type", []) for t in v.split(",")
               for system, bar, code in [t.rpartition("|")] if bar and system and code]
     entries = []
@@ -209,14 +264,31 @@ def slot_searchset(found: FoundSlots, params: Any, base: str, self_url: str) -> 
                            serviceType=[_CodeableConcept(coding=wanted)] if wanted else None),
             search=_Search(),
         ))
-    total = len(entries)
     warnings = []
     if left_out:
         warnings.append(f"{left_out} slot(s) in Salesforce's answer could not be read and are left out")
     if zoneless:
         warnings.append(f"{zoneless} slot(s) came from Salesforce with times without a time zone: read as UTC")
-    if warnings:
+    bundle = _page(entries, params, search_url, offset, count)
+    if warnings:  # on every page: it is about the whole answer, and not counted in `total`
         outcome = _OperationOutcome(issue=[_OOIssue(severity="warning", code="informational", details=_Details(text=w))
                                            for w in warnings])
-        entries.append(_Entry(resource=outcome, search=_Search(mode="outcome")))
-    return _encoder.encode(_Bundle(type="searchset", total=total, link=[_Link("self", self_url)], entry=entries))
+        bundle.entry = [*(bundle.entry or ()), _Entry(resource=outcome, search=_Search(mode="outcome"))]
+    return _encoder.encode(bundle)
+
+
+def _page(entries: list[_Entry], params: Any, search_url: str, offset: int, count: int | None) -> _Bundle:
+    """One page of a searchset. Nothing is held between pages: `next` asks the same search again
+    with `_offset` moved on (Get Slots has no paging of its own, and a slot taken meanwhile is
+    simply gone from the next answer)."""
+    kept = [(k, v) for k, v in params.multi_items() if k not in ("_count", "_offset")]
+
+    def url(at: int) -> str:
+        paging = ([("_count", str(count))] if count is not None else []) + ([("_offset", str(at))] if at else [])
+        return f"{search_url}?{urlencode(kept + paging)}"
+
+    end = len(entries) if count is None else min(len(entries), offset + count)
+    links = [_Link("self", url(offset))]
+    if count != 0 and end < len(entries):  # `_count=0` asks for the total alone
+        links.append(_Link("next", url(end)))
+    return _Bundle(type="searchset", total=len(entries), link=links, entry=entries[offset:end] or None)

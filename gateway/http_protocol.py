@@ -16,7 +16,8 @@ This subclass adds, per connection:
   `/fhir//cerner/…` would reach `cerner` past a proxy's rule on the literal prefix; `$` may come
   literally or as `%24` (no source name holds one);
 - one Host header on an HTTP/1.1 request, at most one on any, of a valid form (RFC 9112 §3.2; 400);
-- FHIR OperationOutcomes instead of plain text for all of these, and for unparsable requests;
+- FHIR OperationOutcomes instead of plain text for all of these, and for unparsable requests, with
+  an `X-Request-ID` like every answer of the app;
 - a lingering close: a connection closed while the client may still be sending (an answer given
   before the body arrived, such as a 413, or a refused head) first reads and drops what comes, up to
   16 MiB or 5 seconds. Closing with unread bytes resets the connection, and a client that writes its
@@ -44,6 +45,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from gateway.errors import GatewayError, HeadersTooLarge, InvalidRequest, RequestTimeout
 from gateway.fhir import FHIR_JSON, error_body
+from gateway.ids import new_id
 
 __all__ = ["GatewayProtocol", "gateway_protocol"]
 
@@ -190,6 +192,7 @@ class GatewayProtocol(HttpToolsProtocol):
         for name, value in self.server_state.default_headers:
             head.append(name + b": " + value + b"\r\n")
         head.append(b"content-type: " + FHIR_JSON.encode() + b"\r\n")
+        head.append(b"x-request-id: " + new_id().encode() + b"\r\n")  # as every answer of the app has
         head.append(b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body))
         self.transport.write(b"".join(head) + body)
         self._close(linger)

@@ -29,7 +29,7 @@ from gateway.sealing import SealError, Sealer
 # errors through unwrapped (a write on a connection torn down under it raises AttributeError or
 # TypeError; redis-py issue #4287), so they are caught here, around the Redis call alone.
 REDIS_FAILURES: tuple[type[BaseException], ...] = (RedisError, OSError, AttributeError, TypeError)
-from gateway.errors import InvalidRequest, Unavailable
+from gateway.errors import InvalidRequest, Unavailable, http
 
 # Record fields: fp (booking fingerprint), st (f leased, u in doubt, q queued, d done), tok and lease
 # (the holder's token and lease end), dbt ('1': an earlier attempt may have reached Salesforce), since
@@ -144,7 +144,7 @@ def parse_key_header(value: str | None) -> str | None:
         value = value[1:-1]
     if not 1 <= len(value) <= 255 or not all(" " <= ch <= "~" for ch in value):
         raise InvalidRequest(
-            "Idempotency-Key must be 1 to 255 printable ASCII characters", expression=("Idempotency-Key",)
+            "Idempotency-Key must be 1 to 255 printable ASCII characters", location=http("Idempotency-Key")
         )
     return value
 

@@ -34,6 +34,7 @@ OPENAPI_PATH = "/openapi.json"
 _REF = "#/components/schemas/{name}"
 _JSON = "application/json"
 _FHIR_MEDIA = (FHIR_JSON, _JSON)  # what the FHIR routes accept, and what `_check_media` lets in
+_FORM = "application/x-www-form-urlencoded"
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -146,7 +147,8 @@ _PARAMETERS = {
 _OPERATION_OUTCOME = {
     "type": "object",
     "description": "Every refusal: a FHIR OperationOutcome whose `issue.code` is from the FHIR issue-type code "
-                   "system. `expression` names FHIR paths; no issue repeats a value of the patient's record.",
+                   "system. `expression` names FHIR paths, `location` headers and query parameters; no issue "
+                   "repeats a value of the patient's record.",
     "required": ["resourceType", "issue"],
     "properties": {
         "resourceType": {"const": "OperationOutcome"},
@@ -172,6 +174,8 @@ _OPERATION_OUTCOME = {
                     },
                 },
                 "expression": _array(_STRING),
+                "location": {**_array(_STRING), "description": "the HTTP part at fault, `http.` + the name of a "
+                                                               "header or query parameter (`http.Idempotency-Key`)"},
             },
         }},
     },
@@ -274,6 +278,8 @@ def _fhir_errors(*, body: bool) -> dict[str, dict[str, Any]]:
         "403": _outcome("a key, token or client certificate of another source", request_id=True),
         "404": _outcome("no FHIR source of that name is configured", request_id=True),
         "408": _outcome("the body did not arrive in time"),
+        "406": _outcome("neither `_format` nor `Accept` allows JSON (application/fhir+json, application/json, "
+                        "`*/*`, FHIR 4.0); `_format` overrides `Accept`", request_id=True),
         "415": _outcome("a media type other than application/fhir+json or application/json", request_id=True),
         "422": _outcome("a code without a mapping, or a Salesforce rule broken; also the stored answer of a "
                         "booking Salesforce refused", request_id=True),
@@ -360,7 +366,8 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
         "schema": {"type": "string", "pattern": '^([ -~]{1,255}|"[ -~]{1,255}")$', "not": {"const": '""'}},
     }
     replayed_headers = {
-        "Location": {"description": "/fhir/{source}/Appointment/{id}", "schema": {"type": "string"}},
+        "Location": {"description": "[base]/Appointment/{id}, absolute: the source's FHIR base at the first "
+                                    "[server] public_urls", "schema": {"type": "string", "format": "uri"}},
         "Idempotent-Replayed": {"description": "`true` when this is the first attempt's answer, byte for byte",
                                 "schema": {"const": "true"}},
         "X-Request-ID": _REQUEST_ID,
@@ -413,11 +420,13 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
 
     slot_responses = {
         "200": {"description": "a FHIR searchset Bundle of free Slots (status `free`); a Slot's id books with "
-                               "`Appointment.slot`", "headers": {"X-Request-ID": _REQUEST_ID},
+                               "`Appointment.slot`; with `_count`, a page of them and a `next` link while more are "
+                               "left", "headers": {"X-Request-ID": _REQUEST_ID},
                 "content": {FHIR_JSON: {"schema": {"type": "object", "required": ["resourceType", "type", "entry"],
                                                    "properties": {"resourceType": {"const": "Bundle"},
                                                                   "type": {"const": "searchset"},
                                                                   "total": {"type": "integer"},
+                                                                  "link": {"type": "array"},
                                                                   "entry": {"type": "array"}}}}}},
         **_fhir_errors(body=False),
         "502": _outcome("Salesforce failed (a 5xx, or an answer that cannot be read)", retry_after=True,
@@ -430,6 +439,18 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
     def query_param(name: str, description: str, *, required: bool = False) -> dict[str, Any]:
         return {"name": name, "in": "query", "required": required, "description": description,
                 "schema": {"type": "array", "items": {"type": "string"}}, "style": "form", "explode": True}
+
+    # the searches' parameters, in the query of a GET or the form body of a POST …/_search
+    page_size = {"type": "integer", "minimum": 0, "maximum": 999_999_999}
+    slot_params = {
+        "start": ("both bounds: ge<from> (or gt) and le<to> (or lt); a date, or a date-time with its offset", None),
+        "actor": ("Practitioner/<id> or Device/<id> (one at least), Location/<id>", None),
+        "service-type": ("system|code tokens", None),
+        "appointment-type": ("system|code tokens", None),
+        "specialty": ("system|code tokens", None),
+        "_count": ("the page size (all when absent; 0: the total alone)", page_size),
+        "_offset": ("where the page starts: what a `next` link sets (each page asks Get Slots again)", page_size),
+    }
 
     translate_responses = {
         "200": _json_answer("the Salesforce request the booking would become; nothing is sent or stored",
@@ -471,8 +492,9 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
              **_fhir_errors(body=True)},
             operation_id="batch",
             description="Entries: POST Appointment (book), PUT Appointment/<id> or Appointment?identifier=… "
-                        "(reschedule or cancel). A transaction is 422. With `Idempotency-Key`, entry i's key is "
-                        "`<key>#i`." + mtls_note,
+                        "(reschedule or cancel); any other entry is answered `405` (not-supported) in its place, and "
+                        "an entry holding an Appointment has its absolute `fullUrl`. A transaction is 422. With "
+                        "`Idempotency-Key`, entry i's key is `<key>#i`." + mtls_note,
             parameters=[fhir_source, idempotency_key],
             requestBody=fhir_body({"type": "object", "required": ["resourceType", "type"],
                                    "properties": {"resourceType": {"const": "Bundle"},
@@ -485,21 +507,42 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
             {"200": {"description": "a FHIR R4 CapabilityStatement of what this source may do",
                      "content": {FHIR_JSON: {"schema": {"type": "object", "required": ["resourceType", "fhirVersion"],
                                                         "properties": {"resourceType": {"const": "CapabilityStatement"}}}}}},
-             "404": _outcome("no FHIR source of that name is configured")},
+             "404": _outcome("no FHIR source of that name is configured"),
+             "406": _fhir_errors(body=False)["406"]},
             operation_id="capabilities", parameters=[fhir_source], security=[],
+        )},
+        "/fhir/{source}/OperationDefinition/{name}": {"get": _operation(
+            "The definition of the gateway's own $translate, as the CapabilityStatement names it", "FHIR",
+            {"200": {"description": "a FHIR R4 OperationDefinition",
+                     "content": {FHIR_JSON: {"schema": {"type": "object", "required": ["resourceType", "url", "code"],
+                                                        "properties": {"resourceType": {"const": "OperationDefinition"},
+                                                                       "code": {"const": "translate"}}}}}},
+             "404": _outcome("no FHIR source of that name, or no definition of that name"),
+             "406": _fhir_errors(body=False)["406"]},
+            operation_id="operationDefinition", security=[],
+            parameters=[fhir_source, {"name": "name", "in": "path", "required": True, "schema": {"type": "string"},
+                                      "description": "`appointment-translate`; any other is 404",
+                                      "examples": {"translate": {"value": "appointment-translate"}}}],
         )},
         "/fhir/{source}/Slot": {"get": _operation(
             "Search free slots (Salesforce Get Slots)", "FHIR", slot_responses, operation_id="searchSlots",
             description="The codes map through the source's code maps as a booking's would; the actors are the "
                         "Practitioners or Devices whose slots are wanted (and at most one Location)." + mtls_note,
-            parameters=[fhir_source,
-                        query_param("start", "both bounds: ge<from> (or gt) and le<to> (or lt); a date, or a "
-                                             "date-time with its offset", required=True),
-                        query_param("actor", "Practitioner/<id> or Device/<id> (one at least), Location/<id>",
-                                    required=True),
-                        query_param("service-type", "system|code tokens"),
-                        query_param("appointment-type", "system|code tokens"),
-                        query_param("specialty", "system|code tokens")],
+            parameters=[fhir_source, *(
+                {"name": name, "in": "query", "required": False, "description": text, "schema": schema}
+                if schema is not None else query_param(name, text, required=name in ("start", "actor"))
+                for name, (text, schema) in slot_params.items())],
+            security=fhir_security,
+        )},
+        "/fhir/{source}/Slot/_search": {"post": _operation(
+            "Search free slots by POST (FHIR search with a form body)", "FHIR",
+            dict(sorted({**slot_responses, **_fhir_errors(body=True)}.items())), operation_id="searchSlotsByPost",
+            description="The same search as GET …/Slot, its parameters form-encoded in the body (and any in the "
+                        "query too); the same answer." + mtls_note,
+            parameters=[fhir_source],
+            requestBody={"required": True, "content": {_FORM: {"schema": {"type": "object", "properties": {
+                name: schema if schema is not None else {"type": "array", "items": _STRING}
+                for name, (text, schema) in slot_params.items()} | {"_format": _STRING}}}}},
             security=fhir_security,
         )},
         "/fhir/{source}/Appointment/$translate": {"post": _operation(
@@ -748,6 +791,16 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
                 op["responses"] = dict(sorted({**op["responses"], "400": _outcome(
                     "the path is not in its canonical spelling (a character percent-encoded that needs no encoding, "
                     "an encoded / or control character, an empty or dot segment)")}.items()))
+
+    format_param = {"name": "_format", "in": "query", "required": False, "schema": {"type": "string"},
+                    "description": "overrides `Accept` (FHIR): `json`, `application/fhir+json` or `application/json`; "
+                                   "anything else is 406"}
+    for path, item in paths.items():
+        for op in item.values():
+            if path.startswith("/fhir/{source}"):  # FHIR's content negotiation on every route of a source
+                op["parameters"] = [*op.get("parameters", ()), format_param]
+            for response in op["responses"].values():  # every answer names its request
+                response["headers"] = {**response.get("headers", {}), "X-Request-ID": _REQUEST_ID}
 
     return {
         "openapi": "3.1.0",

@@ -64,6 +64,7 @@ class LoggedIssue(msgspec.Struct, frozen=True, omit_defaults=True):
     diagnostics: str
     expression: tuple[str, ...] = ()
     severity: str = "error"  # a booked entry's issues are warnings: what the mapping left out
+    location: tuple[str, ...] = ()  # a header or query parameter (`http.Idempotency-Key`)
 
 
 class Sealed(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -222,7 +223,8 @@ def key_digest(source: str, material: str) -> str:
 
 def logged_issues(issues: Iterable[Issue]) -> tuple[LoggedIssue, ...]:
     """An entry's issues: the first LOGGED_ISSUES, then one more counting the rest."""
-    logged = [LoggedIssue(i.code, i.diagnostics, i.expression, i.severity) for i in issues]
+    severity: str = "error"  # a booked entry's issues are warnings: what the mapping left out
+    location: tuple[str, ...] = ()  # a header or query parameter (`http.Idempotency-Key`)
     if len(logged) > LOGGED_ISSUES:
         more = len(logged) - LOGGED_ISSUES
         logged[LOGGED_ISSUES:] = [LoggedIssue("too-costly", f"and {more} more issues, not listed here")]

@@ -16,7 +16,7 @@ from typing import Any
 from adapters.r4 import resolve_reference
 from gateway.canonical import CanonicalBooking, Coding, Concept
 from gateway.codemaps import SourceMaps
-from gateway.errors import InvalidRequest, Unprocessable
+from gateway.errors import InvalidRequest, Unprocessable, http
 from gateway.mapping import map_booking
 from gateway.salesforce.wire import SlotResource, SlotsRequest
 from gateway.settings import SourceSettings
@@ -25,8 +25,19 @@ _LOWER, _UPPER = ("ge", "gt"), ("le", "lt")
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 # a search's actor -> Get Slots' resourceType ("Provider" or "Device")
 _RESOURCE_KINDS = {"Practitioner": "Provider", "PractitionerRole": "Provider", "Device": "Device"}
+_NUMBER = re.compile(r"\d{1,9}")
 
 
+def paging(params: Any) -> tuple[int, int | None]:
+    """`_offset` and `_count` of a search (the page's first slot, and how many: all when absent),
+    checked before Salesforce is asked. `_offset` is the gateway's own: its `next` links set it."""
+    found = []
+    for name in ("_offset", "_count"):
+        values = params.getall(name, [])
+        if len(values) > 1 or (values and not _NUMBER.fullmatch(values[0])):
+            raise InvalidRequest(f"{name} takes one whole number, 0 or more", location=http(name))
+        found.append(int(values[0]) if values else None)
+    return found[0] or 0, found[1]
 
 
 def _instant(value: str, upper: bool) -> str:
@@ -38,7 +49,7 @@ def _instant(value: str, upper: bool) -> str:
     except ValueError:
         moment = None
     if moment is None or moment.tzinfo is None:
-        raise InvalidRequest("start takes a date (YYYY-MM-DD) or a date-time with its offset", expression=("start",))
+        raise InvalidRequest("start takes a date (YYYY-MM-DD) or a date-time with its offset", location=http("start"))
     return value
 
 
@@ -49,7 +60,7 @@ def _tokens(values: list[str], name: str, path: str) -> tuple[Concept, ...]:
         system, bar, code = token.rpartition("|")
         if not bar or not system or not code:
             raise InvalidRequest(f"{name} takes system|code tokens: a code without its system cannot be mapped",
-                                 expression=(name,))
+                                 location=http(name))
         concepts.append(Concept(path=f"{path}[{len(concepts)}]", codings=(Coding(system=system, code=code),)))
     return tuple(concepts)
 
@@ -66,9 +77,9 @@ def slots_request(params: Any, source: SourceSettings, maps: SourceMaps) -> tupl
         elif prefix in _UPPER and upper is None:
             upper = _instant(rest, upper=True)
         else:
-            raise InvalidRequest("start is given twice as a bound: start=ge<from>&start=le<to>", expression=("start",))
+            raise InvalidRequest("start is given twice as a bound: start=ge<from>&start=le<to>", location=http("start"))
     if lower is None or upper is None:
-        raise InvalidRequest("a slot search needs both bounds: start=ge<from>&start=le<to>", expression=("start",))
+        raise InvalidRequest("a slot search needs both bounds: start=ge<from>&start=le<to>", location=http("start"))
     resources: list[tuple[str, str]] = []
     territory = None
     for value in (v for a in params.getall("actor", []) for v in a.split(",") if v):
@@ -79,10 +90,10 @@ def slots_request(params: Any, source: SourceSettings, maps: SourceMaps) -> tupl
             territory = resolved[1]
         else:
             raise InvalidRequest("actor takes Practitioner/<id> or Device/<id> references, and at most one Location",
-                                 expression=("actor",))
+                                 location=http("actor"))
     if not resources:
         raise InvalidRequest("a slot search needs an actor: the Practitioner or Device whose slots are wanted",
-                             expression=("actor",))
+                             location=http("actor"))
     # the codes read as an Appointment's would, so they map to what a booking would send
     probe = CanonicalBooking(
         resource_path="Slot",

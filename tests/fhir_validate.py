@@ -49,6 +49,9 @@ _VALUE_SETS: dict[str, frozenset[str]] = {
     # valueset-search-param-type.html
     "search-param-type": frozenset({"number", "date", "string", "token", "reference", "composite", "quantity",
                                     "uri", "special"}),
+    # valueset-operation-kind.html, valueset-operation-parameter-use.html
+    "operation-kind": frozenset({"operation", "query"}),
+    "operation-parameter-use": frozenset({"in", "out"}),
     # valueset-FHIR-version.html (the R4 releases)
     "FHIR-version": frozenset({"4.0.0", "4.0.1"}),
     # valueset-participantrequired.html (also in the corpus; kept here so both agree)
@@ -88,6 +91,8 @@ _BINDINGS: dict[str, tuple[tuple[str, str], ...]] = {
         ("rest.resource.searchParam.type", "search-param-type"),
         ("rest.searchParam.type", "search-param-type"),
     ),
+    "OperationDefinition": (("status", "publication-status"), ("kind", "operation-kind"),
+                            ("parameter.use", "operation-parameter-use")),
 }
 
 

@@ -97,7 +97,7 @@ async def test_search_by_source_outcome_time_salesforce_id_and_key(gateway, sand
     later = (await gateway.get("/admin/api/requests", params={"since": str(newest[0]["time_ms"] + 1)}, headers=admin())).json()
     assert later["requests"] == []
     bad = await gateway.get("/admin/api/requests", params={"outcome": "weird"}, headers=admin())
-    assert bad.status_code == 400 and bad.json()["issue"][0]["expression"] == ["outcome"]
+    assert bad.status_code == 400 and bad.json()["issue"][0]["location"] == ["http.outcome"]
 
 
 async def test_fix_the_map_then_replay_books_once(redis_url, prefix, sandbox, tmp_path):

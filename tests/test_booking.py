@@ -33,7 +33,7 @@ async def test_books_the_cerner_appointment(gateway, sandbox):
     assert len(stored) == 1
     assert body["resourceType"] == "Appointment" and body["status"] == "booked"
     assert body["id"] == stored[0].id
-    assert r.headers["location"] == f"/fhir/cerner/Appointment/{stored[0].id}"
+    assert r.headers["location"] == f"{gateway.base_url}/fhir/cerner/Appointment/{stored[0].id}"
     assert r.headers["content-type"].startswith("application/fhir+json")
     assert {"system": SALESFORCE_ID_SYSTEM, "value": stored[0].id} in body["identifier"]
     sent = stored[0].request
@@ -113,7 +113,7 @@ async def test_key_reused_with_another_booking_is_422(gateway, sandbox):
     assert (await gateway.post("/fhir/cerner/Appointment", content=booking_variant(1), headers=h)).status_code == 201
     r = await gateway.post("/fhir/cerner/Appointment", content=booking_variant(2), headers=h)
     assert r.status_code == 422
-    assert r.json()["issue"][0]["expression"] == ["Idempotency-Key"]
+    assert r.json()["issue"][0]["location"] == ["http.Idempotency-Key"]
     assert len(state(sandbox).appointments()) == 1
 
 

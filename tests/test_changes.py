@@ -42,7 +42,7 @@ async def test_a_reschedule_by_salesforce_id_moves_the_appointment(gateway, sand
     assert r.status_code == 200, r.text
     body = r.json()
     assert (body["id"], body["status"], body["start"]) == (sf_id, "booked", "2026-12-01T15:00:00Z")
-    assert r.headers["location"] == f"/fhir/cerner/Appointment/{sf_id}"
+    assert r.headers["location"] == f"{gateway.base_url}/fhir/cerner/Appointment/{sf_id}"
     stored = state(sandbox).get(sf_id)
     assert stored.status == "Scheduled" and stored.request["startDate"] == "2026-12-01T15:00:00Z"
     assert stored.request["id"] == sf_id and len(state(sandbox).appointments()) == 1
@@ -127,7 +127,7 @@ async def test_a_conditional_update_needs_one_identifier(gateway, sandbox):
     for query in ("", "?identifier=", "?identifier=a|1&identifier=b|2"):
         r = await put(gateway, f"/fhir/cerner/Appointment{query}", appointment(status="cancelled"))
         assert r.status_code == 400, (query, r.text)
-        assert r.json()["issue"][0]["expression"] == ["identifier"]
+        assert r.json()["issue"][0]["location"] == ["http.identifier"]
 
 
 async def test_a_reused_key_with_another_change_is_422(gateway, sandbox):

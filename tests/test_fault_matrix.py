@@ -111,7 +111,7 @@ async def test_one_appointment_whatever_book_answers(gw, org, status, body, befo
     assert answers[-1] == expected_final(status, body, before), answers
     if answers[-1] == 201:
         assert [a.id for a in mine] == [r.json()["id"]], answers  # one, and the one the EHR was told
-        assert r.headers["location"] == f"/fhir/cerner/Appointment/{mine[0].id}"
+        assert r.headers["location"] == f"{gw.base_url}/fhir/cerner/Appointment/{mine[0].id}"
     else:
         assert mine == [], answers
     if not before:  # stored, then a bad answer: found at once by the look-up, not waited for

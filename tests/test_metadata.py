@@ -5,12 +5,14 @@ which then searches Slots and books through the gateway as its documentation say
 from __future__ import annotations
 
 import asyncio
+from urllib.parse import quote
 
 import msgspec
 from fhirclient import client as fhirclient
 from fhirpy import AsyncFHIRClient
 
-from tests.conftest import KEYS, VIDEO_VISIT, auth, corpus, make_settings, serve_gateway
+from tests.conftest import CORPUS, KEYS, VIDEO_VISIT, auth, corpus, make_settings, serve_gateway
+from tests.fhir_validate import validate
 from tests.test_smart import JWKS, with_smart
 
 VIDEO = "https://fhir.cerner.com/ec2458f2-1e24-41c8-b71b-0e701af7583d/codeSet/14249|2572307911"
@@ -28,12 +30,13 @@ async def test_fhirclient_reads_the_capability_statement(gateway, sandbox):
     assert (caps.fhirVersion, caps.kind, caps.status) == ("4.0.1", "instance", "active")
     rest = caps.rest[0]
     kinds = {r.type: r for r in rest.resource}
-    assert set(kinds) == {"Appointment", "Slot"}
+    assert set(kinds) == {"Appointment", "Slot", "OperationDefinition"}  # the last: $translate's definition
     assert {i.code for i in kinds["Appointment"].interaction} == {"create", "update"}
     assert kinds["Appointment"].conditionalUpdate is True
     assert {o.name for o in kinds["Appointment"].operation} == {"book", "translate"}
     assert [i.code for i in kinds["Slot"].interaction] == ["search-type"]
-    assert {p.name for p in kinds["Slot"].searchParam} >= {"start", "actor", "service-type"}
+    assert {p.name for p in kinds["Slot"].searchParam} >= {"start", "actor", "service-type", "_count"}
+    assert [i.code for i in rest.interaction] == ["batch"]
     assert rest.security.service is None  # the cerner source of the test config has no SMART client
 
 
@@ -95,3 +98,37 @@ async def test_published_urls_come_from_the_settings_not_the_host_header(redis_u
         bundle = found.json()
         assert bundle["link"][0]["url"].startswith("https://ehr-gateway.example.org/ehr/fhir/cerner/Slot?")
         assert all(e["fullUrl"].startswith("https://ehr-gateway.example.org/ehr/fhir/cerner/Slot/") for e in bundle["entry"])
+
+
+async def test_the_capability_statement_tells_the_truth(gateway, sandbox):
+    """The batch interaction; Argonaut's canonical `$book` definition (the corpus's own `url`); a
+    `$translate` whose definition resolves, served by the gateway as an OperationDefinition of its
+    own (not ConceptMap/$translate's); Slot's `_count` and search by POST; and a `format` list that
+    content negotiation accepts, each entry of it."""
+    r = await gateway.get("/fhir/cerner/metadata")
+    caps = validate(r.content, "CapabilityStatement")
+    (rest,) = caps["rest"]
+    assert [i["code"] for i in rest["interaction"]] == ["batch"]
+    resources = {res["type"]: res for res in rest["resource"]}
+    operations = {op["name"]: op["definition"] for op in resources["Appointment"]["operation"]}
+    argonaut = msgspec.json.decode((CORPUS / "argonaut-scheduling/OperationDefinition-appointment-book.json").read_bytes())
+    assert operations["book"] == argonaut["url"]
+    assert operations["translate"] == f"{gateway.base_url}/fhir/cerner/OperationDefinition/appointment-translate"
+    resolved = await gateway.get(operations["translate"])  # an absolute URL at the gateway: no key needed
+    assert resolved.status_code == 200 and resolved.headers["content-type"].startswith("application/fhir+json")
+    definition = validate(resolved.content, "OperationDefinition")
+    assert (definition["url"], definition["code"], definition["resource"]) == (operations["translate"], "translate",
+                                                                               ["Appointment"])
+    assert definition["url"] != "http://hl7.org/fhir/OperationDefinition/ConceptMap-translate"
+    assert {p["name"] for p in definition["parameter"] if p["use"] == "in"} >= {"appt-resource"}
+    assert [i["code"] for i in resources["OperationDefinition"]["interaction"]] == ["read"]
+    slot = resources["Slot"]
+    assert [i["code"] for i in slot["interaction"]] == ["search-type"] and "_search" in slot["interaction"][0]["documentation"]
+    assert {p["name"]: p["type"] for p in slot["searchParam"]}["_count"] == "number"
+    for media in caps["format"]:
+        assert (await gateway.get(f"/fhir/cerner/metadata?_format={quote(media)}")).status_code == 200, media
+        if "/" in media:  # `json` is _format's shorthand, not a media type an Accept names
+            assert (await gateway.get("/fhir/cerner/metadata", headers={"Accept": media})).status_code == 200, media
+    missing = await gateway.get("/fhir/cerner/OperationDefinition/ConceptMap-translate")
+    assert missing.status_code == 404 and validate(missing.content, "OperationOutcome")["issue"][0]["code"] == "not-found"
+    assert (await gateway.get("/fhir/nowhere/OperationDefinition/appointment-translate")).status_code == 404

@@ -128,15 +128,20 @@ async def test_a_slot_found_books_and_is_then_taken(gateway, sandbox):
 
 
 async def test_malformed_searches_are_400_and_name_the_parameter(gateway, sandbox):
+    """The parameter is named in `location` (`http.` + its name, as R4 says for HTTP parts), not in
+    `expression`, which is a FHIRPath into a resource."""
     cases = {
         "start": query(start=[f"ge{DAY}T09:00:00Z"]),  # no upper bound
         "actor": query(actor=["Patient/1"]),
         "service-type": query(**{"service-type": ["2572307911"]}),  # a code without its system
+        "_count": query(_count=["-1"]),
+        "_offset": query(_offset=["x"]),
     }
     for name, path in cases.items():
         r = await gateway.get(path, headers=auth())
         assert r.status_code == 400, (name, r.text)
-        assert r.json()["issue"][0]["expression"] == [name]
+        (issue,) = validate(r.content, "OperationOutcome")["issue"]
+        assert issue["location"] == [f"http.{name}"] and "expression" not in issue, issue
     naive = await gateway.get(query(start=[f"ge{DAY}T09:00:00", f"le{DAY}T11:00:00Z"]), headers=auth())
     assert naive.status_code == 400  # a date-time without its offset
     assert state(sandbox).counters().slots_calls == 0
@@ -153,3 +158,47 @@ async def test_a_code_the_maps_refuse_is_422(gateway, sandbox):
 async def test_a_search_needs_the_sources_key(gateway, sandbox):
     assert (await gateway.get(query())).status_code == 401
     assert (await gateway.get(query(), headers=auth("epic"))).status_code == 403
+
+
+async def test_count_pages_the_answer_and_next_serves_the_rest(gateway, sandbox):
+    """`_count` is the page size; `next` is an absolute link that works (it asks the same search
+    again with `_offset` moved on: nothing is held between pages); `_count=0` is the total alone."""
+    everything = [e["resource"]["id"] for e in (await gateway.get(query(), headers=auth())).json()["entry"]]
+    assert len(everything) == 4
+    first = await gateway.get(query(_count=["3"]), headers=auth())
+    assert first.status_code == 200, first.text
+    page = validate(first.content, "Bundle")
+    assert page["total"] == 4 and [e["resource"]["id"] for e in page["entry"]] == everything[:3]
+    links = {link["relation"]: link["url"] for link in page["link"]}
+    assert set(links) == {"self", "next"} and links["next"].startswith(f"{gateway.base_url}/fhir/cerner/Slot?")
+    second = await gateway.get(links["next"], headers=auth())
+    assert second.status_code == 200, second.text
+    rest = validate(second.content, "Bundle")
+    assert rest["total"] == 4 and [e["resource"]["id"] for e in rest["entry"]] == everything[3:]
+    assert [link["relation"] for link in rest["link"]] == ["self"]  # the last page
+    summary = validate((await gateway.get(query(_count=["0"]), headers=auth())).content, "Bundle")
+    assert summary["total"] == 4 and "entry" not in summary and [l["relation"] for l in summary["link"]] == ["self"]
+    assert state(sandbox).counters().slots_calls == 4  # one Get Slots call per page
+
+
+async def test_a_search_by_post_is_the_same_search(gateway, sandbox):
+    """FHIR search by POST: `POST [base]/Slot/_search` with the parameters form-encoded (some may stay
+    in the query) answers what the GET answers; any other body is 415, and nothing is asked of
+    Salesforce for it."""
+    by_get = await gateway.get(query(_count=["2"]), headers=auth())
+    form = query(_count=["2"]).partition("?")[2]
+    headers = {**auth(), "Content-Type": "application/x-www-form-urlencoded"}
+    by_post = await gateway.post("/fhir/cerner/Slot/_search", content=form, headers=headers)
+    assert by_post.status_code == 200, by_post.text
+    assert validate(by_post.content, "Bundle") == by_get.json()
+    assert by_post.headers["content-type"].startswith("application/fhir+json")
+    head, _, tail = form.partition("&service-type")  # the bounds in the query, the rest in the body
+    split = await gateway.post(f"/fhir/cerner/Slot/_search?{head}", content="service-type" + tail, headers=headers)
+    assert split.status_code == 200 and split.json() == by_get.json(), split.text
+    calls = state(sandbox).counters().slots_calls
+    wrong = await gateway.post("/fhir/cerner/Slot/_search", content=b'{"start": "ge2026-12-01"}', headers=auth())
+    assert wrong.status_code == 415 and validate(wrong.content, "OperationOutcome")["issue"][0]["code"] == "not-supported"
+    unauthorised = await gateway.post("/fhir/cerner/Slot/_search", content=form,
+                                      headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert unauthorised.status_code == 401
+    assert state(sandbox).counters().slots_calls == calls

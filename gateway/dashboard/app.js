@@ -92,6 +92,11 @@
   const minuteFmt = new Intl.DateTimeFormat(undefined, { hour: '2-digit', minute: '2-digit', hour12: false });
   const numFmt = new Intl.NumberFormat();
 
+  // where an issue is: FHIR paths (expression), then the HTTP parts (location: http.<header or parameter>)
+  function where(issue) {
+    return [...(issue.expression || []), ...(issue.location || [])];
+  }
+
   function fmtTime(ms) {
     if (typeof ms !== 'number') return '–';
     const d = new Date(ms);
@@ -572,8 +577,8 @@
         h('ul', { class: 'issues', testid: 'detail-issues' }, issues.map((issue) => h('li', { testid: 'issue', class: 'issue' },
           h('span', { class: 'issue-code' }, issue.code),
           h('p', { class: 'issue-text' }, issue.diagnostics),
-          (issue.expression || []).length
-            ? h('p', { class: 'issue-where' }, 'At ', (issue.expression || []).map((e, i) => [i ? ', ' : '', h('code', { testid: 'issue-path' }, e)]))
+          where(issue).length
+            ? h('p', { class: 'issue-where' }, 'At ', where(issue).map((e, i) => [i ? ', ' : '', h('code', { testid: 'issue-path' }, e)]))
             : null)))));
     } else if (v.sf_error) {
       body.append(section('Why', h('p', null, 'Salesforce answered ', h('code', null, v.sf_error),
@@ -1036,7 +1041,7 @@
         issues.length ? h('ul', { class: 'issues' }, issues.map((i) => h('li', { class: 'issue' },
           i.code ? h('span', { class: 'issue-code' }, i.code) : null,
           h('p', { class: 'issue-text' }, (i.details && i.details.text) || i.diagnostics || ''),
-          (i.expression || []).length ? h('p', { class: 'issue-where' }, 'At ', i.expression.map((e, n) => [n ? ', ' : '', h('code', null, e)])) : null)))
+          where(i).length ? h('p', { class: 'issue-where' }, 'At ', where(i).map((e, n) => [n ? ', ' : '', h('code', null, e)])) : null)))
           : h('p', null, err.message)));
     } finally {
       button.disabled = false;
