@@ -83,7 +83,9 @@ _RETRY = ("207", "not processed now; send it again")  # every AR but one in flig
 _IN_FLIGHT = ("206", "the appointment is being processed; send it again")
 # where a rule's path (the canonical booking of an SIU is rooted at SCH) lies in the message
 _V2_PATHS = {"SCH.start": "SCH-11", "SCH.end": "SCH-11", "SCH.appointmentType": "SCH-8", "SCH.serviceType": "AIS-3",
-             "SCH.participant": "PID-3, AIL-3 or AIP-3/AIG-3", "identifier": "SCH", "Idempotency-Key": "SCH"}
+             "SCH.participant": "PID-3, AIL-3 or AIP-3/AIG-3",
+             # what names the appointment over HTTP (a query parameter or a header) is SCH-1/SCH-2 here
+             "http.identifier": "SCH", "http.Idempotency-Key": "SCH"}
 _LOCATION = re.compile(r"([A-Z][A-Z0-9]{2})(?:-(\d{1,3})(?:\.(\d{1,2}))?)?(?=$|[.\[])")  # SCH, SCH-8, MSH-9.2
 _TRIGGER = re.compile(r"[A-Z0-9]{3}")
 _HEX = re.compile(r"X(?:[0-9A-Fa-f]{2})+")
@@ -274,7 +276,7 @@ def _errors(code: str, issues: tuple[Issue, ...]) -> list[_Error]:
 
 
 def _describe(issue: Issue, code: str) -> _Error:
-    where, location = _where(issue.expression[0] if issue.expression else "")
+    where, location = _where(next(iter(issue.expression or issue.location), ""))
     if code == "AR":
         hl7_code, what = _IN_FLIGHT if issue.code == "conflict" else _RETRY
     elif issue.code == "not-supported" and location[2:] == ("9", "1", "2"):  # MSH-9.2, the trigger event

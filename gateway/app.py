@@ -31,6 +31,7 @@ from gateway.errors import (
     SalesforceRefused,
     GatewayError,
     InvalidRequest,
+    Issue,
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,

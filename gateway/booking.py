@@ -10,7 +10,6 @@ the booking up (`_deliver`): that is what makes each booking one appointment.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 from typing import Any
 

@@ -223,8 +223,7 @@ def key_digest(source: str, material: str) -> str:
 
 def logged_issues(issues: Iterable[Issue]) -> tuple[LoggedIssue, ...]:
     """An entry's issues: the first LOGGED_ISSUES, then one more counting the rest."""
-    severity: str = "error"  # a booked entry's issues are warnings: what the mapping left out
-    location: tuple[str, ...] = ()  # a header or query parameter (`http.Idempotency-Key`)
+    logged = [LoggedIssue(i.code, i.diagnostics, i.expression, i.severity, i.location) for i in issues]
     if len(logged) > LOGGED_ISSUES:
         more = len(logged) - LOGGED_ISSUES
         logged[LOGGED_ISSUES:] = [LoggedIssue("too-costly", f"and {more} more issues, not listed here")]

@@ -20,7 +20,7 @@ from gateway.canonical import CanonicalBooking, Coding, Concept
 from gateway.codemaps import load_source_maps
 from gateway.mapping import map_booking
 from gateway.settings import load_file_settings
-from tests.conftest import CONFIG, auth, make_settings, serve_gateway
+from tests.conftest import CONFIG, auth, make_settings
 from tests.fhir_validate import validate
 from tests.test_admin import config_copy, state, wait_for_entries
 from tests.test_hl7v2 import ATHENA, exchange, mllp_gateway, with_event
