@@ -45,6 +45,7 @@ class Identifier(msgspec.Struct, **_OPTS):
 class Participant(msgspec.Struct, **_OPTS):
     # `type` is not needed: a participant counts only through its actor's reference
     actor: Reference | None = None
+    status: str | None = None  # only checked against its required binding
 
 
 class Extension(msgspec.Struct, **_OPTS):

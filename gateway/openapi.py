@@ -19,6 +19,7 @@ from typing import Any
 import msgspec
 
 from adapters._shapes import MAX_ITEMS
+from adapters.r4 import APPOINTMENT_STATUSES, PARTICIPATION_STATUSES
 from gateway import __version__
 from gateway.admin import COOKIE
 from gateway.fhir import FHIR_JSON, SALESFORCE_ERROR_SYSTEM, SALESFORCE_ID_SYSTEM
@@ -87,9 +88,9 @@ _APPOINTMENT = {
         "resourceType": {"const": "Appointment"},
         "identifier": _array(_ref("Identifier"), capped=True),
         "status": {
-            "type": "string",
-            "description": "Any status books except `cancelled` and `entered-in-error` (422).",
-            "examples": ["booked", "proposed", "pending"],
+            "enum": sorted(APPOINTMENT_STATUSES),
+            "description": "FHIR's appointmentstatus (another code is 400). Any status books except `cancelled` "
+                           "and `entered-in-error` (422).",
         },
         "serviceCategory": {
             "description": "An array (R4) or a single CodeableConcept (STU3).",
@@ -107,7 +108,9 @@ _APPOINTMENT = {
         "participant": _array({
             "type": "object",
             "properties": {"actor": _ref("Reference"), "type": _array(_ref("CodeableConcept")),
-                           "status": _STRING, "required": _STRING},
+                           "status": {"enum": sorted(PARTICIPATION_STATUSES),
+                                      "description": "FHIR's participationstatus (another code is 400)"},
+                           "required": _STRING},
         }, capped=True),
         "extension": _array({
             "type": "object",
@@ -269,7 +272,8 @@ def _fhir_errors(*, body: bool) -> dict[str, dict[str, Any]]:
     """The refusals of the three FHIR routes; `X-Request-ID` on each."""
     r: dict[str, dict[str, Any]] = {
         "400": _outcome("not JSON, not FHIR, the wrong resourceType, an element of the wrong JSON type, a key named "
-                        "twice in one object, or a malformed Idempotency-Key", request_id=True),
+                        "twice in one object, a status outside its FHIR value set, or a malformed Idempotency-Key",
+                        request_id=True),
         "401": _outcome("no key or token, an unknown one, or a required client certificate missing", request_id=True),
         "403": _outcome("a key, token or client certificate of another source", request_id=True),
         "404": _outcome("no FHIR source of that name is configured", request_id=True),
