@@ -73,6 +73,7 @@ class Body(msgspec.Struct, **_OPTS):
     """
 
     resourceType: str | None = None
+    id: str | None = None  # an update's must be the URL's
     # Appointment
     identifier: Items[Identifier] | None = None
     status: str | None = None

@@ -404,6 +404,7 @@ class R4Adapter:
             comment=comment,
             comment_path=comment_path,
             cancel_reason=_concept(a.cancelationReason, f"{p}.cancelationReason") if a.cancelationReason else None,
+            resource_id=a.id,
         )
 
     @staticmethod

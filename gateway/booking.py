@@ -24,6 +24,7 @@ from gateway.errors import (
     GatewayError,
     IdempotencyKeyReused,
     InFlight,
+    InvalidRequest,
     Issue,
     NotFound,
     SalesforceFailed,
@@ -201,11 +202,17 @@ class Booker:
         idempotency key like a booking; both Salesforce calls are idempotent, so a lost answer is simply
         sent again on the retry. A cancelled appointment stays cancelled (Cerner's fixed paths, and
         FHIR's): changing it is 422."""
-        return await self.change_booking(source_name, self._parse(source_name, body), target, key_header, trace)
+        booking = self._parse(source_name, body)
+        if booking.resource_path != "Appointment":
+            raise InvalidRequest("an update's body is the Appointment itself, not $book Parameters",
+                                 expression=("resourceType",))
+        return await self.change_booking(source_name, booking, target, key_header, trace)
 
     async def change_booking(self, source_name: str, booking: CanonicalBooking, target: Target,
                              key_header: str | None, trace: Trace) -> Answer:
         assert self._store is not None and self._client is not None and self._links is not None
+        if target.salesforce_id is not None:
+            _same_id(booking, target.salesforce_id, required=True)
         source = self.source(source_name)
         maps = self._maps.get(source_name, EMPTY)
         trace.patient = next((p.reference for p in booking.participants if p.kind == "Patient"), None)
@@ -231,6 +238,7 @@ class Booker:
                             "reschedules (status booked) and cancellations (status cancelled)",
             )])
         salesforce_id, current = await self._owned(source_name, target)
+        _same_id(booking, salesforce_id, required=False)  # a conditional update: the one it found
         fp = fingerprint(booking)
         material = f"u:{salesforce_id}:" + (f"h:{key_header}" if key_header is not None else fp)
         trace.key_material = material
@@ -462,6 +470,17 @@ class _Job:
         self.source, self.booking, self.request, self.claim = source, booking, request, claim
         self.hold = hold  # keep the lease through a failure (the caller hands the booking on)
         self.in_doubt = False  # this or an earlier attempt may have reached Salesforce
+
+
+def _same_id(booking: CanonicalBooking, salesforce_id: str, *, required: bool) -> None:
+    """FHIR's update: the body's id is the appointment's (the URL's, or the one a conditional update
+    found); missing, it is refused only where the URL names the appointment. Nothing is changed."""
+    if booking.resource_id == salesforce_id or (booking.resource_id is None and not required):
+        return
+    path = f"{booking.resource_path}.id"
+    raise InvalidRequest(
+        f"{path} is missing: an update's body carries the appointment's id, as in the URL" if booking.resource_id is None
+        else f"{path} differs from the id of the appointment the request names", expression=(path,))
 
 
 def _location(source: str, salesforce_id: str) -> str:

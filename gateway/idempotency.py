@@ -132,7 +132,10 @@ _PACKED, _SEALED, _BOOKED = b"\x01", b"\x02", b"\x03"
 
 
 def fingerprint(booking: CanonicalBooking) -> str:
-    """Same booking, same fingerprint: the canonical form is dialect-free and deterministic."""
+    """Same booking, same fingerprint: the canonical form is dialect-free and deterministic. The
+    resource's own id is not the booking (a create ignores it), so it is left out."""
+    if booking.resource_id is not None:
+        booking = msgspec.structs.replace(booking, resource_id=None)
     return hashlib.blake2b(msgspec.json.encode(booking), digest_size=16).hexdigest()
 
 

@@ -86,6 +86,7 @@ _APPOINTMENT = {
     "required": ["resourceType"],
     "properties": {
         "resourceType": {"const": "Appointment"},
+        "id": {"type": "string", "description": "ignored by a booking; an update's must be the appointment's (400)"},
         "identifier": _array(_ref("Identifier"), capped=True),
         "status": {
             "enum": sorted(APPOINTMENT_STATUSES),
@@ -407,7 +408,8 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
                           "mapped through the `…:cancellationReason` code-map group, else its text); a booked "
                           "Appointment with other times, slot or participants reschedules it. Exactly once per "
                           "idempotency key; a cancelled appointment cannot be changed (422); an unknown one is "
-                          "404." + mtls_note)
+                          "404. The body's `id` is the appointment's: by id it is required, by identifier optional; "
+                          "another is 400, and nothing is changed." + mtls_note)
     appointment_id = {"name": "appointment_id", "in": "path", "required": True,
                       "description": "the Salesforce id the gateway answered the booking with",
                       "schema": {"type": "string"}}

@@ -14,6 +14,7 @@ def state(sandbox):
 
 def appointment(minute: int, ident: str) -> dict:
     data = msgspec.json.decode(corpus(VIDEO_VISIT))
+    del data["id"]  # Cerner's own id: an update's body may carry only the appointment's
     data["start"], data["end"] = f"2026-12-01T13:{minute:02d}:00Z", f"2026-12-01T13:{minute + 15:02d}:00Z"
     data["identifier"] = [{"system": "urn:oid:1.2.3", "value": ident}]
     return data

@@ -18,6 +18,7 @@ def state(sandbox):
 
 def appointment(**changes) -> dict:
     data = msgspec.json.decode(corpus(VIDEO_VISIT))
+    del data["id"]  # Cerner's own id: an update's body carries the appointment's (see `put`)
     data["identifier"] = [{"system": "urn:oid:1.2.3", "value": "appt-4817572"}]
     data["status"] = "booked"
     data.pop("cancelationReason", None)
@@ -32,6 +33,9 @@ async def book(gateway, data: dict | None = None) -> str:
 
 
 async def put(gateway, path: str, data: dict, **headers: str):
+    """By id, the body carries that id (FHIR's update); by identifier, none."""
+    if "?" not in path:
+        data = {**data, "id": path.rsplit("/", 1)[1]}
     return await gateway.put(path, content=msgspec.json.encode(data), headers=auth(**headers))
 
 

@@ -77,3 +77,47 @@ async def test_a_status_outside_its_value_set_is_400_on_every_route(gateway, san
     assert entry["response"]["outcome"]["issue"][0]["expression"] == ["Appointment.status"]
     assert calls(sandbox) == (1, 0, 0)  # the one good booking
     assert [a.id for a in state(sandbox).appointments()] == [sf_id]
+
+
+# -- item 8: update by id -------------------------------------------------------------------------
+
+async def book(gateway, data: dict | None = None, **headers: str):
+    r = await gateway.post("/fhir/cerner/Appointment", content=encode(data or appointment()), headers=auth(**headers))
+    assert r.status_code == 201, r.text
+    validate(r.content, "Appointment")
+    return r
+
+
+async def test_an_update_whose_body_id_is_not_the_urls_is_400_and_changes_nothing(gateway, sandbox):
+    """FHIR's update: the body's id must be the URL's. A missing or other id used to reschedule
+    (200); now 400 naming Appointment.id, nothing stored, nothing sent."""
+    sf_id = (await book(gateway)).json()["id"]
+    moved = appointment(minute=30)
+    for body in (moved, {**moved, "id": "4817572"}):  # none; the EHR's own id
+        r = await gateway.put(f"/fhir/cerner/Appointment/{sf_id}", content=encode(body), headers=auth())
+        [issue] = refusal(r, 400)
+        assert issue["expression"] == ["Appointment.id"], issue
+    # a conditional update: an id, if sent, is the one the identifier finds
+    r = await gateway.put(f"/fhir/cerner/Appointment?identifier={SYSTEM}|rest-1", content=encode({**moved, "id": "4817572"}),
+                          headers=auth())
+    assert refusal(r, 400)[0]["expression"] == ["Appointment.id"]
+    # an update's body is the Appointment, not $book Parameters around one
+    parameters = {"resourceType": "Parameters", "parameter": [{"name": "appt-resource", "resource": {**moved, "id": sf_id}}]}
+    r = await gateway.put(f"/fhir/cerner/Appointment/{sf_id}", content=encode(parameters), headers=auth())
+    assert refusal(r, 400)[0]["expression"] == ["resourceType"]
+    # and in a batch entry, the same rule
+    batch = {"resourceType": "Bundle", "type": "batch", "entry": [
+        {"resource": moved, "request": {"method": "PUT", "url": f"Appointment/{sf_id}"}}]}
+    r = await gateway.post("/fhir/cerner", content=encode(batch), headers=auth())
+    [entry] = validate(r.content, "Bundle")["entry"]
+    assert entry["response"]["status"].startswith("400")
+    assert entry["response"]["outcome"]["issue"][0]["expression"] == ["Appointment.id"]
+    assert calls(sandbox) == (1, 0, 0)
+    assert state(sandbox).get(sf_id).request["startDate"] == "2026-12-01T13:00:00Z"
+    # with the id, by id and by identifier, the update goes through
+    r = await gateway.put(f"/fhir/cerner/Appointment/{sf_id}", content=encode({**moved, "id": sf_id}), headers=auth())
+    assert r.status_code == 200 and validate(r.content, "Appointment")["start"] == "2026-12-01T13:30:00Z"
+    r = await gateway.put(f"/fhir/cerner/Appointment?identifier={SYSTEM}|rest-1",
+                          content=encode({**appointment(minute=40), "id": sf_id}), headers=auth())
+    assert r.status_code == 200 and validate(r.content, "Appointment")["id"] == sf_id
+    assert calls(sandbox) == (1, 2, 0)
