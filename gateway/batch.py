@@ -27,6 +27,8 @@ _encoder = msgspec.json.Encoder()
 class _Request(msgspec.Struct):
     method: str | None = None
     url: str | None = None
+    ifMatch: str | None = None  # as the If-Match header of a PUT
+    ifNoneExist: str | None = None  # as the If-None-Exist header of a POST
 
 
 class _Entry(msgspec.Struct):
@@ -49,6 +51,8 @@ class Item(msgspec.Struct, frozen=True):
     body: bytes
     appointment_id: str | None = None
     identifier: str | None = None
+    if_match: str | None = None
+    if_none_exist: str | None = None
 
 
 def parse_batch(body: bytes) -> list[Item | Issue]:
@@ -79,12 +83,14 @@ def parse_batch(body: bytes) -> list[Item | Issue]:
         if not entry.resource:
             items.append(Issue(code="required", expression=(f"{at}.resource",), diagnostics="the entry has no resource"))
         elif method == "POST" and path == "Appointment" and not query:
-            items.append(Item(i, "book", bytes(entry.resource)))
+            items.append(Item(i, "book", bytes(entry.resource), if_none_exist=entry.request.ifNoneExist))  # type: ignore[union-attr]
         elif method == "PUT" and path.startswith("Appointment/") and path.count("/") == 1 and not query:
-            items.append(Item(i, "change", bytes(entry.resource), appointment_id=path.split("/", 1)[1]))
+            items.append(Item(i, "change", bytes(entry.resource), appointment_id=path.split("/", 1)[1],
+                              if_match=entry.request.ifMatch))  # type: ignore[union-attr]
         elif method == "PUT" and path == "Appointment" and query:
             identifiers = [v for k, v in parse_qsl(query, keep_blank_values=True) if k == "identifier"]
-            items.append(Item(i, "change", bytes(entry.resource), identifier=identifiers[0] if len(identifiers) == 1 else ""))
+            items.append(Item(i, "change", bytes(entry.resource), identifier=identifiers[0] if len(identifiers) == 1 else "",
+                              if_match=entry.request.ifMatch))  # type: ignore[union-attr]
         else:
             items.append(Issue(code="not-supported", expression=(f"{at}.request",),
                                diagnostics="an entry books (POST Appointment) or changes (PUT Appointment/<id> or "
@@ -92,12 +98,14 @@ def parse_batch(body: bytes) -> list[Item | Issue]:
     return items
 
 
-def response_entry(status: int, body: bytes, location: str | None) -> dict[str, Any]:
+def response_entry(status: int, body: bytes, location: str | None, etag: str | None = None) -> dict[str, Any]:
     """One `batch-response` entry: the Appointment as `resource` on success, the OperationOutcome as
     `response.outcome` otherwise."""
     response: dict[str, Any] = {"status": f"{status} {HTTPStatus(status).phrase}"}
     if location:
         response["location"] = location
+    if etag:
+        response["etag"] = etag
     resource = msgspec.json.decode(body) if body else None
     entry: dict[str, Any] = {"response": response}
     if status < 300 and resource is not None and resource.get("resourceType") == "Appointment":

@@ -10,7 +10,7 @@ from typing import Any
 import msgspec
 
 from gateway.canonical import CanonicalBooking
-from gateway.errors import GatewayError, Issue
+from gateway.errors import GatewayError, InvalidRequest, Issue
 
 FHIR_JSON = "application/fhir+json"
 SALESFORCE_ERROR_SYSTEM = "urn:ehr-gateway:salesforce:errorCode"
@@ -81,8 +81,13 @@ class _Participant(msgspec.Struct):
     status: str = "accepted"
 
 
-class _Appointment(msgspec.Struct, omit_defaults=True, tag_field="resourceType", tag="Appointment"):
+class _Meta(msgspec.Struct):
+    versionId: str
+
+
+class _Appointment(msgspec.Struct, omit_defaults=True, kw_only=True, tag_field="resourceType", tag="Appointment"):
     id: str
+    meta: _Meta | None = None
     status: str
     identifier: list[_Identifier] | None = None
     start: str | None = None
@@ -94,13 +99,16 @@ class _Appointment(msgspec.Struct, omit_defaults=True, tag_field="resourceType",
 _FHIR_KIND = {"Facility": "Location"}  # Salesforce's Facility/ is FHIR's Location/
 
 
-def booked_appointment(booking: CanonicalBooking, salesforce_id: str, *, status: str = "booked") -> bytes:
+def booked_appointment(booking: CanonicalBooking, salesforce_id: str, *, status: str = "booked",
+                       version: int | None = None) -> bytes:
     """The 201 body: the Salesforce id as `id`, the EHR's identifiers kept, and Salesforce's id as an
-    identifier too, so the EHR can store it against its own.
+    identifier too, so the EHR can store it against its own; `version` as `meta.versionId` (the
+    `ETag` beside it says the same).
 
     A replay rebuilds this body from the booking and the stored id (idempotency record format
-    `\x03`), and the contract wants it byte for byte: a change to what this writes must get a new
-    format byte there, with this version kept for the records stored under `\x03`."""
+    `\x04`: version 1; `\x03`, written before versions: none), and the contract wants it byte for
+    byte: a change to what this writes must get a new format byte there, with this version kept for
+    the records stored under the old ones."""
     identifiers = [_Identifier(value=i.value, system=i.system) for i in booking.identifiers]
     identifiers.append(_Identifier(value=salesforce_id, system=SALESFORCE_ID_SYSTEM))
     participants = []
@@ -110,6 +118,7 @@ def booked_appointment(booking: CanonicalBooking, salesforce_id: str, *, status:
     return _encoder.encode(
         _Appointment(
             id=salesforce_id,
+            meta=_Meta(str(version)) if version is not None else None,
             status=status,
             identifier=identifiers,
             start=booking.start.text if booking.start else None,
@@ -118,6 +127,40 @@ def booked_appointment(booking: CanonicalBooking, salesforce_id: str, *, status:
             participant=participants or None,
         )
     )
+
+
+def etag(version: int) -> str:
+    """FHIR's version as an ETag: weak, since the gateway's bytes for one version may differ."""
+    return f'W/"{version}"'
+
+
+class _Versioned(msgspec.Struct):
+    meta: _Meta | None = None
+
+
+def answered_version(body: bytes) -> int | None:
+    """The `meta.versionId` an answered Appointment carries (None: another body, or none)."""
+    try:
+        meta = msgspec.json.decode(body, type=_Versioned).meta
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    return int(meta.versionId) if meta is not None and meta.versionId.isdigit() else None
+
+
+_ETAGS = re.compile(r'\s*(?:W/)?"[^"\s]*"\s*(?:,\s*(?:W/)?"[^"\s]*"\s*)*')
+_ETAG = re.compile(r'"([^"]*)"')
+
+
+def if_match(header: str | None) -> tuple[str, ...] | None:
+    """If-Match: None when absent, () for `*` (any version), else the tags it names (weak or strong,
+    FHIR sends `W/"<versionId>"`). Not a list of entity tags: 400."""
+    if header is None:
+        return None
+    if header.strip() == "*":
+        return ()
+    if not _ETAGS.fullmatch(header):
+        raise InvalidRequest('If-Match takes the ETag an answer gave: W/"<version>"', expression=("If-Match",))
+    return tuple(_ETAG.findall(header))
 
 
 # -- slot search ----------------------------------------------------------------------------------
