@@ -287,3 +287,12 @@ async def test_a_change_that_failed_keeps_its_version_for_its_retry(gateway, san
     assert retried.headers["etag"] == 'W/"2"' and validate(retried.content, "Appointment")["meta"]["versionId"] == "2"
     other = await gateway.put(path, content=body, headers=auth(**{"If-Match": 'W/"1"', "Idempotency-Key": "v-3"}))
     assert refusal(other, 412)
+
+
+async def test_the_capability_statement_says_what_the_appointment_routes_honour(gateway):
+    """It said `versioning: no-version` and `conditionalCreate: false`: no longer true."""
+    r = await gateway.get("/fhir/cerner/metadata")
+    [appointment_resource] = [res for res in validate(r.content, "CapabilityStatement")["rest"][0]["resource"]
+                              if res["type"] == "Appointment"]
+    assert (appointment_resource["versioning"], appointment_resource["conditionalCreate"],
+            appointment_resource["conditionalUpdate"]) == ("versioned-update", True, True)
