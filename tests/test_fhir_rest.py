@@ -296,3 +296,28 @@ async def test_the_capability_statement_says_what_the_appointment_routes_honour(
                               if res["type"] == "Appointment"]
     assert (appointment_resource["versioning"], appointment_resource["conditionalCreate"],
             appointment_resource["conditionalUpdate"]) == ("versioned-update", True, True)
+
+
+async def test_without_a_data_key_no_answer_is_kept_and_a_match_says_where_it_is(settings, sandbox, monkeypatch,
+                                                                                 redis_url, prefix):
+    """A gateway with no data key keeps nothing of the patient's: a conditional create that matches
+    is then a 200 informational OperationOutcome with the appointment's Location and ETag."""
+    import redis.asyncio as aredis
+
+    from tests.conftest import serve_gateway
+
+    monkeypatch.delenv("EHR_GATEWAY_DATA_KEY")
+    async with serve_gateway(settings) as gw:
+        first = await book(gw, appointment("nk-1"))
+        r = await gw.post("/fhir/cerner/Appointment", content=encode(appointment("nk-1", 30)),
+                          headers=auth(**{"If-None-Exist": f"identifier={SYSTEM}|nk-1"}))
+    assert r.status_code == 200 and r.headers["location"] == first.headers["location"] and r.headers["etag"] == 'W/"1"'
+    [issue] = validate(r.content, "OperationOutcome")["issue"]
+    assert (issue["severity"], issue["code"]) == ("information", "informational")
+    assert calls(sandbox) == (1, 0, 0)
+    client = aredis.Redis.from_url(redis_url)
+    try:
+        record = await client.hgetall(f"{prefix}:appointment:{{cerner:{first.json()['id']}}}")
+    finally:
+        await client.aclose()
+    assert (record[b"st"], record[b"v"], record[b"a"]) == (b"booked", b"1", b"")
