@@ -34,7 +34,18 @@ from gateway.errors import (
     Unavailable,
     Unprocessable,
 )
-from gateway.fhir import FHIR_JSON, answered_version, booked_appointment, error_body, etag, operation_outcome
+from gateway.fhir import (
+    FHIR_JSON,
+    answered_version,
+    appointment_body,
+    appointment_content,
+    booked_appointment,
+    error_body,
+    etag,
+    operation_outcome,
+    pack_content,
+    unpack_content,
+)
 from gateway.idempotency import REDIS_FAILURES, Claim, IdempotencyStore, fingerprint, key_material
 from gateway.links import BOOKED, CANCELLED, Links, Record
 from gateway.mapping import Mapped, cancellation_reason, map_booking
@@ -191,17 +202,21 @@ class Booker:
                                         retry_refusal=retry_refusal)  # refusals found in prepare are never stored
 
     async def _existing(self, source_name: str, condition: Target, trace: Trace) -> Answer | None:
-        """The appointment a conditional create names, as last answered (its sealed answer is kept in
-        its record); None when this source booked none under that identifier."""
+        """The appointment a conditional create names, as last answered (rebuilt from what its record
+        keeps of that answer, sealed); None when this source booked none under that identifier."""
         assert self._links is not None
         salesforce_id, record = await self._find(source_name, condition, where="If-None-Exist")
         if salesforce_id is None:
             return None
         trace.salesforce_id, trace.result = salesforce_id, "replayed"  # answered from Redis, nothing sent
-        version = record.version if record is not None else 1
-        body = self._links.answer(source_name, salesforce_id, record) if record is not None else None
-        return Answer(200, body or _EXISTS, {"Content-Type": FHIR_JSON, "Location": _location(source_name, salesforce_id),
-                                             "ETag": etag(version)})
+        headers = {"Content-Type": FHIR_JSON, "Location": _location(source_name, salesforce_id)}
+        packed = self._links.content(source_name, salesforce_id, record) if record is not None else None
+        if record is None or packed is None or record.answered is None:
+            headers["ETag"] = etag(record.version if record is not None else 1)
+            return Answer(200, _EXISTS, headers)
+        headers["ETag"] = etag(record.answered)  # the version of what is shown
+        return Answer(200, appointment_body(unpack_content(packed), salesforce_id, status=record.status,
+                                            version=record.answered), headers)
 
     async def book_prepared(self, source_name: str, prepared: Prepared, key_header: str | None, trace: Trace,
                             *, retry_refusal: bool = False) -> Answer:
@@ -339,12 +354,13 @@ class Booker:
         new_status = CANCELLED if status == CANCELLED else BOOKED
         trace.salesforce_id, trace.result = salesforce_id, ("cancelled" if new_status == CANCELLED else "rescheduled")
         location = _location(source_name, salesforce_id)
-        answer = Answer(200, booked_appointment(booking, salesforce_id, status=new_status, version=version),
+        content = appointment_content(booking)
+        answer = Answer(200, appointment_body(content, salesforce_id, status=new_status, version=version),
                         {"Content-Type": FHIR_JSON, "Location": location, "ETag": etag(version)})
         await self._store.complete(claim, 200, answer.body, location)
         try:
             await self._links.write(self._links.writes(source_name, salesforce_id, new_status, version,
-                                                       booking.identifiers, answer.body))
+                                                       booking.identifiers, pack_content(content)))
         except REDIS_FAILURES:
             pass  # Salesforce has the change; without the status here, Salesforce itself judges the next one
         return answer
@@ -514,9 +530,10 @@ class Booker:
         assert self._store is not None
         trace.adopted = adopted
         trace.salesforce_id = salesforce_id
-        answer = Answer(201, booked_appointment(job.booking, salesforce_id, version=1),
+        content = appointment_content(job.booking)
+        answer = Answer(201, appointment_body(content, salesforce_id, version=1),
                         {"Content-Type": FHIR_JSON, "Location": _location(job.source, salesforce_id), "ETag": etag(1)})
-        links = (self._links.writes(job.source, salesforce_id, BOOKED, 1, job.booking.identifiers, answer.body)
+        links = (self._links.writes(job.source, salesforce_id, BOOKED, 1, job.booking.identifiers, pack_content(content))
                  if self._links else None)
         if self._store.writes_links or links is None:  # in the answer's own script: no extra round trip
             await self._store.complete_booked(job.claim, salesforce_id, links, self._links.ttl_ms if self._links else 0)

@@ -9,13 +9,15 @@ start here. The links and record of a booking are written by the idempotency sto
 other slots, so they are written just after (`write`). There is no org-wide look-up behind a missing
 link: what this source did not book here is not found.
 
-- **Links**: one set per identifier *value*, whose members are `<system tag>|<Salesforce id>` (the
-  tag a digest of the system, `-` for none). So `system|value` finds the appointments booked under
+- **Links**: one set per identifier *value* (a hash, whose small listpack takes half a set's
+  memory), whose members are `<system tag>|<Salesforce id>` (the tag a digest of the system, `-`
+  for none). So `system|value` finds the appointments booked under
   that system, `|value` those without one, and `value` alone those under any system, and each
   search counts what it matched: FHIR answers a conditional request that matches several with 412.
 - **Record**: a hash `st` (booked, cancelled), `v` (the version: 1 when booked, one more for each
-  change, answered as `ETag: W/"<v>"` and `meta.versionId`), `a` (the last answer, sealed under the
-  data key since it names the patient; none without a key) and, while a change holds it, `by`.
+  change, answered as `ETag: W/"<v>"` and `meta.versionId`), `a` and `av` (what the last answer
+  held, `gateway.fhir.AppointmentContent`, sealed under the data key since it names the patient,
+  none without a key; and its version) and, while a change holds the version, `by`.
   A change takes its version before it is sent (`take_version`, which checks If-Match atomically),
   gives it back when Salesforce certainly did not apply it, and the answer it stores is written
   only over its own version, so a slower change never overwrites a newer one.
@@ -39,12 +41,13 @@ BOOKED, CANCELLED = "booked", "cancelled"
 
 # The writes that record an appointment, as a Lua function for the scripts that make them (the
 # idempotency store's answer script includes it). KEYS[k..]: n link sets, then the record, if a key
-# is left; ARGV[a..]: ttl ms, n, the n members, then the record's status, version and sealed answer.
+# is left; ARGV[a..]: ttl ms, n, the n members (hash fields), then the record's status, version and
+# sealed content.
 STORE_LUA = """
 local function store_appointment(k, a)
   local ttl, n = ARGV[a], tonumber(ARGV[a + 1])
   for i = 0, n - 1 do
-    redis.call('SADD', KEYS[k + i], ARGV[a + 2 + i])
+    redis.call('HSET', KEYS[k + i], ARGV[a + 2 + i], 1)
     redis.call('PEXPIRE', KEYS[k + i], ttl)
   end
   local key = KEYS[k + n]
@@ -52,7 +55,7 @@ local function store_appointment(k, a)
     local r = a + 2 + n
     local v = redis.call('HGET', key, 'v')
     if not v or v == ARGV[r + 1] then  -- the answer of an older version never overwrites a newer one's
-      redis.call('HSET', key, 'st', ARGV[r], 'v', ARGV[r + 1], 'a', ARGV[r + 2])
+      redis.call('HSET', key, 'st', ARGV[r], 'v', ARGV[r + 1], 'a', ARGV[r + 2], 'av', ARGV[r + 1])
       redis.call('HDEL', key, 'by')
     end
     redis.call('PEXPIRE', key, ttl)
@@ -92,7 +95,8 @@ class Record:
 
     status: str
     version: int
-    answer: bytes | None = None  # the last answer given for it, sealed; None when not kept
+    content: bytes | None = None  # what the last answer held, sealed; None when not kept
+    answered: int | None = None  # the version of that answer
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,13 +107,13 @@ class Writes:
     record_key: str
     status: str
     version: int
-    answer: bytes  # sealed; empty when there is no data key
+    content: bytes  # sealed; empty when there is no data key
 
     def keys(self) -> list[str]:
         return [*(key for key, _ in self.links), self.record_key]
 
     def args(self, ttl_ms: int) -> list[Any]:
-        return [ttl_ms, len(self.links), *(member for _, member in self.links), self.status, self.version, self.answer]
+        return [ttl_ms, len(self.links), *(member for _, member in self.links), self.status, self.version, self.content]
 
 
 def _system_tag(system: str | None) -> str:
@@ -141,24 +145,25 @@ class Links:
         return f"{self._prefix}:appt:{{{source}:{salesforce_id}}}"
 
     def writes(self, source: str, salesforce_id: str, status: str, version: int, identifiers: Iterable[Identifier],
-               answer: bytes) -> Writes:
-        """The links and record of an appointment, with `answer` (the body just answered) sealed."""
+               content: bytes) -> Writes:
+        """The links and record of an appointment, with `content` (what the answer just given holds,
+        packed) sealed."""
         key = self.record_key(source, salesforce_id)
-        sealed = self._sealer.seal(answer, key.encode()) if self._sealer is not None else b""
+        sealed = self._sealer.seal(content, key.encode()) if self._sealer is not None else b""
         links = [(self.identifier_key(source, i.value), f"{_system_tag(i.system)}|{salesforce_id}") for i in identifiers]
         return Writes(links, key, status, version, sealed)
 
     async def write(self, writes: Writes) -> None:
         for key, member in writes.links:  # one key a call: on a Cluster each may live on another shard
             await self._store(keys=[key], args=[self.ttl_ms, 1, member])
-        await self._store(keys=[writes.record_key], args=[self.ttl_ms, 0, writes.status, writes.version, writes.answer])
+        await self._store(keys=[writes.record_key], args=[self.ttl_ms, 0, writes.status, writes.version, writes.content])
 
     async def resolve(self, source: str, system: str | None, value: str, *, any_system: bool = False) -> list[str]:
         """The Salesforce ids this source booked under the identifier (`any_system`: whatever its
         system), each once: the caller decides what several mean."""
         tag = _system_tag(system)
         found = set()
-        for member in await self._redis.smembers(self.identifier_key(source, value)):
+        for member in await self._redis.hkeys(self.identifier_key(source, value)):
             member_tag, _, salesforce_id = member.decode().partition("|")
             if any_system or member_tag == tag:
                 found.add(salesforce_id)
@@ -169,19 +174,20 @@ class Links:
         return sorted(found)
 
     async def record(self, source: str, salesforce_id: str) -> Record | None:
-        status, version, answer = await self._redis.hmget(self.record_key(source, salesforce_id), "st", "v", "a")
+        status, version, content, answered = await self._redis.hmget(
+            self.record_key(source, salesforce_id), "st", "v", "a", "av")
         if status is None:  # a record from before versions: a status alone, version 1
             legacy = await self._redis.get(self._legacy_record_key(source, salesforce_id))
             return Record(legacy.decode(), 1) if legacy else None
-        return Record(status.decode(), int(version or 1), answer or None)
+        return Record(status.decode(), int(version or 1), content or None, int(answered) if answered else None)
 
-    def answer(self, source: str, salesforce_id: str, record: Record) -> bytes | None:
-        """The last answer given for the appointment, unsealed; None when none was kept or this
-        gateway's data keys cannot open it."""
-        if record.answer is None or self._sealer is None:
+    def content(self, source: str, salesforce_id: str, record: Record) -> bytes | None:
+        """What the last answer given for the appointment held, unsealed; None when none was kept or
+        this gateway's data keys cannot open it."""
+        if record.content is None or self._sealer is None:
             return None
         try:
-            return self._sealer.open(record.answer, self.record_key(source, salesforce_id).encode())
+            return self._sealer.open(record.content, self.record_key(source, salesforce_id).encode())
         except SealError:
             return None
 
