@@ -1,6 +1,6 @@
 """Where an EHR's appointment is in Salesforce, and its own record, kept in Redis per source for
 `retention_days`: from each identifier the EHR gave it to the Salesforce id, and the appointment's
-record (status, version, the last answer given for it). The record is also the proof that a source
+record (status, version, what the last answer given for it held). The record is also the proof that a source
 booked the appointment: a change by Salesforce id is allowed only where it exists (`Booker._owned`).
 
 A change (`PUT …/Appointment/{id}` or `?identifier=…`) and a conditional create (`If-None-Exist`)
@@ -9,11 +9,11 @@ start here. The links and record of a booking are written by the idempotency sto
 other slots, so they are written just after (`write`). There is no org-wide look-up behind a missing
 link: what this source did not book here is not found.
 
-- **Links**: one set per identifier *value* (a hash, whose small listpack takes half a set's
-  memory), whose members are `<system tag>|<Salesforce id>` (the tag a digest of the system, `-`
-  for none). So `system|value` finds the appointments booked under
-  that system, `|value` those without one, and `value` alone those under any system, and each
-  search counts what it matched: FHIR answers a conditional request that matches several with 412.
+- **Links**: one hash per identifier *value* (used as a set: a small hash is a listpack, half a
+  set's memory), whose fields are `<system tag>|<Salesforce id>` (the tag a digest of the system,
+  `-` for none). So `system|value` finds the appointments booked under that system, `|value` those
+  without one, and `value` alone those under any system, and each search counts what it matched:
+  FHIR answers a conditional request that matches several with 412.
 - **Record**: a hash `st` (booked, cancelled), `v` (the version: 1 when booked, one more for each
   change, answered as `ETag: W/"<v>"` and `meta.versionId`), `a` and `av` (what the last answer
   held, `gateway.fhir.AppointmentContent`, sealed under the data key since it names the patient,
@@ -23,7 +23,7 @@ link: what this source did not book here is not found.
   only over its own version, so a slower change never overwrites a newer one.
 
 Keys hold digests of the identifiers, never the identifiers; values hold Salesforce ids, status
-words, versions and sealed answers. Links and records written before versions (a string per
+words, versions and sealed answers' content. Links and records written before versions (a string per
 `system|value` under `…:link:`, a status string under `…:appt:`) are still read (`_legacy_*`).
 """
 
