@@ -1,10 +1,11 @@
 """FHIR `batch` Bundles at `POST /fhir/{source}`: each entry booked or changed on its own, each with
 its own outcome, in a `batch-response` Bundle (entries in the request's order).
 
-An entry is `request.method` POST with `request.url` `Appointment` (a booking), or PUT with
-`Appointment/<Salesforce id>` or `Appointment?identifier=system|value` (a reschedule or
-cancellation). A `transaction` is refused: Salesforce cannot book several appointments atomically,
-and FHIR promises all-or-nothing for one. Entries are independent, as FHIR's batch says; they are
+An entry is `request.method` POST with `request.url` `Appointment` (a booking; `request.ifNoneExist`
+as the If-None-Exist header), or PUT with `Appointment/<Salesforce id>` or
+`Appointment?identifier=system|value` (a reschedule or cancellation; `request.ifMatch` as If-Match).
+A `transaction` is refused: Salesforce cannot book several appointments atomically, and FHIR
+promises all-or-nothing for one. Entries are independent, as FHIR's batch says; they are
 processed in order, one at a time, so two entries about one appointment meet Salesforce in the order
 written.
 """
@@ -80,17 +81,18 @@ def parse_batch(body: bytes) -> list[Item | Issue]:
         method = (entry.request.method or "").upper() if entry.request else ""
         url = (entry.request.url or "").lstrip("/") if entry.request else ""
         path, _, query = url.partition("?")
+        if_match, if_none_exist = (entry.request.ifMatch, entry.request.ifNoneExist) if entry.request else (None, None)
         if not entry.resource:
             items.append(Issue(code="required", expression=(f"{at}.resource",), diagnostics="the entry has no resource"))
         elif method == "POST" and path == "Appointment" and not query:
-            items.append(Item(i, "book", bytes(entry.resource), if_none_exist=entry.request.ifNoneExist))  # type: ignore[union-attr]
+            items.append(Item(i, "book", bytes(entry.resource), if_none_exist=if_none_exist))
         elif method == "PUT" and path.startswith("Appointment/") and path.count("/") == 1 and not query:
             items.append(Item(i, "change", bytes(entry.resource), appointment_id=path.split("/", 1)[1],
-                              if_match=entry.request.ifMatch))  # type: ignore[union-attr]
+                              if_match=if_match))
         elif method == "PUT" and path == "Appointment" and query:
             identifiers = [v for k, v in parse_qsl(query, keep_blank_values=True) if k == "identifier"]
             items.append(Item(i, "change", bytes(entry.resource), identifier=identifiers[0] if len(identifiers) == 1 else "",
-                              if_match=entry.request.ifMatch))  # type: ignore[union-attr]
+                              if_match=if_match))
         else:
             items.append(Issue(code="not-supported", expression=(f"{at}.request",),
                                diagnostics="an entry books (POST Appointment) or changes (PUT Appointment/<id> or "
