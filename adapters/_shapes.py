@@ -45,6 +45,7 @@ class Identifier(msgspec.Struct, **_OPTS):
 class Participant(msgspec.Struct, **_OPTS):
     # `type` is not needed: a participant counts only through its actor's reference
     actor: Reference | None = None
+    status: str | None = None  # only checked against its required binding
 
 
 class Extension(msgspec.Struct, **_OPTS):
@@ -72,6 +73,7 @@ class Body(msgspec.Struct, **_OPTS):
     """
 
     resourceType: str | None = None
+    id: str | None = None  # an update's must be the URL's
     # Appointment
     identifier: Items[Identifier] | None = None
     status: str | None = None

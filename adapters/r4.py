@@ -21,6 +21,10 @@ Choices every dialect shares:
   comment may be the scheduler's from `$find`), and `comment_path` names the parameter. Argonaut's
   `patient-id` adds the Patient participant when the resource does not already carry it.
 - A key repeated within one JSON object is a 400 (`adapters/_keys.py`): which one counts is ambiguous.
+- Required bindings: `status` outside FHIR's appointmentstatus and `participant[i].status` outside
+  participationstatus are a 400 (`code-invalid`) naming each element. R4's sets serve every
+  dialect: STU3's are the same but for R4's added `checked-in` and `waitlist`, and a body does not
+  say which version it is, so every valid STU3 body passes (and an STU3 `waitlist` does too).
 - Errors never quote the body: they name the FHIR path and the JSON types involved. A resourceType
   is only repeated when it is a FHIR resource type name.
 """
@@ -91,6 +95,11 @@ _RESOURCE_TYPES = frozenset(
     SubstanceSourceMaterial SubstanceSpecification SupplyDelivery SupplyRequest Task
     TerminologyCapabilities TestReport TestScript ValueSet VerificationResult VisionPrescription""".split()
 )
+
+# required bindings: hl7.org/fhir/R4/valueset-appointmentstatus.html and valueset-participationstatus.html
+APPOINTMENT_STATUSES = frozenset({"proposed", "pending", "booked", "arrived", "fulfilled", "cancelled", "noshow",
+                                  "entered-in-error", "checked-in", "waitlist"})
+PARTICIPATION_STATUSES = frozenset({"accepted", "declined", "tentative", "needs-action"})
 
 _JSON_TYPES = {
     "str": "a string",
@@ -170,6 +179,22 @@ def _participant(ref: str, path: str) -> Participant | None:
     if kind is None:
         return None
     return Participant(kind=kind[0], reference=f"{kind[1]}/{resolved[1]}", path=path)
+
+
+def _check_bindings(a: s.Body, p: str) -> None:
+    """The Appointment's codes bound `required` in FHIR: one outside its value set is a 400 naming
+    every such element (the value itself is not repeated)."""
+    issues = []
+    if a.status is not None and a.status not in APPOINTMENT_STATUSES:
+        issues.append(Issue(code="code-invalid", expression=(f"{p}.status",), diagnostics=(
+            f"{p}.status is not a code of FHIR's appointmentstatus ({', '.join(sorted(APPOINTMENT_STATUSES))})")))
+    for i, part in enumerate(a.participant or ()):
+        if part.status is not None and part.status not in PARTICIPATION_STATUSES:
+            path = f"{p}.participant[{i}].status"
+            issues.append(Issue(code="code-invalid", expression=(path,), diagnostics=(
+                f"{path} is not a code of FHIR's participationstatus ({', '.join(sorted(PARTICIPATION_STATUSES))})")))
+    if issues:
+        raise InvalidRequest(issues=issues)
 
 
 def _concept(cc: s.CodeableConcept, path: str) -> Concept:
@@ -307,6 +332,7 @@ class R4Adapter:
     # -- Appointment --------------------------------------------------------------------------
 
     def _appointment(self, a: s.Body, p: str, extras: _BookExtras | None) -> CanonicalBooking:
+        _check_bindings(a, p)
         participants: list[Participant] = []
         unresolved: list[str] = []
         if a.participant:
@@ -378,6 +404,7 @@ class R4Adapter:
             comment=comment,
             comment_path=comment_path,
             cancel_reason=_concept(a.cancelationReason, f"{p}.cancelationReason") if a.cancelationReason else None,
+            resource_id=a.id,
         )
 
     @staticmethod

@@ -20,7 +20,7 @@ from litestar.exceptions import HTTPException, InternalServerException
 from litestar.params import FromPath
 
 from gateway.admin import AdminAuth, AdminDeps, Audit, admin_router
-from gateway.booking import NO_SUCH_APPOINTMENT, Answer, Booker, Target, Trace
+from gateway.booking import NO_SUCH_APPOINTMENT, Answer, Booker, Target, Trace, identifier_target, if_none_exist
 from adapters.hl7v2 import FILLER, PLACER, ack, parse_siu, read_header
 from gateway.batch import Item, batch_response, parse_batch, response_entry
 from gateway.breaker import CircuitBreaker
@@ -40,7 +40,7 @@ from gateway.errors import (
     UnsupportedMediaType,
     http,
 )
-from gateway.fhir import FHIR_JSON, error_body, negotiate, slot_searchset, warning_header
+from gateway.fhir import FHIR_JSON, error_body, if_match, negotiate, slot_searchset, warning_header
 from gateway.ids import new_id
 from gateway.idempotency import REDIS_FAILURES, IdempotencyStore, parse_key_header
 from gateway.links import Links
@@ -185,16 +185,15 @@ def _target(request: Request, appointment_id: str | None) -> Target:
 
 def _target_of(appointment_id: str | None, values: list[str]) -> Target:
     """What a PUT names: the Salesforce id in the path, or `?identifier=system|value` (FHIR's
-    conditional update, with a token: `value` alone means no system)."""
+    conditional update, with a token: `|value` means no system, `value` alone any system)."""
     if appointment_id is not None:
         if not SALESFORCE_ID.fullmatch(appointment_id):
             raise NotFound(NO_SUCH_APPOINTMENT)
         return Target(salesforce_id=appointment_id)
-    if len(values) != 1 or not values[0].strip("|"):
+    if len(values) != 1:
         raise InvalidRequest("a conditional update names the appointment by one identifier: ?identifier=system|value",
                              location=http("identifier"))
-    system, bar, value = values[0].rpartition("|")
-    return Target(system=system or None, value=value) if bar else Target(value=values[0])
+    return identifier_target(values[0], "identifier")
 
 
 def _outcome(status: int, trace: Trace, error: GatewayError | None) -> str:
@@ -271,7 +270,8 @@ def create_app(
         redis_client, cfg.redis.key_prefix, max_attempts=cfg.queue.max_attempts,
         backoff_base_seconds=cfg.queue.backoff_base_seconds, backoff_max_seconds=cfg.queue.backoff_max_seconds,
     )
-    links = Links(redis_client, cfg.redis.key_prefix, retention_days=cfg.idempotency.link_retention_days)
+    links = Links(redis_client, cfg.redis.key_prefix, retention_days=cfg.idempotency.link_retention_days,
+                  sealer=data_sealer)
     booker = Booker(
         settings.sources, maps, store, client, queue if queue_sources else None,
         in_flight_retry_after=cfg.idempotency.in_flight_retry_after_seconds,
@@ -332,9 +332,11 @@ def create_app(
                 return Response(_json.encode(prepared.mapped.request), status_code=200, headers=headers)
             key = parse_key_header(request.headers.get("idempotency-key"))
             if change is not None:
-                answer = await booker.change(source, body, _target(request, change or None), key, trace)
+                answer = await booker.change(source, body, _target(request, change or None), key, trace,
+                                             allowed=if_match(request.headers.get("if-match")))
             else:
-                answer = await booker.book(source, body, key, trace)
+                answer = await booker.book(source, body, key, trace,
+                                           condition=if_none_exist(request.headers.get("if-none-exist")))
             status = answer.status
             return _respond(answer, request_id, public)
         except GatewayError as exc:
@@ -509,12 +511,13 @@ def create_app(
         status, error, op = 500, None, "book" if item.kind == "book" else "change"
         try:
             if item.kind == "book":
-                answer = await booker.book(source, item.body, key, trace)
+                answer = await booker.book(source, item.body, key, trace, condition=if_none_exist(item.if_none_exist))
             else:
                 target = _target_of(item.appointment_id, [item.identifier] if item.identifier else [])
-                answer = await booker.change(source, item.body, target, key, trace)
+                answer = await booker.change(source, item.body, target, key, trace, allowed=if_match(item.if_match))
             status = answer.status
-            return response_entry(status, answer.body, _absolute(answer.headers, public).get("Location"))
+            return response_entry(status, answer.body, _absolute(answer.headers, public).get("Location"),
+                                  answer.headers.get("ETag"))
         except GatewayError as exc:
             status, error = exc.status, exc
             return response_entry(exc.status, error_body(exc), None)

@@ -1,10 +1,11 @@
 """FHIR `batch` Bundles at `POST /fhir/{source}`: each entry booked or changed on its own, each with
 its own outcome, in a `batch-response` Bundle (entries in the request's order).
 
-An entry is `request.method` POST with `request.url` `Appointment` (a booking), or PUT with
-`Appointment/<Salesforce id>` or `Appointment?identifier=system|value` (a reschedule or
-cancellation). A `transaction` is refused: Salesforce cannot book several appointments atomically,
-and FHIR promises all-or-nothing for one. Entries are independent, as FHIR's batch says; they are
+An entry is `request.method` POST with `request.url` `Appointment` (a booking; `request.ifNoneExist`
+as the If-None-Exist header), or PUT with `Appointment/<Salesforce id>` or
+`Appointment?identifier=system|value` (a reschedule or cancellation; `request.ifMatch` as If-Match).
+A `transaction` is refused: Salesforce cannot book several appointments atomically, and FHIR
+promises all-or-nothing for one. Entries are independent, as FHIR's batch says; they are
 processed in order, one at a time, so two entries about one appointment meet Salesforce in the order
 written.
 """
@@ -27,6 +28,8 @@ _encoder = msgspec.json.Encoder()
 class _Request(msgspec.Struct):
     method: str | None = None
     url: str | None = None
+    ifMatch: str | None = None  # as the If-Match header of a PUT
+    ifNoneExist: str | None = None  # as the If-None-Exist header of a POST
 
 
 class _Entry(msgspec.Struct):
@@ -49,6 +52,8 @@ class Item(msgspec.Struct, frozen=True):
     body: bytes
     appointment_id: str | None = None
     identifier: str | None = None
+    if_match: str | None = None
+    if_none_exist: str | None = None
 
 
 def parse_batch(body: bytes) -> list[Item | GatewayError]:
@@ -78,6 +83,7 @@ def parse_batch(body: bytes) -> list[Item | GatewayError]:
         method = (entry.request.method or "").upper() if entry.request else ""
         url = (entry.request.url or "").lstrip("/") if entry.request else ""
         path, _, query = url.partition("?")
+        if_match, if_none_exist = (entry.request.ifMatch, entry.request.ifNoneExist) if entry.request else (None, None)
         if method == "POST" and path == "Appointment" and not query:
             kind, appointment_id, identifier = "book", None, None
         elif method == "PUT" and path.startswith("Appointment/") and path.count("/") == 1 and not query:
@@ -94,16 +100,20 @@ def parse_batch(body: bytes) -> list[Item | GatewayError]:
         if not entry.resource:
             items.append(InvalidRequest("the entry has no resource", expression=(f"{at}.resource",)))
             continue
-        items.append(Item(i, kind, bytes(entry.resource), appointment_id=appointment_id, identifier=identifier))
+        items.append(Item(i, kind, bytes(entry.resource), appointment_id=appointment_id, identifier=identifier,
+                          if_match=if_match if kind == "change" else None,
+                          if_none_exist=if_none_exist if kind == "book" else None))
     return items
 
 
-def response_entry(status: int, body: bytes, location: str | None) -> dict[str, Any]:
+def response_entry(status: int, body: bytes, location: str | None, etag: str | None = None) -> dict[str, Any]:
     """One `batch-response` entry: the Appointment as `resource` on success, with its absolute
     `location` as `fullUrl`; the OperationOutcome as `response.outcome` otherwise."""
     response: dict[str, Any] = {"status": f"{status} {HTTPStatus(status).phrase}"}
     if location:
         response["location"] = location
+    if etag:
+        response["etag"] = etag
     resource = msgspec.json.decode(body) if body else None
     entry: dict[str, Any] = {"response": response}
     if status < 300 and resource is not None and resource.get("resourceType") == "Appointment":

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qsl
 
 import msgspec
 
@@ -23,17 +24,30 @@ from gateway.errors import (
     GatewayError,
     IdempotencyKeyReused,
     InFlight,
+    InvalidRequest,
     Issue,
     NotFound,
+    PreconditionFailed,
     SalesforceFailed,
     SalesforceRefused,
     Unavailable,
     Unprocessable,
     http,
 )
-from gateway.fhir import FHIR_JSON, booked_appointment, error_body, operation_outcome
+from gateway.fhir import (
+    FHIR_JSON,
+    answered_version,
+    appointment_body,
+    appointment_content,
+    booked_appointment,
+    error_body,
+    etag,
+    operation_outcome,
+    pack_content,
+    unpack_content,
+)
 from gateway.idempotency import REDIS_FAILURES, Claim, IdempotencyStore, fingerprint, key_material
-from gateway.links import BOOKED, CANCELLED, Links
+from gateway.links import BOOKED, CANCELLED, Links, Record
 from gateway.mapping import Mapped, cancellation_reason, map_booking
 from gateway.queue import BookingQueue, QueuedBooking
 from gateway.rules import check
@@ -89,11 +103,34 @@ class Trace:
 
 @dataclass(frozen=True, slots=True)
 class Target:
-    """What a PUT changes: the Salesforce id, or the EHR's identifier to find it by."""
+    """What a PUT changes, or a conditional create looks for: the Salesforce id, or the EHR's
+    identifier to find it by (`any_system`: a value searched for under whatever system)."""
 
     salesforce_id: str | None = None
     system: str | None = None
     value: str | None = None
+    any_system: bool = False
+
+
+def identifier_target(token: str, where: str) -> Target:
+    """A FHIR search token naming the EHR's identifier: `system|value` (in that system), `|value`
+    (without one) or `value` (in any system, so it may match several appointments)."""
+    system, bar, value = token.rpartition("|")
+    if not value:
+        raise InvalidRequest(f"{where} names one identifier: system|value", location=http(where))
+    return Target(system=system or None, value=value) if bar else Target(value=value, any_system=True)
+
+
+def if_none_exist(header: str | None) -> Target | None:
+    """FHIR's conditional create: `If-None-Exist: identifier=system|value` (the one search parameter
+    this gateway can answer from its links); any other is a 400."""
+    if header is None:
+        return None
+    pairs = parse_qsl(header.strip().removeprefix("?"), keep_blank_values=True)
+    if len(pairs) != 1 or pairs[0][0] != "identifier":
+        raise InvalidRequest("If-None-Exist takes one search parameter: identifier=system|value",
+                             location=http("If-None-Exist"))
+    return identifier_target(pairs[0][1], "If-None-Exist")
 
 
 class Booker:
@@ -160,11 +197,33 @@ class Booker:
         return Prepared(booking, mapped)
 
     async def book(self, source_name: str, body: bytes, key_header: str | None, trace: Trace,
-                   *, retry_refusal: bool = False) -> Answer:
+                   *, retry_refusal: bool = False, condition: Target | None = None) -> Answer:
         """`retry_refusal`: an operator's replay; a refusal stored for this booking is forgotten so
-        the booking is tried again (with the maps as they are now)."""
-        return await self.book_prepared(source_name, self.prepare(source_name, body, trace), key_header, trace,
+        the booking is tried again (with the maps as they are now). `condition`: FHIR's conditional
+        create (If-None-Exist): an appointment this source booked under that identifier is answered
+        (200) and nothing is booked; several are 412; none, the booking goes on."""
+        booking = self._parse(source_name, body)
+        if condition is not None and (found := await self._existing(source_name, condition, trace)) is not None:
+            return found
+        return await self.book_prepared(source_name, self.check(source_name, booking, trace), key_header, trace,
                                         retry_refusal=retry_refusal)  # refusals found in prepare are never stored
+
+    async def _existing(self, source_name: str, condition: Target, trace: Trace) -> Answer | None:
+        """The appointment a conditional create names, as last answered (rebuilt from what its record
+        keeps of that answer, sealed); None when this source booked none under that identifier."""
+        assert self._links is not None
+        salesforce_id, record = await self._find(source_name, condition, where="If-None-Exist")
+        if salesforce_id is None:
+            return None
+        trace.salesforce_id, trace.result = salesforce_id, "replayed"  # answered from Redis, nothing sent
+        headers = {"Content-Type": FHIR_JSON, "Location": _location(source_name, salesforce_id)}
+        packed = self._links.content(source_name, salesforce_id, record) if record is not None else None
+        if record is None or packed is None or record.answered is None:
+            headers["ETag"] = etag(record.version if record is not None else 1)
+            return Answer(200, _EXISTS, headers)
+        headers["ETag"] = etag(record.answered)  # the version of what is shown
+        return Answer(200, appointment_body(unpack_content(packed), salesforce_id, status=record.status,
+                                            version=record.answered), headers)
 
     async def book_prepared(self, source_name: str, prepared: Prepared, key_header: str | None, trace: Trace,
                             *, retry_refusal: bool = False) -> Answer:
@@ -202,22 +261,55 @@ class Booker:
             return await self._enqueue(job, fp, failure, trace)
 
     async def change(self, source_name: str, body: bytes, target: Target, key_header: str | None,
-                     trace: Trace) -> Answer:
+                     trace: Trace, *, allowed: tuple[str, ...] | None = None) -> Answer:
         """A PUT of a booked appointment: `status: cancelled` cancels it (Salesforce's PATCH), a booked
         one with other times, slot or participants reschedules it (Salesforce's PUT). Exactly once per
         idempotency key like a booking; both Salesforce calls are idempotent, so a lost answer is simply
         sent again on the retry. A cancelled appointment stays cancelled (Cerner's fixed paths, and
-        FHIR's): changing it is 422."""
-        return await self.change_booking(source_name, self._parse(source_name, body), target, key_header, trace)
+        FHIR's): changing it is 422. `allowed`: If-Match's tags (None: no If-Match), checked against
+        the appointment's version as the change takes the next one; another is 412, nothing changed."""
+        booking = self._parse(source_name, body)
+        if booking.resource_path != "Appointment":
+            raise InvalidRequest("an update's body is the Appointment itself, not $book Parameters",
+                                 expression=("resourceType",))
+        return await self.change_booking(source_name, booking, target, key_header, trace, allowed=allowed)
 
     async def change_booking(self, source_name: str, booking: CanonicalBooking, target: Target,
-                             key_header: str | None, trace: Trace) -> Answer:
-        assert self._store is not None and self._client is not None and self._links is not None
+                             key_header: str | None, trace: Trace, *, allowed: tuple[str, ...] | None = None) -> Answer:
+        assert self._store is not None
+        if target.salesforce_id is not None:
+            _same_id(booking, target.salesforce_id, required=True)
+        status, mapped, reason = self._check_change(source_name, booking, trace)
+        salesforce_id, record = await self._owned(source_name, target)
+        _same_id(booking, salesforce_id, required=False)  # a conditional update: the one it found
+        fp = fingerprint(booking)
+        material = f"u:{salesforce_id}:" + (f"h:{key_header}" if key_header is not None else fp)
+        trace.key_material = material
+        claim = await self._store.claim(self._store.record_key(source_name, material), fp)
+        trace.idempotency = claim.state
+        if claim.state == "done":
+            return _replayed(claim, booking, source_name)
+        if claim.state == "busy":
+            raise InFlight("a change with this idempotency key is still being processed",
+                           retry_after=max(1, min(self._in_flight_retry_after, claim.retry_after_ms // 1000 + 1)))
+        if claim.state == "mismatch":
+            raise IdempotencyKeyReused("this idempotency key was used before with a different change",
+                                       location=http("Idempotency-Key"))
+        if record.status == CANCELLED:
+            await self._store.park(claim)
+            raise Unprocessable(issues=[Issue(
+                code="business-rule", expression=(f"{booking.resource_path}.status",),
+                diagnostics="this appointment is cancelled; a cancelled appointment cannot be changed (book a new one)",
+            )])
+        return await self._send_change(source_name, booking, status, mapped, reason, salesforce_id, record, claim,
+                                       allowed, trace)
+
+    def _check_change(self, source_name: str, booking: CanonicalBooking, trace: Trace) -> tuple[str, Mapped, str | None]:
+        """A change's status, mapped request and cancellation reason, once it is one Salesforce can take."""
         source = self.source(source_name)
         maps = self._maps.get(source_name, EMPTY)
         trace.patient = next((p.reference for p in booking.participants if p.kind == "Patient"), None)
         status = (booking.status or "").lower()
-        status_path = (f"{booking.resource_path}.status",)
         mapped = map_booking(booking, source, maps)
         reason = None
         if status == CANCELLED:
@@ -234,35 +326,26 @@ class Booker:
                 raise Unprocessable(issues=sorted(problems, key=lambda i: i.severity != "error"))
         else:
             raise Unprocessable(issues=[Issue(
-                code="not-supported", expression=status_path,
+                code="not-supported", expression=(f"{booking.resource_path}.status",),
                 diagnostics=f"an appointment {status or 'without a status'} cannot be sent: Salesforce takes "
                             "reschedules (status booked) and cancellations (status cancelled)",
             )])
-        salesforce_id, current = await self._owned(source_name, target)
-        fp = fingerprint(booking)
-        material = f"u:{salesforce_id}:" + (f"h:{key_header}" if key_header is not None else fp)
-        trace.key_material = material
-        claim = await self._store.claim(self._store.record_key(source_name, material), fp)
-        trace.idempotency = claim.state
-        if claim.state == "done":
-            return _replayed(claim, booking, source_name)
-        if claim.state == "busy":
-            raise InFlight("a change with this idempotency key is still being processed",
-                           retry_after=max(1, min(self._in_flight_retry_after, claim.retry_after_ms // 1000 + 1)))
-        if claim.state == "mismatch":
-            raise IdempotencyKeyReused("this idempotency key was used before with a different change",
-                                       location=http("Idempotency-Key"))
+        return status, mapped, reason
+
+    async def _send_change(self, source_name: str, booking: CanonicalBooking, status: str, mapped: Mapped,
+                           reason: str | None, salesforce_id: str, record: Record, claim: Claim,
+                           allowed: tuple[str, ...] | None, trace: Trace) -> Answer:
+        """The claim holder's change: take the next version (If-Match checked), send, answer, record."""
+        assert self._store is not None and self._client is not None and self._links is not None
+        version = None
         try:
-            if current == CANCELLED:
-                raise Unprocessable(issues=[Issue(
-                    code="business-rule", expression=status_path,
-                    diagnostics="this appointment is cancelled; a cancelled appointment cannot be changed (book a new one)",
-                )])
+            version = await self._take_version(source_name, salesforce_id, allowed, claim.key, record)
             if status == CANCELLED:
                 await self._client.cancel(salesforce_id, reason, booking.comment, mapped.request, trace.salesforce)
             else:
                 await self._client.update(salesforce_id, mapped.request, trace.salesforce)
         except SalesforceRefused as refused:
+            await self._give_back_version(source_name, salesforce_id, version, claim.key)  # nothing was changed
             if trace.salesforce.status == 404:  # Salesforce has no appointment with that id (any more)
                 await self._store.park(claim)
                 raise NotFound(NO_SUCH_APPOINTMENT) from None
@@ -271,41 +354,82 @@ class Booker:
             await self._store.complete(claim, answer.status, answer.body)
             return answer
         except GatewayError:
+            if not trace.salesforce.in_doubt:  # certainly not applied; else the version stays taken
+                await self._give_back_version(source_name, salesforce_id, version, claim.key)
             await self._store.park(claim)  # the calls are idempotent: the retry may simply send again
             raise
+        assert version is not None  # taken before the call
         new_status = CANCELLED if status == CANCELLED else BOOKED
         trace.salesforce_id, trace.result = salesforce_id, ("cancelled" if new_status == CANCELLED else "rescheduled")
         location = _location(source_name, salesforce_id)
-        answer = Answer(200, booked_appointment(booking, salesforce_id, status=new_status),
-                        {"Content-Type": FHIR_JSON, "Location": location})
+        content = appointment_content(booking)
+        answer = Answer(200, appointment_body(content, salesforce_id, status=new_status, version=version),
+                        {"Content-Type": FHIR_JSON, "Location": location, "ETag": etag(version)})
         await self._store.complete(claim, 200, answer.body, location)
         try:
-            await self._links.write(self._links.writes(source_name, salesforce_id, new_status, booking.identifiers))
+            await self._links.write(self._links.writes(source_name, salesforce_id, new_status, version,
+                                                       booking.identifiers, pack_content(content)))
         except REDIS_FAILURES:
             pass  # Salesforce has the change; without the status here, Salesforce itself judges the next one
         return answer
 
-    async def _owned(self, source_name: str, target: Target) -> tuple[str, str]:
-        """The Salesforce id a change names and its last status, only for an appointment this source
+    async def _take_version(self, source_name: str, salesforce_id: str, allowed: tuple[str, ...] | None,
+                            owner: str, record: Record) -> int:
+        """The appointment's next version, taken for this change before it is sent, so If-Match is
+        checked against what no other change can move meanwhile; a version If-Match does not name is 412."""
+        assert self._links is not None
+        try:
+            ok, version = await self._links.take_version(source_name, salesforce_id, allowed, owner, record)
+        except REDIS_FAILURES:
+            raise Unavailable("the appointment's record (Redis) is unavailable; nothing was sent", retry_after=5) from None
+        if not ok:
+            raise PreconditionFailed(
+                f"If-Match names another version of this appointment (it is at {etag(version)}); nothing was changed",
+                location=http("If-Match"))
+        return version
+
+    async def _give_back_version(self, source_name: str, salesforce_id: str, version: int | None, owner: str) -> None:
+        if version is None or self._links is None:
+            return
+        try:
+            await self._links.give_back_version(source_name, salesforce_id, version, owner)
+        except REDIS_FAILURES:
+            pass  # the version stays taken: a stale If-Match is refused, never a change lost
+
+    async def _owned(self, source_name: str, target: Target) -> tuple[str, Record]:
+        """The Salesforce id a change names and its record, only for an appointment this source
         booked: its identifier's link, or the appointment's own record (both kept per source). Any
         other appointment, of another source or never booked here, is the same 404 as an id that
         does not exist, before anything is sent: a source can neither change nor find it."""
+        salesforce_id, record = await self._find(source_name, target)
+        if salesforce_id is None:
+            if target.salesforce_id is None:
+                raise NotFound("no appointment with that identifier was booked through this gateway",
+                               location=http("identifier"))
+            raise NotFound(NO_SUCH_APPOINTMENT)
+        # a link is this source's: booked here (before records of status, if it is old)
+        return salesforce_id, record or Record(BOOKED, 1)
+
+    async def _find(self, source_name: str, target: Target, *, where: str = "identifier",
+                    ) -> tuple[str | None, Record | None]:
+        """The one appointment of this source a target names, and its record: (None, None) for none;
+        several (an identifier value under more than one system, or one identifier booked twice) is
+        412, since FHIR's conditional update and create may act only on one."""
         assert self._links is not None
         try:
-            if target.salesforce_id is None:
-                assert target.value is not None
-                found = await self._links.resolve(source_name, target.system, target.value)
-                if found is None:
-                    raise NotFound("no appointment with that identifier was booked through this gateway",
-                                   location=http("identifier"))
-                # the link is this source's: booked here (before records of status, if it is old)
-                return found, await self._links.status(source_name, found) or BOOKED
-            current = await self._links.status(source_name, target.salesforce_id)
+            if target.salesforce_id is not None:
+                record = await self._links.record(source_name, target.salesforce_id)
+                return (target.salesforce_id, record) if record is not None else (None, None)
+            assert target.value is not None
+            found = await self._links.resolve(source_name, target.system, target.value, any_system=target.any_system)
+            if len(found) > 1:
+                raise PreconditionFailed(issues=[Issue(
+                    code="multiple-matches", location=http(where),
+                    diagnostics=f"{len(found)} appointments of this source have that identifier; name one by its "
+                                "system|value or its id; nothing was changed")])
+            return (found[0], await self._links.record(source_name, found[0])) if found else (None, None)
         except REDIS_FAILURES:
             raise Unavailable("the appointment's record (Redis) is unavailable; nothing was sent", retry_after=5) from None
-        if current is None:
-            raise NotFound(NO_SUCH_APPOINTMENT)
-        return target.salesforce_id, current
 
     async def find_slots(self, source_name: str, params: Any, trace: Trace) -> FoundSlots:
         """A slot search (gateway/slots.py): its codes mapped as a booking's, then Salesforce's Get Slots."""
@@ -414,10 +538,12 @@ class Booker:
         assert self._store is not None
         trace.adopted = adopted
         trace.salesforce_id = salesforce_id
-        answer = Answer(201, booked_appointment(job.booking, salesforce_id),
-                        {"Content-Type": FHIR_JSON, "Location": _location(job.source, salesforce_id)})
-        links = self._links.writes(job.source, salesforce_id, BOOKED, job.booking.identifiers) if self._links else []
-        if self._store.writes_links or not links:  # in the answer's own script: no extra round trip
+        content = appointment_content(job.booking)
+        answer = Answer(201, appointment_body(content, salesforce_id, version=1),
+                        {"Content-Type": FHIR_JSON, "Location": _location(job.source, salesforce_id), "ETag": etag(1)})
+        links = (self._links.writes(job.source, salesforce_id, BOOKED, 1, job.booking.identifiers, pack_content(content))
+                 if self._links else None)
+        if self._store.writes_links or links is None:  # in the answer's own script: no extra round trip
             await self._store.complete_booked(job.claim, salesforce_id, links, self._links.ttl_ms if self._links else 0)
         else:
             await self._store.complete_booked(job.claim, salesforce_id)
@@ -472,6 +598,17 @@ class _Job:
         self.in_doubt = False  # this or an earlier attempt may have reached Salesforce
 
 
+def _same_id(booking: CanonicalBooking, salesforce_id: str, *, required: bool) -> None:
+    """FHIR's update: the body's id is the appointment's (the URL's, or the one a conditional update
+    found); missing, it is refused only where the URL names the appointment. Nothing is changed."""
+    if booking.resource_id == salesforce_id or (booking.resource_id is None and not required):
+        return
+    path = f"{booking.resource_path}.id"
+    raise InvalidRequest(
+        f"{path} is missing: an update's body carries the appointment's id, as in the URL" if booking.resource_id is None
+        else f"{path} differs from the id of the appointment the request names", expression=(path,))
+
+
 def _location(source: str, salesforce_id: str) -> str:
     return f"/fhir/{source}/Appointment/{salesforce_id}"
 
@@ -479,12 +616,24 @@ def _location(source: str, salesforce_id: str) -> str:
 def _replayed(claim: Claim, booking: CanonicalBooking, source: str) -> Answer:
     headers = {"Content-Type": FHIR_JSON, "Idempotent-Replayed": "true"}
     body, location = claim.body, claim.location
+    version = answered_version(body) if claim.status < 300 and body else None  # a change's stored answer
     if claim.salesforce_id:  # the same fingerprint, so the same booking: the same body as the first answer
-        body, location = booked_appointment(booking, claim.salesforce_id), _location(source, claim.salesforce_id)
+        version = 1 if claim.versioned else None
+        body = booked_appointment(booking, claim.salesforce_id, version=version)
+        location = _location(source, claim.salesforce_id)
     if location:
         headers["Location"] = location
+    if version is not None:
+        headers["ETag"] = etag(version)
     return Answer(claim.status, body, headers)
 
+
+# a conditional create's match whose answer is not kept (no data key, or booked before answers were)
+_EXISTS = operation_outcome([Issue(
+    code="informational", severity="information",
+    diagnostics="an appointment this source booked has that identifier, so nothing was booked; Location names "
+                "it (its content is not kept by this gateway)",
+)])
 
 _ACCEPTED = operation_outcome([Issue(
     code="informational", severity="information",

@@ -73,3 +73,6 @@ class CanonicalBooking(msgspec.Struct, frozen=True, omit_defaults=True):
     comment_path: str | None = None
     time_zone: str | None = None
     cancel_reason: Concept | None = None  # Appointment.cancelationReason, for a cancellation
+    # Appointment.id as sent: not part of the booking (left out of its fingerprint), only what an
+    # update's body must agree with (FHIR: the id in the URL)
+    resource_id: str | None = None

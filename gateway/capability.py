@@ -78,12 +78,13 @@ def capability_statement(name: str, source: SourceSettings, base: str, published
                     "documentation": booking_note + " Update: `status: cancelled` cancels, other times, slot or "
                                      "participants reschedule; a cancelled appointment cannot be changed.",
                     "interaction": [{"code": "create"}, {"code": "update"}],
-                    "versioning": "no-version",
+                    "versioning": "versioned-update",  # meta.versionId and ETag; If-Match checked
                     "updateCreate": False,
-                    "conditionalCreate": False,
+                    "conditionalCreate": True,
                     "conditionalUpdate": True,
                     "searchParam": [{"name": "identifier", "type": "token",
-                                     "documentation": "only to name the appointment of a conditional update"}],
+                                     "documentation": "only to name the appointment of a conditional update "
+                                                      "or create (If-None-Exist)"}],
                     "operation": [
                         {"name": "book", "definition": ARGONAUT_BOOK,
                          "documentation": "Books the `appt-resource` of a Parameters (Argonaut Scheduling, IHE ITI)."},

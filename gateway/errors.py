@@ -142,6 +142,13 @@ class InFlight(Conflict):
     """The same idempotency key is still being processed."""
 
 
+class PreconditionFailed(GatewayError):
+    """A condition of the request does not hold (If-Match names another version, or a conditional
+    update or create matches more than one appointment); nothing was changed."""
+
+    status, code = 412, "conflict"
+
+
 class Unprocessable(GatewayError):
     """A Salesforce rule is broken or a code has no mapping."""
 

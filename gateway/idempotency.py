@@ -22,6 +22,7 @@ from redis.exceptions import RedisError
 
 from gateway.canonical import CanonicalBooking
 from gateway.ids import new_id
+from gateway.links import STORE_LUA, Writes
 from gateway.redis_mux import MultiplexedRedis
 from gateway.sealing import SealError, Sealer
 
@@ -66,14 +67,14 @@ redis.call('HSET', KEYS[1], 'st', 'f', 'tok', ARGV[2], 'lease', lease, 'dbt', do
 return {'takeover', doubt, r[7] or tostring(now), sent, tostring(now)}
 """
 
-# KEYS[2..] with ARGV[6..]: the appointment's links (gateway/links.py), written with the answer, for
-# ARGV[5] ms; only on a single Redis, where one script may touch any key.
-_COMPLETE = """
+# KEYS[2..] with ARGV[5..]: the appointment's links and record (gateway/links.py), written with the
+# answer; only on a single Redis, where one script may touch any key.
+_COMPLETE = STORE_LUA + """
 if redis.call('HGET', KEYS[1], 'tok') ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'st', 'd', 'code', ARGV[2], 'a', ARGV[3])
 redis.call('HDEL', KEYS[1], 'lease', 'tok', 'dbt', 'since', 'sent', 'q')
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
-for i = 2, #KEYS do redis.call('SET', KEYS[i], ARGV[4 + i], 'PX', ARGV[5]) end
+if #KEYS > 1 then store_appointment(2, 5) end
 return 1
 """
 
@@ -127,12 +128,16 @@ _ANSWER_DICT = (
     b'"slot":[{"reference":"Slot/"}],"participant":[{"actor":{"reference":"Location/"}},'
     b'{"actor":{"reference":"Practitioner/"}},{"actor":{"reference":"Patient/"}}]}\n/fhir//Appointment/'
 )
-# format bytes of `a`: deflated; deflated then sealed; a booking's Salesforce id
-_PACKED, _SEALED, _BOOKED = b"\x01", b"\x02", b"\x03"
+# format bytes of `a`: deflated; deflated then sealed; a booking's Salesforce id (answered without a
+# version); a booking's Salesforce id, answered as version 1 (`meta.versionId` and `ETag`)
+_PACKED, _SEALED, _BOOKED, _BOOKED_V1 = b"\x01", b"\x02", b"\x03", b"\x04"
 
 
 def fingerprint(booking: CanonicalBooking) -> str:
-    """Same booking, same fingerprint: the canonical form is dialect-free and deterministic."""
+    """Same booking, same fingerprint: the canonical form is dialect-free and deterministic. The
+    resource's own id is not the booking (a create ignores it), so it is left out."""
+    if booking.resource_id is not None:
+        booking = msgspec.structs.replace(booking, resource_id=None)
     return hashlib.blake2b(msgspec.json.encode(booking), digest_size=16).hexdigest()
 
 
@@ -173,6 +178,7 @@ class Claim:
     sent_ms: int = 0  # Redis time the last doubtful attempt ended
     now_ms: int = 0  # Redis time of this claim
     salesforce_id: str = ""  # done, booked: the answer is rebuilt from the booking and this id
+    versioned: bool = False  # ... as version 1 (records written before versions: without one)
 
 
 class IdempotencyStore:
@@ -235,8 +241,9 @@ class IdempotencyStore:
             raise Unavailable("the idempotency store (Redis) is unavailable; nothing was sent", retry_after=5) from None
         state = reply[0].decode()
         if state == "done":
-            if reply[2][:1] == _BOOKED:
-                return Claim("done", key, token, int(reply[1]), salesforce_id=reply[2][1:].decode())
+            if reply[2][:1] in (_BOOKED, _BOOKED_V1):
+                return Claim("done", key, token, int(reply[1]), salesforce_id=reply[2][1:].decode(),
+                             versioned=reply[2][:1] == _BOOKED_V1)
             if reply[2]:
                 location, body = self._unpack_answer(key, reply[2])
             else:  # a record written before answers were packed
@@ -262,17 +269,17 @@ class IdempotencyStore:
             # lapsed, takes over as in doubt, and looks the booking up before any resend.
             raise Unavailable("the booking was sent but its answer could not be stored; retry later", retry_after=5) from None
 
-    async def complete_booked(self, claim: Claim, salesforce_id: str, links: list[tuple[str, str]] | None = None,
+    async def complete_booked(self, claim: Claim, salesforce_id: str, links: Writes | None = None,
                               links_ttl_ms: int = 0) -> bool:
-        """Store a booking's 201: Salesforce's id is all a replay needs (see the record fields above).
-        Nothing of the patient's is kept, so there is nothing to seal, and the record stays small.
-        `links` (only when `writes_links`) are written in the same script."""
-        links = links or []
+        """Store a booking's 201, answered as version 1: Salesforce's id is all a replay needs (see the
+        record fields above). Nothing of the patient's is kept, so there is nothing to seal, and the
+        record stays small. The appointment's `links` (only when `writes_links`) are written in the
+        same script."""
         try:
             return bool(await self._complete(
-                keys=[claim.key, *(k for k, _ in links)],
-                args=[claim.token, 201, _BOOKED + salesforce_id.encode(), self._retention_ms, links_ttl_ms,
-                      *(v for _, v in links)]))
+                keys=[claim.key, *(links.keys() if links else ())],
+                args=[claim.token, 201, _BOOKED_V1 + salesforce_id.encode(), self._retention_ms,
+                      *(links.args(links_ttl_ms) if links else ())]))
         except REDIS_FAILURES:
             raise Unavailable("the booking was sent but its answer could not be stored; retry later", retry_after=5) from None
 

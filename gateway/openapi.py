@@ -19,6 +19,7 @@ from typing import Any
 import msgspec
 
 from adapters._shapes import MAX_ITEMS
+from adapters.r4 import APPOINTMENT_STATUSES, PARTICIPATION_STATUSES
 from gateway import __version__
 from gateway.admin import COOKIE
 from gateway.fhir import FHIR_JSON, SALESFORCE_ERROR_SYSTEM, SALESFORCE_ID_SYSTEM
@@ -86,11 +87,12 @@ _APPOINTMENT = {
     "required": ["resourceType"],
     "properties": {
         "resourceType": {"const": "Appointment"},
+        "id": {"type": "string", "description": "ignored by a booking; an update's must be the appointment's (400)"},
         "identifier": _array(_ref("Identifier"), capped=True),
         "status": {
-            "type": "string",
-            "description": "Any status books except `cancelled` and `entered-in-error` (422).",
-            "examples": ["booked", "proposed", "pending"],
+            "enum": sorted(APPOINTMENT_STATUSES),
+            "description": "FHIR's appointmentstatus (another code is 400). Any status books except `cancelled` "
+                           "and `entered-in-error` (422).",
         },
         "serviceCategory": {
             "description": "An array (R4) or a single CodeableConcept (STU3).",
@@ -108,7 +110,9 @@ _APPOINTMENT = {
         "participant": _array({
             "type": "object",
             "properties": {"actor": _ref("Reference"), "type": _array(_ref("CodeableConcept")),
-                           "status": _STRING, "required": _STRING},
+                           "status": {"enum": sorted(PARTICIPATION_STATUSES),
+                                      "description": "FHIR's participationstatus (another code is 400)"},
+                           "required": _STRING},
         }, capped=True),
         "extension": _array({
             "type": "object",
@@ -184,12 +188,15 @@ _OPERATION_OUTCOME = {
 _BOOKED = {
     "type": "object",
     "description": f"The booked Appointment: `id` is the Salesforce appointment id, also given as an identifier "
-                   f"with system `{SALESFORCE_ID_SYSTEM}` after the EHR's own.",
+                   f"with system `{SALESFORCE_ID_SYSTEM}` after the EHR's own; `meta.versionId` its version (absent "
+                   "in the replay of a booking answered before versions).",
     "required": ["resourceType", "id", "status"],
     "properties": {
         "resourceType": {"const": "Appointment"},
         "id": _STRING,
-        "status": {"const": "booked"},
+        "meta": {"type": "object", "required": ["versionId"],
+                 "properties": {"versionId": {"type": "string", "pattern": "^[0-9]+$"}}},
+        "status": {"enum": ["booked", "cancelled"]},
         "identifier": _array({"type": "object", "required": ["value"],
                               "properties": {"system": _STRING, "value": _STRING}}),
         "start": _STRING,
@@ -273,7 +280,8 @@ def _fhir_errors(*, body: bool) -> dict[str, dict[str, Any]]:
     """The refusals of the three FHIR routes; `X-Request-ID` on each."""
     r: dict[str, dict[str, Any]] = {
         "400": _outcome("not JSON, not FHIR, the wrong resourceType, an element of the wrong JSON type, a key named "
-                        "twice in one object, or a malformed Idempotency-Key", request_id=True),
+                        "twice in one object, a status outside its FHIR value set, or a malformed Idempotency-Key",
+                        request_id=True),
         "401": _outcome("no key or token, an unknown one, or a required client certificate missing", request_id=True),
         "403": _outcome("a key, token or client certificate of another source", request_id=True),
         "404": _outcome("no FHIR source of that name is configured", request_id=True),
@@ -365,22 +373,46 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
                        "same key with another booking is 422.",
         "schema": {"type": "string", "pattern": '^([ -~]{1,255}|"[ -~]{1,255}")$', "not": {"const": '""'}},
     }
+    etag_header = {"description": "the appointment's version this answer shows, as `meta.versionId` does: `W/\"<n>\"` "
+                                  "(1 when booked, one more per change); If-Match takes it",
+                   "schema": {"type": "string", "pattern": '^W/"[0-9]+"$'}}
     replayed_headers = {
         "Location": {"description": "[base]/Appointment/{id}, absolute: the source's FHIR base at the first "
                                     "[server] public_urls", "schema": {"type": "string", "format": "uri"}},
         "Idempotent-Replayed": {"description": "`true` when this is the first attempt's answer, byte for byte",
                                 "schema": {"const": "true"}},
+        "ETag": etag_header,
         "X-Request-ID": _REQUEST_ID,
+    }
+    if_none_exist = {
+        "name": "If-None-Exist", "in": "header", "required": False,
+        "description": "FHIR's conditional create: `identifier=system|value` (`|value`: no system; `value`: any). An "
+                       "appointment this source booked under it is answered 200 and nothing is booked; several are "
+                       "412; none, the booking goes on. Any other search parameter is 400.",
+        "schema": {"type": "string"},
+    }
+    if_match_header = {
+        "name": "If-Match", "in": "header", "required": False,
+        "description": "the ETag of the version this change is based on (`W/\"<n>\"`, a list, or `*`): another "
+                       "version is 412 and nothing is changed; not an entity tag, 400",
+        "schema": {"type": "string"},
     }
     book_responses: dict[str, Any] = {
         "201": {"description": "booked (or a retry of a booked request: the first answer again)",
                 "headers": replayed_headers,
                 "content": {FHIR_JSON: {"schema": _ref("BookedAppointment")}}},
+        "200": {"description": "with If-None-Exist: the appointment this source booked under that identifier, as last "
+                               "answered (nothing is booked); an informational OperationOutcome when its answer is not "
+                               "kept (no data key)",
+                "headers": {"Location": replayed_headers["Location"], "ETag": etag_header, "X-Request-ID": _REQUEST_ID},
+                "content": {FHIR_JSON: {"schema": {"oneOf": [_ref("BookedAppointment"), _ref("OperationOutcome")]}}}},
         "202": _outcome("a `delivery = \"queue\"` source while Salesforce is down: the booking is in the durable "
                         "queue (severity information); the same request again answers 202 until it is booked, "
                         "then the 201", retry_after=True, request_id=True),
         **_fhir_errors(body=True),
         "409": _outcome("a booking with this idempotency key is still being processed", retry_after=True,
+                        request_id=True),
+        "412": _outcome("If-None-Exist matches more than one appointment of this source; nothing was booked",
                         request_id=True),
         "502": _outcome("Salesforce failed (a 5xx, or an answer that cannot be read), or the answer was lost "
                         "after sending: the booking is in doubt and is looked up before any new attempt",
@@ -400,6 +432,8 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
         **_fhir_errors(body=True),
         "409": _outcome("a change with this idempotency key is still being processed", retry_after=True,
                         request_id=True),
+        "412": _outcome("If-Match names another version, or the identifier matches more than one appointment of "
+                        "this source; nothing was changed", request_id=True),
         "502": _outcome("Salesforce failed (a 5xx, or an answer that cannot be read), or the answer was lost; "
                         "the change may be sent again", retry_after=True, request_id=True),
         "503": _outcome("Redis or Salesforce unavailable, Salesforce's request limit reached, or the circuit "
@@ -410,12 +444,14 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
                           "mapped through the `…:cancellationReason` code-map group, else its text); a booked "
                           "Appointment with other times, slot or participants reschedules it. Exactly once per "
                           "idempotency key; a cancelled appointment cannot be changed (422); an unknown one is "
-                          "404." + mtls_note)
+                          "404. The body's `id` is the appointment's: by id it is required, by identifier optional; "
+                          "another is 400, and nothing is changed." + mtls_note)
     appointment_id = {"name": "appointment_id", "in": "path", "required": True,
                       "description": "the Salesforce id the gateway answered the booking with",
                       "schema": {"type": "string"}}
     identifier_param = {"name": "identifier", "in": "query", "required": True,
-                        "description": "the EHR's identifier of the appointment, as a FHIR token: system|value",
+                        "description": "the EHR's identifier of the appointment, as a FHIR token: system|value "
+                                       "(`|value`: no system; `value`: any system); more than one match is 412",
                         "schema": {"type": "string"}}
 
     slot_responses = {
@@ -462,23 +498,23 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
     paths: dict[str, Any] = {
         "/fhir/{source}/Appointment": {"post": _operation(
             "Book a FHIR Appointment", "FHIR", book_responses, operation_id="bookAppointment",
-            description=book_description, parameters=[fhir_source, idempotency_key],
+            description=book_description, parameters=[fhir_source, idempotency_key, if_none_exist],
             requestBody=fhir_body(_ref("Booking")), security=fhir_security,
         ), "put": _operation(
             "Reschedule or cancel the appointment an EHR identifier names (conditional update)", "FHIR",
             change_responses, operation_id="changeAppointmentByIdentifier", description=change_description,
-            parameters=[fhir_source, identifier_param, idempotency_key],
+            parameters=[fhir_source, identifier_param, idempotency_key, if_match_header],
             requestBody=fhir_body(_ref("Booking")), security=fhir_security,
         )},
         "/fhir/{source}/Appointment/{appointment_id}": {"put": _operation(
             "Reschedule or cancel a booked appointment", "FHIR", change_responses,
             operation_id="changeAppointment", description=change_description,
-            parameters=[fhir_source, appointment_id, idempotency_key],
+            parameters=[fhir_source, appointment_id, idempotency_key, if_match_header],
             requestBody=fhir_body(_ref("Booking")), security=fhir_security,
         )},
         "/fhir/{source}/Appointment/$book": {"post": _operation(
             "Book the appt-resource of $book Parameters", "FHIR", book_responses, operation_id="bookOperation",
-            description=book_description, parameters=[fhir_source, idempotency_key],
+            description=book_description, parameters=[fhir_source, idempotency_key, if_none_exist],
             requestBody=fhir_body(_ref("Booking")), security=fhir_security,
         )},
         "/fhir/{source}": {"post": _operation(
@@ -491,9 +527,10 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
                                                                        "type": {"const": "batch-response"}}}}}},
              **_fhir_errors(body=True)},
             operation_id="batch",
-            description="Entries: POST Appointment (book), PUT Appointment/<id> or Appointment?identifier=… "
-                        "(reschedule or cancel); any other entry is answered `405` (not-supported) in its place, and "
-                        "an entry holding an Appointment has its absolute `fullUrl`. A transaction is 422. With "
+            description="Entries: POST Appointment (book; `request.ifNoneExist` as If-None-Exist), PUT "
+                        "Appointment/<id> or Appointment?identifier=… (reschedule or cancel; `request.ifMatch` as "
+                        "If-Match); any other entry is answered `405` (not-supported) in its place, and an entry "
+                        "holding an Appointment has its absolute `fullUrl`. A transaction is 422. With "
                         "`Idempotency-Key`, entry i's key is `<key>#i`." + mtls_note,
             parameters=[fhir_source, idempotency_key],
             requestBody=fhir_body({"type": "object", "required": ["resourceType", "type"],

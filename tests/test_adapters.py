@@ -848,3 +848,38 @@ def test_arrays_over_the_cap_are_refused_by_name(adapter: str) -> None:
         parse(adapter, json.dumps(appointment).encode())
     except GatewayError as exc:
         assert "items" not in exc.issues[0].diagnostics
+
+
+@pytest.mark.parametrize("adapter", ["fhir", "cerner", "epic"])
+def test_codes_outside_their_required_bindings_are_400(adapter: str) -> None:
+    """Appointment.status (appointmentstatus) and participant.status (participationstatus) are bound
+    `required` in FHIR: a code outside the value set is a 400 naming each element, in every dialect
+    and inside $book's Parameters too; the value is not repeated."""
+    doc = r4_example()
+    doc["status"] = "not-a-status"
+    doc["participant"][1]["status"] = "maybe"
+    err = refused(adapter, body(doc))
+    assert err.status == 400
+    assert [(i.code, i.expression) for i in err.issues] == [
+        ("code-invalid", ("Appointment.status",)), ("code-invalid", ("Appointment.participant[1].status",))]
+    assert not any("not-a-status" in i.diagnostics or "maybe" in i.diagnostics for i in err.issues)
+    prefix = "Parameters.parameter[0].resource"
+    err = refused(adapter, body({"resourceType": "Parameters", "parameter": [{"name": "appt-resource", "resource": doc}]}))
+    assert [i.expression for i in err.issues] == [(f"{prefix}.status",), (f"{prefix}.participant[1].status",)]
+    # codes are case-sensitive; an empty string is no code either
+    for status in ("Booked", ""):
+        assert refused(adapter, body({**r4_example(), "status": status})).issues[0].expression == ("Appointment.status",)
+
+
+@pytest.mark.parametrize("status", ["proposed", "pending", "booked", "arrived", "fulfilled", "cancelled", "noshow",
+                                    "entered-in-error", "checked-in", "waitlist"])
+def test_every_r4_appointment_status_is_read(status: str) -> None:
+    """R4's whole value set passes (STU3's is the same less checked-in and waitlist), with every
+    participant status, and an absent status is no code to check."""
+    doc = r4_example()
+    doc["status"] = status
+    for participant, code in zip(doc["participant"], ["accepted", "declined", "tentative", "needs-action"]):
+        participant["status"] = code
+    assert parse("epic", body(doc)).status == status
+    doc.pop("status")
+    assert parse("fhir", body(doc)).status is None

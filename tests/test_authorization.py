@@ -27,6 +27,7 @@ def visit(n: int, **changes) -> dict:
     data = msgspec.json.decode(corpus(VIDEO_VISIT))
     data.update(start=f"2026-12-1{n}T09:00:00Z", end=f"2026-12-1{n}T09:15:00Z", status="booked",
                 identifier=[{"system": "urn:oid:1.2.3", "value": f"authz-{n}"}])
+    data.pop("id")  # Cerner's own id: an update's body carries the appointment's, or none by identifier
     data.update(changes)
     data.pop("cancelationReason", None)
     return data
@@ -85,7 +86,7 @@ ROUTES = ("put-by-id", "put-by-identifier", "batch-put-by-id", "batch-put-by-ide
 
 async def _change(gw: httpx.AsyncClient, route: str, key: str | None, sf_id: str, n: int) -> tuple[int, bytes]:
     """Cancel the appointment through one route; (status of the change, its OperationOutcome or body)."""
-    body = visit(n, status="cancelled")
+    body = visit(n, status="cancelled", **({} if "identifier" in route else {"id": sf_id}))
     identifier = f"urn:oid:1.2.3|authz-{n}"
     if route == "put-by-id":
         r = await gw.put(f"/fhir/cerner/Appointment/{sf_id}", content=msgspec.json.encode(body), headers=_auth(key))
@@ -140,7 +141,8 @@ async def test_another_source_cannot_reach_this_sources_appointments_on_its_own_
     gw, org, _, ids = world
     for path in (f"/fhir/clinic/Appointment/{ids['this']}", "/fhir/clinic/Appointment?identifier=urn:oid:1.2.3|authz-1"):
         for status in ("cancelled", "booked"):  # booked: "does this patient have an appointment there?"
-            r = await gw.put(path, content=msgspec.json.encode(visit(1, status=status)), headers=_auth(OTHER_KEY))
+            by_id = {} if "?" in path else {"id": ids["this"]}
+            r = await gw.put(path, content=msgspec.json.encode(visit(1, status=status, **by_id)), headers=_auth(OTHER_KEY))
             assert r.status_code == 404, (path, status, r.text)
             assert ids["this"] not in r.text
     assert org.get(ids["this"]).status == "Scheduled"

@@ -19,6 +19,7 @@ CERNER_SERVICE_TYPES = "https://fhir.cerner.com/ec2458f2-1e24-41c8-b71b-0e701af7
 
 def appointment(minute: int, ident: str) -> dict:
     data = msgspec.json.decode(corpus(VIDEO_VISIT))
+    del data["id"]  # Cerner's own id: an update's body may carry only the appointment's
     data["start"], data["end"] = f"2026-12-01T13:{minute:02d}:00Z", f"2026-12-01T13:{minute + 15:02d}:00Z"
     data["identifier"] = [{"system": "urn:oid:1.2.3", "value": ident}]
     return data
@@ -81,7 +82,8 @@ async def test_entries_carry_their_full_url_and_unsupported_ones_are_405_not_sup
     Allowed` with a `not-supported` issue pointing at its request, and nothing is booked for it."""
     first = (await gateway.post("/fhir/cerner", content=bundle(post(appointment(0, "f-1"))), headers=auth())).json()
     sf_id = first["entry"][0]["resource"]["id"]
-    move = {"resource": {**appointment(15, "f-1"), "status": "booked"}, "request": {"method": "PUT", "url": f"Appointment/{sf_id}"}}
+    move = {"resource": {**appointment(15, "f-1"), "status": "booked", "id": sf_id},
+            "request": {"method": "PUT", "url": f"Appointment/{sf_id}"}}
     unsupported = [
         {"request": {"method": "GET", "url": f"Appointment/{sf_id}"}},
         {"request": {"method": "GET", "url": "Slot?start=ge2026-12-01&start=le2026-12-02&actor=Practitioner/593923"}},

@@ -76,7 +76,7 @@ async def test_a_retry_written_differently_gets_the_first_answer_byte_for_byte(g
     try:
         keys = [k async for k in client.scan_iter(match=f"{prefix}:idem:*", count=1000)]
         records = [await client.hgetall(k) for k in keys]
-        mine = [r for r in records if r.get(b"a") == b"\x03" + first.json()["id"].encode()]
+        mine = [r for r in records if r.get(b"a") == b"\x04" + first.json()["id"].encode()]
         assert len(mine) == 1  # the record holds Salesforce's id, and nothing of the patient's
         assert PATIENT_ID.encode() not in b"".join(mine[0].values())
     finally:

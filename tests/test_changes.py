@@ -18,6 +18,7 @@ def state(sandbox):
 
 def appointment(**changes) -> dict:
     data = msgspec.json.decode(corpus(VIDEO_VISIT))
+    del data["id"]  # Cerner's own id: an update's body carries the appointment's (see `put`)
     data["identifier"] = [{"system": "urn:oid:1.2.3", "value": "appt-4817572"}]
     data["status"] = "booked"
     data.pop("cancelationReason", None)
@@ -32,6 +33,9 @@ async def book(gateway, data: dict | None = None) -> str:
 
 
 async def put(gateway, path: str, data: dict, **headers: str):
+    """By id, the body carries that id (FHIR's update); by identifier, none."""
+    if "?" not in path:
+        data = {**data, "id": path.rsplit("/", 1)[1]}
     return await gateway.put(path, content=msgspec.json.encode(data), headers=auth(**headers))
 
 
@@ -110,8 +114,9 @@ async def test_a_missing_link_is_404_not_an_org_wide_look_up(gateway, sandbox, r
     sf_id = await book(gateway)
     client = aredis.Redis.from_url(redis_url)
     try:
-        links = [k async for k in client.scan_iter(match=f"{prefix}:link:*", count=1000)]
-        assert len(links) == 1 and (await client.get(links[0])).decode() == sf_id  # the link, keyed by digest
+        links = [k async for k in client.scan_iter(match=f"{prefix}:ids:*", count=1000)]
+        # the link, keyed by a digest of the value; its member: a digest of the system, and the id
+        assert len(links) == 1 and [m.decode().split("|")[1] for m in await client.hkeys(links[0])] == [sf_id]
         await client.delete(*links)
     finally:
         await client.aclose()
@@ -166,3 +171,27 @@ async def test_changes_show_in_the_request_log_as_what_they_did(gateway, sandbox
     assert [(e["op"], e["outcome"], e["sf_id"]) for e in entries[:2]] == [
         ("change", "cancelled", sf_id), ("change", "rescheduled", sf_id)]  # newest first
     assert "patient" not in entries[0]  # an admin key's view: no patient data
+
+
+async def test_links_and_records_written_before_versions_are_still_read(gateway, sandbox, redis_url, prefix):
+    """An appointment booked by the version before this one has a string link per system|value and
+    a status string: both are still read (as version 1), and its first change writes the new record."""
+    import hashlib
+
+    sf_id = await book(gateway)
+    client = aredis.Redis.from_url(redis_url)
+    try:
+        await client.delete(*[k async for k in client.scan_iter(match=f"{prefix}:ids:*", count=1000)],
+                            f"{prefix}:appointment:{{cerner:{sf_id}}}")
+        digest = hashlib.sha256(f"cerner\0{IDENTIFIER}".encode()).hexdigest()[:40]
+        await client.set(f"{prefix}:link:{{cerner:{digest}}}", sf_id)
+        await client.set(f"{prefix}:appt:{{cerner:{sf_id}}}", "booked")
+        moved = appointment(start="2026-12-01T15:00:00Z", end="2026-12-01T15:30:00Z")
+        r = await put(gateway, f"/fhir/cerner/Appointment?identifier={IDENTIFIER}", moved, **{"If-Match": 'W/"1"'})
+        assert r.status_code == 200 and r.headers["etag"] == 'W/"2"', r.text
+        assert (await client.hget(f"{prefix}:appointment:{{cerner:{sf_id}}}", "v")) == b"2"
+        r = await put(gateway, f"/fhir/cerner/Appointment/{sf_id}", appointment(status="cancelled"))
+        assert r.status_code == 200 and r.headers["etag"] == 'W/"3"'
+    finally:
+        await client.aclose()
+    assert state(sandbox).get(sf_id).status == "Cancelled"

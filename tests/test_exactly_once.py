@@ -279,6 +279,7 @@ async def test_the_gateway_on_a_redis_cluster(redis_cluster_url, prefix, sandbox
         assert stored == {done.json()["id"], second.json()["id"]}
         assert state(sandbox).counters().dropped_connections == 1  # one answer lost, adopted
         # its links live in other slots than its record: written just after the answer, and found
+        del other["id"]  # Cerner's own id: a conditional update's body may carry only the appointment's
         cancelled = await gw.put("/fhir/cerner/Appointment?identifier=urn:oid:1.2.3|cluster-appt-2",
                                  content=msgspec.json.encode({**other, "status": "cancelled"}), headers=auth())
         assert cancelled.status_code == 200 and cancelled.json()["id"] == second.json()["id"], cancelled.text

@@ -47,9 +47,15 @@ async def test_a_booking_is_stored_as_salesforce_id_alone(client, prefix):
     assert await s.complete_booked(first, "08p5g000000bcdEAAQ")
     done = await s.claim(key, "fp1")
     assert (done.state, done.status, done.salesforce_id, done.body, done.location) == ("done", 201, "08p5g000000bcdEAAQ", b"", "")
-    assert (await client.hgetall(key))[b"a"] == b"\x03" + b"08p5g000000bcdEAAQ"
+    assert done.versioned  # answered as version 1
+    assert (await client.hgetall(key))[b"a"] == b"\x04" + b"08p5g000000bcdEAAQ"
     assert await client.memory_usage(key) < 256
     assert (await s.claim(key, "fp2")).state == "mismatch"  # the fingerprint still guards the key
+    # a record written before versions (format \x03) is replayed as it was answered: without one
+    old = s.record_key("cerner", "h:booked-before-versions")
+    await client.hset(old, mapping={"fp": "fp1", "st": "d", "code": 201, "a": b"\x03" + b"08p5g000000bcdEAAQ"})
+    replay = await s.claim(old, "fp1")
+    assert (replay.state, replay.salesforce_id, replay.versioned) == ("done", "08p5g000000bcdEAAQ", False)
 
 
 async def test_expired_lease_is_taken_over_and_old_holder_cannot_write(client, prefix):

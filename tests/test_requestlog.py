@@ -134,11 +134,16 @@ async def test_a_huge_unmapped_code_gets_a_small_answer_and_a_small_entry(redis_
         stored = await raw.get(f"{prefix}:log:{{{prefix}:log}}:e:{entry['id']}")
         await raw.aclose()
         assert stored is not None and len(stored) < 4096, len(stored)
-        # a value quoted by a message the mapping does not write is cut too (the backstop)
+        # a huge status is outside its required binding: refused without being repeated
         change = msgspec.json.decode(corpus(VIDEO_VISIT)) | {"status": "x" * HUGE}
         r = await gw.put("/fhir/cerner/Appointment/08pxx0000000001AAA", content=msgspec.json.encode(change),
                          headers=auth())
-        assert r.status_code == 422 and len(r.content) < 4096, len(r.content)
+        assert r.status_code == 400 and len(r.content) < 4096, len(r.content)
+        # and a message that quotes a value without `cut` is bounded all the same (the backstop)
+        from gateway.errors import Unprocessable
+        from gateway.fhir import error_body
+
+        assert len(error_body(Unprocessable("an appointment " + "x" * HUGE + " cannot be sent"))) < 4096
 
 
 async def test_the_byte_bound_holds_under_a_stream_of_huge_codes(redis_url, prefix, sandbox, tmp_path):
