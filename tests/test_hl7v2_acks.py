@@ -24,6 +24,7 @@ import redis
 from adapters.hl7v2 import normalise
 from tests.conftest import CORPUS, free_port, make_settings
 from tests.hl7_strict import Ack, read
+from tests.test_hl7v2 import exchange as mllp_exchange
 
 ATHENA = CORPUS / "hl7v2" / "athena-siu-s12-403.hl7"  # v2.2, LF separators, no start block
 COREPOINT = CORPUS / "hl7v2" / "corepoint-siu-s14-example.hl7"  # v2.3, LF separators
@@ -67,16 +68,7 @@ def trigger_of(message: bytes) -> str:
 
 async def exchange(port: int, *messages: bytes) -> list[bytes]:
     """Each message framed, its ACK read (frame included: the strict reader checks it), in order."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    answers = []
-    try:
-        for message in messages:
-            writer.write(b"\x0b" + message + b"\x1c\r")
-            await writer.drain()
-            answers.append(await asyncio.wait_for(reader.readuntil(b"\x1c\r"), 60))
-    finally:
-        writer.close()
-    return answers
+    return await mllp_exchange(port, *messages, framed=True)
 
 
 @dataclass(frozen=True)

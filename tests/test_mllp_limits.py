@@ -14,7 +14,7 @@ from adapters.hl7v2 import parse_siu
 from gateway.errors import InvalidRequest, PayloadTooLarge
 from gateway.settings import MllpSettings
 from tests.conftest import make_settings
-from tests.test_hl7v2 import ATHENA, mllp_gateway, msa, state
+from tests.test_hl7v2 import ATHENA, exchange, mllp_gateway, msa, state
 
 HEADER = "MSH|^~\\&|A|B|C|D|200401010000||SIU^S12|{control}|P|2.3\r"
 LIMITS = MllpSettings()
@@ -41,26 +41,13 @@ def test_separator_counts_are_capped_before_parsing(separator):
         parse_siu(at_cap + separator.encode(), None)
 
 
-async def send_and_read(port: int, messages: list[bytes]) -> list[str]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    acks = []
-    try:
-        for message in messages:
-            writer.write(b"\x0b" + message + b"\x1c\r")
-            await writer.drain()
-            acks.append((await asyncio.wait_for(reader.readuntil(b"\x1c\r"), 60))[1:-2].decode())
-    finally:
-        writer.close()
-    return acks
-
-
 async def test_messages_of_delimiters_at_the_size_cap_are_ae_and_health_stays_live(settings, sandbox):
     """Four senders of messages made of separators, each at the size cap: each is answered AE with its
     MSH-10, and meanwhile the same gateway's /health/live answers (a generous bound, not a speed
     target: the event loop is not held by a parse)."""
     fillers = [b"|", b"^", b"~", b"S|\r"]
     async with mllp_gateway(settings) as (port, http):
-        senders = [asyncio.create_task(send_and_read(port, [
+        senders = [asyncio.create_task(exchange(port, *[
             delimiters(f"dl-{i}-{n}", filler, LIMITS.max_message_bytes) for n in range(3)]))
             for i, filler in enumerate(fillers)]
         waits = []
@@ -164,7 +151,7 @@ async def test_oversized_and_empty_blocks_are_ae_and_the_connection_goes_on(redi
     async with mllp_gateway(settings) as (port, _):
         just_over = delimiters("over-1", b"x", 4097)
         far_over = delimiters("over-2", b"|", 3 * 4096)
-        acks = await send_and_read(port, [just_over, far_over, b"", ATHENA.read_bytes().rstrip(b"\r\n")])
+        acks = await exchange(port, *[just_over, far_over, b"", ATHENA.read_bytes().rstrip(b"\r\n")])
     assert [msa(a)[1:3] for a in acks] == [["AE", "over-1"], ["AE", "over-2"], ["AE", '""'], ["AA", "403"]]
     assert msa(acks[0])[3] == "MSH: over the gateway's caps for one message"
     assert len(state(sandbox).appointments()) == 1

@@ -68,16 +68,23 @@ async def test_a_restarted_serve_books_at_once_against_its_new_sandbox(redis_url
         second.stop()
 
 
+async def cache_a_token_for_a_gone_instance(client, prefix: str, settings) -> str:
+    """A token cached for the connection whose instance refuses connections (nothing listens
+    there), as when an org moved or the sandbox restarted; its Redis key."""
+    key = token_key(prefix, settings.salesforce)
+    gone = f"http://127.0.0.1:{free_port()}"
+    await client.set(key, msgspec.json.encode(Token(access_token="stale", instance_url=gone)), px=60_000)
+    return key
+
+
 async def test_a_cached_token_whose_instance_is_gone_is_renewed_and_the_booking_sent_once(redis_url, prefix, sandbox):
     """The same connection, but the cached token names an instance that refuses connections (an
     org moved to another instance): the token is dropped, a new one minted, and the Book, which was
     never sent, goes to the new instance once."""
     settings = make_settings(redis_url, prefix, sandbox.url)
-    gone = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     client = aredis.Redis.from_url(redis_url)
     try:
-        key = token_key(prefix, settings.salesforce)
-        await client.set(key, msgspec.json.encode(Token(access_token="stale", instance_url=gone)), px=60_000)
+        key = await cache_a_token_for_a_gone_instance(client, prefix, settings)
         async with serve_gateway(settings) as gateway:
             r = await book(gateway, "moved", 3)
             assert r.status_code == 201, r.text
@@ -96,9 +103,7 @@ async def test_a_burst_on_a_cached_token_whose_instance_is_gone_is_booked_with_o
     settings = make_settings(redis_url, prefix, sandbox.url)
     client = aredis.Redis.from_url(redis_url)
     try:
-        gone = f"http://127.0.0.1:{free_port()}"
-        await client.set(token_key(prefix, settings.salesforce),
-                         msgspec.json.encode(Token(access_token="stale", instance_url=gone)), px=60_000)
+        await cache_a_token_for_a_gone_instance(client, prefix, settings)
         async with serve_gateway(settings) as gateway:
             answers = await asyncio.gather(*(book(gateway, f"burst-{n}", n) for n in range(8)))
         assert [a.status_code for a in answers] == [201] * 8, [a.text for a in answers if a.status_code != 201]
@@ -157,9 +162,7 @@ async def test_readiness_renews_a_cached_token_whose_instance_is_gone(redis_url,
     settings = every_time(redis_url, prefix, sandbox.url)
     client = aredis.Redis.from_url(redis_url)
     try:
-        gone = f"http://127.0.0.1:{free_port()}"
-        await client.set(token_key(prefix, settings.salesforce),
-                         msgspec.json.encode(Token(access_token="stale", instance_url=gone)), px=60_000)
+        await cache_a_token_for_a_gone_instance(client, prefix, settings)
         async with serve_gateway(settings) as gateway:
             ready = await gateway.get("/health/ready")
             assert ready.status_code == 200, ready.text
