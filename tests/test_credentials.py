@@ -21,6 +21,7 @@ from tests.test_smart import JWKS, assertion, get_token, with_smart
 PUBLIC = {
     ("GET", "/health/live"), ("GET", "/health/ready"), ("GET", "/metrics"), ("GET", "/openapi.json"),
     ("GET", "/fhir/{source:str}/metadata"),  # the CapabilityStatement: FHIR clients read it before any key
+    ("GET", "/fhir/{source:str}/OperationDefinition/{name:str}"),  # what the CapabilityStatement points to
     ("POST", "/auth/token"),  # the credential is the client assertion in the form
     ("GET", "/admin"), ("GET", "/admin/static/{name:str}"),  # the dashboard's files; its data needs a key
     ("POST", "/admin/api/session"),  # the key is in the body: tried below
