@@ -115,7 +115,7 @@ def main() -> None:
     try:
         redis_url = os.environ.get("REDIS_URL")
         if not redis_url:
-            from gateway.embedded_redis import EmbeddedRedis
+            from gateway.state.embedded_redis import EmbeddedRedis
 
             embedded = EmbeddedRedis(tmp / "redis", appendonly=False).start()
             redis_url = embedded.url

@@ -3,7 +3,7 @@
     .venv/bin/python -m benchmarks.clients [--seconds 4] [--rounds 3] [--concurrency 32]
 
 Why: the gateway's own HTTP client (gateway/salesforce/_http.py) and Redis link
-(gateway/redis_mux.py) replace libraries; this is the measurement that justifies it, and it can be
+(gateway/state/redis_mux.py) replace libraries; this is the measurement that justifies it, and it can be
 rerun when the libraries change. Each case runs in a fresh process: `--concurrency` tasks, each
 calling in a loop, one shared client; after a 1 s warm-up, calls/s and the process's CPU time per
 call (all threads, so clients that work in threads of their own are counted whole) over `--seconds`.
@@ -136,7 +136,7 @@ async def _redis_client(name: str, url: str):
         client = redis.Redis.from_url(url, socket_timeout=2)
         close = client.aclose
     else:
-        from gateway.redis_mux import MultiplexedRedis
+        from gateway.state.redis_mux import MultiplexedRedis
 
         client = MultiplexedRedis(url)
         close = client.aclose
@@ -209,7 +209,7 @@ def main() -> None:
     embedded = None
     redis_url = os.environ.get("REDIS_URL")
     if not redis_url:
-        from gateway.embedded_redis import EmbeddedRedis
+        from gateway.state.embedded_redis import EmbeddedRedis
 
         embedded = EmbeddedRedis(Path(tempfile.mkdtemp(prefix="clients-redis-")), appendonly=False).start()
         redis_url = embedded.url

@@ -13,7 +13,7 @@ minutes. `--quick` (1 round, 5 s runs, a 20,000-booking soak) takes under 2 minu
 What it does, in order:
 
 1. Redis: REDIS_URL if set (every key under a prefix of this run's own, deleted at the end), else an
-   embedded Redis (the project's `gateway.embedded_redis`, append-only file off) thrown away at the
+   embedded Redis (the project's `gateway.state.embedded_redis`, append-only file off) thrown away at the
    end.
 2. The Salesforce stand-in (benchmarks/standin.py: fixed answers to the token and Book calls), then
    its own capacity alone: wrk straight at its Book endpoint with the body the gateway sends.
@@ -466,10 +466,10 @@ class Bench:
         if url:
             self.redis_url, self.redis_kind = url, "external (REDIS_URL)"
         else:
-            from gateway.embedded_redis import EmbeddedRedis
+            from gateway.state.embedded_redis import EmbeddedRedis
 
             self.embedded = EmbeddedRedis(self.tmp / "redis", appendonly=False).start()
-            self.redis_url, self.redis_kind = self.embedded.url, "embedded (gateway.embedded_redis, append-only off)"
+            self.redis_url, self.redis_kind = self.embedded.url, "embedded (gateway.state.embedded_redis, append-only off)"
         self.rc = redis.Redis.from_url(self.redis_url)
         info = self.rc.info("server")
         self.redis_version = f"{info.get('redis_version')} ({info.get('mem_allocator', self.rc.info('memory').get('mem_allocator'))})"

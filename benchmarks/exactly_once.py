@@ -39,7 +39,7 @@ from pathlib import Path
 import httpx
 import msgspec
 
-from gateway.embedded_redis import EmbeddedRedis
+from gateway.state.embedded_redis import EmbeddedRedis
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS_BODY = ROOT.parent / "shared" / "corpus" / "cerner-millennium-r4" / "r4_appointment_video_visit_entry.json"

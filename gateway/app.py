@@ -19,12 +19,12 @@ from litestar.datastructures import MultiDict
 from litestar.exceptions import HTTPException, InternalServerException
 from litestar.params import FromPath
 
-from gateway.admin import AdminAuth, AdminDeps, Audit, admin_router
-from gateway.booking import NO_SUCH_APPOINTMENT, Answer, Booker, Target, Trace, identifier_target, if_none_exist
+from gateway.operators.admin import AdminAuth, AdminDeps, Audit, admin_router
+from gateway.booking.booker import NO_SUCH_APPOINTMENT, Answer, Booker, Target, Trace, identifier_target, if_none_exist
 from adapters.hl7v2 import FILLER, PLACER, ack, parse_siu, read_header
-from gateway.batch import Item, batch_response, parse_batch, response_entry
-from gateway.breaker import CircuitBreaker
-from gateway.capability import TRANSLATE, capability_statement, translate_definition
+from gateway.booking.batch import Item, batch_response, parse_batch, response_entry
+from gateway.state.breaker import CircuitBreaker
+from gateway.booking.capability import TRANSLATE, capability_statement, translate_definition
 from gateway.errors import (
     Forbidden,
     IdempotencyKeyReused,
@@ -40,29 +40,29 @@ from gateway.errors import (
     UnsupportedMediaType,
     http,
 )
-from gateway.fhir import FHIR_JSON, error_body, if_match, negotiate, slot_searchset, warning_header
+from gateway.booking.fhir import FHIR_JSON, error_body, if_match, negotiate, slot_searchset, warning_header
 from gateway.ids import new_id
-from gateway.idempotency import REDIS_FAILURES, IdempotencyStore, parse_key_header
-from gateway.links import Links
-from gateway.livemaps import LiveMaps
+from gateway.state.idempotency import REDIS_FAILURES, IdempotencyStore, parse_key_header
+from gateway.state.links import Links
+from gateway.booking.livemaps import LiveMaps
 from gateway.logs import log
-from gateway.metrics import Metrics
-from gateway.mllp import MllpListener
-from gateway.mtls import ClientCertificates
-from gateway.openapi import OPENAPI_PATH, openapi_json
-from gateway.queue import BookingQueue
-from gateway.redis_mux import MultiplexedRedis
-from gateway.ratelimit import RateLimiter
-from gateway.requestlog import KEEP_INPUT, Entry, RequestLog, logged_issues, logged_maps
-from gateway.requestlog import key_digest as log_key_digest
-from gateway.sealing import Sealer, sealer_from_env
-from gateway.smart import SmartAuth, TokenError
+from gateway.operators.metrics import Metrics
+from gateway.edges.mllp import MllpListener
+from gateway.edges.mtls import ClientCertificates
+from gateway.edges.openapi import OPENAPI_PATH, openapi_json
+from gateway.state.queue import BookingQueue
+from gateway.state.redis_mux import MultiplexedRedis
+from gateway.state.ratelimit import RateLimiter
+from gateway.state.requestlog import KEEP_INPUT, Entry, RequestLog, logged_issues, logged_maps
+from gateway.state.requestlog import key_digest as log_key_digest
+from gateway.state.sealing import Sealer, sealer_from_env
+from gateway.edges.smart import SmartAuth, TokenError
 from gateway.salesforce.auth import TokenProvider
 from gateway.salesforce._http import HttpClient
 from gateway.salesforce.client import SALESFORCE_ID, SalesforceClient
 from gateway.settings import Settings, SourceSettings, load_settings
-from gateway.slots import paging
-from gateway.worker import QueueWorker
+from gateway.booking.slots import paging
+from gateway.booking.worker import QueueWorker
 
 _ACCEPTED_MEDIA = ("application/fhir+json", "application/json")
 _FORM = "application/x-www-form-urlencoded"  # a FHIR search by POST
@@ -242,7 +242,7 @@ def create_app(
     per_worker = max(1, cfg.salesforce.max_concurrent_calls // max(1, workers))
     cfg = msgspec.structs.replace(cfg, salesforce=msgspec.structs.replace(cfg.salesforce, max_concurrent_calls=per_worker))
     redis_client = connect_redis(settings.redis_url, cluster=cfg.redis.cluster)
-    # the booking's two scripts share one pipelined connection (gateway/redis_mux.py); a Cluster
+    # the booking's two scripts share one pipelined connection (gateway/state/redis_mux.py); a Cluster
     # spreads records over its shards, so there redis-py's cluster client runs them
     scripts = redis_client if cfg.redis.cluster else MultiplexedRedis(settings.redis_url, timeout=2, connect_timeout=2)
     http = HttpClient(cfg.salesforce)
@@ -475,7 +475,7 @@ def create_app(
 
     @post("/fhir/{source:str}", status_code=200)
     async def batch(request: Request, source: FromPath[str]) -> Response[bytes]:
-        """A FHIR batch Bundle (gateway/batch.py): each entry booked or changed as if sent alone, each
+        """A FHIR batch Bundle (gateway/booking/batch.py): each entry booked or changed as if sent alone, each
         with its own request-log entry; the key of entry i is `<Idempotency-Key>#i` when the header
         is given, else derived from the entry as for a single request."""
         request_id = new_id()
@@ -540,7 +540,7 @@ def create_app(
 
     @get("/fhir/{source:str}/metadata")
     async def metadata(request: Request, source: FromPath[str]) -> Response[bytes]:
-        """The source's CapabilityStatement (gateway/capability.py)."""
+        """The source's CapabilityStatement (gateway/booking/capability.py)."""
         try:
             found = _conformance(source, request)
         except GatewayError as exc:
@@ -559,7 +559,7 @@ def create_app(
         return Response(translate_definition(f"{public}/fhir/{source}", published), media_type=FHIR_JSON)
 
     async def _search(request: Request, source: str, *, by_post: bool) -> Response[bytes]:
-        """Free slots, from Salesforce's Get Slots, as a FHIR searchset Bundle (gateway/slots.py); by
+        """Free slots, from Salesforce's Get Slots, as a FHIR searchset Bundle (gateway/booking/slots.py); by
         POST, the form body's parameters join the query's (FHIR search by POST: the same answer)."""
         started = time.perf_counter()
         request_id = new_id()
@@ -683,7 +683,7 @@ def create_app(
 
     @get(OPENAPI_PATH)
     async def openapi() -> Response[bytes]:
-        """The OpenAPI 3.1 document (gateway/openapi.py): no auth, no secret, no patient data."""
+        """The OpenAPI 3.1 document (gateway/edges/openapi.py): no auth, no secret, no patient data."""
         return Response(document, media_type="application/json")
 
     @get("/metrics")

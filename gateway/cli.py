@@ -23,7 +23,7 @@ def _fail(message: str, code: int = 1) -> int:
 
 
 def cmd_codemaps_check(args: argparse.Namespace) -> int:
-    from gateway.codemaps import CodeMapError, load_all
+    from gateway.booking.codemaps import CodeMapError, load_all
 
     config_dir = _config_dir(args)
     try:
@@ -40,10 +40,10 @@ def cmd_codemaps_check(args: argparse.Namespace) -> int:
 
 
 def cmd_translate(args: argparse.Namespace) -> int:
-    from gateway.booking import Booker
-    from gateway.codemaps import CodeMapError, load_all
+    from gateway.booking.booker import Booker
+    from gateway.booking.codemaps import CodeMapError, load_all
     from gateway.errors import GatewayError
-    from gateway.fhir import error_body
+    from gateway.booking.fhir import error_body
 
     config_dir = _config_dir(args)
     try:
@@ -101,8 +101,8 @@ def _exit_on_signal(signum: int, frame: object) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from gateway.codemaps import CodeMapError, load_all
-    from gateway.embedded_redis import EmbeddedRedis
+    from gateway.booking.codemaps import CodeMapError, load_all
+    from gateway.state.embedded_redis import EmbeddedRedis
     from gateway.logs import configure
 
     configure()
@@ -128,8 +128,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         except OSError as exc:
             return _fail(f"cannot listen on {args.host}:{args.port}: {exc.strerror}")
 
-    from gateway.metrics import prepare_multiprocess_dir
-    from gateway.sealing import ensure_key_file
+    from gateway.operators.metrics import prepare_multiprocess_dir
+    from gateway.state.sealing import ensure_key_file
 
     data_root = Path(os.environ.get("EHR_GATEWAY_DATA", ".ehr-gateway")).resolve()
     if not os.environ.get("EHR_GATEWAY_DATA_KEY") and not os.environ.get("EHR_GATEWAY_DATA_KEY_FILE"):
@@ -150,7 +150,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if settings.salesforce is None:
             from gateway.app import DEMO_KEY, DEMO_OPERATORS_ENV, key_digest
             from gateway.sandbox import SandboxConfig, create_sandbox_app
-            from gateway.server import ThreadedServer
+            from gateway.edges.server import ThreadedServer
 
             secret, control_key = secrets.token_urlsafe(24), secrets.token_urlsafe(18)
             sandbox_server = ThreadedServer(
@@ -176,7 +176,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             # the dashboard too: operator keys made for this start, accepted only while the sandbox stands in
             demo_operators = {"admin": secrets.token_urlsafe(18), "phi": secrets.token_urlsafe(18)}
             os.environ[DEMO_OPERATORS_ENV] = ",".join(key_digest(k) for k in demo_operators.values())
-        from gateway.server import gateway_server_options
+        from gateway.edges.server import gateway_server_options
 
         options = gateway_server_options(settings.file, config_dir)
         scheme = "https" if "ssl_certfile" in options else "http"
@@ -244,8 +244,8 @@ def cmd_queue(args: argparse.Namespace) -> int:
     from redis.exceptions import RedisError
 
     from gateway.app import connect_redis
-    from gateway.idempotency import IdempotencyStore
-    from gateway.queue import BookingQueue
+    from gateway.state.idempotency import IdempotencyStore
+    from gateway.state.queue import BookingQueue
 
     found = _tool_settings(args)
     if isinstance(found, int):
@@ -320,7 +320,7 @@ def cmd_requests(args: argparse.Namespace) -> int:
     from rich.live import Live
 
     from gateway.app import connect_redis
-    from gateway.requestlog import OUTCOMES, RequestLog
+    from gateway.state.requestlog import OUTCOMES, RequestLog
 
     found = _tool_settings(args)
     if isinstance(found, int):

@@ -1,5 +1,5 @@
 """The gateway's one error hierarchy. Each error carries what its OperationOutcome needs; the
-rendering happens in one place (`gateway.fhir.operation_outcome`).
+rendering happens in one place (`gateway.booking.fhir.operation_outcome`).
 
 A leaf module, importable by adapters. Messages must never carry patient data: they name FHIR paths
 and codes, never values taken from the patient's record.

@@ -20,9 +20,9 @@ import msgspec
 import pytest
 import redis
 
-from gateway.embedded_redis import EmbeddedRedis
+from gateway.state.embedded_redis import EmbeddedRedis
 from gateway.sandbox import SandboxConfig, create_sandbox_app
-from gateway.server import ThreadedServer, gateway_server_options
+from gateway.edges.server import ThreadedServer, gateway_server_options
 from gateway.settings import SalesforceConnection, Settings, load_file_settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,7 +70,7 @@ def _no_secret_was_logged(logged: str) -> None:
 @pytest.fixture(scope="session", autouse=True)
 def data_key() -> Iterator[None]:
     """The key that seals kept inputs: the gateways the tests build keep them, as in production."""
-    from gateway.sealing import new_key
+    from gateway.state.sealing import new_key
 
     os.environ["EHR_GATEWAY_DATA_KEY"] = new_key()
     yield

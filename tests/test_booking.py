@@ -7,7 +7,7 @@ import asyncio
 import msgspec
 import pytest
 
-from gateway.fhir import SALESFORCE_ERROR_SYSTEM, SALESFORCE_ID_SYSTEM
+from gateway.booking.fhir import SALESFORCE_ERROR_SYSTEM, SALESFORCE_ID_SYSTEM
 from tests.conftest import VIDEO_VISIT, auth, corpus
 
 PATIENT_ID = "12724066"

@@ -15,8 +15,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
 
-from gateway.breaker import CircuitBreaker
-from gateway.embedded_redis import EmbeddedRedis
+from gateway.state.breaker import CircuitBreaker
+from gateway.state.embedded_redis import EmbeddedRedis
 from gateway.errors import Unavailable
 
 

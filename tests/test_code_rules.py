@@ -17,8 +17,8 @@ import msgspec
 import pytest
 
 from gateway.canonical import CanonicalBooking, Coding, Concept
-from gateway.codemaps import load_source_maps
-from gateway.mapping import map_booking
+from gateway.booking.codemaps import load_source_maps
+from gateway.booking.mapping import map_booking
 from gateway.settings import load_file_settings
 from tests.conftest import CONFIG, auth, make_settings
 from tests.fhir_validate import validate

@@ -10,8 +10,8 @@ import pytest
 
 from gateway.canonical import CanonicalBooking, Coding, Concept, Instant, Participant
 from gateway.cli import main
-from gateway.codemaps import CodeMapError, load_all, load_source_maps
-from gateway.mapping import map_booking
+from gateway.booking.codemaps import CodeMapError, load_all, load_source_maps
+from gateway.booking.mapping import map_booking
 from gateway.settings import SourceSettings
 from tests.conftest import CONFIG, CORPUS
 

@@ -11,10 +11,10 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from gateway.booking import Booker
-from gateway.codemaps import load_all
+from gateway.booking.booker import Booker
+from gateway.booking.codemaps import load_all
 from gateway.errors import GatewayError
-from gateway.fhir import error_body
+from gateway.booking.fhir import error_body
 from gateway.settings import load_file_settings
 from tests.conftest import CONFIG, CORPUS
 

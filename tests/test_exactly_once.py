@@ -13,12 +13,12 @@ import msgspec
 import pytest
 import redis.asyncio as aredis
 
-from gateway import codemaps
-from gateway.booking import Booker
+from gateway.booking import codemaps
+from gateway.booking.booker import Booker
 from gateway.cli import main as cli
-from gateway.embedded_redis import EmbeddedRedis
-from gateway.idempotency import IdempotencyStore, fingerprint
-from gateway.queue import BookingQueue
+from gateway.state.embedded_redis import EmbeddedRedis
+from gateway.state.idempotency import IdempotencyStore, fingerprint
+from gateway.state.queue import BookingQueue
 from tests.conftest import CLIENT_ID, CLIENT_SECRET, CONFIG, VIDEO_VISIT, auth, corpus, make_settings, serve_gateway
 
 

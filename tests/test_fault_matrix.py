@@ -23,7 +23,7 @@ import msgspec
 import pytest
 
 from gateway.sandbox import SandboxConfig, create_sandbox_app
-from gateway.server import ThreadedServer
+from gateway.edges.server import ThreadedServer
 from tests.conftest import CLIENT_ID, CLIENT_SECRET, CONFIG, VIDEO_VISIT, auth, corpus, make_settings, serve_gateway
 
 STATUSES = (200, 201, 301, 302, 400, 401, 403, 404, 405, 408, 409, 412, 413, 415, 422, 429, 500, 502, 503, 504)

@@ -25,12 +25,12 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from adapters import ADAPTERS, get_adapter
-from gateway.booking import Booker, Prepared
+from gateway.booking.booker import Booker, Prepared
 from gateway.canonical import CanonicalBooking
-from gateway.codemaps import load_all
+from gateway.booking.codemaps import load_all
 from gateway.errors import GatewayError, InvalidRequest, Unprocessable
-from gateway.fhir import error_body
-from gateway.idempotency import fingerprint, key_material
+from gateway.booking.fhir import error_body
+from gateway.state.idempotency import fingerprint, key_material
 from gateway.settings import load_file_settings
 from tests.conftest import CLIENT_ID, CLIENT_SECRET, CONFIG, CORPUS, KEYS, make_settings
 from tests.test_corpus import EXPECTED, NOT_BOOKINGS
@@ -272,7 +272,7 @@ def base_url(redis_url: str, key_prefix: str) -> Iterator[str]:
     """One sandbox and one gateway for the module: @given runs many examples against them."""
     from gateway.app import create_app
     from gateway.sandbox import SandboxConfig, create_sandbox_app
-    from gateway.server import ThreadedServer
+    from gateway.edges.server import ThreadedServer
 
     with ThreadedServer(create_sandbox_app(SandboxConfig(client_id=CLIENT_ID, client_secret=CLIENT_SECRET))) as sandbox:
         settings_ = make_settings(redis_url, f"{key_prefix}:fuzz-{uuid.uuid4().hex[:6]}", sandbox.url)

@@ -55,7 +55,7 @@ def msa(ack: str) -> list[str]:
 async def mllp_gateway(settings):
     """The gateway on real ports: its athena listener's MLLP port, and an HTTP client for the rest."""
     from gateway.app import create_app
-    from gateway.server import ThreadedServer, gateway_server_options
+    from gateway.edges.server import ThreadedServer, gateway_server_options
 
     app = create_app(settings)
     with ThreadedServer(app, **gateway_server_options(settings.file, settings.config_dir)) as server:

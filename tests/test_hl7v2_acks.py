@@ -124,7 +124,7 @@ def sandbox_state(sandbox):
 async def gateway_app(settings) -> AsyncIterator[tuple[object, int]]:
     """A gateway served on real ports: the app (its state: the breaker) and the athena MLLP port."""
     from gateway.app import create_app
-    from gateway.server import ThreadedServer, gateway_server_options
+    from gateway.edges.server import ThreadedServer, gateway_server_options
 
     app = create_app(settings)
     with ThreadedServer(app, **gateway_server_options(settings.file, settings.config_dir)):

@@ -8,7 +8,7 @@ import pytest
 
 from gateway.canonical import CanonicalBooking, Identifier
 from gateway.errors import InvalidRequest, Unavailable
-from gateway.idempotency import IdempotencyStore, fingerprint, key_material, parse_key_header
+from gateway.state.idempotency import IdempotencyStore, fingerprint, key_material, parse_key_header
 
 
 @pytest.fixture
@@ -192,8 +192,8 @@ async def test_a_real_answer_is_stored_packed_and_sealed_under_1_kib(client, pre
     import os
 
     from adapters import get_adapter
-    from gateway.fhir import booked_appointment
-    from gateway.sealing import Sealer
+    from gateway.booking.fhir import booked_appointment
+    from gateway.state.sealing import Sealer
     from tests.conftest import corpus
 
     booking = get_adapter("cerner").parse(corpus("cerner-millennium-r4/r4_appointment_video_visit_entry.json"))

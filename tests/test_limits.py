@@ -7,7 +7,7 @@ import asyncio
 
 import msgspec
 
-from gateway.ratelimit import RateLimiter
+from gateway.state.ratelimit import RateLimiter
 from gateway.errors import TooManyRequests
 from tests.conftest import auth, make_settings, serve_gateway
 

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-import gateway.livemaps as livemaps
-from gateway.booking import Booker
-from gateway.codemaps import CodeMapError, load_source_maps
-from gateway.livemaps import LiveMaps
+import gateway.booking.livemaps as livemaps
+from gateway.booking.booker import Booker
+from gateway.booking.codemaps import CodeMapError, load_source_maps
+from gateway.booking.livemaps import LiveMaps
 from gateway.settings import load_file_settings
 from tests.conftest import CONFIG, VIDEO_VISIT, corpus
 

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.metrics import MULTIPROC_ENV, Metrics, render_multiprocess
+from gateway.operators.metrics import MULTIPROC_ENV, Metrics, render_multiprocess
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = ("cerner", "epic")
@@ -192,7 +192,7 @@ def test_env_set_after_import_is_refused(monkeypatch, tmp_path):
 
 RECORD = """
     import sys
-    from gateway.metrics import Metrics
+    from gateway.operators.metrics import Metrics
     n, used = int(sys.argv[1]), int(sys.argv[2])
     m = Metrics(sources=["cerner", "epic"])
     assert m.registry is None and m.multiprocess_dir
@@ -231,7 +231,7 @@ def test_multiprocess_render_sums_all_workers(tmp_path):
 
 LIVE = """
     import sys
-    from gateway.metrics import Metrics
+    from gateway.operators.metrics import Metrics
     m = Metrics(sources=["cerner", "epic"])
     m.codemap_version("cerner", "v1")
     m.codemap_version("cerner", "v2")
@@ -242,7 +242,7 @@ LIVE = """
 """
 
 DEAD = """
-    from gateway.metrics import Metrics
+    from gateway.operators.metrics import Metrics
     m = Metrics(sources=["cerner", "epic"])
     m.codemap_version("cerner", "v0")
     m.circuit("open")
@@ -278,7 +278,7 @@ def test_prepare_multiprocess_dir_switches_a_process_that_already_imported_the_c
         import os, sys
         os.environ.pop("{MULTIPROC_ENV}")
         import prometheus_client  # imported before the directory is known, as `serve` would
-        from gateway.metrics import Metrics, prepare_multiprocess_dir
+        from gateway.operators.metrics import Metrics, prepare_multiprocess_dir
         prepare_multiprocess_dir({str(directory)!r})
         m = Metrics(sources=["epic"])
         m.idempotency("epic", "takeover")

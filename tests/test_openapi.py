@@ -1,4 +1,4 @@
-"""The gateway's own OpenAPI document (`GET /openapi.json`, gateway/openapi.py), and schemathesis
+"""The gateway's own OpenAPI document (`GET /openapi.json`, gateway/edges/openapi.py), and schemathesis
 run against it over real HTTP (issue 5): whatever the document lets a client send, and whatever it
 sends that the document forbids, the gateway answers with a documented status, media type, headers
 and body, never a 5xx, and every refusal is a FHIR OperationOutcome.
@@ -37,11 +37,11 @@ from schemathesis.specs.openapi.checks import (
     unsupported_method,
 )
 
-from gateway.admin import COOKIE
+from gateway.operators.admin import COOKIE
 from gateway.app import create_app
-from gateway.openapi import OPENAPI_PATH, build_openapi
+from gateway.edges.openapi import OPENAPI_PATH, build_openapi
 from gateway.sandbox import SandboxConfig, create_sandbox_app
-from gateway.server import ThreadedServer, gateway_server_options
+from gateway.edges.server import ThreadedServer, gateway_server_options
 from gateway.settings import Settings
 from tests.conftest import ADMIN_KEY, CLIENT_ID, CLIENT_SECRET, KEYS, PHI_KEY, VIDEO_VISIT, corpus, make_settings
 

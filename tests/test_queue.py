@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 
-from gateway.queue import BookingQueue, QueuedBooking
+from gateway.state.queue import BookingQueue, QueuedBooking
 
 
 def item(n: int = 0, source: str = "epic") -> QueuedBooking:

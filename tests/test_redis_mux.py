@@ -1,4 +1,4 @@
-"""The booking's shared, pipelined Redis connection (gateway/redis_mux.py): replies go to their own
+"""The booking's shared, pipelined Redis connection (gateway/state/redis_mux.py): replies go to their own
 callers, on a real Redis, and every failure of the link fails closed with redis-py's exceptions,
 against fake servers on loopback that misbehave on purpose."""
 
@@ -18,8 +18,8 @@ import redis
 import redis.asyncio as aredis
 from redis.exceptions import AuthenticationError, ConnectionError, ResponseError, TimeoutError
 
-from gateway.embedded_redis import EmbeddedRedis
-from gateway.redis_mux import MultiplexedRedis, pack
+from gateway.state.embedded_redis import EmbeddedRedis
+from gateway.state.redis_mux import MultiplexedRedis, pack
 
 # a script whose reply has every shape the booking's scripts return: bulk strings, integers,
 # nested arrays, nil (false), a status, and a Lua float that Redis truncates to an integer

@@ -13,7 +13,7 @@ import pytest
 import redis.asyncio as aredis
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.requestlog import ENTRY_OVERHEAD, Entry, RequestLog, key_digest
+from gateway.state.requestlog import ENTRY_OVERHEAD, Entry, RequestLog, key_digest
 from tests.conftest import KEYS, VIDEO_VISIT, auth, corpus, make_settings, serve_gateway
 from tests.test_admin import admin, config_copy, state, wait_for_entries
 
@@ -141,7 +141,7 @@ async def test_a_huge_unmapped_code_gets_a_small_answer_and_a_small_entry(redis_
         assert r.status_code == 400 and len(r.content) < 4096, len(r.content)
         # and a message that quotes a value without `cut` is bounded all the same (the backstop)
         from gateway.errors import Unprocessable
-        from gateway.fhir import error_body
+        from gateway.booking.fhir import error_body
 
         assert len(error_body(Unprocessable("an appointment " + "x" * HUGE + " cannot be sent"))) < 4096
 

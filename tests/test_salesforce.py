@@ -169,7 +169,7 @@ def _rsa_and_certificate():
 
 async def test_jwt_bearer_flow_books(redis_url, prefix, tmp_path, monkeypatch):
     from gateway.sandbox import SandboxConfig, create_sandbox_app
-    from gateway.server import ThreadedServer
+    from gateway.edges.server import ThreadedServer
     from gateway.settings import salesforce_from_env
     from tests.conftest import make_settings, serve_gateway
 

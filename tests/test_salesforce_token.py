@@ -14,7 +14,7 @@ from gateway.errors import Unavailable
 from gateway.salesforce._http import HttpClient
 from gateway.salesforce.auth import Token, TokenProvider, token_key
 from gateway.sandbox import SandboxConfig, create_sandbox_app
-from gateway.server import ThreadedServer
+from gateway.edges.server import ThreadedServer
 from gateway.settings import SalesforceConnection, SalesforceTuning
 from tests.conftest import (
     CLIENT_ID, CLIENT_SECRET, CONTROL_KEY, VIDEO_VISIT, auth, corpus, free_port, make_settings, serve_gateway,

@@ -24,7 +24,7 @@ from cryptography.x509.oid import NameOID
 from gateway.salesforce.wire import TokenAnswer
 from gateway.sandbox import SandboxConfig, create_sandbox_app
 from gateway.sandbox.state import SandboxState
-from gateway.server import ThreadedServer
+from gateway.edges.server import ThreadedServer
 
 CLIENT_ID = "test-client-id"
 CLIENT_SECRET = "test-client-secret"

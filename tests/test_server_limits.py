@@ -1,4 +1,4 @@
-"""The server's own limits (gateway.http_protocol), over raw sockets, as a slow or hostile client
+"""The server's own limits (gateway.edges.http_protocol), over raw sockets, as a slow or hostile client
 would meet them: head and body timeouts (408), a head size cap (431), and unparsable requests
 (400), each answered with an OperationOutcome, never plain text, and each closing the connection."""
 
@@ -175,7 +175,7 @@ async def test_an_answer_leaves_in_one_write():
     """uvicorn writes an answer's head and body separately (two system calls, two TCP segments);
     the gateway's protocol gives it a transport that joins one loop turn's writes, in order, and
     writes what is pending before a close."""
-    from gateway.http_protocol import _Coalescing
+    from gateway.edges.http_protocol import _Coalescing
 
     inner = _Recording()
     out = _Coalescing(inner, asyncio.get_running_loop())  # type: ignore[arg-type]

@@ -14,7 +14,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from gateway.sandbox import SandboxConfig, create_sandbox_app
-from gateway.server import ThreadedServer
+from gateway.edges.server import ThreadedServer
 from tests.conftest import KEYS, VIDEO_VISIT, corpus, make_settings, serve_gateway
 
 RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)

@@ -15,7 +15,7 @@ from typing import Any, TypeVar, get_args
 
 import msgspec
 
-from gateway.breaker import CircuitBreaker
+from gateway.state.breaker import CircuitBreaker
 from gateway.errors import SalesforceFailed, SalesforceRefused, Unavailable
 from gateway.salesforce._http import Answer, HttpClient, Lost, NeverSent
 from gateway.salesforce.auth import Token, TokenProvider

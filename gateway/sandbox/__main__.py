@@ -7,7 +7,7 @@ import signal
 import threading
 
 from gateway.sandbox import SandboxConfig, create_sandbox_app
-from gateway.server import ThreadedServer
+from gateway.edges.server import ThreadedServer
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,7 +15,7 @@ import math
 import redis.asyncio as redis
 
 from gateway.errors import PayloadTooLarge, TooManyRequests, Unavailable
-from gateway.idempotency import REDIS_FAILURES
+from gateway.state.idempotency import REDIS_FAILURES
 
 # KEYS: the subject's key. ARGV: emission interval ms, burst (requests), 1 to only look (spend
 # nothing), cost (requests this one counts for). Returns {allowed, wait ms}.

@@ -15,9 +15,9 @@ from typing import Any
 
 from adapters.r4 import resolve_reference
 from gateway.canonical import CanonicalBooking, Coding, Concept
-from gateway.codemaps import SourceMaps
+from gateway.booking.codemaps import SourceMaps
 from gateway.errors import InvalidRequest, Unprocessable, http
-from gateway.mapping import map_booking
+from gateway.booking.mapping import map_booking
 from gateway.salesforce.wire import SlotResource, SlotsRequest
 from gateway.settings import SourceSettings
 

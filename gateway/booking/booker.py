@@ -18,7 +18,7 @@ import msgspec
 
 from adapters import get_adapter
 from gateway.canonical import CanonicalBooking
-from gateway.codemaps import EMPTY, SourceMaps
+from gateway.booking.codemaps import EMPTY, SourceMaps
 from gateway.errors import (
     CircuitOpen,
     GatewayError,
@@ -34,7 +34,7 @@ from gateway.errors import (
     Unprocessable,
     http,
 )
-from gateway.fhir import (
+from gateway.booking.fhir import (
     FHIR_JSON,
     answered_version,
     appointment_body,
@@ -46,15 +46,15 @@ from gateway.fhir import (
     pack_content,
     unpack_content,
 )
-from gateway.idempotency import REDIS_FAILURES, Claim, IdempotencyStore, fingerprint, key_material
-from gateway.links import BOOKED, CANCELLED, Links, Record
-from gateway.mapping import Mapped, cancellation_reason, map_booking
-from gateway.queue import BookingQueue, QueuedBooking
-from gateway.rules import check
+from gateway.state.idempotency import REDIS_FAILURES, Claim, IdempotencyStore, fingerprint, key_material
+from gateway.state.links import BOOKED, CANCELLED, Links, Record
+from gateway.booking.mapping import Mapped, cancellation_reason, map_booking
+from gateway.state.queue import BookingQueue, QueuedBooking
+from gateway.booking.rules import check
 from gateway.salesforce.client import CallRecord, SalesforceClient
 from gateway.salesforce.wire import BookingRequest, FoundSlots
-from gateway.sealing import Sealer
-from gateway.slots import slots_request
+from gateway.state.sealing import Sealer
+from gateway.booking.slots import slots_request
 from gateway.settings import SourceSettings
 
 _encoder = msgspec.json.Encoder()
@@ -432,7 +432,7 @@ class Booker:
             raise Unavailable("the appointment's record (Redis) is unavailable; nothing was sent", retry_after=5) from None
 
     async def find_slots(self, source_name: str, params: Any, trace: Trace) -> FoundSlots:
-        """A slot search (gateway/slots.py): its codes mapped as a booking's, then Salesforce's Get Slots."""
+        """A slot search (gateway/booking/slots.py): its codes mapped as a booking's, then Salesforce's Get Slots."""
         assert self._client is not None
         self._fhir_adapter(source_name)
         source = self.source(source_name)

@@ -20,7 +20,7 @@ from typing import Any
 
 import uvicorn
 
-from gateway.http_protocol import gateway_protocol
+from gateway.edges.http_protocol import gateway_protocol
 from gateway.settings import FileSettings
 
 __all__ = ["ThreadedServer", "gateway_server_options"]

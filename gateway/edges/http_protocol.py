@@ -44,7 +44,7 @@ import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from gateway.errors import GatewayError, HeadersTooLarge, InvalidRequest, RequestTimeout
-from gateway.fhir import FHIR_JSON, error_body
+from gateway.booking.fhir import FHIR_JSON, error_body
 from gateway.ids import new_id
 
 __all__ = ["GatewayProtocol", "gateway_protocol"]
@@ -301,7 +301,7 @@ def _tls_extension(ssl_object: ssl.SSLObject | None) -> dict[str, Any] | None:
     return {
         "server_cert": None,
         "client_cert_chain": chain,
-        "client_cert_name": None,  # read from the certificate by who needs it (gateway.mtls)
+        "client_cert_name": None,  # read from the certificate by who needs it (gateway.edges.mtls)
         "client_cert_error": None,
         "tls_version": _TLS_VERSIONS.get(ssl_object.version() or ""),
         "cipher_suite": None,  # Python's ssl module does not expose the numeric suite

@@ -12,13 +12,13 @@ import asyncio
 import os
 import time
 
-from gateway.booking import Booker, Trace
-from gateway.idempotency import REDIS_FAILURES
+from gateway.booking.booker import Booker, Trace
+from gateway.state.idempotency import REDIS_FAILURES
 from gateway.ids import new_id
 from gateway.logs import log
-from gateway.queue import BookingQueue, Entry, consumer_name
-from gateway.requestlog import Entry as LogEntry
-from gateway.requestlog import RequestLog, logged_issues
+from gateway.state.queue import BookingQueue, Entry, consumer_name
+from gateway.state.requestlog import Entry as LogEntry
+from gateway.state.requestlog import RequestLog, logged_issues
 from gateway.settings import QueueSettings
 
 

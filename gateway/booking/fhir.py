@@ -322,7 +322,7 @@ def _instant(value: datetime) -> str:
 
 def slot_searchset(found: FoundSlots, params: Any, base: str, search_url: str,
                    offset: int = 0, count: int | None = None) -> bytes:
-    """A slot search's answer (gateway/slots.py): one Slot per free slot Salesforce named, in its
+    """A slot search's answer (gateway/booking/slots.py): one Slot per free slot Salesforce named, in its
     order. Slots that could not be read, or whose id cannot be a FHIR id, are left out; a warning
     (an OperationOutcome entry, search mode `outcome`) says how many, and how many times Salesforce
     wrote without a zone and were read as UTC. `search_url` is the search's own address without a

@@ -3,7 +3,7 @@
 An entry says what happened (outcome, statuses, Salesforce id and error code, idempotency result,
 latencies, the code-map version and entries used) and never carries patient data in the clear. What
 only PHI-entitled operators may see (the patient reference, and for failed or queued bookings the
-input itself, kept so it can be replayed) is sealed (`gateway.sealing`) inside the entry.
+input itself, kept so it can be replayed) is sealed (`gateway.state.sealing`) inside the entry.
 
 Entries are written in the background in batches (one script call per batch), so logging adds no
 Redis round trip to a booking; a crash loses at most the last batch (`flush_seconds`). All keys
@@ -38,8 +38,8 @@ import redis.asyncio as redis
 
 from gateway.errors import Issue, cut
 from gateway.logs import log
-from gateway.redis_mux import MultiplexedRedis
-from gateway.sealing import SealError, Sealer
+from gateway.state.redis_mux import MultiplexedRedis
+from gateway.state.sealing import SealError, Sealer
 
 # booked; replayed (an earlier answer again); queued (202); refused (by Salesforce); unmapped (a 422
 # before any call: a code without a mapping or a Salesforce rule); conflict (409, or a key reused);

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 import msgspec
 
 from gateway.canonical import CanonicalBooking, Concept, Participant
-from gateway.codemaps import SourceMaps
+from gateway.booking.codemaps import SourceMaps
 from gateway.errors import Issue, cut
 from gateway.salesforce.wire import BookingRequest, SfParticipant, SfSlot
 from gateway.settings import SourceSettings

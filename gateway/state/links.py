@@ -16,7 +16,7 @@ link: what this source did not book here is not found.
   FHIR answers a conditional request that matches several with 412.
 - **Record**: a hash `st` (booked, cancelled), `v` (the version: 1 when booked, one more for each
   change, answered as `ETag: W/"<v>"` and `meta.versionId`), `a` and `av` (what the last answer
-  held, `gateway.fhir.AppointmentContent`, sealed under the data key since it names the patient,
+  held, `gateway.booking.fhir.AppointmentContent`, sealed under the data key since it names the patient,
   none without a key; and its version) and, while a change holds the version, `by`.
   A change takes its version before it is sent (`take_version`, which checks If-Match atomically),
   gives it back when Salesforce certainly did not apply it, and the answer it stores is written
@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.canonical import Identifier
-from gateway.sealing import Sealer, SealError
+from gateway.state.sealing import Sealer, SealError
 
 BOOKED, CANCELLED = "booked", "cancelled"
 

@@ -48,7 +48,7 @@ class QueuedBooking(msgspec.Struct, frozen=True, kw_only=True):
     attempts: int = 0
     last_error: str | None = None
     due_ms: int = 0
-    sealed: bool = False  # request and booking sealed with the data key (gateway.sealing), bound to record_key
+    sealed: bool = False  # request and booking sealed with the data key (gateway.state.sealing), bound to record_key
 
 
 _decoder = msgspec.json.Decoder(QueuedBooking)

@@ -26,7 +26,7 @@ from redis.exceptions import RedisError
 from litestar import Request, Response, Router, delete, get, post
 from litestar.params import FromPath
 
-from gateway.booking import Booker
+from gateway.booking.booker import Booker
 from gateway.errors import (
     Conflict,
     Forbidden,
@@ -38,12 +38,12 @@ from gateway.errors import (
     UnsupportedMediaType,
     http,
 )
-from gateway.fhir import FHIR_JSON, error_body
-from gateway.idempotency import IdempotencyStore
+from gateway.booking.fhir import FHIR_JSON, error_body
+from gateway.state.idempotency import IdempotencyStore
 from gateway.ids import new_id
-from gateway.queue import BookingQueue
-from gateway.ratelimit import FailureThrottle
-from gateway.requestlog import OUTCOMES, Entry, RequestLog, View
+from gateway.state.queue import BookingQueue
+from gateway.state.ratelimit import FailureThrottle
+from gateway.state.requestlog import OUTCOMES, Entry, RequestLog, View
 from gateway.settings import AdminSettings
 
 DASHBOARD = Path(__file__).parent / "dashboard"

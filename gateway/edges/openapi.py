@@ -21,13 +21,13 @@ import msgspec
 from adapters._shapes import MAX_ITEMS
 from adapters.r4 import APPOINTMENT_STATUSES, PARTICIPATION_STATUSES
 from gateway import __version__
-from gateway.admin import COOKIE
-from gateway.fhir import FHIR_JSON, SALESFORCE_ERROR_SYSTEM, SALESFORCE_ID_SYSTEM
-from gateway.requestlog import OUTCOMES, View
-from gateway.rules import COMMENT_LIMIT
+from gateway.operators.admin import COOKIE
+from gateway.booking.fhir import FHIR_JSON, SALESFORCE_ERROR_SYSTEM, SALESFORCE_ID_SYSTEM
+from gateway.state.requestlog import OUTCOMES, View
+from gateway.booking.rules import COMMENT_LIMIT
 from gateway.salesforce.wire import BookingRequest
 from gateway.settings import Settings
-from gateway.smart import ASSERTION_TYPE
+from gateway.edges.smart import ASSERTION_TYPE
 
 __all__ = ["OPENAPI_PATH", "build_openapi", "openapi_json"]
 

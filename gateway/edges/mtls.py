@@ -1,7 +1,7 @@
 """Mutual TLS per source: a source with `client_cert_names` must call over TLS with a client
 certificate, verified by the TLS handshake against `[tls] client_ca_file`, that names it.
 
-The certificate reaches the app through the ASGI TLS extension (`gateway.http_protocol` fills it in).
+The certificate reaches the app through the ASGI TLS extension (`gateway.edges.http_protocol` fills it in).
 A certificate is matched by its subject CN and its DNS subject-alternative names. This check comes
 on top of the source's key or token, never instead of it.
 """

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gateway.codemaps import EMPTY, CodeMapError, SourceMaps, load_all, load_source_maps
+from gateway.booking.codemaps import EMPTY, CodeMapError, SourceMaps, load_all, load_source_maps
 from gateway.logs import log
 
 MAP_SUFFIXES = frozenset({".json", ".yaml", ".yml"})  # what load_source_maps reads

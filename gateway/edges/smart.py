@@ -23,7 +23,7 @@ import jwt
 import msgspec
 import redis.asyncio as redis
 
-from gateway.idempotency import REDIS_FAILURES
+from gateway.state.idempotency import REDIS_FAILURES
 from gateway.settings import SourceSettings
 
 ALGORITHMS = ("RS384", "ES384")

@@ -22,9 +22,9 @@ from redis.exceptions import RedisError
 
 from gateway.canonical import CanonicalBooking
 from gateway.ids import new_id
-from gateway.links import STORE_LUA, Writes
-from gateway.redis_mux import MultiplexedRedis
-from gateway.sealing import SealError, Sealer
+from gateway.state.links import STORE_LUA, Writes
+from gateway.state.redis_mux import MultiplexedRedis
+from gateway.state.sealing import SealError, Sealer
 
 # What a Redis call can raise when Redis or the link to it fails. redis-py lets some transport
 # errors through unwrapped (a write on a connection torn down under it raises AttributeError or
@@ -67,7 +67,7 @@ redis.call('HSET', KEYS[1], 'st', 'f', 'tok', ARGV[2], 'lease', lease, 'dbt', do
 return {'takeover', doubt, r[7] or tostring(now), sent, tostring(now)}
 """
 
-# KEYS[2..] with ARGV[5..]: the appointment's links and record (gateway/links.py), written with the
+# KEYS[2..] with ARGV[5..]: the appointment's links and record (gateway/state/links.py), written with the
 # answer; only on a single Redis, where one script may touch any key.
 _COMPLETE = STORE_LUA + """
 if redis.call('HGET', KEYS[1], 'tok') ~= ARGV[1] then return 0 end

@@ -31,7 +31,7 @@ from gateway.logs import log
 from gateway.settings import MllpSettings
 
 if TYPE_CHECKING:
-    from gateway.metrics import Metrics
+    from gateway.operators.metrics import Metrics
 
 START, END = b"\x0b", b"\x1c"
 _DRAIN_FACTOR = 4

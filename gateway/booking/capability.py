@@ -26,7 +26,7 @@ _OAUTH_URIS = "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-
 # Argonaut Scheduling's canonical URL of $book (its OperationDefinition-appointment-book.json `url`)
 ARGONAUT_BOOK = "http://fhir.org/guides/argonaut-scheduling/OperationDefinition/appointment-book"
 TRANSLATE = "appointment-translate"  # the id of the $translate OperationDefinition under a source's base
-# what content negotiation accepts (gateway/fhir.py `negotiate`), as the CapabilityStatement lists it
+# what content negotiation accepts (gateway/booking/fhir.py `negotiate`), as the CapabilityStatement lists it
 FORMATS = ["application/fhir+json", "application/json", "json"]
 _encoder = msgspec.json.Encoder()
 

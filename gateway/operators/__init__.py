@@ -1,0 +1,1 @@
+"""The operators' side: the admin API and dashboard, and the metrics."""
