@@ -148,7 +148,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"REDIS_URL is not set: started an embedded Redis ({embedded.url}, append-only file on)")
         demo_operators: dict[str, str] = {}
         if settings.salesforce is None:
-            from gateway.app import DEMO_KEY, DEMO_OPERATORS_ENV, key_digest
+            from gateway.edges.inbound import DEMO_KEY, DEMO_OPERATORS_ENV, key_digest
             from gateway.sandbox import SandboxConfig, create_sandbox_app
             from gateway.edges.server import ThreadedServer
 
@@ -243,7 +243,7 @@ def cmd_queue(args: argparse.Namespace) -> int:
 
     from redis.exceptions import RedisError
 
-    from gateway.app import connect_redis
+    from gateway.state.connect import connect_redis
     from gateway.state.idempotency import IdempotencyStore
     from gateway.state.queue import BookingQueue
 
@@ -319,7 +319,7 @@ def cmd_requests(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.live import Live
 
-    from gateway.app import connect_redis
+    from gateway.state.connect import connect_redis
     from gateway.state.requestlog import OUTCOMES, RequestLog
 
     found = _tool_settings(args)

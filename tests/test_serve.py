@@ -184,7 +184,7 @@ def test_a_key_file_others_can_read_stops_the_start(tmp_path: Path):
 def test_demo_keys_are_accepted_only_while_the_loopback_sandbox_stands_in():
     import hashlib
 
-    from gateway.app import DEMO_OPERATORS_ENV, demo_credentials
+    from gateway.edges.inbound import DEMO_OPERATORS_ENV, demo_credentials
     from gateway.settings import SalesforceConnection, Settings, load_file_settings
 
     def settings(login_url: str) -> Settings:
