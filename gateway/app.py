@@ -34,7 +34,10 @@ def create_app(
                       "service": Provide(lambda: gateway.service, use_cache=True, sync_to_thread=False)},
         exception_handlers={HTTPException: litestar_error, Exception: unexpected},
         after_request=with_request_id,
-        lifespan=[gateway.lifespan],
+        # Litestar's lifespan hooks; as a lifespan context manager, close() ran inside the lifespan's
+        # task group, where a cancelled background task could wait out the server's shutdown timeout
+        on_startup=[gateway.start],
+        on_shutdown=[gateway.close],
         request_max_body_size=settings.file.limits.max_body_bytes,
         logging_config=None,
         openapi_config=None,

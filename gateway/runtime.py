@@ -1,6 +1,7 @@
 """The composition root: every long-lived part of a gateway process, built once from typed settings
 and wired here, and nowhere else. `create_app` (gateway/app.py) builds one `Gateway` and mounts its
-edges; tests and benchmarks build the same. The Gateway owns the parts' start and close (`lifespan`).
+edges; tests and benchmarks build the same. The Gateway owns the parts' start and close (Litestar's
+lifespan hooks run `start` and `close`).
 
 Parts are built in the order data flows back from Salesforce: the state kept in Redis, the
 Salesforce client, the booking core, the operators' side, then the edges that take requests in.
@@ -10,9 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -201,16 +199,8 @@ class Gateway:
 
     # -- start and close -------------------------------------------------------------------------
 
-    @asynccontextmanager
-    async def lifespan(self, _app: Any = None) -> AsyncIterator[None]:
-        """Litestar's lifespan: the listeners and background tasks run while the app does."""
-        await self.start()
-        try:
-            yield
-        finally:
-            await self.close()
-
     async def start(self) -> None:
+        """The MLLP listeners and the background work (code maps, gauges, breaker, request log, queue)."""
         for listener in self.listeners:
             self.mllp_ports[listener.source] = await listener.start()
         tasks = [(self.maps.run(), "codemaps"), (self.gauges.run(), "gauges"), (self.breaker.run(), "circuit-breaker"),
