@@ -2,7 +2,7 @@
 
     .venv/bin/python -m benchmarks.clients [--seconds 4] [--rounds 3] [--concurrency 32]
 
-Why: the gateway's own HTTP client (gateway/salesforce/_http.py) and Redis link
+Why: the gateway's own HTTP client (gateway/outbound/http.py) and Redis link
 (gateway/state/redis_mux.py) replace libraries; this is the measurement that justifies it, and it can be
 rerun when the libraries change. Each case runs in a fresh process: `--concurrency` tasks, each
 calling in a loop, one shared client; after a 1 s warm-up, calls/s and the process's CPU time per
@@ -50,7 +50,7 @@ async def _http_client(name: str, base: str, n: int):
     """(call, close) for one HTTP client; ImportError when it is not installed."""
     url = base + BOOK
     if name == "gateway":
-        from gateway.salesforce._http import HttpClient
+        from gateway.outbound.http import HttpClient
         from gateway.settings import SalesforceTuning
 
         c = HttpClient(SalesforceTuning(max_concurrent_calls=n))

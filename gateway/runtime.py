@@ -32,7 +32,7 @@ from gateway.operators.admin import AdminAuth, AdminDeps, Audit
 from gateway.operators.gauges import Gauges
 from gateway.operators.metrics import Metrics
 from gateway.operators.summary import Recorder
-from gateway.salesforce._http import HttpClient
+from gateway.outbound.http import HttpClient
 from gateway.salesforce.auth import TokenProvider
 from gateway.salesforce.client import SalesforceClient
 from gateway.settings import Settings

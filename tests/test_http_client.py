@@ -1,4 +1,4 @@
-"""The Salesforce HTTP/1.1 client (gateway/salesforce/_http.py) against servers written here, speaking
+"""The Salesforce HTTP/1.1 client (gateway/outbound/http.py) against servers written here, speaking
 raw HTTP/1.1 on loopback: keep-alive and the pool's bound, every way an answer can be framed, the
 bytes a request is made of, TLS, and the one distinction the exactly-once logic needs from a
 failure: `NeverSent` (certainly not sent) or `Lost` (may have been acted on)."""
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.salesforce._http import HttpClient, Lost, NeverSent
+from gateway.outbound.http import HttpClient, Lost, NeverSent
 from gateway.settings import SalesforceTuning
 from tests.certs import CA
 

@@ -9,7 +9,7 @@ import pytest
 import redis.asyncio as aredis
 
 from gateway.salesforce.auth import TokenProvider
-from gateway.salesforce._http import HttpClient
+from gateway.outbound.http import HttpClient
 from gateway.settings import SalesforceConnection, SalesforceTuning
 from tests.conftest import CLIENT_ID, CLIENT_SECRET, VIDEO_VISIT, auth, corpus
 

@@ -11,7 +11,7 @@ import pytest
 import redis.asyncio as aredis
 
 from gateway.errors import Unavailable
-from gateway.salesforce._http import HttpClient
+from gateway.outbound.http import HttpClient
 from gateway.salesforce.auth import Token, TokenProvider, token_key
 from gateway.sandbox import SandboxConfig, create_sandbox_app
 from gateway.edges.server import ThreadedServer

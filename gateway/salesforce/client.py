@@ -17,7 +17,7 @@ import msgspec
 
 from gateway.state.breaker import CircuitBreaker
 from gateway.errors import SalesforceFailed, SalesforceRefused, Unavailable
-from gateway.salesforce._http import Answer, HttpClient, Lost, NeverSent
+from gateway.outbound.http import Answer, HttpClient, Lost, NeverSent
 from gateway.salesforce.auth import Token, TokenProvider
 from gateway.salesforce.wire import (
     AvailableSlot,

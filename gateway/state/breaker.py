@@ -1,4 +1,5 @@
-"""A circuit breaker toward Salesforce, shared by every worker and every gateway on one Redis.
+"""A circuit breaker toward a called system (Salesforce, an EHR), shared by every worker and every
+gateway on one Redis: one per system, by `name`.
 
 The hot path costs no Redis round trip: while closed, `before_call` and `record_*` only touch local
 counters. A background `run()` loop pushes those counters to Redis every `sync_interval_seconds` in
@@ -123,17 +124,23 @@ class CircuitBreaker:
         open_seconds: float = 15.0,
         sync_interval_seconds: float = 0.5,
         probe_timeout_seconds: float,
+        name: str = "",
+        called: str = "Salesforce",
     ) -> None:
+        """`name`: the system's part of the keys ("" is Salesforce's, as keyed before there were
+        others); `called`: its name in a refusal's message and the log."""
         if not 0 < failure_ratio <= 1:
             raise ValueError("failure_ratio must be in (0, 1]")
         if min_calls < 1:
             raise ValueError("min_calls must be at least 1")
-        for name, value in (("window_seconds", window_seconds), ("open_seconds", open_seconds),
-                            ("sync_interval_seconds", sync_interval_seconds),
-                            ("probe_timeout_seconds", probe_timeout_seconds)):
+        for setting, value in (("window_seconds", window_seconds), ("open_seconds", open_seconds),
+                               ("sync_interval_seconds", sync_interval_seconds),
+                               ("probe_timeout_seconds", probe_timeout_seconds)):
             if value <= 0:
-                raise ValueError(f"{name} must be positive")
-        base = f"{prefix}:cb:{{{prefix}:cb}}"  # one hash tag: every script stays in one cluster slot
+                raise ValueError(f"{setting} must be positive")
+        tag = f"{prefix}:cb:{name}" if name else f"{prefix}:cb"
+        base = f"{prefix}:cb:{{{tag}}}" + (f":{name}" if name else "")  # one hash tag: one cluster slot
+        self.called = called
         self.keys = {name: f"{base}:{name}" for name in ("state", "tripped", "win", "probe")}
         self._failure_ratio = failure_ratio
         self._min_calls = min_calls
@@ -176,16 +183,16 @@ class CircuitBreaker:
             return
         now = time.monotonic()
         if state == "open":
-            raise _refused(self._open_until - now)
+            raise _refused(self.called, self._open_until - now)
         if now < self._hold_until:  # a probe is in flight (here or elsewhere): no round trip
-            raise _refused(min(2.0, self._hold_until - now))
+            raise _refused(self.called, min(2.0, self._hold_until - now))
         self._hold_until = now + self._probe_timeout  # concurrent callers here wait for this probe
         try:
             reply = await self._probe(keys=[self.keys["state"], self.keys["tripped"], self.keys["probe"]],
                                       args=[self._probe_ms])
         except _REDIS_ERRORS:
             self._hold_until = time.monotonic() + 1
-            raise _refused(1) from None
+            raise _refused(self.called, 1) from None
         except BaseException:
             self._hold_until = 0.0
             raise
@@ -196,10 +203,10 @@ class CircuitBreaker:
         self._hold_until = 0.0
         if kind == "busy":
             self._hold_until = time.monotonic() + min(max(ms, 0) / 1000, self._sync_interval)
-            raise _refused(min(2.0, ms / 1000))
+            raise _refused(self.called, min(2.0, ms / 1000))
         self._apply(kind, ms)
         if kind == "open":
-            raise _refused(ms / 1000)
+            raise _refused(self.called, ms / 1000)
 
     async def record_success(self) -> None:
         if self._in_probe.get():
@@ -272,7 +279,8 @@ class CircuitBreaker:
         else:
             raise ValueError(f"unexpected breaker state {kind!r}")
         if self.state != before:
-            log.info("circuit_breaker", state=self.state, previous=before)
+            log.info("circuit_breaker", state=self.state, previous=before,
+                     **({"called": self.called} if self.called != "Salesforce" else {}))
 
 
 def _text(value: bytes | str) -> str:
@@ -280,8 +288,8 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _refused(seconds: float) -> CircuitOpen:
+def _refused(called: str, seconds: float) -> CircuitOpen:
     return CircuitOpen(
-        "Salesforce calls are paused after repeated failures (circuit open)",
+        f"{called} calls are paused after repeated failures (circuit open)",
         retry_after=max(1, math.ceil(seconds)),
     )

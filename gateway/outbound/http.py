@@ -1,4 +1,4 @@
-"""HTTP/1.1 toward Salesforce: a small keep-alive client on asyncio and httptools.
+"""HTTP/1.1 toward Salesforce and the EHRs: a small keep-alive client on asyncio and httptools.
 
 Why not a library: the booking path's largest single cost was its HTTP client, and the exactly-once
 logic needs one thing every library blurs. Measured at 32 concurrent calls on this machine
@@ -29,12 +29,10 @@ from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlencode, urlsplit
 
 import httptools
-
-from gateway.settings import SalesforceTuning
 
 __all__ = ["Answer", "HttpClient", "Lost", "NeverSent"]
 
@@ -276,8 +274,17 @@ def _target(url: str) -> tuple[tuple[str, str, int], bytes, bytes]:
     return (parts.scheme, host, port), target.encode(), b"Host: " + shown.encode("idna") + b"\r\n"
 
 
+class CallTuning(Protocol):
+    """What a client of one called system is tuned by (`[salesforce]`, a source's `[….ehr]`)."""
+
+    connect_timeout_seconds: float
+    timeout_seconds: float
+    max_concurrent_calls: int
+    max_answer_bytes: int
+
+
 class HttpClient:
-    def __init__(self, tuning: SalesforceTuning) -> None:
+    def __init__(self, tuning: CallTuning) -> None:
         self._total = tuning.timeout_seconds  # the whole call, answer read included
         # waiting for a pooled connection plus making one: beyond it the call is "never sent"
         self._connect = tuning.connect_timeout_seconds
