@@ -32,6 +32,25 @@ def element_message(exc: msgspec.ValidationError) -> str:
     return f"{where.strip('`')}: {what}" if sep else str(exc)
 
 
+class EhrSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """How the gateway reaches a source's EHR, for Health Cloud's callouts (`[sources.<name>.ehr]`).
+    The EHR's API is the source's dialect (`adapter`: cerner, epic or fhir). Its client secret comes
+    from the environment (`EHR_<SOURCE>_CLIENT_SECRET`), never from this file."""
+
+    base_url: str  # the EHR's FHIR base (Epic's: …/api/FHIR/STU3)
+    token_url: str | None = None  # none: the EHR takes no token (a twin without auth, a FHIR server behind mTLS)
+    client_id: str | None = None
+    private_key_file: str | None = None  # instead of a secret: a signed JWT assertion (RS384)
+    scopes: str = "system/Slot.read system/Appointment.read system/Appointment.write system/Schedule.read"
+    mllp_out: str | None = None  # host:port of the EHR's incoming HL7 v2 scheduling interface (Epic's cancel)
+    connect_timeout_seconds: float = 3.0
+    timeout_seconds: float = 10.0
+    max_concurrent_calls: int = 10  # per gateway instance, split among its workers
+    max_answer_bytes: int = 4_194_304
+    token_cache_seconds: int = 3600  # unless the token's own expires_in is sooner
+    unavailable_retry_after_seconds: int = 10
+
+
 class SourceSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     adapter: Literal["fhir", "cerner", "epic", "hl7v2"]
     source_system: str
@@ -51,6 +70,7 @@ class SourceSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # mutual TLS: the source's calls must present a client certificate, verified against
     # `[tls] client_ca_file`, whose subject CN or a DNS subject-alternative name is one of these
     client_cert_names: tuple[str, ...] = ()
+    ehr: EhrSettings | None = None  # how Health Cloud's callouts reach this source's EHR
 
 
 class AdminSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -223,6 +243,7 @@ class Settings(msgspec.Struct, frozen=True):
     salesforce: SalesforceConnection | None  # None: no credentials, the sandbox is used
     redis_url: str | None
     public_url_env: str | None = None  # EHR_GATEWAY_PUBLIC_URL
+    ehr_credentials: dict[str, EhrCredentials] = {}  # per source with an [….ehr] token_url
 
     @property
     def sources(self) -> dict[str, SourceSettings]:
@@ -286,6 +307,8 @@ def load_file_settings(config_dir: Path) -> FileSettings:
             problems.append(f"{where}.jwks_url: must be https (or loopback for tests)")
         if src.rate_limit_per_minute is not None and src.rate_limit_per_minute < 1:
             problems.append(f"{where}.rate_limit_per_minute: must be at least 1")
+        if src.ehr is not None:
+            problems += _ehr_problems(f"{where}.ehr", src, config_dir)
     for kind in ("api_keys_sha256", "phi_keys_sha256"):
         for i, digest in enumerate(getattr(settings.admin, kind)):
             if not _SHA256_HEX.match(digest):
@@ -360,6 +383,66 @@ def load_file_settings(config_dir: Path) -> FileSettings:
     return settings
 
 
+def _ehr_problems(where: str, src: SourceSettings, config_dir: Path) -> list[str]:
+    ehr, problems = src.ehr, []
+    assert ehr is not None
+    if src.adapter == "hl7v2":
+        problems.append(f"{where}: an hl7v2 source has no EHR API to call (adapter cerner, epic or fhir)")
+    for name in ("base_url", "token_url"):
+        url = getattr(ehr, name)
+        if url is not None and not (url.startswith("https://") or _LOOPBACK.match(url)):
+            # a token, a secret or an assertion goes there: never in the clear but on this machine
+            problems.append(f"{where}.{name}: must be https:// (http:// only on loopback)")
+    if ehr.token_url is not None and not ehr.client_id:
+        problems.append(f"{where}.client_id: required with token_url")
+    if ehr.private_key_file is not None:
+        key = config_dir / ehr.private_key_file
+        if not key.is_file():
+            problems.append(f"{where}.private_key_file: no such file")
+        elif key.stat().st_mode & 0o077:
+            problems.append(f"{where}.private_key_file: must be readable by its owner only (chmod 600)")
+    if ehr.mllp_out is not None:
+        host, _, port = ehr.mllp_out.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            problems.append(f"{where}.mllp_out: host:port")
+    if min(ehr.connect_timeout_seconds, ehr.timeout_seconds, ehr.max_concurrent_calls,
+           ehr.token_cache_seconds, ehr.unavailable_retry_after_seconds) <= 0 or ehr.max_answer_bytes < 65_536:
+        problems.append(f"{where}: times and max_concurrent_calls must be positive, max_answer_bytes at least 65536")
+    return problems
+
+
+class EhrCredentials(msgspec.Struct, frozen=True):
+    """A source EHR's secrets: its client secret (from the environment) or the private key that signs
+    its assertions (from `private_key_file`). `repr` shows neither."""
+
+    client_secret: str | None = None
+    private_key_pem: str | None = None
+
+    def __repr__(self) -> str:
+        return f"EhrCredentials(secret={self.client_secret is not None}, key={self.private_key_pem is not None})"
+
+
+def ehr_credentials_from_env(file: FileSettings, config_dir: Path,
+                             env: dict[str, str] | os._Environ[str] = os.environ) -> dict[str, EhrCredentials]:
+    """Each source EHR's credentials: `EHR_<SOURCE>_CLIENT_SECRET` (the source's name upper-cased,
+    `-` as `_`), else the key in `private_key_file`; one of them when it has a `token_url`."""
+    found = {}
+    for name, src in file.sources.items():
+        if src.ehr is None or src.ehr.token_url is None:
+            continue
+        variable = f"EHR_{name.upper().replace('-', '_')}_CLIENT_SECRET"
+        secret, key = env.get(variable) or None, None
+        if src.ehr.private_key_file is not None:
+            try:
+                key = (config_dir / src.ehr.private_key_file).read_text(encoding="utf-8")
+            except OSError as exc:
+                raise ConfigError(f"$.sources.{name}.ehr.private_key_file: cannot be read ({exc.strerror})") from None
+        if secret is None and key is None:
+            raise ConfigError(f"$.sources.{name}.ehr: set {variable} in the environment, or private_key_file")
+        found[name] = EhrCredentials(client_secret=secret if key is None else None, private_key_pem=key)
+    return found
+
+
 def salesforce_from_env(env: dict[str, str] | os._Environ[str] = os.environ) -> SalesforceConnection | None:
     """None when no Salesforce credentials are set: the gateway then uses its sandbox."""
     login_url = env.get("SALESFORCE_LOGIN_URL")
@@ -404,10 +487,12 @@ def load_settings(config_dir: Path | None = None) -> Settings:
     public = os.environ.get("EHR_GATEWAY_PUBLIC_URL") or None
     if public is not None and (why := public_url_problem(public)):
         raise ConfigError(f"EHR_GATEWAY_PUBLIC_URL: {why}")
+    file = load_file_settings(config_dir)
     return Settings(
         config_dir=config_dir,
-        file=load_file_settings(config_dir),
+        file=file,
         salesforce=salesforce_from_env(),
         redis_url=os.environ.get("REDIS_URL") or None,
         public_url_env=public,
+        ehr_credentials=ehr_credentials_from_env(file, config_dir),
     )

@@ -51,7 +51,8 @@ from gateway.state.links import BOOKED, CANCELLED, Links, Record
 from gateway.booking.mapping import Mapped, cancellation_reason, map_booking
 from gateway.state.queue import BookingQueue, QueuedBooking
 from gateway.booking.rules import check
-from gateway.salesforce.client import CallRecord, SalesforceClient
+from gateway.outbound.calls import CallRecord
+from gateway.salesforce.client import SalesforceClient
 from gateway.salesforce.wire import BookingRequest, FoundSlots
 from gateway.state.sealing import Sealer
 from gateway.booking.slots import slots_request

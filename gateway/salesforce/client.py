@@ -1,12 +1,13 @@
 """The Salesforce appointment-management client.
 
-HTTP goes through `_http` (the gateway's own HTTP/1.1 client; see there for why). Answers are read leniently, because Salesforce's own samples disagree: an object or a one-element
-array, `error` or `errorMessages`, status in any case, 200 or 201; `isSuccess: false` is a refusal.
+Calls go through gateway/outbound (the gateway's own HTTP/1.1 client, and the call every called
+system shares: breaker, token, renewal). Answers are read leniently, because Salesforce's own samples
+disagree: an object or a one-element array, `error` or `errorMessages`, status in any case, 200 or
+201; `isSuccess: false` is a refusal.
 """
 
 from __future__ import annotations
 
-import asyncio
 import re
 import time
 from dataclasses import dataclass
@@ -17,8 +18,9 @@ import msgspec
 
 from gateway.state.breaker import CircuitBreaker
 from gateway.errors import SalesforceFailed, SalesforceRefused, Unavailable
-from gateway.outbound.http import Answer, HttpClient, Lost, NeverSent
-from gateway.salesforce.auth import Token, TokenProvider
+from gateway.outbound.calls import Caller, CallRecord
+from gateway.outbound.http import Answer, HttpClient
+from gateway.salesforce.auth import TokenProvider
 from gateway.salesforce.wire import (
     AvailableSlot,
     BookingRequest,
@@ -33,19 +35,6 @@ from gateway.settings import SalesforceConnection, SalesforceTuning
 
 _LIMIT_INFO = re.compile(r"api-usage=(\d+)/(\d+)")
 _encoder = msgspec.json.Encoder()
-
-
-@dataclass(slots=True)
-class CallRecord:
-    """What one call did, for the request's summary log line (no patient data)."""
-
-    status: int | None = None
-    latency_ms: float = 0.0
-    error_code: str | None = None
-    retried_auth: bool = False
-    in_doubt: bool = False  # the request may have reached Salesforce without its answer reaching us
-    reauthenticated: bool = False  # a Book answered 401: the token was renewed, the booking not re-sent
-    matches: int | None = None  # a look-up: how many ServiceAppointments matched
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +132,18 @@ def _unhealthy(response: Answer) -> bool:
         return True
     errs = _salesforce_errors(_decode(response.content))
     return errs is None or any(e.get("errorCode") in _NOT_PROCESSED for e in errs)
+
+
+def _instance(token: Any) -> str:
+    return token.instance_url  # Salesforce's calls go to the instance its token names
+
+
+def _is_invalid_session(response: Answer) -> bool:
+    try:
+        errs = _errors(msgspec.json.decode(response.content))
+    except msgspec.DecodeError:
+        return True  # a 401 with no readable body is still an auth failure
+    return not errs or any(str(e.get("errorCode", "")).upper() == "INVALID_SESSION_ID" for e in errs)
 
 
 def _errors(value: Any) -> list[dict[str, Any]]:
@@ -282,13 +283,15 @@ class SalesforceClient:
     ) -> None:
         self._tuning = tuning
         self._tokens = tokens
-        self._http = http
-        self._breaker = breaker
-        self._gate = asyncio.Semaphore(tuning.max_concurrent_calls)
+        self._caller = Caller(
+            http, tokens, breaker, limit=tuning.max_concurrent_calls, name="Salesforce",
+            retry_after=tuning.unavailable_retry_after_seconds, base=_instance, unhealthy=_unhealthy,
+            auth_refused=_is_invalid_session, headers={"Content-Type": "application/json", "Accept": "application/json"},
+            lost=lambda: SalesforceFailed("Salesforce's answer did not arrive; the booking may or may not have been stored"),
+        )
         self._base = f"/services/data/v{conn.api_version}/connect/health/appointment-management"
         self._query_path = f"/services/data/v{conn.api_version}/query"
         self._resources_path = f"/services/data/v{conn.api_version}/"
-        self._served_at = -float("inf")  # when a call last worked (perf_counter)
         self.usage = ApiUsage()
 
     async def book(self, request: BookingRequest, record: CallRecord) -> Booked:
@@ -357,7 +360,7 @@ class SalesforceClient:
         breaker: whether it answers says nothing of whether Book works. Each call spends the org's
         allowance and readiness needs no key, so a call that worked in the last
         `ready_check_seconds` stands in for it."""
-        if time.perf_counter() - self._served_at < self._tuning.ready_check_seconds:
+        if time.perf_counter() - self._caller.served_at < self._tuning.ready_check_seconds:
             return
         response = await self._call("GET", self._resources_path, b"", CallRecord(), counted=False, gated=False)
         if response.status != 200:
@@ -368,82 +371,13 @@ class SalesforceClient:
         self, method: str, path: str, body: bytes, record: CallRecord, params: dict[str, str] | None = None,
         *, resend: bool = True, counted: bool = True, gated: bool = True,
     ) -> Answer:
-        """One call, with one token renewal on a 401 (and, when `resend`, one retry with the new
-        token) or when the instance cannot be reached (`_exchange`). `counted`: the call's health
-        goes to the breaker; `gated`: the breaker is asked first."""
-        if self._breaker is not None and gated:
-            await self._breaker.before_call(counted=counted)  # open: refused at once, nothing sent
-        started = time.perf_counter()
-        healthy = False
-        try:
-            async with self._gate:
-                response = await self._exchange(method, path, body, record, params, resend)
-            healthy = not _unhealthy(response)
-            if healthy:
-                self._served_at = time.perf_counter()
-        finally:
-            record.latency_ms = (time.perf_counter() - started) * 1000
-            if self._breaker is not None and counted:
-                # Salesforce's health only: a refusal of the booking (a 4xx) is an answer, not a failure
-                await (self._breaker.record_success() if healthy else self._breaker.record_failure())
-        record.status = response.status
+        """One call (gateway/outbound/calls.py): one token renewal on a 401 (and, when `resend`, one
+        retry with the new token) or when the instance cannot be reached. `counted`: the call's
+        health goes to the breaker; `gated`: the breaker is asked first."""
+        response = await self._caller.call(method, path, body, record, params, resend=resend, counted=counted,
+                                           gated=gated)
         self._read_limit(response)
         return response
-
-    async def _exchange(self, method: str, path: str, body: bytes, record: CallRecord,
-                        params: dict[str, str] | None, resend: bool) -> Answer:
-        """The call's attempts: a second one only after a token renewal (see `_call`)."""
-        for attempt in (1, 2):
-            mark = self._tokens.refreshes
-            token = await self._tokens.token()
-            try:
-                response = await self._send(method, token, path, body, record, params)
-            except NeverSent as exc:
-                # A cached token whose instance cannot be reached may name an instance that moved (an
-                # org migrated, a sandbox restarted on another port): renewed once, and if the new one
-                # names another instance, the call goes there (nothing was sent: even a Book may go).
-                if attempt == 1 and exc.kind != "busy" and not self._tokens.minted_since(mark, token):
-                    if (await self._tokens.renew(token)).instance_url != token.instance_url:
-                        record.retried_auth = True
-                        continue
-                raise Unavailable("Salesforce cannot be reached; nothing was sent",
-                                  retry_after=self._tuning.unavailable_retry_after_seconds) from None
-            if response.status == 401 and attempt == 1 and self._is_invalid_session(response):
-                # one refresh (in flight once across workers), then one retry
-                record.retried_auth = True
-                await self._tokens.invalidate(token)
-                if resend:
-                    continue
-                record.reauthenticated = True
-            return response
-        raise AssertionError("the second attempt always returns")
-
-    async def _send(
-        self, method: str, token: Token, path: str, body: bytes, record: CallRecord, params: dict[str, str] | None
-    ) -> Answer:
-        """One request with `token`. NeverSent goes to the caller; a lost answer is in doubt."""
-        headers = {
-            "Authorization": f"Bearer {token.access_token}",
-            "Content-Type": "application/json",
-            "Accept": "application/json",
-        }
-        try:
-            return await self._http.request(method, token.instance_url + path, body=body or None, headers=headers,
-                                            params=params)
-        except Lost as exc:
-            record.in_doubt = True
-            record.error_code = exc.kind
-            raise SalesforceFailed(
-                "Salesforce's answer did not arrive; the booking may or may not have been stored"
-            ) from None
-
-    @staticmethod
-    def _is_invalid_session(response: Answer) -> bool:
-        try:
-            errs = _errors(msgspec.json.decode(response.content))
-        except msgspec.DecodeError:
-            return True  # a 401 with no readable body is still an auth failure
-        return not errs or any(str(e.get("errorCode", "")).upper() == "INVALID_SESSION_ID" for e in errs)
 
     def _read_limit(self, response: Answer) -> None:
         info = response.headers.get("sforce-limit-info")
