@@ -167,6 +167,12 @@ class SalesforceRefused(Unprocessable):
     code = "processing"
 
 
+class EhrRefused(Unprocessable):
+    """The EHR refused the request in its own error shape (a slot already taken, a rule broken)."""
+
+    code = "processing"
+
+
 class TooManyRequests(GatewayError):
     """The source is over its rate limit."""
 
@@ -175,6 +181,12 @@ class TooManyRequests(GatewayError):
 
 class SalesforceFailed(GatewayError):
     """Salesforce failed: a 5xx, or an answer that cannot be read."""
+
+    status, code = 502, "exception"
+
+
+class EhrFailed(GatewayError):
+    """The EHR failed: a 5xx, or an answer that cannot be read (or that never arrived)."""
 
     status, code = 502, "exception"
 

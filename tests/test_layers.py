@@ -23,7 +23,8 @@ LAYERS = [
 # the Health Cloud sandbox is a twin of Salesforce, not a part of the gateway: it may be served by
 # the gateway's server helper, and may import nothing else of it (tests/test_sandbox_twin.py says
 # the same of the Salesforce client)
-TWINS = {"gateway.sandbox": {"gateway.sandbox", "gateway.edges.server"}}
+TWINS = {"gateway.sandbox": {"gateway.sandbox", "gateway.edges.server"},
+         "gateway.ehr_twins": {"gateway.ehr_twins", "gateway.edges.server"}}
 
 
 def _module(path: Path) -> str:

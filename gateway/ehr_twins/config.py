@@ -1,0 +1,55 @@
+"""An EHR twin's configuration: its dialect, the credentials it accepts, and its calendar."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+Dialect = Literal["cerner", "epic", "fhir"]
+CERNER_TENANT = "ec2458f2-1e24-41c8-b71b-0e701af7583d"  # the tenant of the corpus's Millennium codes
+
+
+class TwinSchedule(msgspec.Struct, frozen=True, kw_only=True):
+    """One practitioner's calendar at one location, offering these services (system, code)."""
+
+    id: str
+    practitioner: str
+    location: str
+    service_types: tuple[tuple[str, str], ...]
+    appointment_types: tuple[tuple[str, str], ...] = ()
+
+
+def default_schedules(dialect: Dialect) -> tuple[TwinSchedule, ...]:
+    """Two practitioners at two locations, with service codes in the dialect's own systems."""
+    if dialect == "cerner":
+        services = ((f"https://fhir.cerner.com/{CERNER_TENANT}/codeSet/14249", "2572307911"),)
+        ids = (("4817572", "593923", "32216049"), ("4817573", "1912007", "32216049"))
+    elif dialect == "epic":
+        services = (("urn:oid:1.2.840.114350.1.13.861.1.7.3.808267.11", "40111223"),)
+        ids = (("e-s1", "eM5CWtq15N0WJeuCet5bJlQ3", "e4W4rmGe9QzuGm2Dy4NBqVc0JDSNEiE3"),
+               ("e-s2", "eivaFtl6ABQ3Vx6nQ4bmM6Q3", "e4W4rmGe9QzuGm2Dy4NBqVc0JDSNEiE3"))
+    else:
+        services = (("http://terminology.hl7.org/CodeSystem/service-type", "124"),)
+        ids = (("s1", "example", "1"), ("s2", "f001", "2"))
+    return tuple(TwinSchedule(id=s, practitioner=p, location=loc, service_types=services) for s, p, loc in ids)
+
+
+class TwinConfig(msgspec.Struct, frozen=True, kw_only=True):
+    dialect: Dialect
+    control_key: str  # opens the twin's own endpoints (/twin/…)
+    client_id: str = "ehr-twin-client"
+    client_secret: str | None = None  # client credentials (Cerner's system account: Basic)
+    public_key_pem: str | None = None  # verifies signed JWT assertions (RS384: Epic's backend services)
+    require_auth: bool = True
+    schedules: tuple[TwinSchedule, ...] | None = None  # None: default_schedules(dialect)
+    start_date: str | None = None  # the calendar's first day (YYYY-MM-DD, UTC); None: today
+    days: int = 14
+    slot_minutes: int = 30
+    day_start_hour: int = 9  # UTC
+    day_end_hour: int = 17
+    token_seconds: int = 570  # what a token lives (expires_in)
+    mllp_port: int | None = None  # epic: its incoming HL7 v2 scheduling interface (0: any free port)
+
+    def all_schedules(self) -> tuple[TwinSchedule, ...]:
+        return self.schedules if self.schedules is not None else default_schedules(self.dialect)

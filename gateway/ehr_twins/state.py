@@ -1,0 +1,93 @@
+"""An EHR twin's mutable state beside its calendar: the tokens it issued, its faults and its counters."""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from typing import Literal
+
+import msgspec
+
+from gateway.ehr_twins.calendar import Calendar
+from gateway.ehr_twins.config import TwinConfig
+
+
+class Counters(msgspec.Struct, kw_only=True):
+    token_grants: int = 0
+    api_calls: int = 0  # every call past the token endpoint
+    refused_auth: int = 0
+    creates: int = 0  # bookings asked for (stored or not)
+    cancels: int = 0
+    searches: int = 0
+    reads: int = 0
+    mllp_messages: int = 0
+
+
+class Faults(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Switchable faults, as an EHR or the way to it fails. Counts are spent one call at a time."""
+
+    latency_ms: int = 0  # every API call waits this long first
+    fail_before: int = 0  # the next n API calls are answered `fail_status` before anything is done
+    fail_status: int = 503  # 500, 502, 503 or 429
+    fail_after_store: int = 0  # the next n creates are stored, then answered as `after_store` says
+    after_store: Literal["drop", "500", "503", "504"] = "drop"  # drop: the connection closes mid-answer
+    expire_tokens: bool = False  # every token issued so far is refused (401) from now on
+
+
+class TwinState:
+    def __init__(self, config: TwinConfig) -> None:
+        self.config = config
+        self.calendar = Calendar(config)
+        self._lock = threading.Lock()
+        self._tokens: dict[str, float] = {}  # token -> expiry (monotonic)
+        self._counters = Counters()
+        self._faults = Faults()
+
+    def count(self, name: str, by: int = 1) -> None:
+        with self._lock:
+            setattr(self._counters, name, getattr(self._counters, name) + by)
+
+    def counters(self) -> Counters:
+        with self._lock:
+            return msgspec.structs.replace(self._counters)
+
+    def issue_token(self) -> str:
+        token = secrets.token_urlsafe(24)
+        with self._lock:
+            self._tokens[token] = time.monotonic() + self.config.token_seconds
+            self._counters.token_grants += 1
+        return token
+
+    def token_ok(self, token: str) -> bool:
+        with self._lock:
+            expiry = self._tokens.get(token)
+            return expiry is not None and expiry > time.monotonic()
+
+    def faults(self) -> Faults:
+        with self._lock:
+            return msgspec.structs.replace(self._faults)
+
+    def set_faults(self, **changes: object) -> Faults:
+        with self._lock:
+            self._faults = msgspec.convert({**msgspec.to_builtins(self._faults), **changes}, Faults)
+            if self._faults.expire_tokens:
+                self._tokens.clear()
+                self._faults = msgspec.structs.replace(self._faults, expire_tokens=False)
+            return msgspec.structs.replace(self._faults)
+
+    def take(self, name: Literal["fail_before", "fail_after_store"]) -> bool:
+        """Spend one of a counted fault: True when this call is to fail."""
+        with self._lock:
+            left = getattr(self._faults, name)
+            if left <= 0:
+                return False
+            self._faults = msgspec.structs.replace(self._faults, **{name: left - 1})
+            return True
+
+    def reset(self) -> None:
+        with self._lock:
+            self._tokens.clear()
+            self._counters = Counters()
+            self._faults = Faults()
+        self.calendar.reset()
