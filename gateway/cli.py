@@ -94,6 +94,33 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ehr_sandbox(args: argparse.Namespace) -> int:
+    """A twin of one EHR's scheduling API (gateway/ehr_twins), alone."""
+    import uvicorn
+
+    from gateway.ehr_twins import TwinConfig, create_ehr_twin
+    from gateway.ehr_twins.app import base_path
+
+    key_file = os.environ.get("EHR_SANDBOX_PUBLIC_KEY_FILE")
+    secret = os.environ.get("EHR_SANDBOX_CLIENT_SECRET") or (None if key_file else secrets.token_urlsafe(24))
+    control_key = os.environ.get("EHR_SANDBOX_CONTROL_KEY") or secrets.token_urlsafe(24)
+    mllp = os.environ.get("EHR_SANDBOX_MLLP_PORT")
+    config = TwinConfig(dialect=args.dialect, control_key=control_key,
+                        client_id=os.environ.get("EHR_SANDBOX_CLIENT_ID", "ehr-twin-client"), client_secret=secret,
+                        public_key_pem=Path(key_file).read_text() if key_file else None,
+                        mllp_port=int(mllp) if mllp else (0 if args.dialect == "epic" else None))
+    base = f"http://{args.host}:{args.port}"
+    print(f"{args.dialect} EHR twin: its FHIR base {base}{base_path(args.dialect)}, its token endpoint {base}/oauth2/token")
+    print(f"  client id {config.client_id}; "
+          + ("assertions checked against EHR_SANDBOX_PUBLIC_KEY_FILE" if key_file else
+             f"client secret {'from EHR_SANDBOX_CLIENT_SECRET' if 'EHR_SANDBOX_CLIENT_SECRET' in os.environ else secret}"))
+    shown = "from EHR_SANDBOX_CONTROL_KEY" if "EHR_SANDBOX_CONTROL_KEY" in os.environ else control_key
+    print(f"  its own endpoints (/twin/appointments, counters, faults, reset): Authorization: Bearer {shown}")
+    sys.stdout.flush()
+    uvicorn.run(create_ehr_twin(config), host=args.host, port=args.port, log_config=None, access_log=False)
+    return 0
+
+
 def _exit_on_signal(signum: int, frame: object) -> None:
     raise SystemExit(0)
 
@@ -375,6 +402,12 @@ def build_parser() -> argparse.ArgumentParser:
     sandbox.add_argument("--host", default="127.0.0.1")
     sandbox.add_argument("--port", type=int, default=8600)
     sandbox.set_defaults(func=cmd_sandbox)
+
+    ehr_sandbox = sub.add_parser("ehr-sandbox", help="run a twin of one EHR's scheduling API alone")
+    ehr_sandbox.add_argument("--dialect", required=True, choices=("cerner", "epic", "fhir"))
+    ehr_sandbox.add_argument("--host", default="127.0.0.1")
+    ehr_sandbox.add_argument("--port", type=int, default=8700)
+    ehr_sandbox.set_defaults(func=cmd_ehr_sandbox)
 
     codemaps = sub.add_parser("codemaps", help="code map tools")
     codemaps_sub = codemaps.add_subparsers(dest="codemaps_command", required=True)

@@ -203,6 +203,11 @@ async def twin_reset(request: Request[Any, Any, Any]) -> ASGIApp:
     return answer(200, {"reset": True}, media_type="application/json")
 
 
+def base_path(dialect: str) -> str:
+    """The twin's FHIR base below its address (`BASE_PATH` of the dialect's module)."""
+    return str(importlib.import_module(f"gateway.ehr_twins.{dialect}").BASE_PATH)
+
+
 def create_ehr_twin(config: TwinConfig) -> Litestar:
     """The twin of `config.dialect`: its routes (`gateway.ehr_twins.<dialect>.route_handlers()`) and
     its lifespan hooks (`on_startup`/`on_shutdown`, when the dialect has a listener of its own) beside
