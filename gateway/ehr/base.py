@@ -21,7 +21,7 @@ import redis.asyncio as redis
 from gateway.ehr.model import BookRequest, EhrAppointment, EhrSlot, SlotQuery
 from gateway.errors import EhrFailed, EhrRefused, NotFound, Unavailable
 from gateway.outbound.calls import Caller, CallRecord
-from gateway.outbound.http import Answer, HttpClient, Lost, NeverSent
+from gateway.outbound.http import Answer, HttpClient, Lost, NeverSent, Params
 from gateway.outbound.tokens import SharedToken, Token, connection_key
 from gateway.settings import EhrCredentials, EhrSettings
 from gateway.state.breaker import CircuitBreaker
@@ -113,7 +113,7 @@ class EhrClient:
         )
 
     async def call(self, method: str, path: str, record: CallRecord, *, body: Any = None,
-                   params: dict[str, str] | None = None, headers: dict[str, str] | None = None,
+                   params: Params | None = None, headers: dict[str, str] | None = None,
                    resend: bool = True, counted: bool = True, media_type: str = FHIR_JSON) -> Answer:
         """`path` below the EHR's base (or a whole URL on it, as a Bundle's `next` link gives);
         `body` encoded as JSON unless it is bytes."""

@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from gateway.errors import GatewayError, Unavailable
-from gateway.outbound.http import Answer, HttpClient, Lost, NeverSent
+from gateway.outbound.http import Answer, HttpClient, Lost, NeverSent, Params
 from gateway.outbound.tokens import SharedToken, Token
 from gateway.state.breaker import CircuitBreaker
 
@@ -48,7 +48,7 @@ class Caller:
         self.served_at = -float("inf")  # when a call last answered healthily (perf_counter)
 
     async def call(self, method: str, path: str, body: bytes, record: CallRecord,
-                   params: Mapping[str, str] | None = None, *, resend: bool = True, counted: bool = True,
+                   params: Params | None = None, *, resend: bool = True, counted: bool = True,
                    gated: bool = True, headers: Mapping[str, str] | None = None) -> Answer:
         """`counted`: the call's health goes to the breaker; `gated`: the breaker is asked first."""
         if self._breaker is not None and gated:
@@ -70,7 +70,7 @@ class Caller:
         return response
 
     async def _exchange(self, method: str, path: str, body: bytes, record: CallRecord,
-                        params: Mapping[str, str] | None, resend: bool,
+                        params: Params | None, resend: bool,
                         headers: Mapping[str, str] | None) -> Answer:
         """The call's attempts: a second one only after a token renewal."""
         tokens = self._tokens
@@ -102,7 +102,7 @@ class Caller:
         raise AssertionError("the second attempt always returns")
 
     async def _send(self, method: str, token: Token | None, path: str, body: bytes, record: CallRecord,
-                    params: Mapping[str, str] | None, headers: Mapping[str, str] | None) -> Answer:
+                    params: Params | None, headers: Mapping[str, str] | None) -> Answer:
         """One request with `token`. NeverSent goes to the caller; a lost answer is in doubt."""
         sent = {"Authorization": f"Bearer {token.access_token}"} if token is not None else {}
         sent.update(self._headers)

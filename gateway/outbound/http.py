@@ -26,13 +26,16 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Protocol
 from urllib.parse import urlencode, urlsplit
 
 import httptools
+
+# query parameters: a mapping, or pairs where a name repeats (`start=ge…&start=lt…`)
+Params = Mapping[str, str] | Sequence[tuple[str, str]]
 
 __all__ = ["Answer", "HttpClient", "Lost", "NeverSent"]
 
@@ -313,7 +316,7 @@ class HttpClient:
         *,
         body: bytes | None = None,
         headers: Mapping[str, str] | None = None,
-        params: Mapping[str, str] | None = None,
+        params: Params | None = None,
         form: Mapping[str, str] | None = None,
     ) -> Answer:
         origin, target, host = _target(url)
