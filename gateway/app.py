@@ -12,6 +12,7 @@ from litestar.exceptions import HTTPException
 
 from gateway.edges.answers import litestar_error, unexpected, with_request_id
 from gateway.edges.fhir_routes import FhirController
+from gateway.edges.healthcloud_routes import healthcloud_router
 from gateway.edges.inbound import demo_credentials
 from gateway.edges.service_routes import service_router
 from gateway.operators.admin import admin_router
@@ -28,7 +29,8 @@ def create_app(
     gateway = Gateway(settings, extra_keys=extra_keys, workers=workers, run_queue_workers=run_queue_workers,
                       sealer=sealer)
     app = Litestar(
-        route_handlers=[FhirController, service_router(), admin_router(gateway.admin_deps())],
+        route_handlers=[FhirController, service_router(), admin_router(gateway.admin_deps()),
+                        healthcloud_router(settings.file.healthcloud.path_prefix, gateway.healthcloud)],
         # the edges' parts, built once: handed to every handler that names them
         dependencies={"fhir": Provide(lambda: gateway.fhir, use_cache=True, sync_to_thread=False),
                       "service": Provide(lambda: gateway.service, use_cache=True, sync_to_thread=False)},

@@ -167,6 +167,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # every worker writes its metrics there; /metrics on any worker reads them all
     prepare_multiprocess_dir(data_root / "metrics")
     embedded = sandbox_server = None
+    twins: list[object] = []
     try:
         if settings.redis_url is None:
             data_dir = data_root / "redis"
@@ -200,6 +201,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     print(f"    {source:<10} HL7 v2 SIU over MLLP on {src.mllp_host}:{src.mllp_port}")
                 else:
                     print(f"    {source:<10} Authorization: Bearer {DEMO_KEY.format(source=source)}")
+            twins += _start_ehr_twins(settings, data_root)
             # the dashboard too: operator keys made for this start, accepted only while the sandbox stands in
             demo_operators = {"admin": secrets.token_urlsafe(18), "phi": secrets.token_urlsafe(18)}
             os.environ[DEMO_OPERATORS_ENV] = ",".join(key_digest(k) for k in demo_operators.values())
@@ -230,11 +232,74 @@ def cmd_serve(args: argparse.Namespace) -> int:
             log_config=None, access_log=False, server_header=False, loop="uvloop", **options,
         )
     finally:
+        for twin in twins:
+            twin.stop()  # type: ignore[attr-defined]
         if sandbox_server is not None:
             sandbox_server.stop()
         if embedded is not None:
             embedded.stop()
     return 0
+
+
+def _start_ehr_twins(settings: object, data_root: Path) -> list[object]:
+    """With no EHR configured, one twin per EHR dialect the sources speak, each on a free loopback
+    port, and Health Cloud's demo credential: what a scripted Health Cloud needs to book on their
+    calendars. The workers learn them from the environment (`demo_credentials`)."""
+    import hashlib
+    import json
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from gateway.edges.inbound import DEMO_EHRS_ENV, DEMO_HEALTHCLOUD_ENV
+    from gateway.edges.server import ThreadedServer
+    from gateway.ehr_twins import TwinConfig, create_ehr_twin
+    from gateway.ehr_twins.app import base_path
+
+    sources = settings.sources  # type: ignore[attr-defined]
+    if any(src.ehr is not None for src in sources.values()):
+        return []
+    started, ehrs = [], {}
+    for dialect in sorted({src.adapter for src in sources.values()} & {"cerner", "epic", "fhir"}):
+        control_key, secret, extra, public_pem = secrets.token_urlsafe(18), secrets.token_urlsafe(24), {}, None
+        if dialect == "epic":  # Epic's backend services sign an assertion: a key made for this start
+            key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+            key_file = data_root / "ehr-twins" / "epic.pem"
+            key_file.parent.mkdir(parents=True, exist_ok=True)
+            key_file.touch(mode=0o600)
+            key_file.chmod(0o600)
+            key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                   serialization.NoEncryption()))
+            public_pem = key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                       serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+            secret, extra = None, {"private_key_file": str(key_file), "mllp_out": f"127.0.0.1:{_free_port()}"}
+        config = TwinConfig(dialect=dialect, control_key=control_key, client_id="ehr-gateway-demo",
+                            client_secret=secret, public_key_pem=public_pem,
+                            mllp_port=int(extra["mllp_out"].rpartition(":")[2]) if "mllp_out" in extra else None)
+        server = ThreadedServer(create_ehr_twin(config)).start()
+        started.append(server)
+        ehrs[dialect] = {"base_url": server.url + base_path(dialect), "token_url": f"{server.url}/oauth2/token",
+                         "client_id": "ehr-gateway-demo", **extra}
+        if secret:
+            ehrs[dialect]["client_secret"] = secret
+        print(f"  {dialect} EHR twin at {server.url} (its appointments: {server.url}/twin/appointments with "
+              f"Authorization: Bearer {control_key})" + (f", HL7 v2 cancels on MLLP {extra['mllp_out']}"
+                                                          if "mllp_out" in extra else ""))
+    password = secrets.token_urlsafe(18)
+    os.environ[DEMO_EHRS_ENV] = json.dumps(ehrs)
+    os.environ[DEMO_HEALTHCLOUD_ENV] = hashlib.sha256(f"healthcloud-demo:{password}".encode()).hexdigest()
+    prefix = settings.file.healthcloud.path_prefix  # type: ignore[attr-defined]
+    print(f"  Health Cloud's callouts (its Appointment_Management named credential): {prefix} with HTTP Basic "
+          f"healthcloud-demo:{password}")
+    return started
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def _redis_url_for_tools() -> str | None:

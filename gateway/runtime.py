@@ -3,8 +3,9 @@ and wired here, and nowhere else. `create_app` (gateway/app.py) builds one `Gate
 edges; tests and benchmarks build the same. The Gateway owns the parts' start and close (Litestar's
 lifespan hooks run `start` and `close`).
 
-Parts are built in the order data flows back from Salesforce: the state kept in Redis, the
-Salesforce client, the booking core, the operators' side, then the edges that take requests in.
+Parts are built in the order data flows back from the called systems: the state kept in Redis, the
+Salesforce client and the EHR clients, the booking core and the scheduling core (Health Cloud's
+callouts), the operators' side, then the edges that take requests in.
 """
 
 from __future__ import annotations
@@ -20,12 +21,14 @@ from gateway.booking.booker import Booker, Trace
 from gateway.booking.livemaps import LiveMaps
 from gateway.booking.worker import QueueWorker
 from gateway.edges.fhir_routes import FhirEdge
+from gateway.edges.healthcloud_routes import HealthCloudAuth, HealthCloudEdge
 from gateway.edges.inbound import Admission, Inbound
 from gateway.edges.mllp import MllpListener, SiuPath
 from gateway.edges.mtls import ClientCertificates
 from gateway.edges.openapi import openapi_json
 from gateway.edges.service_routes import ServiceEdge
 from gateway.edges.smart import SmartAuth
+from gateway.ehr import EhrClient, client_class
 from gateway.errors import GatewayError, NotFound
 from gateway.ids import new_id
 from gateway.operators.admin import AdminAuth, AdminDeps, Audit
@@ -35,6 +38,7 @@ from gateway.operators.summary import Recorder
 from gateway.outbound.http import HttpClient
 from gateway.salesforce.auth import TokenProvider
 from gateway.salesforce.client import SalesforceClient
+from gateway.scheduling.scheduler import Scheduler
 from gateway.settings import Settings
 from gateway.state.breaker import CircuitBreaker
 from gateway.state.connect import connect_redis
@@ -76,7 +80,9 @@ class Gateway:
         self._run_queue_workers = run_queue_workers
         self._build_state(settings.redis_url)
         self._build_salesforce()
+        self._build_ehrs(workers)
         self._build_booking()
+        self._build_scheduling()
         self._build_operators(extra_keys)
         self._build_edges()
         self._background: list[asyncio.Task[None]] = []
@@ -121,6 +127,32 @@ class Gateway:
                                     retry_after=cfg.salesforce.unavailable_retry_after_seconds)
         self.salesforce = SalesforceClient(connection, cfg.salesforce, self.tokens, self.http, self.breaker)
 
+    def _build_ehrs(self, workers: int) -> None:
+        """A client per source with an `[….ehr]` table, in its EHR's own API (gateway/ehr), each with
+        its own connections and its own breaker (Redis-shared, as Salesforce's)."""
+        cfg, prefix = self.cfg, self.cfg.redis.key_prefix
+        self.ehr_http: list[HttpClient] = []
+        self.ehr_breakers: list[CircuitBreaker] = []
+        self.ehr_clients: dict[str, EhrClient] = {}
+        for name, src in self.settings.sources.items():
+            if src.ehr is None:
+                continue
+            http = HttpClient(src.ehr)
+            b = cfg.breaker
+            breaker = CircuitBreaker(
+                self.redis, prefix, failure_ratio=b.failure_ratio, min_calls=b.min_calls, window_seconds=b.window_seconds,
+                open_seconds=b.open_seconds, sync_interval_seconds=b.sync_interval_seconds,
+                probe_timeout_seconds=src.ehr.timeout_seconds + src.ehr.connect_timeout_seconds + 1,
+                name=f"ehr:{name}", called=f"the {name} EHR")
+            self.ehr_http.append(http)
+            self.ehr_breakers.append(breaker)
+            self.ehr_clients[name] = client_class(src.adapter)(
+                name, src.ehr, self.settings.ehr_credentials.get(name), http, self.redis, prefix, workers=workers,
+                breaker=breaker)
+
+    def _build_scheduling(self) -> None:
+        self.scheduler = Scheduler(self.settings.sources, self.ehr_clients, self.maps, self.cfg.healthcloud)
+
     def _build_booking(self) -> None:
         cfg = self.cfg
         self.booker = Booker(
@@ -146,6 +178,9 @@ class Gateway:
         public = settings.public_urls[0]
         admission = Admission(self.booker.source, self.inbound, self.smart, ClientCertificates(settings.sources),
                               self.limiter)
+        hc = cfg.healthcloud
+        self.healthcloud = HealthCloudEdge(HealthCloudAuth(hc, self.inbound.digests()), self.scheduler,
+                                           base=public + hc.path_prefix)
         self.fhir = FhirEdge(settings.sources, self.booker, admission, self.recorder, public=public,
                              published=time.strftime("%Y-%m-%d", time.gmtime()))
         self.service = ServiceEdge(self.redis, self.salesforce, self.breaker, self.smart, self.metrics, self.gauges,
@@ -204,7 +239,8 @@ class Gateway:
         for listener in self.listeners:
             self.mllp_ports[listener.source] = await listener.start()
         tasks = [(self.maps.run(), "codemaps"), (self.gauges.run(), "gauges"), (self.breaker.run(), "circuit-breaker"),
-                 (self.request_log.run(), "request-log")]
+                 (self.request_log.run(), "request-log"),
+                 *((b.run(), f"circuit-breaker-{b.called}") for b in self.ehr_breakers)]
         if self.queue_sources and self._run_queue_workers:
             tasks.append((self.worker.run(), "queue-worker"))
         self._background += [asyncio.create_task(work, name=name) for work, name in tasks]
@@ -217,6 +253,8 @@ class Gateway:
         await asyncio.gather(*self._background, return_exceptions=True)
         await self.request_log.flush()
         await self.http.aclose()
+        for http in self.ehr_http:
+            await http.aclose()
         await self.jwks_http.aclose()
         await self.redis.aclose()
         if self.scripts is not self.redis:

@@ -199,6 +199,20 @@ class RedisSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     cluster: bool = False  # REDIS_URL names one node of a Redis Cluster
 
 
+class HealthCloudSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Health Cloud's callouts into the gateway (`[healthcloud]`): where its Appointment_Management
+    named credential points, and that credential, as digests: HTTP Basic (`sha256("user:password")`)
+    or a bearer (`sha256(token)`)."""
+
+    path_prefix: str = "/iam"
+    basic_sha256: tuple[str, ...] = ()
+    bearer_keys_sha256: tuple[str, ...] = ()
+    # a search waits this long for each EHR; one slower is answered as its failure, the others stand
+    search_timeout_seconds: float = 8.0
+    max_search_days: int = 62  # a wider window is refused (400): each EHR would page through it all
+    max_search_values: int = 50  # ids and codes in one search
+
+
 class FileSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     sources: dict[str, SourceSettings] = {}
     admin: AdminSettings = AdminSettings()
@@ -213,6 +227,7 @@ class FileSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     tls: TlsSettings = TlsSettings()
     mllp: MllpSettings = MllpSettings()
     server: ServerSettings = ServerSettings()
+    healthcloud: HealthCloudSettings = HealthCloudSettings()
 
 
 class SalesforceConnection(msgspec.Struct, frozen=True):
@@ -309,6 +324,7 @@ def load_file_settings(config_dir: Path) -> FileSettings:
             problems.append(f"{where}.rate_limit_per_minute: must be at least 1")
         if src.ehr is not None:
             problems += _ehr_problems(f"{where}.ehr", src, config_dir)
+    problems += _healthcloud_problems(settings.healthcloud)
     for kind in ("api_keys_sha256", "phi_keys_sha256"):
         for i, digest in enumerate(getattr(settings.admin, kind)):
             if not _SHA256_HEX.match(digest):
@@ -381,6 +397,20 @@ def load_file_settings(config_dir: Path) -> FileSettings:
     if problems:
         raise ConfigError("\n".join(f"{path}: {p}" for p in problems))
     return settings
+
+
+def _healthcloud_problems(hc: HealthCloudSettings) -> list[str]:
+    problems = []
+    if not re.fullmatch(r"(/[A-Za-z0-9._~-]+)+", hc.path_prefix) or hc.path_prefix.split("/")[1] in (
+            "fhir", "admin", "auth", "metrics", "health", "ready", "openapi.json"):
+        problems.append("$.healthcloud.path_prefix: a path of its own, like /iam (not under /fhir, /admin, …)")
+    for kind in ("basic_sha256", "bearer_keys_sha256"):
+        for i, digest in enumerate(getattr(hc, kind)):
+            if not _SHA256_HEX.match(digest):
+                problems.append(f"$.healthcloud.{kind}[{i}]: not a lowercase SHA-256 hex digest")
+    if hc.search_timeout_seconds <= 0 or hc.max_search_days < 1 or hc.max_search_values < 1:
+        problems.append("$.healthcloud: search_timeout_seconds, max_search_days and max_search_values must be positive")
+    return problems
 
 
 def _ehr_problems(where: str, src: SourceSettings, config_dir: Path) -> list[str]:

@@ -16,6 +16,7 @@ LAYERS = [
     ("outbound", {"gateway.outbound"}),
     ("called systems", {"gateway.salesforce", "gateway.ehr"}),
     ("booking", {"gateway.booking"}),
+    ("scheduling", {"gateway.scheduling"}),
     ("operators", {"gateway.operators"}),
     ("edges", {"gateway.edges"}),
     ("root", {"gateway.runtime", "gateway.app", "gateway.cli"}),

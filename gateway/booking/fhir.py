@@ -46,24 +46,27 @@ class _OperationOutcome(msgspec.Struct, omit_defaults=True, tag_field="resourceT
 _encoder = msgspec.json.Encoder()
 
 
-def operation_outcome(issues: Iterable[Issue]) -> bytes:
-    return _encoder.encode(
-        _OperationOutcome(
-            issue=[
-                _OOIssue(
-                    severity=i.severity,
-                    code=i.code,
-                    details=_Details(
-                        text=i.diagnostics,
-                        coding=[_Coding(SALESFORCE_ERROR_SYSTEM, i.details_code)] if i.details_code else None,
-                    ),
-                    expression=list(i.expression) or None,
-                    location=list(i.location) or None,
-                )
-                for i in issues
-            ]
-        )
+def outcome_resource(issues: Iterable[Issue]) -> _OperationOutcome:
+    """An OperationOutcome of `issues`, to encode alone or inside a Bundle."""
+    return _OperationOutcome(
+        issue=[
+            _OOIssue(
+                severity=i.severity,
+                code=i.code,
+                details=_Details(
+                    text=i.diagnostics,
+                    coding=[_Coding(SALESFORCE_ERROR_SYSTEM, i.details_code)] if i.details_code else None,
+                ),
+                expression=list(i.expression) or None,
+                location=list(i.location) or None,
+            )
+            for i in issues
+        ]
     )
+
+
+def operation_outcome(issues: Iterable[Issue]) -> bytes:
+    return _encoder.encode(outcome_resource(issues))
 
 
 def error_body(error: GatewayError) -> bytes:

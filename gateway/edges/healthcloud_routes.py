@@ -1,0 +1,229 @@
+"""Health Cloud's callouts, under `[healthcloud] path_prefix`: the gateway as the external scheduling
+system of Intelligent Appointment Management (scheduling-out.md §1, the contract's section v2).
+
+- `POST /Slot/_search` (a form): slots across the EHRs, one searchset.
+- `GET /Slot/{id}`, `GET /Slot/{sourceSystem}/{id}`: a slot's status now.
+- `POST /Appointment/{sourceSystem}`: book the Appointment's slot in that EHR.
+- `POST /Appointment/{id}`, `POST /Appointment/{sourceSystem}/{id}` with `status: cancelled`: cancel.
+  A POST to `/Appointment/{x}` is told by its body: `status: cancelled` cancels the appointment `x`
+  (or, when `x` is a source system, the body's `id` there); any other status books, and then `x`
+  must be a source system.
+- `GET /Appointment/{id}`, `GET /Appointment/{sourceSystem}/{id}`: read it from its EHR.
+- `GET /metadata`: what this base serves.
+
+Callers authenticate as Health Cloud's named credential does: HTTP Basic or a bearer, compared as
+SHA-256 digests. A source's inbound key is 403 here, as Health Cloud's credential is on the sources'
+routes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+from litestar import Controller, Request, Response, Router, get, post
+from litestar.di import NamedDependency, Provide
+from litestar.exceptions import HTTPException
+from litestar.params import FromPath
+
+from gateway.booking.fhir import FHIR_JSON
+from gateway.edges.answers import check_media, error_response, media, negotiate_request, read_body, refused_while_reading
+from gateway.edges.inbound import basic_credential
+from gateway.errors import Forbidden, GatewayError, InvalidRequest, Unauthorized, UnsupportedMediaType
+from gateway.ids import new_id
+from gateway.logs import log
+from gateway.scheduling.answers import appointment_answer, booked_answer, searchset, slot_answer
+from gateway.scheduling.callouts import Callout, read_callout, read_search
+from gateway.scheduling.scheduler import Calls, Scheduler
+from gateway.settings import HealthCloudSettings
+
+FORM = "application/x-www-form-urlencoded"
+_json = msgspec.json.Encoder()
+
+
+def _digest(value: str) -> str:
+    return hashlib.sha256(value.encode()).hexdigest()
+
+
+class HealthCloudAuth:
+    """Health Cloud's named credential: Basic (`sha256("user:password")`) or a bearer (`sha256(token)`).
+    `source_digests`: the sources' inbound key digests, refused here with 403."""
+
+    def __init__(self, settings: HealthCloudSettings, source_digests: set[str]) -> None:
+        self._basic, self._bearer = set(settings.basic_sha256), set(settings.bearer_keys_sha256)
+        self._sources = source_digests
+
+    def check(self, authorization: str | None) -> None:
+        credential = basic_credential(authorization)
+        if credential is not None:
+            if _digest(credential) in self._basic:
+                return
+            raise Unauthorized("unknown credential")
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthorized("Health Cloud's named credential is required: HTTP Basic or a bearer",
+                               location=("http.Authorization",))
+        digest = _digest(token.strip())
+        if digest in self._bearer:
+            return
+        if digest in self._sources:
+            raise Forbidden("a source's key does not open Health Cloud's callouts")
+        raise Unauthorized("unknown credential")
+
+
+class HealthCloudEdge:
+    """The work of Health Cloud's routes: the door, the Scheduler, and each callout's log line."""
+
+    def __init__(self, auth: HealthCloudAuth, scheduler: Scheduler, *, base: str) -> None:
+        self._auth, self.scheduler, self._base = auth, scheduler, base
+
+    async def serve(self, request: Request, op: str, work: Callable[[Calls], Awaitable[bytes]]) -> Response[bytes]:
+        """One callout: admitted, done, answered and logged (its EHR calls' statuses and times; no ids)."""
+        started, request_id, calls = time.perf_counter(), new_id(), Calls()
+        status = 500
+        try:
+            self._auth.check(request.headers.get("authorization"))
+            negotiate_request(request)
+            body = await work(calls)
+            status = 200
+            return Response(body, status_code=200, headers={"Content-Type": FHIR_JSON, "X-Request-ID": request_id})
+        except GatewayError as exc:
+            status = exc.status
+            response = error_response(exc, request_id)
+            if status == 401:
+                response.headers["WWW-Authenticate"] = 'Basic realm="ehr-gateway", Bearer'
+            return response
+        except HTTPException as exc:  # the body over the size limit
+            status = exc.status_code
+            return refused_while_reading(request, exc, request_id)
+        finally:
+            log.info("callout", request_id=request_id, op=calls.op or op, status=status,
+                     ehr=[{"system": s, "status": c.status, "ms": round(c.latency_ms, 2), "error": c.error_code,
+                           "in_doubt": c.in_doubt or None} for s, c in calls.ehr] or None,
+                     ms=round((time.perf_counter() - started) * 1000, 2))
+
+    async def find(self, request: Request, calls: Calls) -> bytes:
+        if media(request) != FORM:
+            raise UnsupportedMediaType(f"Find sends {FORM}")
+        body = await read_body(request)
+        s = self.scheduler
+        search = read_search(body, s.systems, max_days=s.settings.max_search_days,
+                             max_values=s.settings.max_search_values)
+        found = await s.find(search, calls)
+        warnings = [InvalidRequest(f"{name}: not searched by; the EHRs' own ids (Practitioner._id) are").issues[0]
+                    for name in search.unsupported]
+        warnings = [msgspec.structs.replace(w, severity="warning", code="not-supported") for w in warnings]
+        return searchset(found, warnings, several=len(s.systems) > 1, url=f"{self._base}/Slot/_search")
+
+    async def slot(self, system: str | None, slot_id: str, calls: Calls) -> bytes:
+        found_in, slot = await self.scheduler.slot(system, slot_id, calls)
+        return slot_answer(found_in, slot, several=len(self.scheduler.systems) > 1)
+
+    async def post_appointment(self, request: Request, first: str, second: str | None, calls: Calls) -> bytes:
+        check_media(request)
+        callout = read_callout(await read_body(request))
+        calls.op = "cancel" if callout.status == "cancelled" else "create"
+        if callout.status == "cancelled":
+            system, appointment_id = self._cancel_target(first, second, callout)
+            reason = _reason(callout)
+            found_in, appointment = await self.scheduler.cancel(system, appointment_id, reason, calls)
+            return appointment_answer(found_in, appointment, callout)
+        if second is not None:
+            raise InvalidRequest("a POST to an appointment cancels it: status cancelled",
+                                 expression=("Appointment.status",))
+        if first not in self.scheduler.systems:
+            raise InvalidRequest("a create is POST /Appointment/{sourceSystem}, and no EHR is configured for this "
+                                 "source system (a POST to an appointment's id cancels it: status cancelled)")
+        booked = await self.scheduler.create(first, callout, calls)
+        return booked_answer(booked, callout)
+
+    def _cancel_target(self, first: str, second: str | None, callout: Callout) -> tuple[str | None, str]:
+        if second is not None:
+            system, appointment_id = first, second
+        elif first in self.scheduler.systems and callout.id and callout.id != first:
+            system, appointment_id = first, callout.id
+        else:
+            system, appointment_id = None, first
+        if callout.id is not None and callout.id != appointment_id:
+            raise InvalidRequest("id: the body's id is not the appointment in the path", expression=("Appointment.id",))
+        return system, appointment_id
+
+    async def read(self, system: str | None, appointment_id: str, calls: Calls) -> bytes:
+        found_in, appointment = await self.scheduler.read(system, appointment_id, calls)
+        return appointment_answer(found_in, appointment, None)
+
+    def metadata(self) -> bytes:
+        return _json.encode(capability(self._base))
+
+
+def _reason(callout: Callout) -> str | None:
+    concept = callout.cancelationReason
+    codes = [c.code for c in concept.coding if c.code] if concept else []
+    return codes[0] if codes else None
+
+
+def capability(base: str) -> dict[str, Any]:
+    return {
+        "resourceType": "CapabilityStatement", "status": "active", "date": time.strftime("%Y-%m-%d", time.gmtime()),
+        "kind": "instance", "fhirVersion": "4.0.1", "format": ["json"],
+        "implementation": {"description": "ehr-gateway: Health Cloud's external scheduling system", "url": base},
+        "rest": [{"mode": "server", "resource": [
+            {"type": "Slot", "interaction": [{"code": "read"}, {"code": "search-type"}],
+             "searchParam": [{"name": n, "type": t} for n, t in (("start", "date"), ("service-type", "token"),
+                                                                 ("appointment-type", "token"), ("status", "token"))]},
+            {"type": "Appointment", "interaction": [{"code": "read"}, {"code": "create"}, {"code": "update"}]},
+        ]}],
+    }
+
+
+HealthCloud = NamedDependency[HealthCloudEdge]
+
+
+class HealthCloudController(Controller):
+    path = "/"
+
+    @post("/Slot/_search", status_code=200)
+    async def find(self, request: Request, healthcloud: HealthCloud) -> Response[bytes]:
+        return await healthcloud.serve(request, "find", lambda calls: healthcloud.find(request, calls))
+
+    @get("/Slot/{slot_id:str}")
+    async def slot(self, request: Request, healthcloud: HealthCloud, slot_id: FromPath[str]) -> Response[bytes]:
+        return await healthcloud.serve(request, "slot-status", lambda calls: healthcloud.slot(None, slot_id, calls))
+
+    @get("/Slot/{system:str}/{slot_id:str}")
+    async def system_slot(self, request: Request, healthcloud: HealthCloud, system: FromPath[str],
+                          slot_id: FromPath[str]) -> Response[bytes]:
+        return await healthcloud.serve(request, "slot-status", lambda calls: healthcloud.slot(system, slot_id, calls))
+
+    @post("/Appointment/{first:str}", status_code=200)
+    async def post_one(self, request: Request, healthcloud: HealthCloud, first: FromPath[str]) -> Response[bytes]:
+        return await healthcloud.serve(request, "create",
+                                       lambda calls: healthcloud.post_appointment(request, first, None, calls))
+
+    @post("/Appointment/{first:str}/{second:str}", status_code=200)
+    async def post_two(self, request: Request, healthcloud: HealthCloud, first: FromPath[str], second: FromPath[str]) -> Response[bytes]:
+        return await healthcloud.serve(request, "cancel",
+                                       lambda calls: healthcloud.post_appointment(request, first, second, calls))
+
+    @get("/Appointment/{appointment_id:str}")
+    async def read(self, request: Request, healthcloud: HealthCloud, appointment_id: FromPath[str]) -> Response[bytes]:
+        return await healthcloud.serve(request, "read", lambda calls: healthcloud.read(None, appointment_id, calls))
+
+    @get("/Appointment/{system:str}/{appointment_id:str}")
+    async def system_read(self, request: Request, healthcloud: HealthCloud, system: FromPath[str],
+                          appointment_id: FromPath[str]) -> Response[bytes]:
+        return await healthcloud.serve(request, "read",
+                                       lambda calls: healthcloud.read(system, appointment_id, calls))
+
+    @get("/metadata")
+    async def metadata(self, healthcloud: HealthCloud) -> Response[bytes]:
+        return Response(healthcloud.metadata(), headers={"Content-Type": FHIR_JSON})
+
+
+def healthcloud_router(prefix: str, edge: HealthCloudEdge) -> Router:
+    return Router(path=prefix, route_handlers=[HealthCloudController],
+                  dependencies={"healthcloud": Provide(lambda: edge, use_cache=True, sync_to_thread=False)})
+
