@@ -151,7 +151,8 @@ class Gateway:
                 breaker=breaker)
 
     def _build_scheduling(self) -> None:
-        self.scheduler = Scheduler(self.settings.sources, self.ehr_clients, self.maps, self.cfg.healthcloud)
+        self.scheduler = Scheduler(self.settings.sources, self.ehr_clients, self.maps, self.cfg.healthcloud, self.store,
+                                   self.links)
 
     def _build_booking(self) -> None:
         cfg = self.cfg
@@ -179,7 +180,7 @@ class Gateway:
         admission = Admission(self.booker.source, self.inbound, self.smart, ClientCertificates(settings.sources),
                               self.limiter)
         hc = cfg.healthcloud
-        self.healthcloud = HealthCloudEdge(HealthCloudAuth(hc, self.inbound.digests()), self.scheduler,
+        self.healthcloud = HealthCloudEdge(HealthCloudAuth(hc, self.inbound.digests(), self.smart), self.scheduler,
                                            base=public + hc.path_prefix)
         self.fhir = FhirEdge(settings.sources, self.booker, admission, self.recorder, public=public,
                              published=time.strftime("%Y-%m-%d", time.gmtime()))

@@ -25,8 +25,10 @@ PUBLIC = {
     ("POST", "/auth/token"),  # the credential is the client assertion in the form
     ("GET", "/admin"), ("GET", "/admin/static/{name:str}"),  # the dashboard's files; its data needs a key
     ("POST", "/admin/api/session"),  # the key is in the body: tried below
+    ("GET", "/iam/metadata"),  # Health Cloud's base's CapabilityStatement
 }
-FILL = {"source": "epic", "entry_id": "0-0", "action": "replay", "name": "app.js", "appointment_id": "08pxx0000000001AAA"}
+FILL = {"source": "epic", "entry_id": "0-0", "action": "replay", "name": "app.js", "appointment_id": "08pxx0000000001AAA",
+        "system": "epic", "slot_id": "e-s1-203001070900", "first": "epic", "second": "1000001"}
 
 
 def routes(app) -> list[tuple[str, str]]:
@@ -57,8 +59,8 @@ async def test_a_sources_credentials_work_on_its_own_source_only(gateway_and_tok
     gw, settings, token = gateway_and_token
     table = routes(create_app(settings))
     guarded = [(m, p) for m, p in table if (m, p) not in PUBLIC]
-    # every guarded route is a source's or the admin API's; nothing else hides among them
-    assert guarded and all(p.startswith(("/fhir/{source:str}", "/admin/api/")) for _, p in guarded), guarded
+    # every guarded route is a source's, the admin API's or Health Cloud's; nothing else hides among them
+    assert guarded and all(p.startswith(("/fhir/{source:str}", "/admin/api/", "/iam/")) for _, p in guarded), guarded
     assert any(p.startswith("/fhir/") for _, p in guarded) and any(p.startswith("/admin/api/") for _, p in guarded)
     headers = {"Content-Type": "application/fhir+json"}
     for credential in (KEYS["cerner"], token):

@@ -32,6 +32,7 @@ from litestar.params import FromPath
 from gateway.booking.fhir import FHIR_JSON
 from gateway.edges.answers import check_media, error_response, media, negotiate_request, read_body, refused_while_reading
 from gateway.edges.inbound import basic_credential
+from gateway.edges.smart import SmartAuth
 from gateway.errors import Forbidden, GatewayError, InvalidRequest, Unauthorized, UnsupportedMediaType
 from gateway.ids import new_id
 from gateway.logs import log
@@ -50,13 +51,13 @@ def _digest(value: str) -> str:
 
 class HealthCloudAuth:
     """Health Cloud's named credential: Basic (`sha256("user:password")`) or a bearer (`sha256(token)`).
-    `source_digests`: the sources' inbound key digests, refused here with 403."""
+    `source_digests` and `smart`: the sources' inbound keys and SMART tokens, refused here with 403."""
 
-    def __init__(self, settings: HealthCloudSettings, source_digests: set[str]) -> None:
+    def __init__(self, settings: HealthCloudSettings, source_digests: set[str], smart: SmartAuth) -> None:
         self._basic, self._bearer = set(settings.basic_sha256), set(settings.bearer_keys_sha256)
-        self._sources = source_digests
+        self._sources, self._smart = source_digests, smart
 
-    def check(self, authorization: str | None) -> None:
+    async def check(self, authorization: str | None) -> None:
         credential = basic_credential(authorization)
         if credential is not None:
             if _digest(credential) in self._basic:
@@ -69,7 +70,7 @@ class HealthCloudAuth:
         digest = _digest(token.strip())
         if digest in self._bearer:
             return
-        if digest in self._sources:
+        if digest in self._sources or await self._smart.source_of(token.strip()) is not None:
             raise Forbidden("a source's key does not open Health Cloud's callouts")
         raise Unauthorized("unknown credential")
 
@@ -85,7 +86,7 @@ class HealthCloudEdge:
         started, request_id, calls = time.perf_counter(), new_id(), Calls()
         status = 500
         try:
-            self._auth.check(request.headers.get("authorization"))
+            await self._auth.check(request.headers.get("authorization"))
             negotiate_request(request)
             body = await work(calls)
             status = 200

@@ -15,7 +15,7 @@ from gateway.booking.fhir import outcome_resource
 from gateway.ehr.model import EhrAppointment, EhrSlot
 from gateway.errors import Issue
 from gateway.scheduling.callouts import Callout
-from gateway.scheduling.scheduler import Booked, Found
+from gateway.scheduling.results import Booked, Found
 
 # the extension that names the source system of an entry (a failing EHR's OperationOutcome, a
 # Slot or Schedule when the org has several)
@@ -136,6 +136,8 @@ def _participants(a: EhrAppointment | None, callout: Callout | None) -> list[dic
 
 
 def booked_answer(booked: Booked, callout: Callout) -> bytes:
+    if booked.answer is not None:
+        return booked.answer
     if booked.appointment is None:
         return appointment_answer(booked.system, None, callout, status="proposed", reason=booked.reason)
     return appointment_answer(booked.system, booked.appointment, callout)

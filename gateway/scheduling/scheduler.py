@@ -9,18 +9,24 @@ read in reverse (gateway/booking/codemaps.py, `to_ehr`).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
 from typing import TypeVar
+
+import msgspec
 
 from gateway.booking.codemaps import SourceMaps
 from gateway.canonical import Coding
 from gateway.ehr.base import EhrClient
 from gateway.ehr.model import BookRequest, EhrAppointment, EhrSlot, SlotQuery
-from gateway.errors import GatewayError, InvalidRequest, NotFound, Unavailable, cut
+from gateway.errors import Conflict, EhrRefused, GatewayError, InvalidRequest, NotFound, Unavailable, cut
 from gateway.outbound.calls import CallRecord
 from gateway.scheduling.callouts import Callout, Search, SourceCriteria
+from gateway.scheduling.answers import booked_answer
+from gateway.scheduling.results import Booked, Calls, Found
 from gateway.settings import HealthCloudSettings, SourceSettings
+from gateway.state.idempotency import IdempotencyStore
+from gateway.state.links import Links
 
 T = TypeVar("T")
 # the Salesforce appointment's identifier among the three a create carries: a ServiceAppointment's
@@ -29,41 +35,13 @@ SERVICE_APPOINTMENT_PREFIX = "08p"
 _CATEGORIES = {"service_types": "serviceTypes", "appointment_types": "appointmentTypes"}
 
 
-@dataclass(slots=True)
-class Calls:
-    """The EHR calls one callout made, for its log line (no patient data)."""
-
-    ehr: list[tuple[str, CallRecord]] = field(default_factory=list)  # (source system, call)
-    op: str = ""  # what the callout turned out to be (a POST to an appointment: create or cancel)
-
-    def record(self, system: str) -> CallRecord:
-        call = CallRecord()
-        self.ehr.append((system, call))
-        return call
-
-
-@dataclass(slots=True)
-class Found:
-    """One source system's share of a search: its slots, or why it has none."""
-
-    system: str
-    slots: list[EhrSlot] = field(default_factory=list)
-    error: GatewayError | None = None
-
-
-@dataclass(slots=True)
-class Booked:
-    """What a create did: the EHR's appointment, or (`reason`) why nothing was booked."""
-
-    system: str
-    appointment: EhrAppointment | None
-    reason: str | None = None
-
-
 class Scheduler:
     def __init__(self, sources: Mapping[str, SourceSettings], clients: Mapping[str, EhrClient],
-                 maps: Mapping[str, SourceMaps], settings: HealthCloudSettings) -> None:
-        """`clients`: source name -> its EHR client (sources with an `ehr` table)."""
+                 maps: Mapping[str, SourceMaps], settings: HealthCloudSettings, store: IdempotencyStore,
+                 links: Links) -> None:
+        """`clients`: source name -> its EHR client (sources with an `ehr` table); `store` keeps a
+        record per Salesforce appointment; `links` know the appointments the first direction booked."""
+        self._store, self._links = store, links
         self._clients = {sources[name].source_system: client for name, client in clients.items()}
         self._names = {sources[name].source_system: name for name in clients}
         self._maps, self.settings = maps, settings
@@ -163,17 +141,65 @@ class Scheduler:
         raise NotFound(f"no EHR has this {what}")
 
     async def create(self, system: str, callout: Callout, calls: Calls) -> Booked:
-        """Book the callout's slot in its EHR. What the EHR refuses or cannot do now is answered as
-        `reason` (the answer's status is then `proposed`); a slot or patient it does not know is 404."""
-        client = self.client(system)
+        """Book the callout's slot in its EHR, once per Salesforce appointment: its record (the
+        bookings' machinery: a lease, in doubt, taken over) answers a repeated create as the first
+        was answered. What the EHR refuses or cannot do is answered as `reason` (status `proposed`);
+        a slot or patient it does not know is 404."""
+        client, source = self.client(system), self._names[system]
         request = self.book_request(system, callout)
+        salesforce_id = request.identifiers[0][1]
+        if await self._links.record(source, salesforce_id) is not None:
+            # it came from this EHR through the first direction: it is on the calendar already
+            return await self._existing(system, request, calls, came_from_ehr=True)
+        fp = hashlib.blake2b(msgspec.json.encode((request.slot, request.patient)), digest_size=16).hexdigest()
+        claim = await self._store.claim(self._store.record_key(f"hc-{source}", salesforce_id), fp)
+        if claim.state == "done":
+            return Booked(system, None, answer=claim.body)
+        if claim.state == "busy":
+            raise Unavailable("an earlier call is booking this appointment now", retry_after=1 + claim.retry_after_ms // 1000)
+        if claim.state == "mismatch":
+            raise Conflict("this Salesforce appointment was booked with another slot or patient")
+        booked = await self._existing(system, request, calls) if claim.doubt else None
+        if booked is None or booked.appointment is None:
+            booked = await self._book(system, client, request, calls)
+        if booked.appointment is None:
+            # nothing known booked: the next create tries again (after a look, when this one was in doubt)
+            await self._store.park(claim, in_doubt=booked.in_doubt)
+            return booked
+        booked.answer = booked_answer(booked, callout)
+        await self._store.complete(claim, 200, booked.answer)
+        return booked
+
+    async def _book(self, system: str, client: EhrClient, request: BookRequest, calls: Calls) -> Booked:
         try:
-            appointment = await client.book(request, calls.record(system))
-        except NotFound:
+            return Booked(system, await client.book(request, calls.record(system)))
+        except (NotFound, InvalidRequest):
             raise
+        except EhrRefused as exc:
+            # a slot taken may be taken by this very booking (its first direction, or an earlier try)
+            found = await self._existing(system, request, calls)
+            return found if found.appointment is not None else Booked(system, None, reason=exc.issues[0].diagnostics)
         except GatewayError as exc:
-            return Booked(system, None, reason=exc.issues[0].diagnostics)
-        return Booked(system, appointment)
+            # the EHR may have stored it (a lost answer, a 5xx after storing): look before anything else
+            found = await self._existing(system, request, calls)
+            if found.appointment is not None:
+                return found
+            return Booked(system, None, reason=exc.issues[0].diagnostics, in_doubt=found.in_doubt)
+
+    async def _existing(self, system: str, request: BookRequest, calls: Calls, *,
+                        came_from_ehr: bool = False) -> Booked:
+        """This booking's appointment in the EHR, by its patient, slot and time (the EHR keeps no
+        Salesforce id); `in_doubt` when the look-up itself failed."""
+        looked = msgspec.structs.replace(request, identifiers=())
+        try:
+            found = await self.client(system).find_booked(looked, calls.record(system))
+        except GatewayError as exc:
+            return Booked(system, None, reason=exc.issues[0].diagnostics, in_doubt=True)
+        if found is None:
+            reason = "it came from the EHR, and its patient and slot are not found booked there" if came_from_ehr \
+                else "not found booked in the EHR"
+            return Booked(system, None, reason=reason)
+        return Booked(system, found, came_from_ehr=came_from_ehr)
 
     def book_request(self, system: str, callout: Callout) -> BookRequest:
         slot, patient = callout.slot_id(), callout.actor("Patient")
@@ -182,6 +208,10 @@ class Scheduler:
         if not patient:
             raise InvalidRequest("participant: a Patient participant is required",
                                  expression=("Appointment.participant",))
+        identifiers = salesforce_ids(callout)
+        if not identifiers:
+            raise InvalidRequest("identifier: the Salesforce appointment's id is required (a ServiceAppointment id)",
+                                 expression=("Appointment.identifier",))
         codes = [c.code for concept in callout.serviceType for c in concept.coding if c.code]
         kinds = [c.code for c in (callout.appointmentType.coding if callout.appointmentType else []) if c.code]
         return BookRequest(
@@ -189,7 +219,7 @@ class Scheduler:
             location=callout.actor("Location"), start=callout.start, end=callout.end,
             service_types=self._known(system, "serviceTypes", codes),
             appointment_types=self._known(system, "appointmentTypes", kinds),
-            comment=callout.comment, identifiers=tuple(salesforce_ids(callout)),
+            comment=callout.comment, identifiers=tuple(identifiers),
         )
 
     def _known(self, system: str, category: str, codes: list[str]) -> tuple[Coding, ...]:

@@ -1,0 +1,45 @@
+"""What the scheduling core's operations give back to the edge: the EHR calls a callout made (for its
+log line), a search's share per source system, a create's outcome."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from gateway.ehr.model import EhrAppointment, EhrSlot
+from gateway.errors import GatewayError
+from gateway.outbound.calls import CallRecord
+
+
+@dataclass(slots=True)
+class Calls:
+    """The EHR calls one callout made, for its log line (no patient data)."""
+
+    ehr: list[tuple[str, CallRecord]] = field(default_factory=list)  # (source system, call)
+    op: str = ""  # what the callout turned out to be (a POST to an appointment: create or cancel)
+
+    def record(self, system: str) -> CallRecord:
+        call = CallRecord()
+        self.ehr.append((system, call))
+        return call
+
+
+@dataclass(slots=True)
+class Found:
+    """One source system's share of a search: its slots, or why it has none."""
+
+    system: str
+    slots: list[EhrSlot] = field(default_factory=list)
+    error: GatewayError | None = None
+
+
+@dataclass(slots=True)
+class Booked:
+    """What a create did: the EHR's appointment, or (`reason`) why nothing was booked; `answer` once
+    it is rendered (as stored in its record)."""
+
+    system: str
+    appointment: EhrAppointment | None
+    reason: str | None = None
+    in_doubt: bool = False  # the EHR may hold it: the next create looks before booking
+    came_from_ehr: bool = False  # booked through the first direction: nothing was booked now
+    answer: bytes | None = None  # the answer as given (a repeated create answers it again)
