@@ -31,7 +31,8 @@ from gateway.ehr_twins import TwinConfig, create_ehr_twin
 from gateway.ehr_twins.config import default_schedules
 from gateway.errors import EhrFailed, EhrRefused, NotFound, Unavailable
 from gateway.outbound.calls import CallRecord
-from gateway.outbound.http import HttpClient
+from gateway.outbound.http import HttpClient, Lost, NeverSent
+from gateway.outbound.mllp import MllpClient
 from gateway.settings import EhrCredentials, EhrSettings
 from tests.conftest import ROOT, free_port
 from tests.hl7_strict import read as read_ack
@@ -218,7 +219,7 @@ async def test_the_twin_takes_argonaut_names_for_book(twin: Twin, epic: EpicClie
     slot = await _first_slot(epic)
     token = await epic.tokens.token()  # type: ignore[union-attr]
     body = {"resourceType": "Parameters", "parameter": [{"name": "appt-id", "valueString": slot.id},
-                                                        {"name": "patient-id", "valueString": PATIENT},
+                                                        {"name": "patient-id", "valueId": PATIENT},
                                                         {"name": "comment", "valueString": "argonaut"}]}
     r = httpx.post(twin.base + "/Appointment/$book", json=body, headers={"Authorization": f"Bearer {token.access_token}"})
     assert r.status_code == 200
@@ -306,7 +307,7 @@ async def test_the_api_needs_a_token(twin: Twin):
 
 # -- MLLP: the twin's ACKs, read strictly -------------------------------------------------------------------
 
-@pytest.mark.parametrize("version", ["2.3", "2.4", "2.5.1", "2.6", "2.8"])
+@pytest.mark.parametrize("version", ["2.2", "2.3", "2.4", "2.5.1", "2.6", "2.7", "2.8"])
 async def test_srm_s04_cancels_and_is_acknowledged_aa_in_its_version(twin: Twin, epic: EpicClient, version):
     booked = await epic.book(_booking(await _first_slot(epic)), CallRecord())
     raw = await _mllp(twin.mllp, _srm(booked.id, "C-17", version, PATIENT))
@@ -490,14 +491,15 @@ async def test_cancel_to_a_listener_that_never_answers_is_in_doubt(twin: Twin, r
 
 async def test_cancel_sends_srm_s04_with_the_patient_and_reads_the_ack(twin: Twin, redis_url: str, prefix: str):
     """What the client sends, read back by a listener of the test's own that answers each kind of ACK."""
-    answers = iter([b"AE", b"AR"])
+    answers = iter([b"AE", b"AR", b"AA", b"AA"])
     received: list[bytes] = []
 
     async def listener(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         message = (await reader.readuntil(b"\x1c\r"))[1:-2]
         received.append(message)
-        control = message.split(b"\r")[0].split(b"|")[9]
         code = next(answers)
+        # the first AA acknowledges another message: no proof this one was taken
+        control = message.split(b"\r")[0].split(b"|")[9] if len(received) != 3 else b"someone-elses"
         writer.write(b"\x0bMSH|^~\\&|EPIC|EPIC|GW|GW|20260101120000||ACK^S04^ACK|A1|P|2.5.1\rMSA|" + code + b"|"
                      + control + b"|refused for " + PATIENT.encode() + b"\r\x1c\r")
         await writer.drain()
@@ -512,14 +514,56 @@ async def test_cancel_sends_srm_s04_with_the_patient_and_reads_the_ack(twin: Twi
                 await client.cancel(booked.id, "pat-mv", CallRecord())
             with pytest.raises(EhrFailed) as rejected:
                 await client.cancel(booked.id, "pat-mv", CallRecord())
+            record = CallRecord()
+            with pytest.raises(EhrFailed) as other:
+                await client.cancel(booked.id, "pat-mv", record)
+            # an AA for it, yet the appointment still booked (this listener cancels nothing): not done
+            with pytest.raises(EhrFailed) as unapplied:
+                await client.cancel(booked.id, "pat-mv", CallRecord())
     finally:
         server.close()
     assert PATIENT not in str(refused.value) and PATIENT not in str(rejected.value)
-    assert "AR" in str(rejected.value)
+    assert "AR" in str(rejected.value) and "another message" in str(other.value) and record.in_doubt
+    assert "acknowledged the cancel but the appointment is booked" in str(unapplied.value)
     segments = {s.split(b"|")[0]: s.split(b"|") for s in received[0].split(b"\r") if s}
     assert segments[b"MSH"][8] == b"SRM^S04^SRM_S01" and segments[b"MSH"][11] == b"2.5.1"
     assert segments[b"ARQ"][2] == booked.id.encode() + b"^EPIC" and segments[b"ARQ"][6] == b"pat-mv"
     assert segments[b"PID"][3] == PATIENT.encode() and b"RGS" in segments
+
+
+async def test_the_mllp_sender_loses_a_closed_or_oversized_answer():
+    """After the write, a close without an answer or an answer over the bound is Lost, never NeverSent."""
+    async def close_at_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\x1c\r")
+        writer.close()
+
+    async def flood(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\x1c\r")
+        writer.write(b"\x0b" + b"MSA|AA|" * 20_000 + b"\x1c\r")
+        await writer.drain()
+        writer.close()
+
+    for handler, kind in ((close_at_once, "connection-lost"), (flood, "too-large")):
+        server = await asyncio.start_server(handler, "127.0.0.1", 0)
+        client = MllpClient(f"127.0.0.1:{server.sockets[0].getsockname()[1]}", connect_timeout=1, timeout=2,
+                            max_answer_bytes=65_536)
+        try:
+            with pytest.raises(Lost) as lost:
+                await client.exchange(b"MSH|^~\\&|x\r")
+            assert lost.value.kind == kind
+        finally:
+            server.close()
+    with pytest.raises(NeverSent):
+        await MllpClient(f"127.0.0.1:{free_port()}", connect_timeout=1, timeout=1).exchange(b"MSH|^~\\&|x\r")
+
+
+async def test_a_5xx_after_the_booking_was_stored_is_a_failure_the_look_up_repairs(twin: Twin, epic: EpicClient):
+    slot = await _first_slot(epic)
+    twin.faults(fail_after_store=1, after_store="500")
+    with pytest.raises(EhrFailed):
+        await epic.book(_booking(slot), CallRecord())
+    found = await epic.find_booked(_booking(slot), CallRecord())
+    assert found is not None and found.id == twin.appointments()[0]["id"]
 
 
 async def test_cancel_of_an_unknown_appointment_is_not_found(epic: EpicClient, twin: Twin):

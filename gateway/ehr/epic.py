@@ -255,7 +255,10 @@ class EpicClient(EhrClient):
             raise EhrFailed(f"the {self.source} EHR's acknowledgement did not arrive; "
                             "the cancel may or may not have been applied") from None
         self._acknowledged(raw, control, record)
-        return await self.read(appointment_id, record)
+        after = await self.read(appointment_id, record)
+        if after.status != "cancelled":  # an AA the calendar does not show: not to be reported as done
+            raise EhrFailed(f"the {self.source} EHR acknowledged the cancel but the appointment is {after.status[:32]}")
+        return after
 
     def _cancel_message(self, appointment: EhrAppointment, reason: str | None, control: str) -> bytes:
         """SRM^S04 in v2.5.1: ARQ-1 our placer id, ARQ-2 Epic's id (filler), ARQ-6 the reason; PID-3

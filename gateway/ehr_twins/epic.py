@@ -181,29 +181,27 @@ async def find(request: Request[Any, Any, Any]) -> ASGIApp:
 
 # -- $book --------------------------------------------------------------------------------------------
 
-def _one(parameters: list[dict[str, Any]], options: tuple[tuple[str, str], ...]) -> tuple[bool, Any]:
-    """(well formed, the value) of the first of `options` (name, value type) present; (True, None)
-    when none is; (False, None) when one is mis-typed or repeated."""
-    for name, kind in options:
+def _one(parameters: list[dict[str, Any]], options: tuple[tuple[str, tuple[str, ...]], ...]) -> tuple[bool, Any]:
+    """(well formed, the value) of the first of `options` (name, its value types) present; (True, None)
+    when none is; (False, None) when it repeats or has another type."""
+    for name, kinds in options:
         named = [p for p in parameters if p.get("name") == name]
         if named:
-            key = f"value{kind}"
-            if len(named) > 1 or key not in named[0]:
-                return False, None
-            return True, named[0][key]
+            values = [named[0][f"value{k}"] for k in kinds if f"value{k}" in named[0]]
+            return (True, values[0]) if len(named) == 1 and values else (False, None)
     return True, None
 
 
 def _book_fields(parameters: list[dict[str, Any]]) -> tuple[str, str, str | None] | str:
-    """(proposed id, patient id, note), or the text of a refusal."""
-    ok_p, patient = _one(parameters, (("patient", "Reference"), ("patient-id", "String"), ("patient-id", "Id")))
-    ok_a, proposed = _one(parameters, (("appointment", "Identifier"), ("appt-id", "String"), ("appt-id", "Id")))
-    ok_n, note = _one(parameters, (("appointmentNote", "String"), ("comment", "String")))
+    """(proposed id, patient id, note) in Epic's names or Argonaut's, or the text of a refusal."""
+    ok_p, patient = _one(parameters, (("patient", ("Reference",)), ("patient-id", ("String", "Id"))))
+    ok_a, proposed = _one(parameters, (("appointment", ("Identifier",)), ("appt-id", ("String", "Id"))))
+    ok_n, note = _one(parameters, (("appointmentNote", ("String",)), ("comment", ("String",))))
     if not (ok_p and ok_a and ok_n):
         return "patient is a valueReference, appointment a valueIdentifier, appointmentNote a valueString, once each"
     if isinstance(patient, dict):
-        patient = str(patient.get("reference", "")).removeprefix("Patient/") \
-            if str(patient.get("reference", "")).startswith("Patient/") else None
+        reference = patient.get("reference")
+        patient = reference.removeprefix("Patient/") if isinstance(reference, str) and reference.startswith("Patient/") else None
     if isinstance(proposed, dict):
         proposed = proposed.get("value")
     if not isinstance(patient, str) or not _ID.fullmatch(patient):
