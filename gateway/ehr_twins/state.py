@@ -5,7 +5,7 @@ from __future__ import annotations
 import secrets
 import threading
 import time
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
@@ -43,6 +43,9 @@ class TwinState:
         self._tokens: dict[str, float] = {}  # token -> expiry (monotonic)
         self._counters = Counters()
         self._faults = Faults()
+        # a dialect's own listener (Epic's MLLP): its server, and the port it bound
+        self.mllp_server: Any = None
+        self.mllp_port: int | None = None
 
     def count(self, name: str, by: int = 1) -> None:
         with self._lock:
