@@ -1,0 +1,294 @@
+"""Health Cloud's callouts carried to the EHRs: the gateway in front of the Cerner, Epic and FHIR twins
+(each on its own port, Epic's cancel over its MLLP interface), everything over real HTTP and MLLP with
+a real Redis. What Health Cloud reads back is checked with the suite's own R4 validator."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from datetime import date, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import msgspec
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from gateway.edges.server import ThreadedServer
+from gateway.ehr_twins import TwinConfig, create_ehr_twin
+from gateway.ehr_twins.app import base_path
+from gateway.ehr_twins.config import default_schedules
+from gateway.settings import EhrCredentials, EhrSettings, HealthCloudSettings, Settings
+from tests.conftest import digest, free_port, make_settings, serve_gateway
+from tests.fhir_validate import validate
+
+CONTROL, CLIENT, SECRET = "test-ehr-twin-control", "gateway-client", "test-ehr-twin-secret-94c1"
+HC = "Basic " + __import__("base64").b64encode(b"hc:hc-secret-3318").decode()
+FORM = {"Content-Type": "application/x-www-form-urlencoded", "Authorization": HC}
+JSON = {"Content-Type": "application/fhir+json", "Authorization": HC}
+DIALECTS = ("cerner", "epic", "fhir")
+# Health Cloud's work-type codes that the shipped maps send back as each twin's service
+SERVICE = {"cerner": "2572307911", "epic": "40111223", "fhir": "124"}
+DAY = (date.today() + timedelta(days=3)).isoformat()
+WINDOW = f"start=ge{DAY}T09:00:00Z&start=lt{DAY}T11:00:00Z"
+
+
+def _rsa() -> tuple[str, str]:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return (key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                              serialization.NoEncryption()).decode(),
+            key.public_key().public_bytes(serialization.Encoding.PEM,
+                                          serialization.PublicFormat.SubjectPublicKeyInfo).decode())
+
+
+PRIVATE, PUBLIC = _rsa()
+
+
+@dataclass
+class Twin:
+    dialect: str
+    server: ThreadedServer
+    mllp_port: int | None = None
+
+    def control(self, method: str, path: str, **kwargs: Any) -> Any:
+        r = httpx.request(method, self.server.url + path, headers={"Authorization": f"Bearer {CONTROL}"}, **kwargs)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def appointments(self) -> list[dict[str, Any]]:
+        return self.control("GET", "/twin/appointments")["appointments"]
+
+    def counters(self) -> dict[str, int]:
+        return self.control("GET", "/twin/counters")
+
+    def faults(self, **changes: Any) -> None:
+        self.control("POST", "/twin/faults", json=changes)
+
+    def ehr(self) -> EhrSettings:
+        url = self.server.url
+        return EhrSettings(base_url=url + base_path(self.dialect), token_url=url + "/oauth2/token", client_id=CLIENT,
+                           mllp_out=f"127.0.0.1:{self.mllp_port}" if self.mllp_port else None,
+                           timeout_seconds=3.0, connect_timeout_seconds=1.0)
+
+
+@pytest.fixture
+def twins() -> Iterator[dict[str, Twin]]:
+    with ExitStack() as stack:
+        found = {}
+        for dialect in DIALECTS:
+            mllp = free_port() if dialect == "epic" else None
+            config = TwinConfig(dialect=dialect, control_key=CONTROL, client_id=CLIENT,
+                                client_secret=None if dialect == "epic" else SECRET,
+                                public_key_pem=PUBLIC if dialect == "epic" else None, mllp_port=mllp)
+            found[dialect] = Twin(dialect, stack.enter_context(ThreadedServer(create_ehr_twin(config))), mllp)
+        yield found
+
+
+def fleet_settings(redis_url: str, prefix: str, login_url: str, twins: dict[str, Twin], tmp: Path) -> Settings:
+    hc = HealthCloudSettings(basic_sha256=(digest("hc:hc-secret-3318"),), search_timeout_seconds=4)
+    settings = make_settings(redis_url, prefix, login_url, healthcloud=hc)
+    key_file = tmp / "epic.pem"
+    key_file.write_text(PRIVATE)
+    key_file.chmod(0o600)
+    sources, credentials = {}, {}
+    for name, src in settings.file.sources.items():
+        twin = twins.get(src.adapter)
+        if twin is not None:
+            ehr = twin.ehr()
+            if twin.dialect == "epic":
+                ehr = msgspec.structs.replace(ehr, private_key_file=str(key_file))
+                credentials[name] = EhrCredentials(private_key_pem=PRIVATE)
+            else:
+                credentials[name] = EhrCredentials(client_secret=SECRET)
+            src = msgspec.structs.replace(src, ehr=ehr)
+        sources[name] = src
+    file = msgspec.structs.replace(settings.file, sources=sources)
+    return msgspec.structs.replace(settings, file=file, ehr_credentials=credentials)
+
+
+@pytest.fixture
+async def hc(redis_url, prefix, sandbox, twins, tmp_path):
+    settings = fleet_settings(redis_url, prefix, sandbox.url, twins, tmp_path)
+    async with serve_gateway(settings) as client:
+        client.systems = {src.adapter: src.source_system for src in settings.sources.values()  # type: ignore[attr-defined]
+                          if src.ehr is not None}
+        yield client
+
+
+def _search(systems: dict[str, str], dialects: tuple[str, ...] = DIALECTS, **extra: str) -> str:
+    codes = ",".join(f"{systems[d]}|{SERVICE[d]}" for d in dialects)
+    doctors = ",".join(f"{systems[d]}|{default_schedules(d)[0].practitioner}" for d in dialects)
+    line = f"schedule:Schedule.actor:Practitioner._id={doctors}&{WINDOW}&service-type={codes}" \
+           "&status=free&_include=Slot:schedule&_sort=start"
+    return line + "".join(f"&{k}={v}" for k, v in extra.items())
+
+
+def _create(system: str, slot: str, practitioner: str, salesforce_id: str, patient: str = "12724066",
+            **changes: Any) -> dict[str, Any]:
+    return {"resourceType": "Appointment", "status": "proposed",
+            "identifier": [{"system": "urn:salesforce:ServiceAppointment", "value": salesforce_id},
+                           {"system": "urn:salesforce:Account", "value": "001xx000003DGb2AAG"},
+                           {"system": "urn:salesforce:sourceSystem", "value": system}],
+            "serviceType": [{"coding": [{"code": "x"}]}], "slot": [{"reference": f"Slot/{slot}"}],
+            "comment": "booked by the call centre",
+            "participant": [{"actor": {"reference": f"Patient/{patient}"}, "status": "accepted"},
+                            {"actor": {"reference": f"Practitioner/{practitioner}"}, "status": "accepted"}],
+            **changes}
+
+
+async def _found(hc: httpx.AsyncClient, body: str) -> dict[str, Any]:
+    response = await hc.post("/iam/Slot/_search", content=body, headers=FORM)
+    assert response.status_code == 200, response.text
+    bundle = response.json()
+    validate(bundle, "Bundle")
+    return bundle
+
+
+def _slots(bundle: dict[str, Any], system: str | None = None) -> list[dict[str, Any]]:
+    return [e["resource"] for e in bundle.get("entry", []) if e["search"]["mode"] == "match"
+            and (system is None or e["resource"]["extension"][0]["valueString"] == system)]
+
+
+async def test_one_search_finds_slots_in_all_three_ehrs(hc):
+    bundle = await _found(hc, _search(hc.systems))
+    slots = _slots(bundle)
+    starts = [s["start"] for s in slots]
+    assert starts == sorted(starts) and bundle["total"] == len(slots)
+    by_system = {system: _slots(bundle, system) for system in hc.systems.values()}
+    # each twin's first practitioner has four free half hours between 09:00 and 11:00
+    assert {system: len(found) for system, found in by_system.items()} == {s: 4 for s in hc.systems.values()}
+    schedules = {e["resource"]["id"]: e["resource"] for e in bundle["entry"] if e["search"]["mode"] == "include"}
+    for dialect, system in hc.systems.items():
+        doctor = default_schedules(dialect)[0].practitioner
+        for slot in by_system[system]:
+            schedule = schedules[slot["schedule"]["reference"].removeprefix("Schedule/")]
+            # the Schedule's actor carries the very id Health Cloud asked about
+            assert {"reference": f"Practitioner/{doctor}"} in schedule["actor"]
+    assert not [e for e in bundle["entry"] if e["search"]["mode"] == "outcome"]
+
+
+async def test_a_failing_ehr_is_an_outcome_entry_and_the_others_still_answer(hc, twins):
+    twins["epic"].faults(fail_before=5, fail_status=500)
+    bundle = await _found(hc, _search(hc.systems))
+    outcomes = [e["resource"] for e in bundle["entry"] if e["search"]["mode"] == "outcome"]
+    assert [o["extension"][0]["valueString"] for o in outcomes] == [hc.systems["epic"]]
+    assert {e["resource"]["extension"][0]["valueString"] for e in bundle["entry"]
+            if e["search"]["mode"] == "match"} == {hc.systems["cerner"], hc.systems["fhir"]}
+
+
+async def test_a_slow_ehr_is_answered_as_its_failure_within_the_search_deadline(hc, twins):
+    twins["cerner"].faults(latency_ms=6000)
+    started = asyncio.get_running_loop().time()
+    bundle = await _found(hc, _search(hc.systems))
+    assert asyncio.get_running_loop().time() - started < 5.9  # the 4 s deadline, not the twin's 6 s
+    outcomes = [e["resource"] for e in bundle["entry"] if e["search"]["mode"] == "outcome"]
+    assert [o["extension"][0]["valueString"] for o in outcomes] == [hc.systems["cerner"]]
+    assert _slots(bundle, hc.systems["epic"]) and _slots(bundle, hc.systems["fhir"])
+
+
+async def test_an_unknown_source_system_is_its_own_outcome(hc):
+    bundle = await _found(hc, _search(hc.systems) + "&schedule:Schedule.actor:Location._id=athena|331")
+    outcomes = [e["resource"] for e in bundle["entry"] if e["search"]["mode"] == "outcome"]
+    assert [(o["extension"][0]["valueString"], o["issue"][0]["code"]) for o in outcomes] == [("athena", "not-found")]
+    assert len(_slots(bundle)) == 12
+
+
+@pytest.mark.parametrize("dialect", DIALECTS)
+async def test_status_create_again_cancel_again(hc, twins, dialect):
+    system = hc.systems[dialect]
+    bundle = await _found(hc, _search(hc.systems, (dialect,)))
+    slot = _slots(bundle)[0]
+    doctor = default_schedules(dialect)[0].practitioner
+    status = await hc.get(f"/iam/Slot/{system}/{slot['id']}", headers={"Authorization": HC})
+    assert status.status_code == 200 and status.json()["status"] == "free"
+    validate(status.json(), "Slot")
+
+    body = _create(system, slot["id"], doctor, "08pxx00000000A1AAA")
+    created = await hc.post(f"/iam/Appointment/{system}", json=body, headers=JSON)
+    assert created.status_code == 200, created.text
+    appointment = created.json()
+    validate(appointment, "Appointment")
+    assert appointment["status"] == "booked" and appointment["id"]
+    assert appointment["slot"] == [{"reference": f"Slot/{slot['id']}"}]
+    assert {"system": "urn:salesforce:ServiceAppointment", "value": "08pxx00000000A1AAA"} in appointment["identifier"]
+    assert [a["status"] for a in twins[dialect].appointments()] == ["booked"]
+    busy = await hc.get(f"/iam/Slot/{system}/{slot['id']}", headers={"Authorization": HC})
+    assert busy.json()["status"] == "busy"
+
+    # Health Cloud sends no idempotency key: the same ServiceAppointment books once
+    again = await hc.post(f"/iam/Appointment/{system}", json=body, headers=JSON)
+    assert again.status_code == 200 and again.json() == appointment
+    assert len(twins[dialect].appointments()) == 1
+
+    cancel = {"resourceType": "Appointment", "id": appointment["id"], "status": "cancelled",
+              "cancelationReason": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/"
+                                                          "appointment-cancellation-reason", "code": "pat-mv"}]}}
+    cancelled = await hc.post(f"/iam/Appointment/{system}/{appointment['id']}", json=cancel, headers=JSON)
+    assert cancelled.status_code == 200, cancelled.text
+    validate(cancelled.json(), "Appointment")
+    assert (cancelled.json()["id"], cancelled.json()["status"]) == (appointment["id"], "cancelled")
+    assert [a["status"] for a in twins[dialect].appointments()] == ["cancelled"]
+    if dialect == "epic":  # Epic publishes no FHIR cancel: it went as HL7 v2 over MLLP
+        assert twins["epic"].counters()["mllp_messages"] == 1
+    twice = await hc.post(f"/iam/Appointment/{system}/{appointment['id']}", json=cancel, headers=JSON)
+    assert twice.status_code == 200 and twice.json()["status"] == "cancelled"
+    if dialect == "epic":
+        assert twins["epic"].counters()["mllp_messages"] == 1  # cancelled already: nothing sent
+    read = await hc.get(f"/iam/Appointment/{system}/{appointment['id']}", headers={"Authorization": HC})
+    assert read.status_code == 200 and read.json()["status"] == "cancelled"
+
+
+@pytest.mark.parametrize("dialect", DIALECTS)
+async def test_a_taken_slot_is_proposed_with_the_reason(hc, twins, dialect):
+    system = hc.systems[dialect]
+    slot = _slots(await _found(hc, _search(hc.systems, (dialect,))))[0]
+    doctor = default_schedules(dialect)[0].practitioner
+    first = await hc.post(f"/iam/Appointment/{system}", json=_create(system, slot["id"], doctor, "08pxx00000000B1AAA"),
+                          headers=JSON)
+    assert first.json()["status"] == "booked"
+    other = _create(system, slot["id"], doctor, "08pxx00000000B2AAA", patient="99887766")
+    second = await hc.post(f"/iam/Appointment/{system}", json=other, headers=JSON)
+    assert second.status_code == 200
+    answer = second.json()
+    validate(answer, "Appointment")
+    assert answer["status"] == "proposed" and "id" not in answer and answer["comment"]
+    assert "99887766" not in answer["comment"]
+    assert len(twins[dialect].appointments()) == 1
+
+
+@pytest.mark.parametrize("dialect", DIALECTS)
+async def test_an_answer_lost_after_the_ehr_stored_it_is_found_not_booked_again(hc, twins, dialect):
+    system = hc.systems[dialect]
+    slot = _slots(await _found(hc, _search(hc.systems, (dialect,))))[0]
+    doctor = default_schedules(dialect)[0].practitioner
+    twins[dialect].faults(fail_after_store=1, after_store="drop")
+    body = _create(system, slot["id"], doctor, "08pxx00000000C1AAA")
+    created = await hc.post(f"/iam/Appointment/{system}", json=body, headers=JSON)
+    assert created.status_code == 200 and created.json()["status"] == "booked", created.text
+    stored = twins[dialect].appointments()
+    assert len(stored) == 1 and created.json()["id"] == stored[0]["id"]
+    again = await hc.post(f"/iam/Appointment/{system}", json=body, headers=JSON)
+    assert again.json() == created.json() and len(twins[dialect].appointments()) == 1
+
+
+async def test_a_bare_id_is_found_in_the_ehr_that_has_it(hc, twins):
+    system = hc.systems["epic"]
+    slot = _slots(await _found(hc, _search(hc.systems, ("epic",))))[0]
+    bare = await hc.get(f"/iam/Slot/{slot['id']}", headers={"Authorization": HC})
+    assert bare.status_code == 200 and bare.json()["id"] == slot["id"]
+    unknown = await hc.get("/iam/Slot/no-such-slot-1", headers={"Authorization": HC})
+    assert unknown.status_code == 404
+    validate(unknown.json(), "OperationOutcome")
+    assert system
+
+
+async def test_a_create_without_the_salesforce_appointment_id_is_400(hc):
+    system = hc.systems["fhir"]
+    body = _create(system, "s1-203001010900", "example", "not-a-salesforce-id")
+    response = await hc.post(f"/iam/Appointment/{system}", json=body, headers=JSON)
+    assert response.status_code == 400
+    assert response.json()["issue"][0]["expression"] == ["Appointment.identifier"]
