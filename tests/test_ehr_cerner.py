@@ -66,8 +66,8 @@ def stored(twin: ThreadedServer) -> list[dict[str, Any]]:
 
 
 def settings_for(twin: ThreadedServer, **overrides: Any) -> EhrSettings:
-    return EhrSettings(base_url=twin.url + BASE_PATH, token_url=twin.url + "/oauth2/token", client_id=TWIN_CLIENT,
-                       **overrides)
+    return EhrSettings(**{"base_url": twin.url + BASE_PATH, "token_url": twin.url + "/oauth2/token",
+                          "client_id": TWIN_CLIENT, **overrides})
 
 
 @asynccontextmanager
@@ -291,3 +291,173 @@ def test_the_twins_appointment_search_takes_one_of_patient_practitioner_location
         assert [e["resource"]["slot"][0]["reference"] for e in bundle["entry"]] == [f"Slot/{SLOT}"]
     other = raw(twin, "GET", "/Appointment", params=[("practitioner", "1912007"), *dates])
     assert validate(other.content, "Bundle")["entry"] == []
+
+
+# -- the client's failure matrix ------------------------------------------------------------------------
+
+async def test_refused_credentials_are_unavailable_and_nothing_is_sent(twin, redis_url, prefix):
+    async with cerner(twin, redis_url, prefix, secret="not-the-secret") as client:
+        with pytest.raises(Unavailable) as caught:
+            await client.book(booking(), CallRecord())
+    assert "invalid_client" in str(caught.value) and "not-the-secret" not in str(caught.value)
+    assert counters(twin)["api_calls"] == 0 and stored(twin) == []
+
+
+async def test_an_expired_token_is_renewed_once_for_a_search_and_for_a_booking(twin, redis_url, prefix):
+    async with cerner(twin, redis_url, prefix) as client:
+        await client.find_slots(query(end=f"{DAY}T10:00:00Z"), CallRecord())
+        control(twin, "POST", "/twin/faults", {"expire_tokens": True})
+        record = CallRecord()
+        assert len(await client.find_slots(query(end=f"{DAY}T10:00:00Z"), record)) == 4
+        assert record.retried_auth and counters(twin)["token_grants"] == 2
+        control(twin, "POST", "/twin/faults", {"expire_tokens": True})
+        record = CallRecord()
+        booked = await client.book(booking(), record)
+    # the create was refused at the door (401), so it went once more with the renewed token
+    assert record.reauthenticated and counters(twin)["token_grants"] == 3 and counters(twin)["refused_auth"] == 2
+    assert [a["id"] for a in stored(twin)] == [booked.id] and counters(twin)["creates"] == 1
+
+
+@pytest.mark.parametrize("status", [429, 503])
+async def test_throttled_or_unavailable_before_acting_is_unavailable_and_books_nothing(twin, redis_url, prefix,
+                                                                                      status):
+    async with cerner(twin, redis_url, prefix) as client:
+        control(twin, "POST", "/twin/faults", {"fail_before": 1, "fail_status": status})
+        with pytest.raises(Unavailable) as caught:
+            await client.book(booking(), CallRecord())
+        assert caught.value.retry_after == client.settings.unavailable_retry_after_seconds
+        assert stored(twin) == []
+        assert (await client.book(booking(), CallRecord())).status == "booked"  # the fault spent: it books
+    assert len(stored(twin)) == 1
+
+
+async def test_a_500_is_ehr_failed(twin, redis_url, prefix):
+    async with cerner(twin, redis_url, prefix) as client:
+        control(twin, "POST", "/twin/faults", {"fail_before": 1, "fail_status": 500})
+        record = CallRecord()
+        with pytest.raises(EhrFailed):
+            await client.book(booking(), record)
+    assert record.error_code == "HTTP_500" and stored(twin) == []
+
+
+async def test_a_dropped_answer_after_the_booking_is_lost_then_found(twin, redis_url, prefix):
+    async with cerner(twin, redis_url, prefix) as client:
+        control(twin, "POST", "/twin/faults", {"fail_after_store": 1, "after_store": "drop"})
+        record = CallRecord()
+        with pytest.raises(EhrFailed) as caught:
+            await client.book(booking(comment="Jane's first visit"), record)
+        assert record.in_doubt and "may or may not" in str(caught.value)
+        assert PATIENT not in str(caught.value) and "Jane" not in str(caught.value)
+        (kept,) = stored(twin)  # the EHR stored it
+        found = await client.find_booked(booking(), CallRecord())
+        assert found is not None and (found.id, found.slot, found.status) == (kept["id"], SLOT, "booked")
+        # the slot's time known to the caller: looked up without reading the slot
+        reads = counters(twin)["reads"]
+        by_time = await client.find_booked(booking(start="2030-01-07T10:00:00Z", end="2030-01-07T10:30:00Z"),
+                                           CallRecord())
+        assert by_time == found and counters(twin)["reads"] == reads
+    assert counters(twin)["creates"] == 1  # found, never sent again
+
+
+async def test_a_taken_slot_is_refused(twin, redis_url, prefix):
+    async with cerner(twin, redis_url, prefix) as client:
+        await client.book(booking(), CallRecord())
+        record = CallRecord()
+        with pytest.raises(EhrRefused) as caught:
+            await client.book(BookRequest(slot=SLOT, patient="99887766"), record)
+    assert caught.value.issues[0].details_code == "HTTP_422" and "business-rule" in str(caught.value)
+    assert "99887766" not in str(caught.value) and "no longer available" not in str(caught.value)
+    assert len(stored(twin)) == 1
+
+
+async def test_a_stale_version_is_read_again_and_retried_once(twin, redis_url, prefix):
+    async with cerner(twin, redis_url, prefix) as client:
+        booked = await client.book(booking(), CallRecord())
+        control(twin, "POST", "/twin/faults", {"stale_writes": 1})  # changed by someone between read and PATCH
+        cancelled = await client.cancel(booked.id, None, CallRecord())
+        assert (cancelled.status, cancelled.version) == ("cancelled", "2")
+        assert counters(twin)["cancels"] == 2  # the PATCH answered 409, then the one on the new version
+        # changed again on each try: after one retry it is the EHR's refusal
+        other = await client.book(booking("4817573-203001071000"), CallRecord())
+        control(twin, "POST", "/twin/faults", {"stale_writes": 2})
+        with pytest.raises(EhrRefused) as caught:
+            await client.cancel(other.id, None, CallRecord())
+    assert caught.value.issues[0].details_code == "HTTP_409"
+    assert [a["status"] for a in stored(twin)] == ["cancelled", "booked"]
+
+
+async def test_an_answer_that_is_not_cerners_is_a_failure_not_a_refusal(twin, redis_url, prefix):
+    """A 404 page from something in front of the EHR (not an OperationOutcome) says nothing of the slot."""
+    async with cerner(twin, redis_url, prefix, base_url=twin.url + "/elsewhere") as client:
+        with pytest.raises(EhrFailed):
+            await client.read_slot(SLOT, CallRecord())
+
+
+# -- tokens -----------------------------------------------------------------------------------------------
+
+async def test_a_signed_assertion_authenticates_the_client(redis_url, prefix):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption()).decode()
+    public = key.public_key().public_bytes(serialization.Encoding.PEM,
+                                           serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    with serve_twin(client_secret=None, public_key_pem=public) as twin:
+        async with cerner(twin, redis_url, prefix, key_pem=private) as client:
+            slots = await client.find_slots(query(end=f"{DAY}T10:00:00Z"), CallRecord())
+        assert len(slots) == 4 and counters(twin)["token_grants"] == 1
+        # the twin checks the signature: another key is refused
+        other = rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()).decode()
+        async with cerner(twin, redis_url, prefix + ":other", key_pem=other) as client:
+            with pytest.raises(Unavailable):
+                await client.find_slots(query(), CallRecord())
+
+
+async def test_two_clients_on_one_redis_prefix_share_one_token(twin, redis_url, prefix):
+    async with cerner(twin, redis_url, prefix) as first, cerner(twin, redis_url, prefix) as second:
+        await first.find_slots(query(end=f"{DAY}T10:00:00Z"), CallRecord())
+        await second.read_slot(SLOT, CallRecord())
+        await second.find_slots(query(end=f"{DAY}T10:00:00Z"), CallRecord())
+    assert counters(twin)["token_grants"] == 1 and counters(twin)["api_calls"] == 3
+
+
+def test_the_dialect_names_its_client():
+    assert client_class("cerner") is CernerClient and CernerClient.dialect == "cerner"
+
+
+# -- the twin alone, as `ehr-gateway ehr-sandbox` serves it ------------------------------------------------
+
+def test_ehr_sandbox_serves_the_cerner_twin(tmp_path: Path):
+    port = free_port()
+    env = {**os.environ, "EHR_SANDBOX_CLIENT_SECRET": TWIN_SECRET, "EHR_SANDBOX_CONTROL_KEY": CONTROL,
+           "EHR_SANDBOX_CLIENT_ID": TWIN_CLIENT}
+    out = (tmp_path / "sandbox.out").open("wb")
+    exe = Path(sys.executable).with_name("ehr-gateway")
+    proc = subprocess.Popen([str(exe), "ehr-sandbox", "--dialect", "cerner", "--port", str(port)], cwd=ROOT, env=env,
+                            stdout=out, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                grant = httpx.post(url + "/oauth2/token", data={"grant_type": "client_credentials"},
+                                   auth=(TWIN_CLIENT, TWIN_SECRET))
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "sandbox.out").read_text()
+                time.sleep(0.1)
+        assert grant.status_code == 200
+        today = time.strftime("%Y-%m-%d", time.gmtime())
+        r = httpx.get(url + BASE_PATH + "/Slot", headers={"Authorization": f"Bearer {grant.json()['access_token']}"},
+                      params=[("service-type", f"{SERVICE_SYSTEM}|2572307911"), ("start", f"ge{today}"),
+                              ("start", f"lt{today}T23:59:59Z")])
+        bundle = validate(r.content, "Bundle")
+        assert r.status_code == 200 and len(bundle["entry"]) == 20  # a full first page (16 a day, 2 schedules)
+        assert f"{url}{BASE_PATH}" in (tmp_path / "sandbox.out").read_text()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        out.close()
