@@ -15,7 +15,7 @@ Cerner's own documentation (content/millennium/r4/base/workflow/{slot,schedule,a
 
 from __future__ import annotations
 
-from datetime import date, datetime, timedelta, timezone
+from datetime import date, datetime, timezone
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
@@ -129,8 +129,8 @@ def _services(schedule: TwinSchedule) -> list[dict[str, Any]]:
 
 
 def _slot(slot: Slot) -> dict[str, Any]:
-    return {"resourceType": "Slot", "id": slot.id,
-            "extension": [{"url": LOCATION_EXTENSION, "valueReference": {"reference": f"Location/{slot.schedule.location}"}}],
+    location = {"reference": f"Location/{slot.schedule.location}"}
+    return {"resourceType": "Slot", "id": slot.id, "extension": [{"url": LOCATION_EXTENSION, "valueReference": location}],
             "serviceType": _services(slot.schedule), "schedule": {"reference": f"Schedule/{slot.schedule.id}"},
             "status": slot.status, "start": utc(slot.start), "end": utc(slot.end)}
 
@@ -143,12 +143,13 @@ def _schedule(schedule: TwinSchedule) -> dict[str, Any]:
 
 def _appointment(a: Appointment) -> dict[str, Any]:
     s = a.schedule
+    actors = (f"Patient/{a.patient}", f"Practitioner/{s.practitioner}", f"Location/{s.location}")
     body: dict[str, Any] = {
         "resourceType": "Appointment", "id": a.id, "meta": {"versionId": str(a.version)}, "status": a.status,
         "serviceType": _services(s), "start": utc(a.start), "end": utc(a.end),
         "minutesDuration": int((a.end - a.start).total_seconds() // 60), "slot": [{"reference": f"Slot/{a.slot}"}],
         "participant": [{"actor": {"reference": ref}, "required": "required", "status": "accepted"}
-                        for ref in (f"Patient/{a.patient}", f"Practitioner/{s.practitioner}", f"Location/{s.location}")],
+                        for ref in actors],
     }
     if a.comment:
         body["comment"] = a.comment
@@ -354,7 +355,8 @@ def _appointment_search(request: Request[Any, Any, Any]) -> ASGIApp:
         statuses = set(_single(found, "status"))
 
         def actor(a: Appointment) -> str:
-            return {"patient": a.patient, "practitioner": a.schedule.practitioner, "location": a.schedule.location}[by[0]]
+            s = a.schedule
+            return {"patient": a.patient, "practitioner": s.practitioner, "location": s.location}[by[0]]
 
         # those that start and end within the range, never proposed ones (Cerner's `date`)
         matches = sorted((a for a in calendar.appointments() if actor(a) in wanted and a.status != "proposed"
