@@ -136,26 +136,27 @@ def _slot(resource: _Resource, schedules: dict[str, _Resource]) -> EhrSlot:
         raise EhrFailed("the EHR answered a Slot without its id, start or end")
     schedule_id = _id_of(resource.schedule.reference if resource.schedule else None, "Schedule")
     actors = [a.reference for a in schedules[schedule_id].actor] if schedule_id in schedules else []
-    practitioner = next((p for p in (_id_of(a, "Practitioner") for a in actors) if p), None)
-    location = next((loc for loc in (_id_of(a, "Location") for a in actors) if loc), None) or next(
-        (_id_of(e.valueReference.reference, "Location") for e in resource.extension
-         if e.url == LOCATION_EXTENSION and e.valueReference), None)
+    actors += [e.valueReference.reference for e in resource.extension
+               if e.url == LOCATION_EXTENSION and e.valueReference is not None]
     return EhrSlot(id=resource.id, start=resource.start, end=resource.end, status=resource.status or "free",
-                   schedule=schedule_id, practitioner=practitioner, location=location,
+                   schedule=schedule_id, practitioner=_first(actors, "Practitioner"),
+                   location=_first(actors, "Location"),
                    service_types=_codings(resource.serviceType))
+
+
+def _first(references: list[str | None], kind: str) -> str | None:
+    """The id of the first reference to a `kind`."""
+    return next((found for found in (_id_of(r, kind) for r in references) if found), None)
 
 
 def _appointment(resource: _Resource, version: str | None) -> EhrAppointment:
     if resource.resourceType != "Appointment" or not resource.id or not resource.status:
         raise EhrFailed("the EHR answered an Appointment without its id or status")
     actors = [p.actor.reference for p in resource.participant if p.actor]
-
-    def first(kind: str) -> str | None:
-        return next((found for found in (_id_of(a, kind) for a in actors) if found), None)
-
     return EhrAppointment(id=resource.id, status=resource.status, start=resource.start, end=resource.end,
                           slot=_id_of(resource.slot[0].reference, "Slot") if resource.slot else None,
-                          patient=first("Patient"), practitioner=first("Practitioner"), location=first("Location"),
+                          patient=_first(actors, "Patient"), practitioner=_first(actors, "Practitioner"),
+                          location=_first(actors, "Location"),
                           version=version, service_types=_codings(resource.serviceType))
 
 
@@ -169,9 +170,9 @@ class CernerClient(EhrClient):
         EHR's own base: the token goes nowhere else)."""
         found: list[_Resource] = []
         base = self.settings.base_url.rstrip("/") + "/"
-        target: str | None = path
+        target: str = path
         sent: list[tuple[str, str]] | None = params
-        for _ in range(self.page_cap):
+        for _ in range(self.page_cap):  # beyond the cap, the pages not read are left out
             response = await self.call("GET", target, record, params=sent)
             if response.status != 200:
                 raise self.failure(response, record, what)
@@ -180,12 +181,12 @@ class CernerClient(EhrClient):
             except (msgspec.DecodeError, msgspec.ValidationError):
                 raise EhrFailed(f"the {self.source} EHR's answer to {what} cannot be read") from None
             found += [e.resource for e in bundle.entry if e.resource is not None]
-            target = next((link.url for link in bundle.link if link.relation == "next"), None)
-            if target is None:
+            following = next((link.url for link in bundle.link if link.relation == "next"), None)
+            if following is None:
                 break
-            if not target.startswith(base):
+            if not following.startswith(base):
                 raise EhrFailed(f"the {self.source} EHR's next page of {what} is not on its base URL")
-            sent = None  # the link carries the query
+            target, sent = following, None  # the link carries the query
         return found
 
     async def find_slots(self, query: SlotQuery, record: CallRecord) -> list[EhrSlot]:
@@ -282,7 +283,10 @@ class CernerClient(EhrClient):
         if start is None:
             slot = await self.read_slot(request.slot, record)
             start, end = slot.start, slot.end
-        lower, upper = _moment(start) - timedelta(days=1), _moment(end or start) + timedelta(days=1)
+        try:
+            lower, upper = _moment(start) - timedelta(days=1), _moment(end or start) + timedelta(days=1)
+        except ValueError:
+            raise Unprocessable("the booking's start or end is not a date-time") from None
         params = [("patient", request.patient), ("date", f"ge{_utc(lower)}"), ("date", f"lt{_utc(upper)}")]
         resources = await self._search("/Appointment", params, record, "the appointment search")
         found = [_appointment(r, r.meta.versionId if r.meta else None) for r in resources

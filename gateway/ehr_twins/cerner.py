@@ -130,7 +130,8 @@ def _services(schedule: TwinSchedule) -> list[dict[str, Any]]:
 
 def _slot(slot: Slot) -> dict[str, Any]:
     location = {"reference": f"Location/{slot.schedule.location}"}
-    return {"resourceType": "Slot", "id": slot.id, "extension": [{"url": LOCATION_EXTENSION, "valueReference": location}],
+    return {"resourceType": "Slot", "id": slot.id,
+            "extension": [{"url": LOCATION_EXTENSION, "valueReference": location}],
             "serviceType": _services(slot.schedule), "schedule": {"reference": f"Schedule/{slot.schedule.id}"},
             "status": slot.status, "start": utc(slot.start), "end": utc(slot.end)}
 
