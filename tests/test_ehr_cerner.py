@@ -256,6 +256,16 @@ def test_the_twin_refuses_a_create_cerner_does_not_document(twin, body):
     assert stored(twin) == []
 
 
+def test_the_twins_search_by_id_finds_a_booked_slot_that_a_search_by_time_leaves_out(twin):
+    raw(twin, "POST", "/Appointment", json=CREATE, headers={"Content-Type": "application/fhir+json"})
+    by_id = validate(raw(twin, "GET", "/Slot", params={"_id": SLOT, "_include": "Slot:schedule"}).content, "Bundle")
+    assert [(e["resource"]["id"], e["resource"].get("status")) for e in by_id["entry"]] == [
+        (SLOT, "busy"), ("4817572", None)]
+    by_time = validate(raw(twin, "GET", "/Slot", params=GOOD_SEARCH + [("_count", "100")]).content, "Bundle")
+    ids = [e["resource"]["id"] for e in by_time["entry"]]
+    assert len(ids) == 31 and SLOT not in ids
+
+
 def test_the_twins_create_answers_201_with_an_empty_body(twin):
     r = raw(twin, "POST", "/Appointment", json=CREATE, headers={"Content-Type": "application/fhir+json"})
     assert (r.status_code, r.content, r.headers["etag"]) == (201, b"", 'W/"0"')
