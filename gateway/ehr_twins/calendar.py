@@ -124,6 +124,14 @@ class Calendar:
             self._appointments[appointment_id] = changed
             return changed
 
+    def touch(self, appointment_id: str) -> Appointment:
+        """The appointment at its next version, as after a change made elsewhere; KeyError if unknown."""
+        with self._lock:
+            found = self._appointments[appointment_id]
+            changed = msgspec.structs.replace(found, version=found.version + 1)
+            self._appointments[appointment_id] = changed
+            return changed
+
     def appointments(self) -> list[Appointment]:
         with self._lock:
             return list(self._appointments.values())

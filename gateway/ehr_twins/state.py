@@ -33,6 +33,7 @@ class Faults(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     fail_after_store: int = 0  # the next n creates are stored, then answered as `after_store` says
     after_store: Literal["drop", "500", "503", "504"] = "drop"  # drop: the connection closes mid-answer
     expire_tokens: bool = False  # every token issued so far is refused (401) from now on
+    stale_writes: int = 0  # the next n conditional updates find the record changed by someone else first
 
 
 class TwinState:
@@ -79,7 +80,7 @@ class TwinState:
                 self._faults = msgspec.structs.replace(self._faults, expire_tokens=False)
             return msgspec.structs.replace(self._faults)
 
-    def take(self, name: Literal["fail_before", "fail_after_store"]) -> bool:
+    def take(self, name: Literal["fail_before", "fail_after_store", "stale_writes"]) -> bool:
         """Spend one of a counted fault: True when this call is to fail."""
         with self._lock:
             left = getattr(self._faults, name)
