@@ -309,6 +309,8 @@ async def book(request: Request[Any, Any, Any], version: FromPath[str]) -> ASGIA
         sb.count("server_errors")
         return _server_error(sb, 500)
     appt = sb.store_new(raw, booking, start, end or start + timedelta(minutes=sb.config.slot_minutes))
+    if sb.iam is not None:  # an org with IAM configured tells its scheduling system, after this answer
+        sb.iam.after_booking(appt.id, booking)
     status, answer = sb.config.answer_status, _outcome(sb, appt.id, "Scheduled")
     if drawn == "drop_after_store":
         sb.count("faults_dropped_after_store")
@@ -592,6 +594,14 @@ async def get_counters(request: Request[Any, Any, Any]) -> ASGIApp:
     return _json(200, _sandbox(request).counters())
 
 
+@get("/sandbox/iam-callouts")
+@_controlled
+async def iam_callouts(request: Request[Any, Any, Any]) -> ASGIApp:
+    """What the org's IAM callouts answered, one entry per ServiceAppointment they were made for."""
+    iam = _sandbox(request).iam
+    return _json(200, [msgspec.to_builtins(c) for c in (iam.called() if iam is not None else [])])
+
+
 @post("/sandbox/reset")
 @_controlled
 async def reset(request: Request[Any, Any, Any]) -> ASGIApp:
@@ -643,6 +653,7 @@ def create_sandbox_app(config: SandboxConfig | None = None) -> Litestar:
             get_faults,
             set_faults,
             get_counters,
+            iam_callouts,
             reset,
         ],
         exception_handlers={HTTPException: _http_error, Exception: _http_error},

@@ -38,6 +38,11 @@ class SandboxConfig(msgspec.Struct, kw_only=True, frozen=True):
     max_slot_range_days: int = 62
     # Get Slots' times: with their zone, or without one, as one of Salesforce's samples writes them
     slot_times: Literal["utc", "zoneless"] = "utc"
+    # An org with Intelligent Appointment Management configured: its Appointment_Management named
+    # credential's URL and the Authorization header it sends. A Book for an external resource is then
+    # followed by the org's slot status and Create callouts there (gateway/sandbox/iam.py).
+    iam_url: str | None = None
+    iam_authorization: str | None = None
 
     def __post_init__(self) -> None:
         # Structs are not validated on construction; a typo here would make every test lie quietly.

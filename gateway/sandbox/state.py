@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from gateway.sandbox.iam import IamOrg
 from gateway.sandbox.config import SandboxConfig
 from gateway.sandbox.rules import BookingRequest
 
@@ -342,6 +343,7 @@ class SandboxState:
         self._next_number = 1
         self._counters = Counters()
         self.faults = SandboxFaults(on_expire_tokens=self._expire_sessions)
+        self.iam = IamOrg(config.iam_url, config.iam_authorization or "") if config.iam_url else None
 
     # sessions ---------------------------------------------------------------------------------
     def issue_token(self) -> str:
@@ -459,3 +461,5 @@ class SandboxState:
             self._next_number = 1
             self._counters = Counters()
         self.faults.reset()
+        if self.iam is not None:
+            self.iam.reset()
