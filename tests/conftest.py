@@ -147,14 +147,14 @@ def settings(redis_url: str, prefix: str, sandbox: ThreadedServer) -> Settings:
 
 @asynccontextmanager
 async def serve_gateway(
-    settings: Settings, *, client_tls: ssl.SSLContext | bool = True, **options: object
+    settings: Settings, *, client_tls: ssl.SSLContext | bool = True, port: int | None = None, **options: object
 ) -> AsyncIterator[httpx.AsyncClient]:
     """The gateway on a real port (its own thread and loop), and an HTTP client for it. Litestar's
     in-process test client runs requests one at a time, which would hide every race."""
     from gateway.app import create_app
 
     server_options = gateway_server_options(settings.file, settings.config_dir)  # as `serve` runs it
-    port = free_port()
+    port = port or free_port()  # chosen beforehand when another server must know the gateway's address
     if not settings.file.server.public_urls:  # the gateway's address, as `serve` gives it its own
         scheme = "https" if "ssl_certfile" in server_options else "http"
         server = msgspec.structs.replace(settings.file.server, public_urls=(f"{scheme}://127.0.0.1:{port}",))

@@ -292,3 +292,64 @@ async def test_a_create_without_the_salesforce_appointment_id_is_400(hc):
     response = await hc.post(f"/iam/Appointment/{system}", json=body, headers=JSON)
     assert response.status_code == 400
     assert response.json()["issue"][0]["expression"] == ["Appointment.identifier"]
+
+
+# -- the loop: what came from the EHR is not booked in it again ---------------------------------------------
+
+@pytest.fixture
+async def org_with_iam(redis_url, prefix, twins, tmp_path):
+    """The Salesforce sandbox as an org with IAM configured, calling out to the gateway it books through."""
+    from gateway.sandbox import SandboxConfig, create_sandbox_app
+    from tests.conftest import CLIENT_ID, CLIENT_SECRET, CONTROL_KEY
+
+    port = free_port()
+    config = SandboxConfig(client_id=CLIENT_ID, client_secret=CLIENT_SECRET, control_key=CONTROL_KEY,
+                           iam_url=f"http://127.0.0.1:{port}/iam", iam_authorization=HC)
+    with ThreadedServer(create_sandbox_app(config)) as sandbox:
+        settings = fleet_settings(redis_url, prefix, sandbox.url, twins, tmp_path)
+        async with serve_gateway(settings, port=port) as gateway:
+            yield gateway, sandbox
+
+
+async def _iam_callouts(sandbox: ThreadedServer, count: int) -> list[dict[str, Any]]:
+    from tests.conftest import CONTROL_KEY
+
+    async with httpx.AsyncClient(headers={"Authorization": f"Bearer {CONTROL_KEY}"}) as client:
+        for _ in range(200):
+            called = (await client.get(sandbox.url + "/sandbox/iam-callouts")).json()
+            if len(called) >= count:
+                return called
+            await asyncio.sleep(0.05)
+    raise AssertionError(f"the org made {len(called)} of {count} callouts")
+
+
+async def test_a_booking_that_came_from_the_ehr_is_answered_from_it_and_not_booked_again(org_with_iam, twins):
+    from tests.conftest import VIDEO_VISIT, auth, corpus
+
+    gateway, sandbox = org_with_iam
+    cerner = twins["cerner"]
+    schedule = default_schedules("cerner")[0]
+    slot, start, end = f"{schedule.id}-{DAY.replace('-', '')}1000", f"{DAY}T10:00:00Z", f"{DAY}T10:30:00Z"
+    # the EHR's own booking, on its own calendar
+    token = httpx.post(cerner.server.url + "/oauth2/token", data={"grant_type": "client_credentials"},
+                       auth=(CLIENT, SECRET)).json()["access_token"]
+    made = httpx.post(cerner.ehr().base_url + "/Appointment", headers={"Authorization": f"Bearer {token}",
+                                                                       "Content-Type": "application/fhir+json"},
+                      json={"resourceType": "Appointment", "status": "booked", "slot": [{"reference": f"Slot/{slot}"}],
+                            "participant": [{"actor": {"reference": "Patient/12724066"}, "status": "accepted"}]})
+    assert made.status_code == 201, made.text
+    ehr_id = made.headers["Location"].rstrip("/").rpartition("/")[2]
+    # ... which its interface sends to the gateway's first direction, on to Health Cloud
+    booking = msgspec.json.decode(corpus(VIDEO_VISIT))
+    booking |= {"id": ehr_id, "status": "booked", "start": start, "end": end, "slot": [{"reference": f"Slot/{slot}"}]}
+    booking.pop("cancelationReason", None)
+    booked = await gateway.post("/fhir/cerner/Appointment", json=booking, headers=auth("cerner"))
+    assert booked.status_code == 201, booked.text
+    salesforce_id = booked.json()["id"]
+    # the org, with IAM configured, tells its scheduling system of the ServiceAppointment
+    [called] = await _iam_callouts(sandbox, 1)
+    assert called["service_appointment"] == salesforce_id and called["source_system"] == "cerner"
+    assert (called["slot_status"], called["slot_state"]) == (200, "busy")  # the EHR's own booking holds it
+    assert (called["create_status"], called["appointment_status"]) == (200, "booked")
+    assert called["ehr_appointment"] == ehr_id  # the appointment that exists
+    assert [a["id"] for a in cerner.appointments()] == [ehr_id] and cerner.counters()["creates"] == 1
