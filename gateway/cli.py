@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import base64
 import os
 import secrets
 import signal
@@ -166,6 +167,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"EHR_GATEWAY_DATA_KEY is not set: kept inputs are sealed with {key_file} (owner-only)")
     # every worker writes its metrics there; /metrics on any worker reads them all
     prepare_multiprocess_dir(data_root / "metrics")
+    from gateway.edges.server import gateway_server_options
+
+    options = gateway_server_options(settings.file, config_dir)
+    scheme = "https" if "ssl_certfile" in options else "http"
     embedded = sandbox_server = None
     twins: list[object] = []
     try:
@@ -181,9 +186,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
             from gateway.edges.server import ThreadedServer
 
             secret, control_key = secrets.token_urlsafe(24), secrets.token_urlsafe(18)
+            # with no EHR configured, the demo plays both directions: EHR twins behind the gateway, and
+            # the sandbox as an org with IAM configured, calling back through Health Cloud's credential
+            demo_ehrs = not any(src.ehr is not None for src in settings.sources.values())
+            hc_password = secrets.token_urlsafe(18)
+            reach = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
+            iam = {"iam_url": f"{scheme}://{reach}:{args.port}{settings.file.healthcloud.path_prefix}",
+                   "iam_authorization": "Basic " + base64.b64encode(f"healthcloud-demo:{hc_password}".encode()).decode()
+                   } if demo_ehrs else {}
             sandbox_server = ThreadedServer(
                 create_sandbox_app(SandboxConfig(client_id="ehr-gateway-demo", client_secret=secret,
-                                                 control_key=control_key)),
+                                                 control_key=control_key, **iam)),
                 port=args.sandbox_port,
             ).start()
             os.environ.update(
@@ -201,14 +214,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     print(f"    {source:<10} HL7 v2 SIU over MLLP on {src.mllp_host}:{src.mllp_port}")
                 else:
                     print(f"    {source:<10} Authorization: Bearer {DEMO_KEY.format(source=source)}")
-            twins += _start_ehr_twins(settings, data_root)
+            if demo_ehrs:
+                twins += _start_ehr_twins(settings, data_root, hc_password)
             # the dashboard too: operator keys made for this start, accepted only while the sandbox stands in
             demo_operators = {"admin": secrets.token_urlsafe(18), "phi": secrets.token_urlsafe(18)}
             os.environ[DEMO_OPERATORS_ENV] = ",".join(key_digest(k) for k in demo_operators.values())
-        from gateway.edges.server import gateway_server_options
-
-        options = gateway_server_options(settings.file, config_dir)
-        scheme = "https" if "ssl_certfile" in options else "http"
         if not settings.file.server.public_urls and "EHR_GATEWAY_PUBLIC_URL" not in os.environ:
             # what the gateway publishes of itself (metadata, search links, the SMART audience)
             shown = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
@@ -241,7 +251,58 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _start_ehr_twins(settings: object, data_root: Path) -> list[object]:
+def cmd_healthcloud(args: argparse.Namespace) -> int:
+    """Health Cloud's callouts, as an org with IAM configured makes them (gateway/sandbox/iam.py),
+    with its named credential from EHR_GATEWAY_HEALTHCLOUD_CREDENTIAL (`user:password` for HTTP
+    Basic, or `Bearer <token>`). Prints the answer; exits 0 on a 200."""
+    import asyncio
+    import base64
+    import json
+
+    from gateway.sandbox.iam import Callouts
+
+    credential = os.environ.get("EHR_GATEWAY_HEALTHCLOUD_CREDENTIAL", "")
+    if not credential:
+        return _fail("EHR_GATEWAY_HEALTHCLOUD_CREDENTIAL: user:password (HTTP Basic) or Bearer <token>")
+    authorization = credential if credential.lower().startswith("bearer ") else \
+        "Basic " + base64.b64encode(credential.encode()).decode()
+
+    async def call() -> tuple[int, bytes]:
+        callouts = Callouts(args.url, authorization)
+        try:
+            if args.hc_command == "find":
+                r = await callouts.find(args.start, args.end, practitioners=args.practitioner, locations=args.location,
+                                        service_types=args.service_type, appointment_types=args.appointment_type)
+            elif args.hc_command == "status":
+                r = await callouts.slot_status(args.system, args.slot)
+            elif args.hc_command == "book":
+                r = await callouts.create(args.system, args.slot, service_appointment=args.service_appointment,
+                                          account=args.account, patient=args.patient, practitioner=args.practitioner,
+                                          service_type=args.service_type, appointment_type=args.appointment_type)
+            elif args.hc_command == "cancel":
+                r = await callouts.cancel(args.system, args.appointment, args.reason)
+            else:
+                r = await callouts.read(args.system, args.appointment)
+            return r.status_code, r.content
+        finally:
+            await callouts.aclose()
+
+    import httpx
+
+    try:
+        status, content = asyncio.run(call())
+    except httpx.HTTPError as exc:
+        return _fail(f"the callout could not be made: {type(exc).__name__}")
+    try:
+        print(json.dumps(json.loads(content), indent=2))
+    except ValueError:
+        print(content.decode(errors="replace"))
+    if status != 200:
+        print(f"HTTP {status}", file=sys.stderr)
+    return 0 if status == 200 else 1
+
+
+def _start_ehr_twins(settings: object, data_root: Path, password: str) -> list[object]:
     """With no EHR configured, one twin per EHR dialect the sources speak, each on a free loopback
     port, and Health Cloud's demo credential: what a scripted Health Cloud needs to book on their
     calendars. The workers learn them from the environment (`demo_credentials`)."""
@@ -257,8 +318,6 @@ def _start_ehr_twins(settings: object, data_root: Path) -> list[object]:
     from gateway.ehr_twins.app import base_path
 
     sources = settings.sources  # type: ignore[attr-defined]
-    if any(src.ehr is not None for src in sources.values()):
-        return []
     started, ehrs = [], {}
     for dialect in sorted({src.adapter for src in sources.values()} & {"cerner", "epic", "fhir"}):
         control_key, secret, extra, public_pem = secrets.token_urlsafe(18), secrets.token_urlsafe(24), {}, None
@@ -285,12 +344,12 @@ def _start_ehr_twins(settings: object, data_root: Path) -> list[object]:
         print(f"  {dialect} EHR twin at {server.url} (its appointments: {server.url}/twin/appointments with "
               f"Authorization: Bearer {control_key})" + (f", HL7 v2 cancels on MLLP {extra['mllp_out']}"
                                                           if "mllp_out" in extra else ""))
-    password = secrets.token_urlsafe(18)
     os.environ[DEMO_EHRS_ENV] = json.dumps(ehrs)
     os.environ[DEMO_HEALTHCLOUD_ENV] = hashlib.sha256(f"healthcloud-demo:{password}".encode()).hexdigest()
     prefix = settings.file.healthcloud.path_prefix  # type: ignore[attr-defined]
     print(f"  Health Cloud's callouts (its Appointment_Management named credential): {prefix} with HTTP Basic "
-          f"healthcloud-demo:{password}")
+          f"healthcloud-demo:{password}; the sandbox calls them as an org with IAM configured, and so can\n"
+          f"    EHR_GATEWAY_HEALTHCLOUD_CREDENTIAL=healthcloud-demo:{password} ehr-gateway healthcloud find …")
     return started
 
 
@@ -473,6 +532,35 @@ def build_parser() -> argparse.ArgumentParser:
     ehr_sandbox.add_argument("--host", default="127.0.0.1")
     ehr_sandbox.add_argument("--port", type=int, default=8700)
     ehr_sandbox.set_defaults(func=cmd_ehr_sandbox)
+
+    hc = sub.add_parser("healthcloud", help="play Health Cloud: its IAM callouts (find, status, book, cancel, read)")
+    hc.add_argument("--url", default=os.environ.get("EHR_GATEWAY_HEALTHCLOUD_URL", "http://127.0.0.1:8000/iam"),
+                    help="the Appointment_Management named credential's URL (EHR_GATEWAY_HEALTHCLOUD_URL)")
+    hc_sub = hc.add_subparsers(dest="hc_command", required=True)
+    find = hc_sub.add_parser("find", help="Find available slots (one search across the source systems)")
+    find.add_argument("--start", required=True, help="date or date-time: start=ge…")
+    find.add_argument("--end", required=True, help="date or date-time: start=le…")
+    for name in ("practitioner", "location", "service-type", "appointment-type"):
+        find.add_argument(f"--{name}", action="append", default=[], help="[sourceSystem|]value, repeatable")
+    status = hc_sub.add_parser("status", help="Get slot status")
+    status.add_argument("system")
+    status.add_argument("slot")
+    book = hc_sub.add_parser("book", help="Create appointment in SYSTEM's EHR on SLOT")
+    book.add_argument("system")
+    book.add_argument("slot")
+    book.add_argument("--patient", required=True, help="the EHR's patient id")
+    book.add_argument("--practitioner")
+    book.add_argument("--service-appointment", required=True, help="the ServiceAppointment id (08p…)")
+    book.add_argument("--account", default="001xx000003DGb2AAG", help="the patient's Account id")
+    book.add_argument("--service-type")
+    book.add_argument("--appointment-type")
+    for name, text in (("cancel", "Cancel appointment"), ("read", "Get appointment")):
+        cmd = hc_sub.add_parser(name, help=text)
+        cmd.add_argument("system")
+        cmd.add_argument("appointment")
+        if name == "cancel":
+            cmd.add_argument("--reason", default="pat-mv")
+    hc.set_defaults(func=cmd_healthcloud)
 
     codemaps = sub.add_parser("codemaps", help="code map tools")
     codemaps_sub = codemaps.add_subparsers(dest="codemaps_command", required=True)

@@ -331,6 +331,74 @@ def _operation(summary: str, tag: str, responses: dict[str, Any], **more: Any) -
     return op
 
 
+def _healthcloud_paths(prefix: str) -> dict[str, Any]:
+    """Health Cloud's callouts (scheduling-out.md §1): the gateway as its external scheduling system."""
+    security: list[dict[str, list[str]]] = [{"healthCloudBasic": []}, {"healthCloudBearer": []}]
+    errors = {
+        "400": _outcome("a search Find would not send, a window over [healthcloud] max_search_days, an Appointment "
+                        "that is not one, or a create without its ServiceAppointment id"),
+        "401": _outcome("no credential, or not Health Cloud's"),
+        "403": _outcome("a source's key or token: it opens only that source's routes"),
+        "404": _outcome("no EHR has it, or no EHR is configured for that source system"),
+        "415": _outcome("Find is a form (application/x-www-form-urlencoded); the others FHIR JSON"),
+        "502": _outcome("the EHR failed"),
+        "503": _outcome("the EHR (or Redis) cannot answer now", retry_after=True),
+    }
+
+    def fhir(kind: str, description: str) -> dict[str, Any]:
+        return {"description": description, "content": {FHIR_JSON: {"schema": {
+            "type": "object", "required": ["resourceType"], "properties": {"resourceType": {"const": kind}}}}}}
+
+    def path_param(name: str, text: str) -> dict[str, Any]:
+        return {"name": name, "in": "path", "required": True, "description": text, "schema": _STRING}
+
+    system = path_param("system", "a source system (`source_system` of a source with an `ehr` table)")
+    appointment_body = {"required": True, "content": {FHIR_JSON: {"schema": {"type": "object"}},
+                                                      _JSON: {"schema": {"type": "object"}}}}
+    slot_read = _operation("Get slot status: the slot's status now, from its EHR", "Health Cloud",
+                           {"200": fhir("Slot", "the Slot"), **errors}, operation_id="healthcloudSlot",
+                           security=security, parameters=[path_param("slot_id", "the slot's id as Find gave it")])
+    read = _operation("Get appointment: read from its EHR", "Health Cloud",
+                      {"200": fhir("Appointment", "the Appointment"), **errors}, operation_id="healthcloudRead",
+                      security=security, parameters=[path_param("appointment_id", "the EHR's appointment id")])
+    post_text = ("Create: `POST …/Appointment/{sourceSystem}` books the Appointment's slot in that EHR, once per "
+                 "ServiceAppointment id (its identifier); an Appointment that cannot be booked is answered 200 "
+                 "with status `proposed` and the reason in `comment`. Cancel: a body with `status: cancelled` "
+                 "cancels the appointment named by the path (`…/Appointment/{id}` or `…/{sourceSystem}/{id}`).")
+    return {
+        f"{prefix}/Slot/_search": {"post": _operation(
+            "Find available slots across the EHRs", "Health Cloud",
+            {"200": fhir("Bundle", "a searchset of Slots and their Schedules, by start; a failing EHR is an "
+                                   "OperationOutcome entry tagged with its source system"), **errors},
+            operation_id="healthcloudFind", security=security,
+            requestBody={"required": True, "content": {_FORM: {"schema": {"type": "object"}}}})},
+        f"{prefix}/Slot/{{slot_id}}": {"get": slot_read},
+        f"{prefix}/Slot/{{system}}/{{slot_id}}": {"get": {**slot_read, "operationId": "healthcloudSystemSlot",
+                                                          "parameters": [system, *slot_read["parameters"]]}},
+        f"{prefix}/Appointment/{{first}}": {
+            "post": _operation("Create, or cancel", "Health Cloud", {"200": fhir("Appointment", "the Appointment"),
+                                                                     **errors},
+                               operation_id="healthcloudPost", security=security, description=post_text,
+                               requestBody=appointment_body,
+                               parameters=[path_param("first", "a source system (create) or an appointment id "
+                                                               "(cancel)")])},
+        f"{prefix}/Appointment/{{first}}/{{second}}": {
+            "post": _operation("Cancel", "Health Cloud", {"200": fhir("Appointment", "the cancelled Appointment"),
+                                                          **errors},
+                               operation_id="healthcloudCancel", security=security, description=post_text,
+                               requestBody=appointment_body,
+                               parameters=[path_param("first", "the source system"),
+                                           path_param("second", "the EHR's appointment id")])},
+        f"{prefix}/Appointment/{{appointment_id}}": {"get": read},
+        f"{prefix}/Appointment/{{system}}/{{appointment_id}}": {"get": {
+            **read, "operationId": "healthcloudSystemRead", "parameters": [system, *read["parameters"]]}},
+        f"{prefix}/metadata": {"get": _operation(
+            "What this base serves (CapabilityStatement)", "Health Cloud",
+            {"200": fhir("CapabilityStatement", "the CapabilityStatement")}, operation_id="healthcloudMetadata",
+            security=[])},
+    }
+
+
 # -- the document ---------------------------------------------------------------------------------
 
 
@@ -822,6 +890,7 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
         **_msgspec_components(),
     }
 
+    paths.update(_healthcloud_paths(cfg.healthcloud.path_prefix))
     for item in paths.values():  # the server refuses a path in another spelling before any routing
         for op in item.values():
             if any(p["in"] == "path" for p in op.get("parameters", ())) and "400" not in op["responses"]:
@@ -854,7 +923,7 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
                 + (", ".join(fhir_sources) or "none") + "."
             ),
         },
-        "tags": [{"name": name} for name in ("FHIR", "SMART", "Health", "Operators", "Admin", "Meta")],
+        "tags": [{"name": name} for name in ("FHIR", "Health Cloud", "SMART", "Health", "Operators", "Admin", "Meta")],
         "paths": paths,
         "components": {
             "schemas": dict(sorted(schemas.items())),
@@ -869,6 +938,12 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
                     "description": "a five-minute token from POST /auth/token (client credentials with a signed "
                                    "JWT assertion), issued to a source's `smart_client_id`; good on that source only",
                 },
+                "healthCloudBasic": {"type": "http", "scheme": "basic",
+                                     "description": "Health Cloud's Appointment_Management named credential, "
+                                                    "password authentication ([healthcloud] basic_sha256)"},
+                "healthCloudBearer": {"type": "http", "scheme": "bearer",
+                                      "description": "the same named credential by OAuth 2.0 "
+                                                     "([healthcloud] bearer_keys_sha256)"},
                 "adminKey": {"type": "http", "scheme": "bearer",
                              "description": "an admin key (no patient data) or a PHI key (patient data, audited)"},
                 "adminSession": {"type": "apiKey", "in": "cookie", "name": COOKIE,
