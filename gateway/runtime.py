@@ -181,7 +181,7 @@ class Gateway:
                               self.limiter)
         hc = cfg.healthcloud
         self.healthcloud = HealthCloudEdge(HealthCloudAuth(hc, self.inbound.digests(), self.smart), self.scheduler,
-                                           base=public + hc.path_prefix)
+                                           self.recorder, base=public + hc.path_prefix)
         self.fhir = FhirEdge(settings.sources, self.booker, admission, self.recorder, public=public,
                              published=time.strftime("%Y-%m-%d", time.gmtime()))
         self.service = ServiceEdge(self.redis, self.salesforce, self.breaker, self.smart, self.metrics, self.gauges,

@@ -353,3 +353,37 @@ async def test_a_booking_that_came_from_the_ehr_is_answered_from_it_and_not_book
     assert (called["create_status"], called["appointment_status"]) == (200, "booked")
     assert called["ehr_appointment"] == ehr_id  # the appointment that exists
     assert [a["id"] for a in cerner.appointments()] == [ehr_id] and cerner.counters()["creates"] == 1
+
+
+# -- the operators see this direction too -------------------------------------------------------------------
+
+async def test_operators_see_the_callouts_with_the_ehrs_answer_and_no_patient_data(hc, twins, log_file):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tests.conftest import ADMIN_KEY, PHI_KEY, VIDEO_VISIT, auth, corpus
+
+    system = hc.systems["epic"]
+    slot = _slots(await _found(hc, _search(hc.systems)), system)[0]
+    created = await hc.post(f"/iam/Appointment/{system}", headers=JSON,
+                            json=_create(system, slot["id"], default_schedules("epic")[0].practitioner,
+                                         "08pxx00000000E1AAA", patient="55500011"))
+    assert created.json()["status"] == "booked"
+    assert (await hc.post("/fhir/cerner/Appointment", content=corpus(VIDEO_VISIT), headers=auth())).status_code == 201
+
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    out = (await hc.get("/admin/api/requests?direction=out", headers=admin)).json()["requests"]
+    assert [(e["op"], e["outcome"], e["source"]) for e in out] == [("create", "booked", "epic"),
+                                                                    ("find", "found", "healthcloud")]
+    assert out[0]["ehr_status"] == 200 and out[0]["ehr_ms"] > 0 and "patient" not in out[0]
+    inbound = (await hc.get("/admin/api/requests?direction=in", headers=admin)).json()["requests"]
+    assert [e["op"] for e in inbound] == ["book"]
+    as_phi = (await hc.get(f"/admin/api/requests/{out[0]['id']}", headers={"Authorization": f"Bearer {PHI_KEY}"}))
+    assert as_phi.json()["patient"] == "55500011"
+    assert (await hc.get("/admin/api/requests?direction=sideways", headers=admin)).status_code == 400
+
+    metrics = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for fam in text_string_to_metric_families((await hc.get("/metrics")).text) for s in fam.samples}
+    assert metrics[("ehrgw_callouts_total", (("op", "create"), ("outcome", "booked"), ("status", "200")))] == 1
+    assert metrics[("ehrgw_ehr_call_seconds_count", (("source", "epic"),))] >= 2  # the search, the booking
+    assert "55500011" not in (await hc.get("/admin/api/requests", headers=admin)).text
+    assert '"callout"' in log_file.read_text() and "55500011" not in log_file.read_text()

@@ -35,7 +35,7 @@ from gateway.edges.inbound import basic_credential
 from gateway.edges.smart import SmartAuth
 from gateway.errors import Forbidden, GatewayError, InvalidRequest, Unauthorized, UnsupportedMediaType
 from gateway.ids import new_id
-from gateway.logs import log
+from gateway.operators.summary import Recorder
 from gateway.scheduling.answers import appointment_answer, booked_answer, searchset, slot_answer
 from gateway.scheduling.callouts import Callout, read_callout, read_search
 from gateway.scheduling.scheduler import Calls, Scheduler
@@ -78,13 +78,15 @@ class HealthCloudAuth:
 class HealthCloudEdge:
     """The work of Health Cloud's routes: the door, the Scheduler, and each callout's log line."""
 
-    def __init__(self, auth: HealthCloudAuth, scheduler: Scheduler, *, base: str) -> None:
-        self._auth, self.scheduler, self._base = auth, scheduler, base
+    def __init__(self, auth: HealthCloudAuth, scheduler: Scheduler, recorder: Recorder, *, base: str) -> None:
+        self._auth, self.scheduler, self._recorder, self._base = auth, scheduler, recorder, base
 
     async def serve(self, request: Request, op: str, work: Callable[[Calls], Awaitable[bytes]]) -> Response[bytes]:
-        """One callout: admitted, done, answered and logged (its EHR calls' statuses and times; no ids)."""
-        started, request_id, calls = time.perf_counter(), new_id(), Calls()
-        status = 500
+        """One callout: admitted, done, answered, and recorded for the operators (no patient data
+        in the log line; the patient it named sealed in the request log)."""
+        started, request_id = time.perf_counter(), new_id()
+        calls = Calls(op=op, sources=self.scheduler.names())
+        status, error = 500, None
         try:
             await self._auth.check(request.headers.get("authorization"))
             negotiate_request(request)
@@ -92,7 +94,7 @@ class HealthCloudEdge:
             status = 200
             return Response(body, status_code=200, headers={"Content-Type": FHIR_JSON, "X-Request-ID": request_id})
         except GatewayError as exc:
-            status = exc.status
+            status, error = exc.status, exc
             response = error_response(exc, request_id)
             if status == 401:
                 response.headers["WWW-Authenticate"] = 'Basic realm="ehr-gateway", Bearer'
@@ -101,10 +103,8 @@ class HealthCloudEdge:
             status = exc.status_code
             return refused_while_reading(request, exc, request_id)
         finally:
-            log.info("callout", request_id=request_id, op=calls.op or op, status=status,
-                     ehr=[{"system": s, "status": c.status, "ms": round(c.latency_ms, 2), "error": c.error_code,
-                           "in_doubt": c.in_doubt or None} for s, c in calls.ehr] or None,
-                     ms=round((time.perf_counter() - started) * 1000, 2))
+            if status not in (401, 403):  # strangers' knocks are not the operators' business
+                self._recorder.callout(request_id, calls, status, started, error)
 
     async def find(self, request: Request, calls: Calls) -> bytes:
         if media(request) != FORM:
@@ -114,13 +114,19 @@ class HealthCloudEdge:
         search = read_search(body, s.systems, max_days=s.settings.max_search_days,
                              max_values=s.settings.max_search_values)
         found = await s.find(search, calls)
+        if len(search.criteria) == 1 and next(iter(search.criteria)) in s.systems:
+            calls.source = s.source(next(iter(search.criteria)))
+        calls.outcome = "partial" if any(f.error is not None for f in found) else "found"
         warnings = [InvalidRequest(f"{name}: not searched by; the EHRs' own ids (Practitioner._id) are").issues[0]
                     for name in search.unsupported]
         warnings = [msgspec.structs.replace(w, severity="warning", code="not-supported") for w in warnings]
         return searchset(found, warnings, several=len(s.systems) > 1, url=f"{self._base}/Slot/_search")
 
     async def slot(self, system: str | None, slot_id: str, calls: Calls) -> bytes:
+        self._name(calls, system)
         found_in, slot = await self.scheduler.slot(system, slot_id, calls)
+        self._name(calls, found_in)
+        calls.outcome = "found"
         return slot_answer(found_in, slot, several=len(self.scheduler.systems) > 1)
 
     async def post_appointment(self, request: Request, first: str, second: str | None, calls: Calls) -> bytes:
@@ -130,7 +136,10 @@ class HealthCloudEdge:
         if callout.status == "cancelled":
             system, appointment_id = self._cancel_target(first, second, callout)
             reason = _reason(callout)
+            self._name(calls, system)
             found_in, appointment = await self.scheduler.cancel(system, appointment_id, reason, calls)
+            self._name(calls, found_in)
+            calls.outcome = "cancelled"
             return appointment_answer(found_in, appointment, callout)
         if second is not None:
             raise InvalidRequest("a POST to an appointment cancels it: status cancelled",
@@ -138,7 +147,11 @@ class HealthCloudEdge:
         if first not in self.scheduler.systems:
             raise InvalidRequest("a create is POST /Appointment/{sourceSystem}, and no EHR is configured for this "
                                  "source system (a POST to an appointment's id cancels it: status cancelled)")
+        self._name(calls, first)
+        calls.patient = callout.actor("Patient")
         booked = await self.scheduler.create(first, callout, calls)
+        calls.outcome = "replayed" if booked.replayed else "existing" if booked.came_from_ehr else \
+            "booked" if booked.appointment is not None else "proposed"
         return booked_answer(booked, callout)
 
     def _cancel_target(self, first: str, second: str | None, callout: Callout) -> tuple[str | None, str]:
@@ -153,8 +166,15 @@ class HealthCloudEdge:
         return system, appointment_id
 
     async def read(self, system: str | None, appointment_id: str, calls: Calls) -> bytes:
+        self._name(calls, system)
         found_in, appointment = await self.scheduler.read(system, appointment_id, calls)
+        self._name(calls, found_in)
+        calls.outcome = "found"
         return appointment_answer(found_in, appointment, None)
+
+    def _name(self, calls: Calls, system: str | None) -> None:
+        if system is not None and system in self.scheduler.systems:
+            calls.source = self.scheduler.source(system)
 
     def metadata(self) -> bytes:
         return _json.encode(capability(self._base))

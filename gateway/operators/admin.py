@@ -43,7 +43,7 @@ from gateway.state.idempotency import IdempotencyStore
 from gateway.ids import new_id
 from gateway.state.queue import BookingQueue
 from gateway.state.ratelimit import FailureThrottle
-from gateway.state.requestlog import OUTCOMES, Entry, RequestLog, View
+from gateway.state.requestlog import HEALTHCLOUD, OUTCOMES, Entry, RequestLog, View
 from gateway.settings import AdminSettings
 
 DASHBOARD = Path(__file__).parent / "dashboard"
@@ -274,13 +274,18 @@ def admin_router(deps: AdminDeps) -> Router:
         if outcome is not None and outcome not in OUTCOMES:
             raise InvalidRequest(f"outcome is one of {', '.join(OUTCOMES)}", location=http("outcome"))
         source = q.get("source") or None
-        if source is not None and source not in deps.booker.sources:
+        if source is not None and source not in deps.booker.sources and source != HEALTHCLOUD:
             raise InvalidRequest("no source of that name is configured", location=http("source"))
+        direction = q.get("direction") or None
+        if direction not in (None, "in", "out"):
+            raise InvalidRequest("direction is in (bookings from the EHRs) or out (Health Cloud's callouts)",
+                                 location=http("direction"))
         if q.get("key") and source is None:
             raise InvalidRequest("searching by idempotency key needs the source too", location=http("key"))
         entries = await deps.log.search(
             source=source, outcome=outcome, since_ms=_int(q.get("since"), "since"),
             sf_id=q.get("sf_id") or None, key=q.get("key") or None, limit=_int(q.get("limit"), "limit", 50) or 50,
+            direction=direction,
         )
         return _ok({"requests": _views(deps, entries)})
 

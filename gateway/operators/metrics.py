@@ -58,10 +58,11 @@ OPS = frozenset({"book", "change", "search", "translate", "deliver", "replay"})
 # subclasses carry (`error.code`)
 OUTCOMES = frozenset({
     "booked", "rescheduled", "cancelled", "queued", "refused", "unmapped", "throttled", "rejected", "failed",
-    "ok", "replayed", "accepted",
+    "ok", "replayed", "accepted", "proposed", "existing", "found", "partial",
     "structure", "login", "forbidden", "not-found", "not-supported", "too-costly", "conflict",
     "business-rule", "processing", "exception", "transient", "error",
 })
+CALLOUT_OPS = frozenset({"find", "slot-status", "create", "cancel", "read"})
 SALESFORCE_OPERATIONS = frozenset({"book", "lookup", "auth", "token"})
 IDEMPOTENCY_RESULTS = frozenset({"new", "done", "busy", "mismatch", "takeover", "queued"})
 QUEUE_STATES = ("ready", "delayed", "dead")
@@ -177,6 +178,21 @@ class Metrics:
             "ehrgw_mllp_refused", "MLLP connections closed over a cap, and blocks answered AE unread, by reason.",
             ("source", "reason"), registry=reg,
         )
+        self._callouts = Counter(
+            "ehrgw_callouts", "Health Cloud's callouts answered, by operation, outcome and HTTP status.",
+            ("op", "outcome", "status"), registry=reg,
+        )
+        self._callout_seconds = Histogram(
+            "ehrgw_callout_seconds", "Time to answer a Health Cloud callout.", ("op",), registry=reg, buckets=BUCKETS,
+        )
+        self._ehr_seconds = Histogram(
+            "ehrgw_ehr_call_seconds", "Duration of calls to an EHR, by source.", ("source",), registry=reg,
+            buckets=BUCKETS,
+        )
+        self._ehr_errors = Counter(
+            "ehrgw_ehr_errors", "Calls to an EHR that failed, by source and error code.", ("source", "code"),
+            registry=reg,
+        )
         self._codemap_reloads = Counter(
             "ehrgw_codemap_reloads", "Code map reloads, by source and result.", ("source", "result"), registry=reg,
         )
@@ -210,6 +226,17 @@ class Metrics:
             # the client's own words ("timeout", "connection-lost") become TIMEOUT, CONNECTION_LOST
             code = error_code.upper().replace("-", "_") if isinstance(error_code, str) else ""
             self._sf_errors.labels(operation, self._error_code(code)).inc()
+
+    def callout(self, op: str, outcome: str, status: int, seconds: float) -> None:
+        op, outcome = _word(op, CALLOUT_OPS), _word(outcome, OUTCOMES)
+        self._callouts.labels(op, outcome, _status(status)).inc()
+        self._callout_seconds.labels(op).observe(seconds)
+
+    def ehr_call(self, source: str, seconds: float, error_code: str | None) -> None:
+        source = self._source(source)
+        self._ehr_seconds.labels(source).observe(seconds)
+        if error_code is not None:
+            self._ehr_errors.labels(source, self._error_code(error_code.upper().replace("-", "_"))).inc()
 
     def idempotency(self, source: str, result: str) -> None:
         key = ("idem", self._source(source), _word(result, IDEMPOTENCY_RESULTS))

@@ -12,9 +12,18 @@ from gateway.booking.booker import Trace
 from gateway.errors import GatewayError, IdempotencyKeyReused, SalesforceRefused
 from gateway.logs import log
 from gateway.operators.metrics import Metrics
+from gateway.scheduling.results import Calls
 from gateway.settings import SourceSettings
 from gateway.state.requestlog import KEEP_INPUT, Entry, RequestLog, logged_issues, logged_maps
 from gateway.state.requestlog import key_digest as log_key_digest
+
+
+def _refused(status: int) -> str:
+    if status == 429:
+        return "throttled"
+    if status == 409:
+        return "conflict"
+    return "failed" if status >= 500 else "rejected"
 
 
 def outcome(status: int, trace: Trace, error: GatewayError | None) -> str:
@@ -39,6 +48,28 @@ class Recorder:
     def __init__(self, sources: dict[str, SourceSettings], metrics: Metrics, request_log: RequestLog) -> None:
         self._sources, self._metrics, self._log = sources, metrics, request_log
         self._pid = os.getpid()
+
+    def callout(self, request_id: str, calls: Calls, status: int, started: float, error: GatewayError | None) -> Entry:
+        """A Health Cloud callout's log line, metrics and request-log entry: the EHR's status, time and
+        error beside the gateway's answer; the patient, when it named one, sealed."""
+        ms = round((time.perf_counter() - started) * 1000, 2)
+        outcome = calls.outcome if status == 200 and calls.outcome else _refused(status)
+        last = calls.ehr[-1][1] if calls.ehr else None
+        ehr_ms = round(sum(c.latency_ms for _, c in calls.ehr), 2) if calls.ehr else None
+        log.info("callout", request_id=request_id, op=calls.op, source=calls.source, status=status, outcome=outcome,
+                 ehr=[{"system": s, "status": c.status, "ms": round(c.latency_ms, 2), "error": c.error_code,
+                       "in_doubt": c.in_doubt or None} for s, c in calls.ehr] or None, ms=ms, pid=self._pid)
+        self._metrics.callout(calls.op, outcome, status, ms / 1000)
+        for system, call in calls.ehr:
+            self._metrics.ehr_call(calls.sources.get(system, system), call.latency_ms / 1000, call.error_code)
+        entry = Entry(id=request_id, time_ms=int(time.time() * 1000), source=calls.source, op=calls.op,
+                      outcome=outcome, status=status, ms=ms, ehr_status=last.status if last else None,
+                      ehr_ms=ehr_ms, ehr_error=next((c.error_code for _, c in reversed(calls.ehr) if c.error_code), None),
+                      issues=logged_issues(error.issues) if error is not None else ())
+        if calls.patient:
+            entry = self._log.with_sealed(entry, calls.patient, None, None, None)
+        self._log.record(entry)
+        return entry
 
     def summarise(self, request_id: str, source: str, op: str, status: int, trace: Trace, started: float,
                   error: GatewayError | None, body: bytes | None, media_type: str | None, key: str | None,

@@ -16,6 +16,10 @@ class Calls:
 
     ehr: list[tuple[str, CallRecord]] = field(default_factory=list)  # (source system, call)
     op: str = ""  # what the callout turned out to be (a POST to an appointment: create or cancel)
+    source: str = "healthcloud"  # the source whose EHR it went to; "healthcloud" when several or none
+    outcome: str = ""  # the request log's word for what it did, once it did it
+    patient: str | None = None  # the patient it named (sealed in the request log, never logged)
+    sources: dict[str, str] = field(default_factory=dict)  # source system -> source name, for metrics
 
     def record(self, system: str) -> CallRecord:
         call = CallRecord()
@@ -43,3 +47,4 @@ class Booked:
     in_doubt: bool = False  # the EHR may hold it: the next create looks before booking
     came_from_ehr: bool = False  # booked through the first direction: nothing was booked now
     answer: bytes | None = None  # the answer as given (a repeated create answers it again)
+    replayed: bool = False  # answered from the record of an earlier create

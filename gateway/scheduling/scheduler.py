@@ -53,6 +53,10 @@ class Scheduler:
     def source(self, system: str) -> str:
         return self._names[system]
 
+    def names(self) -> dict[str, str]:
+        """Source system -> source name."""
+        return dict(self._names)
+
     def client(self, system: str) -> EhrClient:
         found = self._clients.get(system)
         if found is None:
@@ -154,7 +158,7 @@ class Scheduler:
         fp = hashlib.blake2b(msgspec.json.encode((request.slot, request.patient)), digest_size=16).hexdigest()
         claim = await self._store.claim(self._store.record_key(f"hc-{source}", salesforce_id), fp)
         if claim.state == "done":
-            return Booked(system, None, answer=claim.body)
+            return Booked(system, None, answer=claim.body, replayed=True)
         if claim.state == "busy":
             raise Unavailable("an earlier call is booking this appointment now", retry_after=1 + claim.retry_after_ms // 1000)
         if claim.state == "mismatch":

@@ -45,7 +45,13 @@ from gateway.state.sealing import SealError, Sealer
 # before any call: a code without a mapping or a Salesforce rule); conflict (409, or a key reused);
 # throttled (429: the source's rate limit); rejected (any other 4xx: not authorised, not FHIR, too
 # large); failed (5xx)
-OUTCOMES = ("booked", "replayed", "queued", "refused", "unmapped", "conflict", "throttled", "rejected", "failed")
+OUTCOMES = ("booked", "replayed", "queued", "refused", "unmapped", "conflict", "throttled", "rejected", "failed",
+            # Health Cloud's callouts: nothing booked (proposed), answered from the EHR's own booking
+            # (existing), cancelled, a search or read answered (found; partial: an EHR failed in it)
+            "proposed", "existing", "cancelled", "found", "partial")
+# the ops of Health Cloud's callouts (the second direction); every other op is a booking's
+CALLOUT_OPS = frozenset({"find", "slot-status", "create", "cancel", "read"})
+HEALTHCLOUD = "healthcloud"  # the source of a callout entry that spans several EHRs (a search)
 # outcomes whose input is kept (sealed) for a replay: the operator fixes a map or waits out Salesforce
 KEEP_INPUT = frozenset({"queued", "refused", "failed", "unmapped"})
 # outcomes an operator may act on: their entries are retained as a class of their own
@@ -91,6 +97,9 @@ class _Shown(msgspec.Struct, kw_only=True, omit_defaults=True):
     sf_error: str | None = None
     ms: float = 0.0
     sf_ms: float | None = None
+    ehr_status: int | None = None  # a callout's EHR call: its HTTP status (the last one), time and error code
+    ehr_ms: float | None = None
+    ehr_error: str | None = None
     maps_version: str | None = None
     maps_used: tuple[str, ...] = ()
     issues: tuple[LoggedIssue, ...] = ()  # why it was refused: paths and codes, no values
@@ -343,9 +352,10 @@ class RequestLog:
 
     async def search(self, *, source: str | None = None, outcome: str | None = None, since_ms: int | None = None,
                      sf_id: str | None = None, key: str | None = None, limit: int = 50,
-                     cap: int = 1000) -> list[Entry]:
+                     cap: int = 1000, direction: str | None = None) -> list[Entry]:
         """Newest first. The most selective index is read, the other filters applied to what it gives.
-        `cap` bounds `limit` (the API's pages; the dashboard's statistics read more)."""
+        `cap` bounds `limit` (the API's pages; the dashboard's statistics read more). `direction`:
+        "in" (bookings from the EHRs) or "out" (Health Cloud's callouts to them)."""
         await self.flush()
         limit = max(1, min(limit, cap))
         if sf_id is not None:
@@ -360,7 +370,8 @@ class RequestLog:
                 index = self._key("out", outcome)
             else:
                 index = self._key("all")
-            wanted = limit if (index == self._key("all") or (outcome is None and key is None)) else limit * 20
+            wanted = limit if (index == self._key("all") or (outcome is None and key is None)) and direction is None \
+                else limit * 20
             ids = await self._redis.zrevrangebyscore(index, "+inf", since_ms or "-inf", start=0, num=min(wanted, 20_000))
         if not ids:
             return []
@@ -371,6 +382,8 @@ class RequestLog:
                 continue
             e = _decoder.decode(raw)
             if (source and e.source != source) or (outcome and e.outcome != outcome) or (since_ms and e.time_ms < since_ms):
+                continue
+            if direction is not None and (e.op in CALLOUT_OPS) != (direction == "out"):
                 continue
             out.append(e)
             if len(out) >= limit:

@@ -13,6 +13,8 @@
     ['booked', 'Booked'], ['rescheduled', 'Rescheduled'], ['cancelled', 'Cancelled'],
     ['replayed', 'Replayed answer'], ['queued', 'Queued'], ['refused', 'Refused'],
     ['unmapped', 'Unmapped'], ['conflict', 'Conflict'], ['throttled', 'Throttled'], ['rejected', 'Rejected'], ['failed', 'Failed'],
+    // Health Cloud's callouts to the EHRs
+    ['proposed', 'Proposed (not booked)'], ['existing', 'Already in the EHR'], ['found', 'Found'], ['partial', 'Partly found'],
   ];
   const OUTCOME_LABEL = Object.fromEntries(OUTCOMES);
   const ATTENTION = new Set(['unmapped', 'refused', 'failed']);
@@ -22,7 +24,11 @@
     half_open: ['Half-open', 'One probe call decides whether calls resume.'],
     open: ['Open', 'Salesforce is failing: bookings are queued or refused at once.'],
   };
-  const OPS = { book: 'Booking', change: 'Reschedule or cancellation', replay: 'Operator replay', deliver: 'Queue delivery' };
+  const OPS = {
+    book: 'Booking', change: 'Reschedule or cancellation', replay: 'Operator replay', deliver: 'Queue delivery',
+    find: 'Health Cloud: find slots', 'slot-status': 'Health Cloud: slot status', create: 'Health Cloud: book in the EHR',
+    cancel: 'Health Cloud: cancel in the EHR', read: 'Health Cloud: read from the EHR',
+  };
   const QUEUE_WHERE = { ready: 'Ready', delayed: 'Waiting to retry', dead: 'Dead letter' };
 
   const state = {
@@ -33,7 +39,7 @@
     timer: null,
     ticks: 0,
     sources: [],
-    filters: { source: '', outcome: '' },
+    filters: { source: '', outcome: '', direction: '' },
     chartSource: '',
     requests: [],
     logSig: '',
@@ -403,6 +409,7 @@
     const q = new URLSearchParams({ limit: '100' });
     if (state.filters.source) q.set('source', state.filters.source);
     if (state.filters.outcome) q.set('outcome', state.filters.outcome);
+    if (state.filters.direction) q.set('direction', state.filters.direction);
     const data = await api('GET', '/requests?' + q);
     if (seq !== state.seq.log) return; // the filters changed while it was on its way
     state.requests = Array.isArray(data && data.requests) ? data.requests : [];
@@ -418,7 +425,7 @@
     const focused = document.activeElement && document.activeElement.closest ? document.activeElement.closest('tr[data-id]') : null;
     const focusId = focused && tbody.contains(focused) ? focused.dataset.id : null;
     if (!list.length) {
-      const filtered = state.filters.source || state.filters.outcome;
+      const filtered = state.filters.source || state.filters.outcome || state.filters.direction;
       tbody.replaceChildren(h('tr', { class: 'empty' }, h('td', { colspan: 8 },
         filtered ? 'No requests match these filters.' : 'No requests yet. Bookings appear here as the EHRs send them.')));
     } else {
@@ -438,8 +445,11 @@
     const sf = v.sf_status || v.sf_id
       ? h('span', { class: 'sf' }, v.sf_status ? h('span', { class: 'code-num' }, String(v.sf_status)) : null,
         v.sf_id ? h('code', { class: 'sfid', testid: 'row-sf-id' }, v.sf_id) : null)
-      : dash();
+      : v.ehr_status ? h('span', { class: 'sf', testid: 'row-ehr', title: 'the EHR answered' },
+        h('span', { class: 'code-num' }, 'EHR ' + String(v.ehr_status)), ' ', fmtMs(v.ehr_ms))
+        : dash();
     const error = v.sf_error ? h('code', { class: 'err' }, v.sf_error)
+      : v.ehr_error ? h('code', { class: 'err' }, v.ehr_error)
       : (v.issues && v.issues.length ? h('span', { class: 'muted nowrap' }, v.issues[0].code) : dash());
     const row = h('tr', {
       testid: 'request-row', 'data-id': v.id, 'data-outcome': v.outcome, tabindex: 0,
@@ -466,6 +476,7 @@
   function onFilter() {
     state.filters.source = byId('filter-source').value;
     state.filters.outcome = byId('filter-outcome').value;
+    state.filters.direction = byId('filter-direction').value;
     state.logSig = '';
     state.seq.log++; // an answer already on its way is for the old filters
     state.busy.delete('log');
@@ -1068,6 +1079,7 @@
     byId('pause').addEventListener('click', togglePause);
     byId('filter-source').addEventListener('change', onFilter);
     byId('filter-outcome').addEventListener('change', onFilter);
+    byId('filter-direction').addEventListener('change', onFilter);
     byId('chart-source').addEventListener('change', () => {
       state.chartSource = byId('chart-source').value;
       renderStats();
