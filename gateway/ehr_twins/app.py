@@ -65,9 +65,12 @@ def outcome(status: int, code: str, text: str, severity: str = "error") -> ASGIA
                            "issue": [{"severity": severity, "code": code, "details": {"text": text}}]})
 
 
-async def gate(request: Request[Any, Any, Any]) -> ASGIApp | None:
+_AFTER_STORE = "ehr_twin.fail_after_store"  # a create drawn to fail once stored (the request's scope)
+
+
+async def gate(request: Request[Any, Any, Any], *, create: bool = False) -> ASGIApp | None:
     """What every API call passes: counted, delayed and failed as the faults say, and its bearer
-    token checked. None: go on."""
+    token checked. None: go on. `create`: a booking, drawn against `create_fail_ratio`."""
     state = twin(request)
     state.count("api_calls")
     faults = state.faults()
@@ -81,6 +84,12 @@ async def gate(request: Request[Any, Any, Any]) -> ASGIApp | None:
     if state.take("fail_before"):
         status = faults.fail_status
         return outcome(status, "throttled" if status == 429 else "transient", f"the EHR answered {status} (twin fault)")
+    drawn = state.draw_create_fault() if create else None
+    if drawn == "before":
+        status = faults.fail_status
+        return outcome(status, "throttled" if status == 429 else "transient", f"the EHR answered {status} (twin fault)")
+    if drawn == "after_store":
+        request.scope[_AFTER_STORE] = True  # type: ignore[literal-required]
     return None
 
 
@@ -88,8 +97,9 @@ def stored_then_failed(request: Request[Any, Any, Any]) -> ASGIApp | None:
     """After a create was stored: the fault's answer instead of the real one (a dropped connection
     or a 5xx), or None."""
     state = twin(request)
-    if not state.take("fail_after_store"):
+    if not request.scope.get(_AFTER_STORE) and not state.take("fail_after_store"):
         return None
+    state.count("create_faults_after_store")
     kind = state.faults().after_store
     return _DropAfterHead() if kind == "drop" else outcome(int(kind), "transient", f"the EHR answered {kind} (twin fault)")
 

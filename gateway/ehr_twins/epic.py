@@ -215,7 +215,7 @@ def _book_fields(parameters: list[dict[str, Any]]) -> tuple[str, str, str | None
 
 @post(f"{BASE_PATH}/Appointment/$book", status_code=200)
 async def book(request: Request[Any, Any, Any]) -> ASGIApp:
-    if (refused := await gate(request)) is not None:
+    if (refused := await gate(request, create=True)) is not None:
         return refused
     state = twin(request)
     state.count("creates")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import secrets
 import threading
 import time
@@ -22,6 +23,8 @@ class Counters(msgspec.Struct, kw_only=True):
     searches: int = 0
     reads: int = 0
     mllp_messages: int = 0
+    create_faults_before: int = 0  # creates failed before storing by create_fail_ratio's draw
+    create_faults_after_store: int = 0  # creates stored, then failed (the draw or fail_after_store)
 
 
 class Faults(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -34,6 +37,12 @@ class Faults(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     after_store: Literal["drop", "500", "503", "504"] = "drop"  # drop: the connection closes mid-answer
     expire_tokens: bool = False  # every token issued so far is refused (401) from now on
     stale_writes: int = 0  # the next n conditional updates find the record changed by someone else first
+    # a share of creates failing, drawn per create from a seeded generator (a run can be repeated):
+    # of those, `after_store_share` are stored first and answered as `after_store`, the rest are
+    # answered `fail_status` before anything is done
+    create_fail_ratio: float = 0.0
+    after_store_share: float = 0.5
+    fault_seed: int = 0  # setting it restarts the draws
 
 
 class TwinState:
@@ -44,6 +53,7 @@ class TwinState:
         self._tokens: dict[str, float] = {}  # token -> expiry (monotonic)
         self._counters = Counters()
         self._faults = Faults()
+        self._draws = random.Random(0)
         # a dialect's own listener (Epic's MLLP): its server, and the port it bound
         self.mllp_server: Any = None
         self.mllp_port: int | None = None
@@ -75,6 +85,8 @@ class TwinState:
     def set_faults(self, **changes: object) -> Faults:
         with self._lock:
             self._faults = msgspec.convert({**msgspec.to_builtins(self._faults), **changes}, Faults)
+            if "fault_seed" in changes:
+                self._draws.seed(self._faults.fault_seed)
             if self._faults.expire_tokens:
                 self._tokens.clear()
                 self._faults = msgspec.structs.replace(self._faults, expire_tokens=False)
@@ -88,6 +100,17 @@ class TwinState:
                 return False
             self._faults = msgspec.structs.replace(self._faults, **{name: left - 1})
             return True
+
+    def draw_create_fault(self) -> Literal["before", "after_store"] | None:
+        """Whether this create fails by `create_fail_ratio`, and when (counted)."""
+        with self._lock:
+            f = self._faults
+            if f.create_fail_ratio <= 0 or self._draws.random() >= f.create_fail_ratio:
+                return None
+            if self._draws.random() < f.after_store_share:
+                return "after_store"  # counted when it happens, in stored_then_failed
+            self._counters.create_faults_before += 1
+            return "before"
 
     def reset(self) -> None:
         with self._lock:
