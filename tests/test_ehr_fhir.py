@@ -18,6 +18,8 @@ from typing import Any
 import httpx
 import pytest
 import redis.asyncio as aredis
+from litestar import Litestar, MediaType, Response
+from litestar import get as route
 
 from gateway.canonical import Coding
 from gateway.edges.server import ThreadedServer
@@ -161,8 +163,8 @@ async def test_find_slots_follows_next_pages_and_names_each_slots_practitioner_a
 
 async def test_find_slots_by_practitioner_or_location_and_service_and_time(ehr):
     record = CallRecord()
-    mine = await ehr.find_slots(SlotQuery(start="2030-01-07T12:00:00Z", end="2030-01-07T13:00:00Z",
-                                          practitioners=("example",)), record)
+    mine = await ehr.find_slots(SlotQuery(start="2030-01-07T14:00:00+02:00", end="2030-01-07T13:00:00Z",
+                                          practitioners=("example",)), record)  # an offset: 12:00 UTC
     assert [(s.id, s.practitioner) for s in mine] == [("s1-203001071200", "example"), ("s1-203001071230", "example")]
     either = await ehr.find_slots(SlotQuery(start="2030-01-07T12:00:00Z", end="2030-01-07T12:30:00Z",
                                             practitioners=("example", "f001")), record)
@@ -420,6 +422,84 @@ async def test_without_conditional_create_a_lost_booking_is_found_and_a_refused_
             assert len(booked(plain)) == 2
             again = await client.book(timed, CallRecord())  # with the token renewed after the refusal
             assert again.status == "booked" and len(booked(plain)) == 3
+
+
+# -- a server that answers no body ------------------------------------------------------------------------
+
+async def test_a_server_that_answers_no_body_is_read_by_its_location(redis_url, prefix):
+    with serve_twin(return_minimal=True) as minimal:
+        async with ehr_client(minimal, redis_url, prefix) as client:
+            reads = counters(minimal)["reads"]
+            timed = request("s2-203001070900", start="2030-01-07T09:00:00Z", end="2030-01-07T09:30:00Z")
+            made = await client.book(timed, CallRecord())
+            assert (made.status, made.slot, made.patient, made.version) == ("booked", "s2-203001070900", PATIENT, "1")
+            again = await client.book(timed, CallRecord())  # the conditional match: 200, no body
+            assert again == made and len(booked(minimal)) == 1
+            cancelled = await client.cancel(made.id, None, CallRecord())
+            assert (cancelled.status, cancelled.version) == ("cancelled", "2")
+            # metadata, a read after each create and one before and after the update
+            assert counters(minimal)["reads"] == reads + 1 + 2 + 2
+        raw = httpx.post(f"{minimal.url}/fhir/Appointment", headers=token(minimal),
+                         json=appointment(free_slots(minimal, token(minimal))[0]))
+        assert raw.status_code == 201 and raw.content == b"" and raw.headers["etag"] == 'W/"1"'
+    with serve_twin() as twin:  # a client may ask for no body too
+        raw = httpx.post(f"{twin.url}/fhir/Appointment", json=appointment(free_slots(twin, token(twin))[0]),
+                         headers={**token(twin), "Prefer": "return=minimal"})
+        assert raw.status_code == 201 and raw.content == b"" and "/fhir/Appointment/" in raw.headers["location"]
+
+
+# -- answers that are no FHIR (a proxy, a broken server): a small server of its own -------------------------
+
+def _garbage_app() -> Any:
+    @route("/fhir/metadata", media_type=MediaType.HTML)
+    async def metadata() -> str:
+        return "<html>maintenance</html>"
+
+    @route("/fhir/Appointment")
+    async def appointments() -> Response[bytes]:  # an id that is no string
+        return Response(b'{"resourceType":"Bundle","entry":[{"resource":{"resourceType":"Appointment","id":7}}]}',
+                        media_type="application/fhir+json")
+
+    @route("/fhir/Slot")
+    async def slots() -> Response[dict[str, Any]]:
+        elsewhere = "http://127.0.0.1:9/fhir/Slot?_offset=1"  # a next link off the EHR's base
+        page = {"resourceType": "Bundle", "type": "searchset", "link": [{"relation": "next", "url": elsewhere}],
+                "entry": [{"resource": {"resourceType": "OperationOutcome", "issue": []}, "search": {"mode": "outcome"}}]}
+        return Response(page, media_type="application/fhir+json")
+
+    @route("/fhir/Slot/{slot_id:str}", media_type=MediaType.HTML)
+    async def slot() -> Response[str]:
+        return Response("<html>bad gateway</html>", status_code=502, media_type=MediaType.HTML)
+
+    @route("/fhir/Appointment/{appointment_id:str}")
+    async def appointment_read() -> Response[bytes]:
+        return Response(b'{"resourceType":"Appointment","id":"1","status":', media_type="application/fhir+json")
+
+    return Litestar([metadata, appointments, slots, slot, appointment_read], openapi_config=None,
+                    logging_config=None)
+
+
+async def test_answers_that_are_no_fhir_are_failures(redis_url, prefix):
+    with ThreadedServer(_garbage_app()) as broken:
+        settings = EhrSettings(base_url=f"{broken.url}/fhir", timeout_seconds=5)  # no token: a server behind mTLS
+        http, store = HttpClient(settings), aredis.Redis.from_url(redis_url)
+        client = FhirClient("fhirtest", settings, None, http, store, prefix)
+        try:
+            record = CallRecord()
+            with pytest.raises(EhrFailed, match="cannot be read"):
+                await client.conditional_create(record)
+            assert record.error_code == "UNREADABLE"
+            with pytest.raises(EhrFailed, match="not on its FHIR base"):  # the token never goes elsewhere
+                await client.find_slots(SlotQuery(start=DAY, end="2030-01-08"), CallRecord())
+            with pytest.raises(EhrFailed, match="HTTP 502"):
+                await client.read_slot("s1-203001070900", CallRecord())
+            with pytest.raises(EhrFailed, match="cannot be read"):
+                await client.read("1", CallRecord())  # cut short
+            with pytest.raises(EhrFailed, match="cannot be read"):
+                await client.find_booked(request(), CallRecord())
+        finally:
+            await http.aclose()
+            await store.aclose()
 
 
 # -- the failure matrix (conditional create served) -------------------------------------------------------

@@ -9,9 +9,11 @@ Written from FHIR R4's RESTful API and `scheduling-out.md` §3, never from the g
 - `GET /fhir/Slot/{id}` (any status), `GET /fhir/Schedule/{id}`.
 - `POST /fhir/Appointment`: a full booked Appointment on one free slot. `If-None-Exist:
   identifier=system|value` when conditional create is on: one match answers it (200, nothing
-  created), several 412. A slot already taken is 409 (`conflict`: FHIR's answer to a clash with the
-  server's current state; Cerner's 422 is a business rule of its own). 201 with the Appointment,
-  `Location: …/Appointment/{id}/_history/1`, `ETag: W/"1"`.
+  created), several 412; a server without it (`conditional_create` off) never reads the header. A slot
+  already taken is 409 (`conflict`: FHIR's answer to a clash with the server's current state;
+  Cerner's 422 is a business rule of its own). 201 with the Appointment (none under
+  `Prefer: return=minimal`, or ever with `return_minimal`), `Location: …/Appointment/{id}/_history/1`,
+  `ETag: W/"1"`.
 - `GET /fhir/Appointment/{id}`, `GET /fhir/Appointment?identifier=…|patient=…&date=…&slot=…&status=…`.
 - `PUT /fhir/Appointment/{id}`: only a change of status to `cancelled`, with a cancelationReason
   (anything else is 422: this server reschedules by a cancel and a new booking); `If-Match` honoured.
@@ -162,6 +164,15 @@ def _etag(a: Appointment) -> str:
 
 def _one(request: Request[Any, Any, Any], a: Appointment, status: int, **headers: str) -> ASGIApp:
     return answer(status, _appointment(a, _records(request)), headers={"ETag": _etag(a), **headers})
+
+
+def _changed(request: Request[Any, Any, Any], a: Appointment, status: int, **headers: str) -> ASGIApp:
+    """The answer to a create or an update: the resource, or none where `Prefer: return=minimal`
+    asks for none or the server never sends one."""
+    prefer = (request.headers.get("prefer") or "").replace(" ", "").lower().replace(";", ",").split(",")
+    if twin(request).config.return_minimal or "return=minimal" in prefer:
+        return answer(status, None, headers={"ETag": _etag(a), **headers})
+    return _one(request, a, status, **headers)
 
 
 def _bundle(request: Request[Any, Any, Any], links: list[tuple[str, str]], total: int,
@@ -458,8 +469,11 @@ async def create_appointment(request: Request[Any, Any, Any]) -> ASGIApp:
     if existing is not None and not isinstance(existing, list):
         return existing
     if existing:  # FHIR: one match answers it; more than one is an ambiguous precondition
-        return _one(request, existing[0], 200) if len(existing) == 1 else \
-            outcome(412, "duplicate", "If-None-Exist matches more than one Appointment")
+        if len(existing) > 1:
+            return outcome(412, "duplicate", "If-None-Exist matches more than one Appointment")
+        found = existing[0]
+        where = f"{_base(request)}/Appointment/{found.id}/_history/{found.version + 1}"
+        return _changed(request, found, 200, Location=where)
     return _store(request, resource, *booking)
 
 
@@ -473,7 +487,7 @@ def _store(request: Request[Any, Any, Any], resource: _AppointmentIn, slot: Slot
                             appointmentType=msgspec.to_builtins(resource.appointmentType))
     if (failed := stored_then_failed(request)) is not None:
         return failed
-    return _one(request, made, 201, Location=f"{_base(request)}/Appointment/{made.id}/_history/1")
+    return _changed(request, made, 201, Location=f"{_base(request)}/Appointment/{made.id}/_history/1")
 
 
 def _changes(sent: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -507,7 +521,7 @@ async def update_appointment(request: Request[Any, Any, Any]) -> ASGIApp:
         return outcome(422, "business-rule", f"only a status change to cancelled is taken by an update here, "
                                              f"not a change of {', '.join(changed)}: cancel and book again")
     if resource.status == current.status:
-        return _one(request, current, 200)
+        return _changed(request, current, 200)
     if resource.status != "cancelled":
         return outcome(422, "business-rule", "an update here only cancels (status cancelled)")
     if resource.cancelationReason is None:
@@ -521,7 +535,7 @@ def _cancel(request: Request[Any, Any, Any], current: Appointment, reason: _Conc
     said = reason.text or next((c.code for c in reason.coding if c.code), None)
     cancelled = state.calendar.cancel(current.id, said)
     _records(request).stamp(cancelled, cancelationReason=msgspec.to_builtins(reason))
-    return _one(request, cancelled, 200)
+    return _changed(request, cancelled, 200)
 
 
 def route_handlers() -> list[Any]:
