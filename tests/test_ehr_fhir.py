@@ -290,6 +290,26 @@ async def test_a_taken_slot_is_refused_without_patient_data(twin, ehr):
     assert record.status == 409 and len(booked(twin)) == 1
 
 
+async def test_an_identifier_already_booked_on_another_slot_is_refused(twin, ehr):
+    auth = token(twin)
+    first, second, _ = free_slots(twin, auth)
+    assert httpx.post(f"{twin.url}/fhir/Appointment", json=appointment(first, sf_id="08pXX0000005"),
+                      headers=auth).status_code == 201
+    with pytest.raises(EhrRefused) as refused:  # the conditional create answers the first: not what was asked
+        await ehr.book(request(second["id"], sf_id="08pXX0000005"), CallRecord())
+    assert refused.value.issues[0].details_code == "IDENTIFIER_ON_ANOTHER_SLOT" and len(booked(twin)) == 1
+
+
+async def test_ids_that_are_no_fhir_ids_are_never_sent(twin, ehr):
+    calls = counters(twin)["api_calls"]
+    for odd in ("../metadata", "s1-203001070900?_format=xml", "a/b", ""):
+        with pytest.raises(NotFound):
+            await ehr.read_slot(odd, CallRecord())
+        with pytest.raises(NotFound):
+            await ehr.cancel(odd, None, CallRecord())
+    assert counters(twin)["api_calls"] == calls
+
+
 async def test_cancel_of_an_unknown_appointment_is_not_found(ehr):
     with pytest.raises(NotFound):
         await ehr.cancel("99999999", None, CallRecord())

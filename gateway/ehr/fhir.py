@@ -10,6 +10,7 @@ a token renewal; without it a create is never re-sent, and a lost answer is look
 
 from __future__ import annotations
 
+import re
 from typing import Any
 from urllib.parse import urlencode
 
@@ -18,10 +19,11 @@ import msgspec
 from gateway.canonical import Coding
 from gateway.ehr.base import EhrClient, read_json
 from gateway.ehr.model import BookRequest, EhrAppointment, EhrSlot, SlotQuery
-from gateway.errors import EhrFailed
+from gateway.errors import EhrFailed, EhrRefused, NotFound
 from gateway.outbound.calls import CallRecord
 from gateway.outbound.http import Answer
 
+_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")  # R4's id type
 PAGE_SIZE = 50
 MAX_PAGES = 20  # a search that runs past this many pages is cut there, not followed forever
 CANCEL_REASONS = "http://terminology.hl7.org/CodeSystem/appointment-cancellation-reason"
@@ -146,6 +148,13 @@ def _concept(codings: tuple[Coding, ...]) -> dict[str, Any]:
     return {"coding": [msgspec.to_builtins(c) for c in codings]}
 
 
+def _checked(value: str, what: str) -> str:
+    """An id as it goes into a path: R4's id type, so nothing from outside can steer the URL."""
+    if not _ID.fullmatch(value):
+        raise NotFound(f"no such {what}: not a FHIR id")
+    return value
+
+
 def _token(coding: Coding) -> str:
     return f"{coding.system}|{coding.code}" if coding.system else str(coding.code)
 
@@ -249,7 +258,7 @@ class FhirClient(EhrClient):
                        service_types=_codings(s.serviceType))
 
     async def read_slot(self, slot_id: str, record: CallRecord) -> EhrSlot:
-        response = await self.call("GET", f"/Slot/{slot_id}", record)
+        response = await self.call("GET", f"/Slot/{_checked(slot_id, 'slot')}", record)
         if response.status != 200:
             raise self.failure(response, record, "the slot")
         slot = self._read(response, _Slot, record, "a slot read")
@@ -290,15 +299,21 @@ class FhirClient(EhrClient):
         if response.status not in (200, 201):
             raise self.failure(response, record, "the booking")
         if not response.content:  # a server that answers `return=minimal` whatever is asked
-            made = _id((response.headers.get("location") or "").split("/_history/")[0], "Appointment")
-            if made is None:
+            where = _id((response.headers.get("location") or "").split("/_history/")[0], "Appointment")
+            if where is None:
                 raise EhrFailed(f"the {self.source} EHR's answer to the booking names no Appointment")
-            return await self.read(made, record)
-        return _appointment(self._read(response, _Appointment, record, "the booking"))
+            made = await self.read(where, record)
+        else:
+            made = _appointment(self._read(response, _Appointment, record, "the booking"))
+        if made.slot != request.slot:  # a conditional match: the identifier already booked another slot
+            record.error_code = "IDENTIFIER_ON_ANOTHER_SLOT"
+            raise EhrRefused(f"the {self.source} EHR already holds a booking with this identifier on another slot",
+                             details_code="IDENTIFIER_ON_ANOTHER_SLOT")
+        return made
 
     async def _fetch(self, appointment_id: str, record: CallRecord) -> tuple[dict[str, Any], _Appointment, str]:
         """The Appointment as the server has it (to send back changed), read, and its version tag."""
-        response = await self.call("GET", f"/Appointment/{appointment_id}", record)
+        response = await self.call("GET", f"/Appointment/{_checked(appointment_id, 'appointment')}", record)
         if response.status != 200:
             raise self.failure(response, record, "the appointment")
         parsed = self._read(response, _Appointment, record, "an appointment read")
