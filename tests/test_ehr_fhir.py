@@ -204,9 +204,11 @@ async def test_slot_search_parameters_follow_fhirs_rules(twin):
     assert "colour" not in lenient.json()["link"][0]["url"]
     # ...unless the client asks for strict handling
     strict = httpx.get(url, params=[*window, ("colour", "blue")], headers={**auth, "Prefer": "handling=strict"})
-    assert strict.status_code == 400 and validate(strict.content, "OperationOutcome")["issue"][0]["code"] == "not-supported"
+    assert strict.status_code == 400
+    assert validate(strict.content, "OperationOutcome")["issue"][0]["code"] == "not-supported"
     # commas: OR; a repeated parameter: AND
-    either = httpx.get(url, params=[*window, ("schedule.actor", "Practitioner/example,Practitioner/f001")], headers=auth)
+    either = httpx.get(url, params=[*window, ("schedule.actor", "Practitioner/example,Practitioner/f001")],
+                       headers=auth)
     assert either.json()["total"] == 2
     both = httpx.get(url, params=[*window, ("schedule.actor", "Practitioner/example"),
                                   ("schedule.actor", "Location/2")], headers=auth)
@@ -235,7 +237,8 @@ async def test_read_slot_any_status_and_unknown_is_not_found(twin, ehr):
 
 async def test_book_read_cancel_and_a_conditional_resend_books_nothing_new(twin, ehr):
     wanted = request("s1-203001071400", practitioner="example", location="1", comment="bring the referral",
-                     appointment_types=(Coding(system="http://terminology.hl7.org/CodeSystem/v2-0276", code="ROUTINE"),))
+                     appointment_types=(Coding(system="http://terminology.hl7.org/CodeSystem/v2-0276",
+                                               code="ROUTINE"),))
     made = await ehr.book(wanted, CallRecord())
     assert (made.status, made.slot, made.patient, made.practitioner, made.location) == \
         ("booked", "s1-203001071400", PATIENT, "example", "1")
@@ -374,14 +377,16 @@ def test_conditional_create_with_several_matches_is_412(twin):
     auth = token(twin)
     first, second, third = free_slots(twin, auth)
     for slot in (first, second):  # a plain create does not look: two appointments carry the identifier
-        assert httpx.post(f"{twin.url}/fhir/Appointment", json=appointment(slot, sf_id="dup"), headers=auth).status_code == 201
+        made = httpx.post(f"{twin.url}/fhir/Appointment", json=appointment(slot, sf_id="dup"), headers=auth)
+        assert made.status_code == 201
     r = httpx.post(f"{twin.url}/fhir/Appointment", json=appointment(third, sf_id="dup"),
                    headers={**auth, "If-None-Exist": f"identifier={SF}|dup"})
     assert r.status_code == 412 and validate(r.content, "OperationOutcome")
     assert len(booked(twin)) == 2
     listed = httpx.get(f"{twin.url}/fhir/Appointment", params={"identifier": f"{SF}|dup"}, headers=auth)
     assert validate(listed.content, "Bundle")["total"] == 2
-    odd = httpx.post(f"{twin.url}/fhir/Appointment", json=appointment(third), headers={**auth, "If-None-Exist": "patient=x"})
+    odd = httpx.post(f"{twin.url}/fhir/Appointment", json=appointment(third),
+                     headers={**auth, "If-None-Exist": "patient=x"})
     assert odd.status_code == 400
 
 
@@ -484,7 +489,8 @@ def _garbage_app() -> Any:
     async def slots() -> Response[dict[str, Any]]:
         elsewhere = "http://127.0.0.1:9/fhir/Slot?_offset=1"  # a next link off the EHR's base
         page = {"resourceType": "Bundle", "type": "searchset", "link": [{"relation": "next", "url": elsewhere}],
-                "entry": [{"resource": {"resourceType": "OperationOutcome", "issue": []}, "search": {"mode": "outcome"}}]}
+                "entry": [{"resource": {"resourceType": "OperationOutcome", "issue": []},
+                           "search": {"mode": "outcome"}}]}
         return Response(page, media_type="application/fhir+json")
 
     @route("/fhir/Slot/{slot_id:str}", media_type=MediaType.HTML)
@@ -609,7 +615,8 @@ def test_ehr_sandbox_serves_the_fhir_twin():
             except httpx.TransportError:
                 time.sleep(0.2)
         assert answered is not None and answered.status_code == 200
-        assert validate(answered.content, "CapabilityStatement")["implementation"]["url"] == f"http://127.0.0.1:{port}/fhir"
+        capability = validate(answered.content, "CapabilityStatement")
+        assert capability["implementation"]["url"] == f"http://127.0.0.1:{port}/fhir"
         assert httpx.get(f"http://127.0.0.1:{port}/fhir/Slot").status_code == 401
     finally:
         process.terminate()

@@ -140,6 +140,10 @@ def _id(reference: str | None, kind: str) -> str | None:
     return parts[-1] if len(parts) >= 2 and parts[-2] == kind and parts[-1] else None
 
 
+def _first(references: list[str | None], kind: str) -> str | None:
+    return next((i for i in (_id(r, kind) for r in references) if i), None)
+
+
 def _codings(concepts: list[_Concept]) -> tuple[Coding, ...]:
     return tuple(Coding(system=c.system, code=c.code, display=c.display) for cc in concepts for c in cc.coding)
 
@@ -161,10 +165,10 @@ def _token(coding: Coding) -> str:
 
 def _appointment(a: _Appointment) -> EhrAppointment:
     actors = [p.actor.reference for p in a.participant if p.actor is not None]
-    first = lambda kind: next((i for i in (_id(r, kind) for r in actors) if i), None)  # noqa: E731
     return EhrAppointment(
         id=a.id, status=a.status, start=a.start, end=a.end, slot=_id(a.slot[0].reference, "Slot") if a.slot else None,
-        patient=first("Patient"), practitioner=first("Practitioner"), location=first("Location"),
+        patient=_first(actors, "Patient"), practitioner=_first(actors, "Practitioner"),
+        location=_first(actors, "Location"),
         version=a.meta.versionId if a.meta else None, service_types=_codings(a.serviceType),
         identifiers=tuple((i.system or "", i.value) for i in a.identifier if i.value))
 
@@ -252,10 +256,9 @@ class FhirClient(EhrClient):
 
     def _slot(self, s: _Slot, schedule: _Schedule | None) -> EhrSlot:
         actors = [a.reference for a in schedule.actor] if schedule is not None else []
-        first = lambda kind: next((i for i in (_id(r, kind) for r in actors) if i), None)  # noqa: E731
-        return EhrSlot(id=s.id, start=s.start, end=s.end, status=s.status, schedule=_id(s.schedule.reference, "Schedule"),
-                       practitioner=first("Practitioner"), location=first("Location"),
-                       service_types=_codings(s.serviceType))
+        return EhrSlot(id=s.id, start=s.start, end=s.end, status=s.status,
+                       schedule=_id(s.schedule.reference, "Schedule"), practitioner=_first(actors, "Practitioner"),
+                       location=_first(actors, "Location"), service_types=_codings(s.serviceType))
 
     async def read_slot(self, slot_id: str, record: CallRecord) -> EhrSlot:
         response = await self.call("GET", f"/Slot/{_checked(slot_id, 'slot')}", record)

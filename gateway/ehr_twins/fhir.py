@@ -197,7 +197,8 @@ def _capability(request: Request[Any, Any, Any], config: TwinConfig) -> dict[str
                    "interaction": [{"code": c} for c in ("create", "read", "update", "search-type")],
                    "versioning": "versioned-update", "readHistory": False, "updateCreate": False,
                    "conditionalCreate": config.conditional_create, "conditionalUpdate": False,
-                   "searchParam": params(("identifier", "token", "system|value"), ("patient", "reference", "Patient/id"),
+                   "searchParam": params(("identifier", "token", "system|value"),
+                                         ("patient", "reference", "Patient/id"),
                                          ("date", "date", "the start"), ("slot", "reference", "Slot/id"),
                                          ("status", "token", "appointmentstatus"))}
     return {"resourceType": "CapabilityStatement", "status": "active",
