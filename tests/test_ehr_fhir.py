@@ -7,6 +7,7 @@ every body type it answers is checked as R4 by the suite's validator."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -407,6 +408,14 @@ def test_a_create_the_server_would_not_take_is_refused(twin, change, status):
     r = httpx.post(f"{twin.url}/fhir/Appointment", json=body, headers=auth)
     assert r.status_code == status and validate(r.content, "OperationOutcome")
     assert booked(twin) == []
+
+
+def test_a_body_that_is_no_json_media_type_is_415(twin):
+    auth = token(twin)
+    (slot, *_) = free_slots(twin, auth)
+    r = httpx.post(f"{twin.url}/fhir/Appointment", content=json.dumps(appointment(slot)),
+                   headers={**auth, "Content-Type": "text/plain"})
+    assert r.status_code == 415 and validate(r.content, "OperationOutcome") and booked(twin) == []
 
 
 def test_another_practitioner_than_the_slots_is_refused(twin):

@@ -405,7 +405,10 @@ async def search_appointments(request: Request[Any, Any, Any]) -> ASGIApp:
                                [(_appointment(a, records), "match") for a in found]))
 
 
-def _decode(body: bytes) -> _AppointmentIn | ASGIApp:
+def _decode(request: Request[Any, Any, Any], body: bytes) -> _AppointmentIn | ASGIApp:
+    media = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
+    if media not in ("application/fhir+json", "application/json"):
+        return outcome(415, "not-supported", "this server reads application/fhir+json")
     try:
         resource = msgspec.json.decode(body, type=_AppointmentIn)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
@@ -460,7 +463,7 @@ async def create_appointment(request: Request[Any, Any, Any]) -> ASGIApp:
         return refused
     state = twin(request)
     state.count("creates")
-    resource = _decode(await request.body())
+    resource = _decode(request, await request.body())
     if not isinstance(resource, _AppointmentIn):
         return resource
     booking = _booking(resource, state)
@@ -506,7 +509,7 @@ async def update_appointment(request: Request[Any, Any, Any]) -> ASGIApp:
         return refused
     state = twin(request)
     body = await request.body()
-    resource = _decode(body)
+    resource = _decode(request, body)
     if not isinstance(resource, _AppointmentIn):
         return resource
     if resource.id != appointment_id:
