@@ -232,6 +232,9 @@ async def test_read_slot_any_status_and_unknown_is_not_found(twin, ehr):
         await ehr.read_slot("s2-203001071005", CallRecord())  # off the grid
     missing = httpx.get(f"{twin.url}/fhir/Slot/nope", headers=token(twin))
     assert missing.status_code == 404 and validate(missing.content, "OperationOutcome")
+    schedule = httpx.get(f"{twin.url}/fhir/Schedule/s2", headers=token(twin))
+    assert validate(schedule.content, "Schedule")["actor"][0] == {"reference": "Practitioner/f001"}
+    assert httpx.get(f"{twin.url}/fhir/Schedule/s9", headers=token(twin)).status_code == 404
 
 
 # -- booking, reading, cancelling -----------------------------------------------------------------------
@@ -384,6 +387,8 @@ def test_conditional_create_with_several_matches_is_412(twin):
                    headers={**auth, "If-None-Exist": f"identifier={SF}|dup"})
     assert r.status_code == 412 and validate(r.content, "OperationOutcome")
     assert len(booked(twin)) == 2
+    taken = httpx.post(f"{twin.url}/fhir/Appointment", json=appointment(first, sf_id="other"), headers=auth)
+    assert taken.status_code == 409 and validate(taken.content, "OperationOutcome")["issue"][0]["code"] == "conflict"
     listed = httpx.get(f"{twin.url}/fhir/Appointment", params={"identifier": f"{SF}|dup"}, headers=auth)
     assert validate(listed.content, "Bundle")["total"] == 2
     odd = httpx.post(f"{twin.url}/fhir/Appointment", json=appointment(third),
@@ -562,18 +567,35 @@ async def test_an_expired_token_is_renewed_once_and_the_conditional_booking_rese
     assert len(booked(twin)) == 1
 
 
-@pytest.mark.parametrize(("status", "error"), [(429, Unavailable), (503, Unavailable), (500, EhrFailed),
-                                               (502, EhrFailed)])
+FAILING = [(429, Unavailable), (503, Unavailable), (500, EhrFailed), (502, EhrFailed)]
+NINE = request("s1-203001070900", start="2030-01-07T09:00:00Z", end="2030-01-07T09:30:00Z")  # no slot read first
+
+
+@pytest.mark.parametrize(("status", "error"), FAILING)
 async def test_a_failure_before_anything_is_done_books_nothing(twin, ehr, status, error):
-    assert await ehr.conditional_create(CallRecord())
+    assert await ehr.conditional_create(CallRecord())  # metadata passes no gate: the create is the first call
     faults(twin, fail_before=1, fail_status=status)
     record = CallRecord()
     with pytest.raises(error) as raised:
-        await ehr.book(request(), record)
+        await ehr.book(NINE, record)
     assert record.status == status and not record.in_doubt and booked(twin) == []
+    assert counters(twin)["creates"] == 0  # answered at the door
     if error is Unavailable:
         assert raised.value.retry_after == ehr.retry_after()
-    assert (await ehr.book(request(), CallRecord())).status == "booked"  # the fault was spent
+    assert (await ehr.book(NINE, CallRecord())).status == "booked"  # the fault was spent
+
+
+@pytest.mark.parametrize(("status", "error"), FAILING)
+async def test_a_failure_of_a_cancel_or_a_search_changes_nothing(twin, ehr, status, error):
+    made = await ehr.book(NINE, CallRecord())
+    faults(twin, fail_before=1, fail_status=status)
+    with pytest.raises(error):
+        await ehr.cancel(made.id, "pat", CallRecord())  # its read fails: no update is sent
+    assert booked(twin)[0]["status"] == "booked" and counters(twin)["cancels"] == 0
+    faults(twin, fail_before=1, fail_status=status)
+    with pytest.raises(error):
+        await ehr.find_slots(SlotQuery(start=DAY, end="2030-01-08"), CallRecord())
+    assert (await ehr.cancel(made.id, "pat", CallRecord())).status == "cancelled"
 
 
 async def test_a_dropped_answer_after_the_store_is_lost_then_found_and_a_resend_books_nothing_new(twin, ehr):
