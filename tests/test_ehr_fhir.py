@@ -19,13 +19,13 @@ from typing import Any
 import httpx
 import pytest
 import redis.asyncio as aredis
-from litestar import Litestar, MediaType, Response
+from litestar import Litestar, MediaType, Request, Response
 from litestar import get as route
 
 from gateway.canonical import Coding
 from gateway.edges.server import ThreadedServer
 from gateway.ehr import client_class
-from gateway.ehr.fhir import FhirClient
+from gateway.ehr.fhir import MAX_PAGES, FhirClient
 from gateway.ehr.model import BookRequest, SlotQuery
 from gateway.ehr_twins import TwinConfig, create_ehr_twin
 from gateway.errors import EhrFailed, EhrRefused, NotFound, Unavailable
@@ -257,7 +257,8 @@ async def test_book_read_cancel_and_a_conditional_resend_books_nothing_new(twin,
     raw = httpx.get(f"{twin.url}/fhir/Appointment/{made.id}", headers=token(twin))
     assert raw.headers["etag"] == 'W/"1"'
     body = validate(raw.content, "Appointment")
-    assert body["meta"]["versionId"] == "1" and body["appointmentType"]["coding"][0]["code"] == "ROUTINE"
+    assert body["meta"]["lastUpdated"].startswith("20") and body["meta"]["versionId"] == "1"
+    assert body["appointmentType"]["coding"][0]["code"] == "ROUTINE"
     assert (await ehr.read(made.id, CallRecord())) == made
 
     cancelled = await ehr.cancel(made.id, "pat", CallRecord())
@@ -489,7 +490,7 @@ async def test_a_server_that_answers_no_body_is_read_by_its_location(redis_url, 
 
 # -- answers that are no FHIR (a proxy, a broken server): a small server of its own -------------------------
 
-def _garbage_app() -> Any:
+def _garbage_app(pages: list[int]) -> Any:
     @route("/fhir/metadata", media_type=MediaType.HTML)
     async def metadata() -> str:
         return "<html>maintenance</html>"
@@ -500,7 +501,18 @@ def _garbage_app() -> Any:
                         media_type="application/fhir+json")
 
     @route("/fhir/Slot")
-    async def slots() -> Response[dict[str, Any]]:
+    async def slots(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
+        if "service-type" in request.query_params:  # a server whose next link leads back to itself
+            pages.append(1)
+            again = f"{request.base_url}fhir/Slot?{request.url.query}"
+            page = {"resourceType": "Bundle", "type": "searchset", "link": [{"relation": "next", "url": again}],
+                    "entry": [{"resource": {"resourceType": "Slot", "id": "x1", "status": "free",
+                                            "schedule": {"reference": "Schedule/s"}, "start": "2030-01-07T09:00:00Z",
+                                            "end": "2030-01-07T09:30:00Z"}, "search": {"mode": "match"}},
+                              {"resource": {"resourceType": "Schedule", "id": "s",
+                                            "actor": [{"reference": "Practitioner/p"}]},
+                               "search": {"mode": "include"}}]}
+            return Response(page, media_type="application/fhir+json")
         elsewhere = "http://127.0.0.1:9/fhir/Slot?_offset=1"  # a next link off the EHR's base
         page = {"resourceType": "Bundle", "type": "searchset", "link": [{"relation": "next", "url": elsewhere}],
                 "entry": [{"resource": {"resourceType": "OperationOutcome", "issue": []},
@@ -520,7 +532,8 @@ def _garbage_app() -> Any:
 
 
 async def test_answers_that_are_no_fhir_are_failures(redis_url, prefix):
-    with ThreadedServer(_garbage_app()) as broken:
+    pages: list[int] = []
+    with ThreadedServer(_garbage_app(pages)) as broken:
         settings = EhrSettings(base_url=f"{broken.url}/fhir", timeout_seconds=5)  # no token: a server behind mTLS
         http, store = HttpClient(settings), aredis.Redis.from_url(redis_url)
         client = FhirClient("fhirtest", settings, None, http, store, prefix)
@@ -531,6 +544,10 @@ async def test_answers_that_are_no_fhir_are_failures(redis_url, prefix):
             assert record.error_code == "UNREADABLE"
             with pytest.raises(EhrFailed, match="not on its FHIR base"):  # the token never goes elsewhere
                 await client.find_slots(SlotQuery(start=DAY, end="2030-01-08"), CallRecord())
+            looped = await client.find_slots(SlotQuery(start=DAY, end="2030-01-08", service_types=(SERVICE,)),
+                                             CallRecord())
+            assert len(pages) == MAX_PAGES  # followed no further
+            assert [(s.id, s.practitioner) for s in looped] == [("x1", "p")]  # a slot seen twice is one slot
             with pytest.raises(EhrFailed, match="HTTP 502"):
                 await client.read_slot("s1-203001070900", CallRecord())
             with pytest.raises(EhrFailed, match="cannot be read"):

@@ -217,7 +217,8 @@ class FhirClient(EhrClient):
         slots, schedules = await self._search_slots(params, record)
         for missing in {s.schedule.reference for s in slots} - set(schedules):
             schedules[missing] = await self._schedule(missing, record)  # a server that ignored _include
-        return [self._slot(s, schedules.get(s.schedule.reference)) for s in slots]
+        unique = {s.id: s for s in slots}  # pages of a calendar that changed between them may overlap
+        return [self._slot(s, schedules.get(s.schedule.reference)) for s in unique.values()]
 
     async def _search_slots(self, params: list[tuple[str, str]], record: CallRecord
                             ) -> tuple[list[_Slot], dict[str | None, _Schedule]]:
