@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
 import redis.asyncio as aredis
 from litestar import Litestar, MediaType, Request, Response
@@ -318,6 +319,15 @@ async def test_ids_that_are_no_fhir_ids_are_never_sent(twin, ehr):
     assert counters(twin)["api_calls"] == calls
 
 
+@pytest.mark.parametrize("change", [{"start": "2030-01-07T10:30:00Z", "end": "2030-01-07T11:00:00Z"},
+                                    {"practitioner": "f001"}])
+async def test_a_booking_that_does_not_fit_its_slot_is_refused(twin, ehr, change):
+    wanted = request("s1-203001071000", start="2030-01-07T10:00:00Z", end="2030-01-07T10:30:00Z")
+    with pytest.raises(EhrRefused) as refused:
+        await ehr.book(msgspec.structs.replace(wanted, **change), CallRecord())
+    assert refused.value.issues[0].details_code == "HTTP_422" and booked(twin) == []
+
+
 async def test_cancel_of_an_unknown_appointment_is_not_found(ehr):
     with pytest.raises(NotFound):
         await ehr.cancel("99999999", None, CallRecord())
@@ -513,11 +523,23 @@ def _garbage_app(pages: list[int]) -> Any:
                                             "actor": [{"reference": "Practitioner/p"}]},
                                "search": {"mode": "include"}}]}
             return Response(page, media_type="application/fhir+json")
+        if "schedule.actor" in request.query_params:  # a server that ignores _include
+            page = {"resourceType": "Bundle", "type": "searchset",
+                    "entry": [{"resource": {"resourceType": "Slot", "id": "y1", "status": "free",
+                                            "schedule": {"reference": "Schedule/s2"}, "start": "2030-01-07T09:00:00Z",
+                                            "end": "2030-01-07T09:30:00Z"}, "search": {"mode": "match"}}]}
+            return Response(page, media_type="application/fhir+json")
         elsewhere = "http://127.0.0.1:9/fhir/Slot?_offset=1"  # a next link off the EHR's base
         page = {"resourceType": "Bundle", "type": "searchset", "link": [{"relation": "next", "url": elsewhere}],
                 "entry": [{"resource": {"resourceType": "OperationOutcome", "issue": []},
                            "search": {"mode": "outcome"}}]}
         return Response(page, media_type="application/fhir+json")
+
+    @route("/fhir/Schedule/{schedule_id:str}")
+    async def schedule() -> Response[dict[str, Any]]:
+        return Response({"resourceType": "Schedule", "id": "s2", "actor": [{"reference": "Location/l"},
+                                                                           {"reference": "Practitioner/q"}]},
+                        media_type="application/fhir+json")
 
     @route("/fhir/Slot/{slot_id:str}", media_type=MediaType.HTML)
     async def slot() -> Response[str]:
@@ -527,7 +549,7 @@ def _garbage_app(pages: list[int]) -> Any:
     async def appointment_read() -> Response[bytes]:
         return Response(b'{"resourceType":"Appointment","id":"1","status":', media_type="application/fhir+json")
 
-    return Litestar([metadata, appointments, slots, slot, appointment_read], openapi_config=None,
+    return Litestar([metadata, appointments, slots, schedule, slot, appointment_read], openapi_config=None,
                     logging_config=None)
 
 
@@ -548,6 +570,8 @@ async def test_answers_that_are_no_fhir_are_failures(redis_url, prefix):
                                              CallRecord())
             assert len(pages) == MAX_PAGES  # followed no further
             assert [(s.id, s.practitioner) for s in looped] == [("x1", "p")]  # a slot seen twice is one slot
+            bare = await client.find_slots(SlotQuery(start=DAY, end="2030-01-08", practitioners=("q",)), CallRecord())
+            assert [(s.id, s.schedule, s.practitioner, s.location) for s in bare] == [("y1", "s2", "q", "l")]
             with pytest.raises(EhrFailed, match="HTTP 502"):
                 await client.read_slot("s1-203001070900", CallRecord())
             with pytest.raises(EhrFailed, match="cannot be read"):
