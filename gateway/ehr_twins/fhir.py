@@ -517,6 +517,7 @@ async def update_appointment(request: Request[Any, Any, Any]) -> ASGIApp:
     current = state.calendar.get(appointment_id)
     if current is None:
         return outcome(404, "not-found", "no such Appointment (this server does not create on update)")
+    # from this read to the change nothing awaits: no other request on the twin's loop comes between
     wanted = request.headers.get("if-match")
     if wanted is not None and wanted.strip().removeprefix("W/") != _etag(current).removeprefix("W/"):
         return outcome(412, "conflict", "If-Match names a version that is not the current one")
