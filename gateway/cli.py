@@ -57,6 +57,8 @@ def cmd_translate(args: argparse.Namespace) -> int:
         return _fail("\n".join(exc.problems))
     except OSError as exc:
         return _fail(f"{args.file}: {exc.strerror}")
+    if args.to_ehr is not None:
+        return _translate_to_ehr(args.to_ehr, file_settings, maps, body)
     try:
         prepared = Booker(file_settings.sources, maps).prepare(args.source, body)
     except GatewayError as error:
@@ -65,6 +67,37 @@ def cmd_translate(args: argparse.Namespace) -> int:
     for warning in prepared.warnings:  # left out, not refused: beside the request, on stderr
         print(f"warning: {', '.join(warning.expression)}: {warning.diagnostics}", file=sys.stderr)
     print(msgspec.json.format(msgspec.json.encode(prepared.mapped.request), indent=2).decode())
+    return 0
+
+
+def _translate_to_ehr(source: str, file_settings: FileSettings, maps: dict[str, object], body: bytes) -> int:
+    """What the gateway would ask of SOURCE's EHR for a callout: the neutral request its EHR client
+    takes, with Health Cloud's codes as the EHR's."""
+    from gateway.booking.fhir import error_body
+    from gateway.errors import GatewayError
+    from gateway.scheduling.callouts import read_callout, read_search
+    from gateway.scheduling.to_ehr import book_request, slot_query
+
+    src = file_settings.sources.get(source)
+    if src is None:
+        return _fail(f"no source {source!r} in gateway.toml")
+    source_maps = maps.get(source)
+    try:
+        if body.lstrip().startswith(b"{"):
+            request: object = book_request(source_maps, read_callout(body))  # type: ignore[arg-type]
+        else:
+            search = read_search(body.strip(), [src.source_system], max_days=file_settings.healthcloud.max_search_days,
+                                 max_values=file_settings.healthcloud.max_search_values)
+            criteria = search.criteria.get(src.source_system)
+            if criteria is None:
+                return _fail(f"the search names no value of source system {src.source_system!r}")
+            request = slot_query(source_maps, search, criteria, system=src.source_system)  # type: ignore[arg-type]
+    except GatewayError as error:
+        print(msgspec.json.format(error_body(error), indent=2).decode())
+        return 1
+    kind = "book" if body.lstrip().startswith(b"{") else "find slots"
+    print(f"# {kind} in the {source} EHR ({src.adapter}), as its client is asked", file=sys.stderr)
+    print(msgspec.json.format(msgspec.json.encode(request), indent=2).decode())
     return 0
 
 
@@ -568,8 +601,12 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--config")
     check.set_defaults(func=cmd_codemaps_check)
 
-    translate = sub.add_parser("translate", help="dry run: print the Salesforce request FILE would become")
-    translate.add_argument("--source", required=True)
+    translate = sub.add_parser("translate", help="dry run: print the Salesforce request FILE would become, or "
+                                                 "(--to-ehr) what a Health Cloud callout would ask of the EHR")
+    direction = translate.add_mutually_exclusive_group(required=True)
+    direction.add_argument("--source", help="FILE is this source's booking: print the Salesforce request")
+    direction.add_argument("--to-ehr", metavar="SOURCE", help="FILE is a Health Cloud callout for this source's "
+                                                               "EHR (a create's Appointment, or Find's form line)")
     translate.add_argument("file")
     translate.add_argument("--config")
     translate.set_defaults(func=cmd_translate)

@@ -131,3 +131,36 @@ def test_codes_decode_as_the_spec_shows():
                    "appointment_types": ["REGULAR"]},
     }
     assert search.unsupported == ["schedule:Schedule.actor:Practitioner.identifier"]
+
+
+def test_translate_to_ehr_shows_what_a_callout_would_ask_of_the_ehr(tmp_path, capsys):
+    from gateway.cli import main
+
+    create = tmp_path / "create.json"
+    create.write_text(msgspec.json.encode({
+        "resourceType": "Appointment", "status": "proposed",
+        "identifier": [{"system": "urn:salesforce:ServiceAppointment", "value": "08pxx0000000001AAA"}],
+        "serviceType": [{"coding": [{"code": "40111223"}, {"code": "no-such-code"}]}],
+        "appointmentType": {"coding": [{"code": "ROUTINE"}]},
+        "slot": [{"reference": "Slot/e-s1-203001070900"}],
+        "participant": [{"actor": {"reference": "Patient/eq7IBvJQy2Y5wZqgZ3bRz6A3"}, "status": "accepted"}]}).decode())
+    assert main(["translate", "--to-ehr", "epic", str(create)]) == 0
+    asked = msgspec.json.decode(capsys.readouterr().out)
+    assert asked["slot"] == "e-s1-203001070900" and asked["identifiers"] == [
+        ["urn:salesforce:ServiceAppointment", "08pxx0000000001AAA"]]
+    # Health Cloud's work-type codes as Epic's own (the code without a map is left out of a create)
+    assert asked["service_types"] == [{"system": "urn:oid:1.2.840.114350.1.13.861.1.7.3.808267.11",
+                                       "code": "40111223"}]
+    assert asked["appointment_types"] == [{"system": "http://terminology.hl7.org/CodeSystem/v2-0276",
+                                           "code": "ROUTINE"}]
+
+    find = tmp_path / "find.txt"
+    find.write_text(f"service-type=2572307911&{WINDOW}")
+    assert main(["translate", "--to-ehr", "cerner", str(find)]) == 0
+    asked = msgspec.json.decode(capsys.readouterr().out)
+    assert asked["service_types"] == [{"system": "https://fhir.cerner.com/ec2458f2-1e24-41c8-b71b-0e701af7583d/"
+                                                 "codeSet/14249", "code": "2572307911"}]
+    find.write_text(f"service-type=not-mapped&{WINDOW}")  # a search by a code the EHR cannot be asked: refused
+    assert main(["translate", "--to-ehr", "cerner", str(find)]) == 1
+    refused = msgspec.json.decode(capsys.readouterr().out)
+    assert refused["resourceType"] == "OperationOutcome" and "serviceTypes" in refused["issue"][0]["details"]["text"]

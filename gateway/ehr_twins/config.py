@@ -50,6 +50,8 @@ class TwinConfig(msgspec.Struct, frozen=True, kw_only=True):
     day_end_hour: int = 17
     token_seconds: int = 570  # what a token lives (expires_in)
     mllp_port: int | None = None  # epic: its incoming HL7 v2 scheduling interface (0: any free port)
+    conditional_create: bool = True  # fhir: If-None-Exist honoured and said so in its CapabilityStatement
+    return_minimal: bool = False  # fhir: creates and updates answer no body, whatever Prefer asks
 
     def all_schedules(self) -> tuple[TwinSchedule, ...]:
         return self.schedules if self.schedules is not None else default_schedules(self.dialect)

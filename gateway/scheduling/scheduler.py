@@ -16,12 +16,11 @@ from typing import TypeVar
 import msgspec
 
 from gateway.booking.codemaps import SourceMaps
-from gateway.canonical import Coding
 from gateway.ehr.base import EhrClient
-from gateway.ehr.model import BookRequest, EhrAppointment, EhrSlot, SlotQuery
+from gateway.ehr.model import BookRequest, EhrAppointment, EhrSlot
 from gateway.errors import Conflict, EhrRefused, GatewayError, InvalidRequest, NotFound, Unavailable, cut
-from gateway.outbound.calls import CallRecord
 from gateway.scheduling.callouts import Callout, Search, SourceCriteria
+from gateway.scheduling.to_ehr import book_request, slot_query
 from gateway.scheduling.answers import booked_answer
 from gateway.scheduling.results import Booked, Calls, Found
 from gateway.settings import HealthCloudSettings, SourceSettings
@@ -29,9 +28,6 @@ from gateway.state.idempotency import IdempotencyStore
 from gateway.state.links import Links
 
 T = TypeVar("T")
-# the Salesforce appointment's identifier among the three a create carries: a ServiceAppointment's
-# id starts with its key prefix, 08p
-SERVICE_APPOINTMENT_PREFIX = "08p"
 _CATEGORIES = {"service_types": "serviceTypes", "appointment_types": "appointmentTypes"}
 
 
@@ -74,10 +70,7 @@ class Scheduler:
     async def _find_one(self, system: str, criteria: SourceCriteria, search: Search, calls: Calls) -> Found:
         try:
             client = self.client(system)
-            query = SlotQuery(start=search.start, end=search.end, practitioners=tuple(criteria.practitioners),
-                              locations=tuple(criteria.locations),
-                              service_types=self._to_ehr(system, "serviceTypes", criteria.service_types),
-                              appointment_types=self._to_ehr(system, "appointmentTypes", criteria.appointment_types))
+            query = slot_query(self._maps.get(self._names[system]), search, criteria, system=system)
             slots = await self._bounded(client.find_slots(query, calls.record(system)), system, "a slot search")
             return Found(system, slots=slots)
         except GatewayError as exc:
@@ -89,18 +82,6 @@ class Scheduler:
         except TimeoutError:
             raise Unavailable(f"the {cut(system, 64)} EHR did not answer {what} in time",
                               retry_after=self.client(system).retry_after()) from None
-
-    def _to_ehr(self, system: str, category: str, codes: list[str]) -> tuple[Coding, ...]:
-        """Health Cloud's codes as the EHR's: each through a map read in reverse, else refused."""
-        maps = self._maps.get(self._names[system])
-        found = []
-        for code in codes:
-            reverse = maps.to_ehr(category, code) if maps is not None else None
-            if reverse is None:
-                raise InvalidRequest(f"{category}: the code {cut(code, 64)} has no map to the "
-                                     f"{cut(system, 64)} EHR's codes (an equivalent element or a reverse group)")
-            found.append(Coding(system=reverse.system, code=reverse.code))
-        return tuple(found)
 
     # -- one slot, one appointment ----------------------------------------------------------------
 
@@ -206,36 +187,4 @@ class Scheduler:
         return Booked(system, found, came_from_ehr=came_from_ehr)
 
     def book_request(self, system: str, callout: Callout) -> BookRequest:
-        slot, patient = callout.slot_id(), callout.actor("Patient")
-        if not slot:
-            raise InvalidRequest("slot: the slot to book is required", expression=("Appointment.slot",))
-        if not patient:
-            raise InvalidRequest("participant: a Patient participant is required",
-                                 expression=("Appointment.participant",))
-        identifiers = salesforce_ids(callout)
-        if not identifiers:
-            raise InvalidRequest("identifier: the Salesforce appointment's id is required (a ServiceAppointment id)",
-                                 expression=("Appointment.identifier",))
-        codes = [c.code for concept in callout.serviceType for c in concept.coding if c.code]
-        kinds = [c.code for c in (callout.appointmentType.coding if callout.appointmentType else []) if c.code]
-        return BookRequest(
-            slot=slot, patient=patient, practitioner=callout.actor("Practitioner"),
-            location=callout.actor("Location"), start=callout.start, end=callout.end,
-            service_types=self._known(system, "serviceTypes", codes),
-            appointment_types=self._known(system, "appointmentTypes", kinds),
-            comment=callout.comment, identifiers=tuple(identifiers),
-        )
-
-    def _known(self, system: str, category: str, codes: list[str]) -> tuple[Coding, ...]:
-        """A create's codes as the EHR's where a map says so: the slot already carries what the EHR
-        needs, so a code without one is left out rather than stopping the booking."""
-        maps = self._maps.get(self._names[system])
-        found = (maps.to_ehr(category, code) if maps is not None else None for code in codes)
-        return tuple(Coding(system=r.system, code=r.code) for r in found if r is not None)
-
-
-def salesforce_ids(callout: Callout) -> list[tuple[str, str]]:
-    """The create's identifiers that name the Salesforce appointment (its ServiceAppointment id), as
-    (system, value): what the booking is known by outside the EHR."""
-    return [(i.system or "", i.value) for i in callout.identifier
-            if i.value and i.value.startswith(SERVICE_APPOINTMENT_PREFIX) and len(i.value) in (15, 18)]
+        return book_request(self._maps.get(self._names[system]), callout)
