@@ -459,7 +459,7 @@ def _conditional(request: Request[Any, Any, Any]) -> list[Appointment] | ASGIApp
 
 @post(f"{BASE_PATH}/Appointment", status_code=201)
 async def create_appointment(request: Request[Any, Any, Any]) -> ASGIApp:
-    if (refused := await gate(request)) is not None:
+    if (refused := await gate(request, create=True)) is not None:
         return refused
     state = twin(request)
     state.count("creates")
