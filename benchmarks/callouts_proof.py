@@ -297,10 +297,19 @@ async def _chaos(run: _Run, redis_server: EmbeddedRedis, gateway: subprocess.Pop
     if run.opts.kill_worker:
         while run.done < 2 * n // 3:
             await asyncio.sleep(0.05)
-        workers = [p for p in _children(gateway.pid) if b"multiprocessing" in _cmdline(p)] or _children(gateway.pid)
+        # the busiest worker: the other may hold none of Health Cloud's kept-alive connections
+        workers = sorted((p for p in _children(gateway.pid) if b"spawn_main" in _cmdline(p)), key=_cpu, reverse=True)
         if workers:
             os.kill(workers[0], signal.SIGKILL)
             run.figures.workers_killed += 1
+
+
+def _cpu(pid: int) -> int:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0
+    return int(fields[11]) + int(fields[12])
 
 
 def _count(fig: Figures, planned: list[_Appointment], held: dict[str, list[dict]], counters: dict[str, dict]) -> None:

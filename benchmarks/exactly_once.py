@@ -313,7 +313,7 @@ async def _chaos(run: _Run, redis_server: EmbeddedRedis, gateway: subprocess.Pop
     if opts.kill_worker:
         while run.acked < 2 * opts.bookings // 3:
             await asyncio.sleep(0.05)
-        workers = [pid for pid in _children(gateway.pid) if b"multiprocessing" in _cmdline(pid)] or _children(gateway.pid)
+        workers = [pid for pid in _children(gateway.pid) if b"spawn_main" in _cmdline(pid)] or _children(gateway.pid)
         if workers:
             os.kill(workers[0], signal.SIGKILL)
             run.figures.workers_killed += 1
