@@ -310,7 +310,9 @@ def main(argv: list[str] | None = None) -> int:
             for rnd in range(1, args.rounds + 1):
                 for d in delays:
                     # per connection: one search every 50/(peak/2) s, of which d + the gateway's time is the search
-                    pace = max(0.0, 1000 * args.concurrency / (peak / 2) - d)
+                    pace = 1000 * args.concurrency / (peak / 2) - d
+                    if pace <= 0:  # the connections cannot ask even half the peak at this delay
+                        continue
                     runs.append(bench.measure(d, rnd, pace_ms=pace))
                     print(_line(runs[-1]), flush=True)
     finally:

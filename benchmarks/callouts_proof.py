@@ -105,6 +105,7 @@ class Figures:
     answered_proposed: int = 0  # Creates answered proposed (the EHR failed before storing, or in doubt)
     answered_retry: int = 0  # Creates answered 429 or 5xx (Redis down, a booking in flight, ...)
     unanswered: int = 0  # Creates whose connection failed (a killed worker)
+    finds_retried: int = 0  # Finds sent again: unanswered (a killed worker), not 200, or its EHR failing
     answered_booked: int = 0  # ServiceAppointments some Create was answered booked for
     held: int = 0  # booked appointments in the twins
     duplicates: int = 0
@@ -228,6 +229,7 @@ class _Run:
                                   practitioners=[f"{a.system}|{a.practitioner}"],
                                   service_types=[f"{a.system}|{SERVICE[a.dialect]}"])
             except httpx.TransportError:
+                self.figures.finds_retried += 1
                 await asyncio.sleep(0.2)
                 continue
             if r.status_code == 200:
@@ -235,6 +237,7 @@ class _Run:
                 if len(slots) == 1:
                     a.slot = slots[0]
                     return
+            self.figures.finds_retried += 1
             await asyncio.sleep(0.2)  # an EHR not answering now (an outcome entry), or the gateway
         raise RuntimeError(f"ServiceAppointment {a.index}: its slot was never found")
 
