@@ -354,41 +354,12 @@ async def run_proof(opts: ProofOptions, workdir: Path | None = None) -> Figures:
     own = workdir is None
     workdir = Path(workdir or tempfile.mkdtemp(prefix="ehr-gateway-callouts-proof-"))
     dialects = opts.dialects or available_dialects()
-    private, public = _key_pair()
     today = datetime.now(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
     with ExitStack() as stack:
-        # the twins' deliberate mid-answer drops are not errors worth a traceback each
-        server_log = logging.getLogger("uvicorn.error")
-        stack.callback(server_log.setLevel, server_log.level)
-        server_log.setLevel(logging.CRITICAL)
-        twins = {}
-        for i, d in enumerate(dialects):
-            config = TwinConfig(dialect=d, control_key=CONTROL, client_id=CLIENT,  # type: ignore[arg-type]
-                                client_secret=None if d == "epic" else SECRET,
-                                public_key_pem=public if d == "epic" else None, start_date=today.date().isoformat())
-            twins[d] = stack.enter_context(ThreadedServer(create_ehr_twin(config))).url
-            before, after = FAULTS[d]
-            _control(twins[d], "POST", "/twin/faults", json={
-                "create_fail_ratio": opts.fault_ratio, "after_store_share": 0.5, "fault_seed": opts.seed + i,
-                "fail_status": before, "after_store": after})
+        private, twins = _start_twins(stack, opts, dialects, today)
         redis_server = EmbeddedRedis(workdir / "redis").start()
         stack.callback(redis_server.stop)
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("SALESFORCE_", "REDIS_URL", "EHR_"))}
-        sf_port, port = _free_port(), _free_port()
-        sf = subprocess.Popen([sys.executable, "-m", "benchmarks.standin", "--port", str(sf_port)], cwd=ROOT, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        stack.callback(_stop, sf)
-        log = stack.enter_context((workdir / "gateway.log").open("w"))
-        gateway = subprocess.Popen(
-            [str(BIN), "serve", "--port", str(port), "--workers", str(opts.workers),
-             "--config", str(_write_config(workdir / "config", twins, private))],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT,
-            env={**env, "REDIS_URL": redis_server.url, "SALESFORCE_LOGIN_URL": f"http://127.0.0.1:{sf_port}",
-                 "SALESFORCE_CLIENT_ID": "proof-client", "SALESFORCE_CLIENT_SECRET": "proof-secret",
-                 "EHR_GATEWAY_DATA": str(workdir / "data"),
-                 **{f"EHR_{d.upper()}_CLIENT_SECRET": SECRET for d in dialects if d != "epic"}})
-        stack.callback(_stop, gateway)
-        base = f"http://127.0.0.1:{port}"
+        gateway, base = _start_gateway(stack, opts, workdir, twins, private, redis_server.url)
         await _wait_ready(base, gateway, workdir / "gateway.log")
         hc = Callouts(base + "/iam", AUTH, timeout=15)
         try:
@@ -409,6 +380,49 @@ async def run_proof(opts: ProofOptions, workdir: Path | None = None) -> Figures:
     if own:
         shutil.rmtree(workdir, ignore_errors=True)
     return run.figures
+
+
+def _start_twins(stack: ExitStack, opts: ProofOptions, dialects: tuple[str, ...],
+                 today: datetime) -> tuple[str, dict[str, str]]:
+    """Each dialect's twin on a port of its own, failing its creates as FAULTS says: (the private
+    key Epic's assertions are signed with, dialect -> the twin's URL)."""
+    # the twins' deliberate mid-answer drops are not errors worth a traceback each
+    server_log = logging.getLogger("uvicorn.error")
+    stack.callback(server_log.setLevel, server_log.level)
+    server_log.setLevel(logging.CRITICAL)
+    private, public = _key_pair()
+    twins = {}
+    for i, d in enumerate(dialects):
+        config = TwinConfig(dialect=d, control_key=CONTROL, client_id=CLIENT,  # type: ignore[arg-type]
+                            client_secret=None if d == "epic" else SECRET,
+                            public_key_pem=public if d == "epic" else None, start_date=today.date().isoformat())
+        twins[d] = stack.enter_context(ThreadedServer(create_ehr_twin(config))).url
+        before, after = FAULTS[d]
+        _control(twins[d], "POST", "/twin/faults", json={
+            "create_fail_ratio": opts.fault_ratio, "after_store_share": 0.5, "fault_seed": opts.seed + i,
+            "fail_status": before, "after_store": after})
+    return private, twins
+
+
+def _start_gateway(stack: ExitStack, opts: ProofOptions, workdir: Path, twins: dict[str, str], private: str,
+                   redis_url: str) -> tuple[subprocess.Popen[bytes], str]:
+    """The Salesforce stand-in, and `ehr-gateway serve` in front of the twins: (its process, its URL)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SALESFORCE_", "REDIS_URL", "EHR_"))}
+    sf_port, port = _free_port(), _free_port()
+    sf = subprocess.Popen([sys.executable, "-m", "benchmarks.standin", "--port", str(sf_port)], cwd=ROOT, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    stack.callback(_stop, sf)
+    log = stack.enter_context((workdir / "gateway.log").open("w"))
+    gateway = subprocess.Popen(
+        [str(BIN), "serve", "--port", str(port), "--workers", str(opts.workers),
+         "--config", str(_write_config(workdir / "config", twins, private))],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT,
+        env={**env, "REDIS_URL": redis_url, "SALESFORCE_LOGIN_URL": f"http://127.0.0.1:{sf_port}",
+             "SALESFORCE_CLIENT_ID": "proof-client", "SALESFORCE_CLIENT_SECRET": "proof-secret",
+             "EHR_GATEWAY_DATA": str(workdir / "data"),
+             **{f"EHR_{d.upper()}_CLIENT_SECRET": SECRET for d in twins if d != "epic"}})
+    stack.callback(_stop, gateway)
+    return gateway, f"http://127.0.0.1:{port}"
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
