@@ -25,6 +25,7 @@ from gateway.ehr_twins.config import default_schedules
 from gateway.settings import EhrCredentials, EhrSettings, HealthCloudSettings, Settings
 from tests.conftest import digest, free_port, make_settings, serve_gateway
 from tests.fhir_validate import validate
+from tests.test_dashboard import chromium  # noqa: F401  (the fixture)
 
 CONTROL, CLIENT, SECRET = "test-ehr-twin-control", "gateway-client", "test-ehr-twin-secret-94c1"
 HC = "Basic " + __import__("base64").b64encode(b"hc:hc-secret-3318").decode()
@@ -387,3 +388,36 @@ async def test_operators_see_the_callouts_with_the_ehrs_answer_and_no_patient_da
     assert metrics[("ehrgw_ehr_call_seconds_count", (("source", "epic"),))] >= 2  # the search, the booking
     assert "55500011" not in (await hc.get("/admin/api/requests", headers=admin)).text
     assert '"callout"' in log_file.read_text() and "55500011" not in log_file.read_text()
+
+
+async def test_the_dashboard_shows_each_direction(hc, twins, chromium):
+    """In Chromium: the Direction filter splits Health Cloud's callouts from the EHRs' bookings, and a
+    callout's row shows what the EHR answered."""
+    from playwright.async_api import expect
+
+    from tests.conftest import ADMIN_KEY, VIDEO_VISIT, auth, corpus
+    from tests.test_dashboard import browser_page, sign_in
+
+    system = hc.systems["cerner"]
+    slot = _slots(await _found(hc, _search(hc.systems, ("cerner",))))[0]
+    created = await hc.post(f"/iam/Appointment/{system}", headers=JSON,
+                            json=_create(system, slot["id"], default_schedules("cerner")[0].practitioner,
+                                         "08pxx00000000F1AAA"))
+    assert created.json()["status"] == "booked"
+    assert (await hc.post("/fhir/cerner/Appointment", content=corpus(VIDEO_VISIT), headers=auth())).status_code == 201
+
+    async with browser_page(chromium, str(hc.base_url)) as (context, page, problems):
+        await sign_in(page, ADMIN_KEY)
+        rows = page.locator('[data-testid="request-row"]')
+        await expect(rows).to_have_count(3)  # the search, the create, the booking
+        await page.get_by_test_id("filter-direction").select_option("out")
+        await expect(rows).to_have_count(2)
+        create = page.locator('[data-testid="request-row"][data-outcome="booked"]')
+        await expect(create).to_have_count(1)
+        await expect(create.get_by_test_id("row-ehr")).to_contain_text("EHR 201")  # Cerner's create
+        await expect(page.locator('[data-testid="request-row"][data-outcome="found"]')).to_have_count(1)
+        await page.get_by_test_id("filter-direction").select_option("in")
+        await expect(rows).to_have_count(1)
+        await expect(rows.first).to_have_attribute("data-outcome", "booked")
+        await expect(rows.first.get_by_test_id("row-sf-id")).to_be_visible()
+        assert problems == []
