@@ -421,3 +421,53 @@ async def test_the_dashboard_shows_each_direction(hc, twins, chromium):
         await expect(rows.first).to_have_attribute("data-outcome", "booked")
         await expect(rows.first.get_by_test_id("row-sf-id")).to_be_visible()
         assert problems == []
+
+
+@pytest.mark.parametrize("status", [503, 429, 500])
+async def test_an_ehr_failing_before_it_acted_is_proposed_and_the_next_create_books(hc, twins, status):
+    system = hc.systems["fhir"]
+    slot = _slots(await _found(hc, _search(hc.systems, ("fhir",))))[0]
+    body = _create(system, slot["id"], default_schedules("fhir")[0].practitioner, "08pxx00000000G1AAA")
+    twins["fhir"].faults(fail_before=1, fail_status=status)
+    first = await hc.post(f"/iam/Appointment/{system}", json=body, headers=JSON)
+    assert first.status_code == 200 and first.json()["status"] == "proposed" and first.json()["comment"]
+    assert twins["fhir"].appointments() == []
+    again = await hc.post(f"/iam/Appointment/{system}", json=body, headers=JSON)
+    assert again.json()["status"] == "booked" and len(twins["fhir"].appointments()) == 1
+
+
+@pytest.mark.parametrize("after_store", ["500", "503", "504"])
+async def test_an_ehr_failing_after_it_stored_is_found_not_booked_again(hc, twins, after_store):
+    system = hc.systems["cerner"]
+    slot = _slots(await _found(hc, _search(hc.systems, ("cerner",))))[0]
+    body = _create(system, slot["id"], default_schedules("cerner")[0].practitioner, "08pxx00000000H1AAA")
+    twins["cerner"].faults(fail_after_store=1, after_store=after_store)
+    first = await hc.post(f"/iam/Appointment/{system}", json=body, headers=JSON)
+    assert first.json()["status"] == "booked", first.text
+    assert [a["id"] for a in twins["cerner"].appointments()] == [first.json()["id"]]
+
+
+async def test_the_same_appointment_with_another_slot_is_409(hc, twins):
+    system = hc.systems["fhir"]
+    first, second = _slots(await _found(hc, _search(hc.systems, ("fhir",))))[:2]
+    doctor = default_schedules("fhir")[0].practitioner
+    booked = await hc.post(f"/iam/Appointment/{system}", json=_create(system, first["id"], doctor, "08pxx00000000J1AAA"),
+                           headers=JSON)
+    assert booked.json()["status"] == "booked"
+    other = await hc.post(f"/iam/Appointment/{system}", json=_create(system, second["id"], doctor, "08pxx00000000J1AAA"),
+                          headers=JSON)
+    assert other.status_code == 409 and len(twins["fhir"].appointments()) == 1
+    validate(other.json(), "OperationOutcome")
+
+
+async def test_with_redis_gone_a_create_is_503_and_nothing_is_sent(redis_url, prefix, sandbox, twins, tmp_path):
+    settings = fleet_settings(redis_url, prefix, sandbox.url, twins, tmp_path)
+    settings = msgspec.structs.replace(settings, redis_url=f"redis://127.0.0.1:{free_port()}")
+    async with serve_gateway(settings) as gateway:
+        system = next(s.source_system for s in settings.sources.values() if s.adapter == "epic")
+        body = _create(system, default_schedules("epic")[0].id + "-" + DAY.replace("-", "") + "0900",
+                       default_schedules("epic")[0].practitioner, "08pxx00000000K1AAA")
+        response = await gateway.post(f"/iam/Appointment/{system}", json=body, headers=JSON)
+        assert response.status_code == 503 and "Retry-After" in response.headers
+        validate(response.json(), "OperationOutcome")
+    assert twins["epic"].counters()["creates"] == 0
