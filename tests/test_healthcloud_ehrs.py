@@ -471,3 +471,34 @@ async def test_with_redis_gone_a_create_is_503_and_nothing_is_sent(redis_url, pr
         assert response.status_code == 503 and "Retry-After" in response.headers
         validate(response.json(), "OperationOutcome")
     assert twins["epic"].counters()["creates"] == 0
+
+
+async def test_each_ehr_has_its_own_breaker(redis_url, prefix, sandbox, twins, tmp_path):
+    """An EHR that keeps failing is no longer called (its breaker opens) while the others still are."""
+    from gateway.settings import BreakerSettings
+
+    settings = fleet_settings(redis_url, prefix, sandbox.url, twins, tmp_path)
+    breaker = BreakerSettings(min_calls=4, failure_ratio=0.5, window_seconds=30, open_seconds=60)
+    settings = msgspec.structs.replace(settings, file=msgspec.structs.replace(settings.file, breaker=breaker))
+    twins["epic"].faults(fail_before=1000, fail_status=500)
+    async with serve_gateway(settings) as gateway:
+        gateway.systems = {s.adapter: s.source_system for s in settings.sources.values() if s.ehr}  # type: ignore[attr-defined]
+        # the failures reach the breaker's shared window at its next sync (every 0.5 s): search until
+        # a search no longer reaches Epic
+        deadline = asyncio.get_running_loop().time() + 20
+        while True:
+            before = twins["epic"].counters()["api_calls"]
+            await _found(gateway, _search(gateway.systems))
+            if twins["epic"].counters()["api_calls"] == before:
+                break
+            assert asyncio.get_running_loop().time() < deadline, "Epic's breaker never opened"
+            await asyncio.sleep(0.1)
+        called = twins["epic"].counters()["api_calls"]
+        others = twins["cerner"].counters()["api_calls"]
+        for _ in range(3):
+            bundle = await _found(gateway, _search(gateway.systems))
+            outcomes = [e["resource"] for e in bundle["entry"] if e["search"]["mode"] == "outcome"]
+            assert [o["extension"][0]["valueString"] for o in outcomes] == [gateway.systems["epic"]]
+            assert _slots(bundle, gateway.systems["cerner"])
+        assert twins["epic"].counters()["api_calls"] == called  # refused at the breaker: nothing sent
+        assert twins["cerner"].counters()["api_calls"] > others
