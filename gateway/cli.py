@@ -375,8 +375,7 @@ def _start_ehr_twins(settings: object, data_root: Path, password: str) -> list[o
         if secret:
             ehrs[dialect]["client_secret"] = secret
         print(f"  {dialect} EHR twin at {server.url} (its appointments: {server.url}/twin/appointments with "
-              f"Authorization: Bearer {control_key})" + (f", HL7 v2 cancels on MLLP {extra['mllp_out']}"
-                                                          if "mllp_out" in extra else ""))
+              f"Authorization: Bearer {control_key})")
     os.environ[DEMO_EHRS_ENV] = json.dumps(ehrs)
     os.environ[DEMO_HEALTHCLOUD_ENV] = hashlib.sha256(f"healthcloud-demo:{password}".encode()).hexdigest()
     prefix = settings.file.healthcloud.path_prefix  # type: ignore[attr-defined]

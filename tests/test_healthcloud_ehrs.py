@@ -25,6 +25,7 @@ from gateway.ehr_twins.config import default_schedules
 from gateway.settings import EhrCredentials, EhrSettings, HealthCloudSettings, Settings
 from tests.conftest import digest, free_port, make_settings, serve_gateway
 from tests.fhir_validate import validate
+from tests.test_dashboard import chromium  # noqa: F401  (the fixture)
 
 CONTROL, CLIENT, SECRET = "test-ehr-twin-control", "gateway-client", "test-ehr-twin-secret-94c1"
 HC = "Basic " + __import__("base64").b64encode(b"hc:hc-secret-3318").decode()
@@ -387,3 +388,117 @@ async def test_operators_see_the_callouts_with_the_ehrs_answer_and_no_patient_da
     assert metrics[("ehrgw_ehr_call_seconds_count", (("source", "epic"),))] >= 2  # the search, the booking
     assert "55500011" not in (await hc.get("/admin/api/requests", headers=admin)).text
     assert '"callout"' in log_file.read_text() and "55500011" not in log_file.read_text()
+
+
+async def test_the_dashboard_shows_each_direction(hc, twins, chromium):
+    """In Chromium: the Direction filter splits Health Cloud's callouts from the EHRs' bookings, and a
+    callout's row shows what the EHR answered."""
+    from playwright.async_api import expect
+
+    from tests.conftest import ADMIN_KEY, VIDEO_VISIT, auth, corpus
+    from tests.test_dashboard import browser_page, sign_in
+
+    system = hc.systems["cerner"]
+    slot = _slots(await _found(hc, _search(hc.systems, ("cerner",))))[0]
+    created = await hc.post(f"/iam/Appointment/{system}", headers=JSON,
+                            json=_create(system, slot["id"], default_schedules("cerner")[0].practitioner,
+                                         "08pxx00000000F1AAA"))
+    assert created.json()["status"] == "booked"
+    assert (await hc.post("/fhir/cerner/Appointment", content=corpus(VIDEO_VISIT), headers=auth())).status_code == 201
+
+    async with browser_page(chromium, str(hc.base_url)) as (context, page, problems):
+        await sign_in(page, ADMIN_KEY)
+        rows = page.locator('[data-testid="request-row"]')
+        await expect(rows).to_have_count(3)  # the search, the create, the booking
+        await page.get_by_test_id("filter-direction").select_option("out")
+        await expect(rows).to_have_count(2)
+        create = page.locator('[data-testid="request-row"][data-outcome="booked"]')
+        await expect(create).to_have_count(1)
+        await expect(create.get_by_test_id("row-ehr")).to_contain_text("EHR 201")  # Cerner's create
+        await expect(page.locator('[data-testid="request-row"][data-outcome="found"]')).to_have_count(1)
+        await page.get_by_test_id("filter-direction").select_option("in")
+        await expect(rows).to_have_count(1)
+        await expect(rows.first).to_have_attribute("data-outcome", "booked")
+        await expect(rows.first.get_by_test_id("row-sf-id")).to_be_visible()
+        assert problems == []
+
+
+@pytest.mark.parametrize("status", [503, 429, 500])
+async def test_an_ehr_failing_before_it_acted_is_proposed_and_the_next_create_books(hc, twins, status):
+    system = hc.systems["fhir"]
+    slot = _slots(await _found(hc, _search(hc.systems, ("fhir",))))[0]
+    body = _create(system, slot["id"], default_schedules("fhir")[0].practitioner, "08pxx00000000G1AAA")
+    twins["fhir"].faults(fail_before=1, fail_status=status)
+    first = await hc.post(f"/iam/Appointment/{system}", json=body, headers=JSON)
+    assert first.status_code == 200 and first.json()["status"] == "proposed" and first.json()["comment"]
+    assert twins["fhir"].appointments() == []
+    again = await hc.post(f"/iam/Appointment/{system}", json=body, headers=JSON)
+    assert again.json()["status"] == "booked" and len(twins["fhir"].appointments()) == 1
+
+
+@pytest.mark.parametrize("after_store", ["500", "503", "504"])
+async def test_an_ehr_failing_after_it_stored_is_found_not_booked_again(hc, twins, after_store):
+    system = hc.systems["cerner"]
+    slot = _slots(await _found(hc, _search(hc.systems, ("cerner",))))[0]
+    body = _create(system, slot["id"], default_schedules("cerner")[0].practitioner, "08pxx00000000H1AAA")
+    twins["cerner"].faults(fail_after_store=1, after_store=after_store)
+    first = await hc.post(f"/iam/Appointment/{system}", json=body, headers=JSON)
+    assert first.json()["status"] == "booked", first.text
+    assert [a["id"] for a in twins["cerner"].appointments()] == [first.json()["id"]]
+
+
+async def test_the_same_appointment_with_another_slot_is_409(hc, twins):
+    system = hc.systems["fhir"]
+    first, second = _slots(await _found(hc, _search(hc.systems, ("fhir",))))[:2]
+    doctor = default_schedules("fhir")[0].practitioner
+    booked = await hc.post(f"/iam/Appointment/{system}", json=_create(system, first["id"], doctor, "08pxx00000000J1AAA"),
+                           headers=JSON)
+    assert booked.json()["status"] == "booked"
+    other = await hc.post(f"/iam/Appointment/{system}", json=_create(system, second["id"], doctor, "08pxx00000000J1AAA"),
+                          headers=JSON)
+    assert other.status_code == 409 and len(twins["fhir"].appointments()) == 1
+    validate(other.json(), "OperationOutcome")
+
+
+async def test_with_redis_gone_a_create_is_503_and_nothing_is_sent(redis_url, prefix, sandbox, twins, tmp_path):
+    settings = fleet_settings(redis_url, prefix, sandbox.url, twins, tmp_path)
+    settings = msgspec.structs.replace(settings, redis_url=f"redis://127.0.0.1:{free_port()}")
+    async with serve_gateway(settings) as gateway:
+        system = next(s.source_system for s in settings.sources.values() if s.adapter == "epic")
+        body = _create(system, default_schedules("epic")[0].id + "-" + DAY.replace("-", "") + "0900",
+                       default_schedules("epic")[0].practitioner, "08pxx00000000K1AAA")
+        response = await gateway.post(f"/iam/Appointment/{system}", json=body, headers=JSON)
+        assert response.status_code == 503 and "Retry-After" in response.headers
+        validate(response.json(), "OperationOutcome")
+    assert twins["epic"].counters()["creates"] == 0
+
+
+async def test_each_ehr_has_its_own_breaker(redis_url, prefix, sandbox, twins, tmp_path):
+    """An EHR that keeps failing is no longer called (its breaker opens) while the others still are."""
+    from gateway.settings import BreakerSettings
+
+    settings = fleet_settings(redis_url, prefix, sandbox.url, twins, tmp_path)
+    breaker = BreakerSettings(min_calls=4, failure_ratio=0.5, window_seconds=30, open_seconds=60)
+    settings = msgspec.structs.replace(settings, file=msgspec.structs.replace(settings.file, breaker=breaker))
+    twins["epic"].faults(fail_before=1000, fail_status=500)
+    async with serve_gateway(settings) as gateway:
+        gateway.systems = {s.adapter: s.source_system for s in settings.sources.values() if s.ehr}  # type: ignore[attr-defined]
+        # the failures reach the breaker's shared window at its next sync (every 0.5 s): search until
+        # a search no longer reaches Epic
+        deadline = asyncio.get_running_loop().time() + 20
+        while True:
+            before = twins["epic"].counters()["api_calls"]
+            await _found(gateway, _search(gateway.systems))
+            if twins["epic"].counters()["api_calls"] == before:
+                break
+            assert asyncio.get_running_loop().time() < deadline, "Epic's breaker never opened"
+            await asyncio.sleep(0.1)
+        called = twins["epic"].counters()["api_calls"]
+        others = twins["cerner"].counters()["api_calls"]
+        for _ in range(3):
+            bundle = await _found(gateway, _search(gateway.systems))
+            outcomes = [e["resource"] for e in bundle["entry"] if e["search"]["mode"] == "outcome"]
+            assert [o["extension"][0]["valueString"] for o in outcomes] == [gateway.systems["epic"]]
+            assert _slots(bundle, gateway.systems["cerner"])
+        assert twins["epic"].counters()["api_calls"] == called  # refused at the breaker: nothing sent
+        assert twins["cerner"].counters()["api_calls"] > others

@@ -427,7 +427,7 @@ def on_startup(state: TwinState) -> list[Callable[[], Any]]:
                                             limit=_MAX_MESSAGE)
         state.mllp_server = server
         state.mllp_port = server.sockets[0].getsockname()[1]
-        print(f"  its HL7 v2 cancel interface (MLLP): 127.0.0.1:{state.mllp_port}", flush=True)
+        print(f"  epic EHR twin: its HL7 v2 cancel interface (MLLP) on 127.0.0.1:{state.mllp_port}", flush=True)
 
     return [start]
 

@@ -24,7 +24,7 @@ from gateway.scheduling.to_ehr import book_request, slot_query
 from gateway.scheduling.answers import booked_answer
 from gateway.scheduling.results import Booked, Calls, Found
 from gateway.settings import HealthCloudSettings, SourceSettings
-from gateway.state.idempotency import IdempotencyStore
+from gateway.state.idempotency import REDIS_FAILURES, IdempotencyStore
 from gateway.state.links import Links
 
 T = TypeVar("T")
@@ -133,7 +133,11 @@ class Scheduler:
         client, source = self.client(system), self._names[system]
         request = self.book_request(system, callout)
         salesforce_id = request.identifiers[0][1]
-        if await self._links.record(source, salesforce_id) is not None:
+        try:
+            from_ehr = await self._links.record(source, salesforce_id)
+        except REDIS_FAILURES:
+            raise Unavailable("the gateway's records (Redis) are unavailable; nothing was sent", retry_after=5) from None
+        if from_ehr is not None:
             # it came from this EHR through the first direction: it is on the calendar already
             return await self._existing(system, request, calls, came_from_ehr=True)
         fp = hashlib.blake2b(msgspec.json.encode((request.slot, request.patient)), digest_size=16).hexdigest()
