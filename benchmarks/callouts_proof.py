@@ -148,6 +148,10 @@ def _plan(opts: ProofOptions, dialects: tuple[str, ...], today: datetime) -> lis
     """Each ServiceAppointment a slot of its own (a schedule and half hour no other one has), so a
     slot found taken can only be taken by its own earlier Create."""
     rng = random.Random(opts.seed)
+    days = TwinConfig(dialect="cerner", control_key="-").days  # the twins' calendars, from today
+    last = (opts.appointments - 1) // len(dialects) // 2  # the last half hour used, as below
+    if 1 + last // 16 >= days:
+        raise ValueError(f"at most {len(dialects) * 2 * 16 * (days - 1)} ServiceAppointments fit the twins' calendars")
     out = []
     for i in range(opts.appointments):
         dialect, k = dialects[i % len(dialects)], i // len(dialects)
