@@ -166,7 +166,10 @@ class Bench:
                    **{f"EHR_{d.upper()}_CLIENT_SECRET": EHR_SECRET for d in self.dialects})
         port = free_port()
         profile = ["-m", "cProfile", "-o", self.args.profile] if self.args.profile else []
-        argv = [sys.executable, *profile, str(BIN), "serve", "--port", str(port), "--workers", str(self.args.workers),
+        # diagnostic: the same command with the cyclic garbage collector off from the start
+        no_gc = ["-c", "import gc, sys; gc.disable(); from gateway.cli import main; sys.argv[0] = 'ehr-gateway'; "
+                       "sys.exit(main())"] if self.args.no_gc else [str(BIN)]
+        argv = [sys.executable, *profile, *no_gc, "serve", "--port", str(port), "--workers", str(self.args.workers),
                 "--config", str(config)]
         self.gateway = Proc("gateway", argv,
                             env, self.tmp, port=port, stdout_to_log=False)
@@ -264,8 +267,9 @@ def summarize(runs: list[Run]) -> list[dict[str, Any]]:
                      "other_cpu": med(lambda r: r.other_cpu),
                      "non_2xx": sum(r.load.non_2xx for r in rs), "errors": sum(r.load.errors for r in rs),
                      "partial": sum(r.partial for r in rs),
-                     # searches wrk gave up on at the window's edges may still have been fanned out
-                     "unasked": sum(max(0, abs(n - r.load.requests) - r.concurrency) for r in rs for n in r.asked.values())})
+                     # searches in flight at either edge of the window are counted by one side only
+                     "unasked": sum(max(0, abs(n - r.load.requests) - 2 * r.concurrency) for r in rs
+                                    for n in r.asked.values())})
     return rows
 
 
@@ -290,8 +294,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=50)
     p.add_argument("--workers", type=int, default=1, help="the gateway's workers (the goal is for one)")
     p.add_argument("--paced", action="store_true", help="also a series at about half the d=0 peak")
+    p.add_argument("--pace-share", type=float, default=0.5, help="the paced series' rate, as a share of the peak")
     p.add_argument("--dialects", default="", help="comma-separated (default: every dialect with a client)")
     p.add_argument("--out", default=str(RESULTS / "callouts.json"))
+    p.add_argument("--no-gc", action="store_true", help="diagnostic: the gateway with Python's cyclic GC off")
     p.add_argument("--profile", default="", help="run the gateway under cProfile, its stats written here at the end")
     args = p.parse_args(argv)
     delays = [float(d) for d in args.delays.split(",")]
@@ -309,8 +315,8 @@ def main(argv: list[str] | None = None) -> int:
             peak = statistics.median(r.load.rps for r in runs if r.delay_ms == 0) if 0 in delays else 1000.0
             for rnd in range(1, args.rounds + 1):
                 for d in delays:
-                    # per connection: one search every 50/(peak/2) s, of which d + the gateway's time is the search
-                    pace = 1000 * args.concurrency / (peak / 2) - d
+                    # per connection: one search every 50/(peak × share) s, of which d + the gateway's time is the search
+                    pace = 1000 * args.concurrency / (peak * args.pace_share) - d
                     if pace <= 0:  # the connections cannot ask even half the peak at this delay
                         continue
                     runs.append(bench.measure(d, rnd, pace_ms=pace))
