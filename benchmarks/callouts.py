@@ -325,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         bench.stop()
     rows = summarize(runs)
     print(table(rows))
-    Path(args.out).write_text(json.dumps({"machine": machine_info(), "dialects": bench.dialects, "args": vars(args),
+    Path(args.out).write_text(json.dumps({"machine": machine_info(), "dialects": bench.dialects, "args": {k: v for k, v in vars(args).items() if k not in ("out", "profile")},
                                           "sample": getattr(bench, "sample", None), "summary": rows,
                                           "runs": [asdict(r) for r in runs]}, indent=1, default=str))
     shutil.rmtree(tmp, ignore_errors=True)
