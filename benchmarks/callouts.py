@@ -222,6 +222,11 @@ class Bench:
     def measure(self, delay_ms: float, rnd: int, pace_ms: float = 0.0) -> Run:
         self.set_delay(delay_ms)
         self.load(self.args.warmup, pace_ms)
+        # wrk closes its connections at the end of the warm-up, but the gateway finishes the searches
+        # they left in flight, their EHR calls still holding slots of max_concurrent_calls: measured
+        # at once, the first searches would queue behind them (at d = 300 ms, p99 − d was 140-210 ms
+        # from that alone, a waiting EHR-call slot, with the worker 20% busy)
+        time.sleep(2 * delay_ms / 1000 + 0.5)
         gw, ehr = self.gateway.pids(), self.ehr.pids()
         g0, e0, r0, k0, o0 = cpu_seconds(gw), cpu_seconds(ehr), self.redis_cpu(), self.counters(), self.find_outcomes()
         m0, w0 = machine_busy_seconds(), time.monotonic()
