@@ -114,6 +114,13 @@ class RequestTimeout(GatewayError):
     status, code = 408, "timeout"
 
 
+class CallerGone(GatewayError):
+    """The caller closed its connection before the answer: a search is abandoned (nothing to answer).
+    499 is the status proxies log for it; no client ever reads it."""
+
+    status, code = 499, "incomplete"
+
+
 class NotAcceptable(GatewayError):
     """The client accepts no format the gateway answers in (`_format` or `Accept`)."""
 

@@ -502,3 +502,30 @@ async def test_each_ehr_has_its_own_breaker(redis_url, prefix, sandbox, twins, t
             assert _slots(bundle, gateway.systems["cerner"])
         assert twins["epic"].counters()["api_calls"] == called  # refused at the breaker: nothing sent
         assert twins["cerner"].counters()["api_calls"] > others
+
+
+async def test_a_search_its_caller_abandons_frees_the_ehrs_call_slots(redis_url, prefix, sandbox, twins, tmp_path):
+    """Health Cloud's callout gives up (its timeout): the gateway stops waiting for the EHRs too, so a
+    slow EHR's calls do not pile up behind searches nobody will read."""
+    from tests.conftest import ADMIN_KEY
+
+    settings = fleet_settings(redis_url, prefix, sandbox.url, twins, tmp_path)
+    sources = {name: msgspec.structs.replace(src, ehr=msgspec.structs.replace(src.ehr, max_concurrent_calls=1, timeout_seconds=30))
+               if src.adapter == "cerner" else src for name, src in settings.file.sources.items()}
+    hc_settings = msgspec.structs.replace(settings.file.healthcloud, search_timeout_seconds=30)
+    settings = msgspec.structs.replace(settings, file=msgspec.structs.replace(settings.file, sources=sources,
+                                                                               healthcloud=hc_settings))
+    async with serve_gateway(settings) as gateway:
+        systems = {s.adapter: s.source_system for s in settings.sources.values() if s.ehr}
+        await _found(gateway, _search(systems, ("cerner",)))  # the token, the connection
+        twins["cerner"].faults(latency_ms=15_000)
+        with pytest.raises(httpx.ReadTimeout):  # Health Cloud gives up after half a second
+            await gateway.post("/iam/Slot/_search", content=_search(systems, ("cerner",)), headers=FORM, timeout=0.5)
+        twins["cerner"].faults(latency_ms=0)
+        started = asyncio.get_running_loop().time()
+        # Cerner's one call slot is free again: held by the abandoned search, this would wait ~15 s
+        bundle = await _found(gateway, _search(systems, ("cerner",)))
+        assert _slots(bundle) and asyncio.get_running_loop().time() - started < 8
+        logged = (await gateway.get("/admin/api/requests?direction=out",
+                                    headers={"Authorization": f"Bearer {ADMIN_KEY}"})).json()
+        assert [e["status"] for e in logged["requests"]][:2] == [200, 499]

@@ -19,9 +19,10 @@ routes.
 from __future__ import annotations
 
 import hashlib
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 from litestar import Controller, Request, Response, Router, get, post
@@ -33,7 +34,7 @@ from gateway.booking.fhir import FHIR_JSON
 from gateway.edges.answers import check_media, error_response, media, negotiate_request, read_body, refused_while_reading
 from gateway.edges.inbound import basic_credential
 from gateway.edges.smart import SmartAuth
-from gateway.errors import Forbidden, GatewayError, InvalidRequest, Unauthorized, UnsupportedMediaType
+from gateway.errors import CallerGone, Forbidden, GatewayError, InvalidRequest, Unauthorized, UnsupportedMediaType
 from gateway.ids import new_id
 from gateway.operators.summary import Recorder
 from gateway.scheduling.answers import appointment_answer, booked_answer, searchset, slot_answer
@@ -113,7 +114,7 @@ class HealthCloudEdge:
         s = self.scheduler
         search = read_search(body, s.systems, max_days=s.settings.max_search_days,
                              max_values=s.settings.max_search_values)
-        found = await s.find(search, calls)
+        found = await _unless_gone(request, s.find(search, calls))
         if len(search.criteria) == 1 and next(iter(search.criteria)) in s.systems:
             calls.source = s.source(next(iter(search.criteria)))
         calls.outcome = "partial" if any(f.error is not None for f in found) else "found"
@@ -178,6 +179,31 @@ class HealthCloudEdge:
 
     def metadata(self) -> bytes:
         return _json.encode(capability(self._base))
+
+
+T = TypeVar("T")
+
+
+async def _unless_gone(request: Request, work: Awaitable[T]) -> T:
+    """`work`, abandoned (its EHR calls cancelled, their slots freed) when the caller disconnects
+    first: for a search only, which changes nothing. A create is always finished, whoever waits."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait((task, gone), return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        raise CallerGone("the caller went away before the answer; the search was abandoned")
+    finally:
+        gone.cancel()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the ASGI server says the client is gone (its body was read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _reason(callout: Callout) -> str | None:
