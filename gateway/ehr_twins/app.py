@@ -70,7 +70,8 @@ _AFTER_STORE = "ehr_twin.fail_after_store"  # a create drawn to fail once stored
 
 async def gate(request: Request[Any, Any, Any], *, create: bool = False) -> ASGIApp | None:
     """What every API call passes: counted, delayed and failed as the faults say, and its bearer
-    token checked. None: go on. `create`: a booking, drawn against `create_fail_ratio`."""
+    token checked. None: go on. `create`: a booking, counted once past the gate and drawn against
+    `create_fail_ratio`."""
     state = twin(request)
     state.count("api_calls")
     faults = state.faults()
@@ -81,15 +82,15 @@ async def gate(request: Request[Any, Any, Any], *, create: bool = False) -> ASGI
         if scheme.lower() != "bearer" or not state.token_ok(token.strip()):
             state.count("refused_auth")
             return outcome(401, "login", "the bearer token is missing, unknown or expired")
-    if state.take("fail_before"):
-        status = faults.fail_status
-        return outcome(status, "throttled" if status == 429 else "transient", f"the EHR answered {status} (twin fault)")
-    drawn = state.draw_create_fault() if create else None
-    if drawn == "before":
+    failed = state.take("fail_before")
+    drawn = state.draw_create_fault() if create and not failed else None
+    if failed or drawn == "before":
         status = faults.fail_status
         return outcome(status, "throttled" if status == 429 else "transient", f"the EHR answered {status} (twin fault)")
     if drawn == "after_store":
         request.scope[_AFTER_STORE] = True  # type: ignore[literal-required]
+    if create:
+        state.count("creates")
     return None
 
 

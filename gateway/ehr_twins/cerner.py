@@ -307,7 +307,6 @@ async def create_appointment(request: Request[Any, Any, Any]) -> ASGIApp:
     if (refused := await gate(request, create=True)) is not None:
         return refused
     state = twin(request)
-    state.count("creates")
     if _media(request) not in ("application/fhir+json", "application/json"):
         return outcome(415, "not-supported", "the body must be application/fhir+json")
     try:

@@ -218,7 +218,6 @@ async def book(request: Request[Any, Any, Any]) -> ASGIApp:
     if (refused := await gate(request, create=True)) is not None:
         return refused
     state = twin(request)
-    state.count("creates")
     parameters = await _parameters(request)
     if parameters is None:
         return _bad("the body must be a Parameters resource")

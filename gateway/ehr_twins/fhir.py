@@ -462,7 +462,6 @@ async def create_appointment(request: Request[Any, Any, Any]) -> ASGIApp:
     if (refused := await gate(request, create=True)) is not None:
         return refused
     state = twin(request)
-    state.count("creates")
     resource = _decode(request, await request.body())
     if not isinstance(resource, _AppointmentIn):
         return resource
