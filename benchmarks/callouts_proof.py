@@ -63,9 +63,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from gateway.edges.server import ThreadedServer
-from gateway.ehr_twins import TwinConfig, create_ehr_twin
-from gateway.ehr_twins.app import base_path
-from gateway.ehr_twins.config import default_schedules
+from gateway.twins import TwinConfig, create_ehr_twin
+from gateway.twins.app import base_path
+from gateway.twins.config import default_schedules
 from gateway.sandbox.iam import Callouts
 from gateway.state.embedded_redis import EmbeddedRedis
 from benchmarks.exactly_once import _children, _cmdline, _free_port

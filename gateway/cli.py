@@ -129,11 +129,11 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
 
 
 def cmd_ehr_sandbox(args: argparse.Namespace) -> int:
-    """A twin of one EHR's scheduling API (gateway/ehr_twins), alone."""
+    """A twin of one EHR's scheduling API (gateway/twins), alone."""
     import uvicorn
 
-    from gateway.ehr_twins import TwinConfig, create_ehr_twin
-    from gateway.ehr_twins.app import base_path
+    from gateway.twins import TwinConfig, create_ehr_twin
+    from gateway.twins.app import base_path
 
     key_file = os.environ.get("EHR_SANDBOX_PUBLIC_KEY_FILE")
     secret = os.environ.get("EHR_SANDBOX_CLIENT_SECRET") or (None if key_file else secrets.token_urlsafe(24))
@@ -347,8 +347,8 @@ def _start_ehr_twins(settings: object, data_root: Path, password: str) -> list[o
 
     from gateway.edges.inbound import DEMO_EHRS_ENV, DEMO_HEALTHCLOUD_ENV
     from gateway.edges.server import ThreadedServer
-    from gateway.ehr_twins import TwinConfig, create_ehr_twin
-    from gateway.ehr_twins.app import base_path
+    from gateway.twins import TwinConfig, create_ehr_twin
+    from gateway.twins.app import base_path
 
     sources = settings.sources  # type: ignore[attr-defined]
     started, ehrs = [], {}

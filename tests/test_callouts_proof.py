@@ -14,9 +14,9 @@ import pytest
 
 from benchmarks.callouts_proof import ProofOptions, run_proof
 from gateway.edges.server import ThreadedServer
-from gateway.ehr_twins import TwinConfig, create_ehr_twin
-from gateway.ehr_twins.app import base_path
-from gateway.ehr_twins.config import default_schedules
+from gateway.twins import TwinConfig, create_ehr_twin
+from gateway.twins.app import base_path
+from gateway.twins.config import default_schedules
 
 CONTROL, CLIENT, SECRET = "test-proof-control", "test-proof-client", "test-proof-secret-19ab"
 

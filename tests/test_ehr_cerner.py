@@ -21,8 +21,8 @@ from gateway.edges.server import ThreadedServer
 from gateway.ehr import client_class
 from gateway.ehr.cerner import CernerClient
 from gateway.ehr.model import BookRequest, SlotQuery
-from gateway.ehr_twins import TwinConfig, create_ehr_twin
-from gateway.ehr_twins.cerner import BASE_PATH, SERVICE_SYSTEM
+from gateway.twins import TwinConfig, create_ehr_twin
+from gateway.twins.cerner import BASE_PATH, SERVICE_SYSTEM
 from gateway.errors import EhrFailed, EhrRefused, NotFound, Unavailable, Unprocessable
 from gateway.outbound.calls import CallRecord
 from gateway.outbound.http import HttpClient

@@ -1,4 +1,4 @@
-"""Epic: the client (gateway/ehr/epic.py) against Epic's twin (gateway/ehr_twins/epic.py) over real
+"""Epic: the client (gateway/ehr/epic.py) against Epic's twin (gateway/twins/epic.py) over real
 HTTP and real MLLP, its token in the real Redis: $find, Slot.Read, $book, reads and searches, the cancel
 through the HL7 v2 interface, the twin's refusals of mis-shaped requests and messages (its ACKs read
 strictly), and the client's failure matrix."""
@@ -27,8 +27,8 @@ from gateway.edges.server import ThreadedServer
 from gateway.ehr import client_class
 from gateway.ehr.epic import EpicClient
 from gateway.ehr.model import BookRequest, SlotQuery
-from gateway.ehr_twins import TwinConfig, create_ehr_twin
-from gateway.ehr_twins.config import default_schedules
+from gateway.twins import TwinConfig, create_ehr_twin
+from gateway.twins.config import default_schedules
 from gateway.errors import EhrFailed, EhrRefused, NotFound, Unavailable
 from gateway.outbound.calls import CallRecord
 from gateway.outbound.http import HttpClient, Lost, NeverSent

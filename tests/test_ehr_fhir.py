@@ -1,4 +1,4 @@
-"""The plain FHIR R4 dialect: its twin (gateway/ehr_twins/fhir.py) and its client (gateway/ehr/fhir.py),
+"""The plain FHIR R4 dialect: its twin (gateway/twins/fhir.py) and its client (gateway/ehr/fhir.py),
 over real HTTP to the twin on a real port, the token shared in the real Redis.
 
 The twin's own rules are checked with raw HTTP (what a mis-shaped client would send is refused), and
@@ -28,7 +28,7 @@ from gateway.edges.server import ThreadedServer
 from gateway.ehr import client_class
 from gateway.ehr.fhir import MAX_PAGES, FhirClient
 from gateway.ehr.model import BookRequest, SlotQuery
-from gateway.ehr_twins import TwinConfig, create_ehr_twin
+from gateway.twins import TwinConfig, create_ehr_twin
 from gateway.errors import EhrFailed, EhrRefused, NotFound, Unavailable
 from gateway.outbound.calls import CallRecord
 from gateway.outbound.http import HttpClient

@@ -19,9 +19,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from gateway.edges.server import ThreadedServer
-from gateway.ehr_twins import TwinConfig, create_ehr_twin
-from gateway.ehr_twins.app import base_path
-from gateway.ehr_twins.config import default_schedules
+from gateway.twins import TwinConfig, create_ehr_twin
+from gateway.twins.app import base_path
+from gateway.twins.config import default_schedules
 from gateway.settings import EhrCredentials, EhrSettings, HealthCloudSettings, Settings
 from tests.conftest import digest, free_port, make_settings, serve_gateway
 from tests.fhir_validate import validate

@@ -25,7 +25,7 @@ LAYERS = [
 # the gateway's server helper, and may import nothing else of it (tests/test_sandbox_twin.py says
 # the same of the Salesforce client)
 TWINS = {"gateway.sandbox": {"gateway.sandbox", "gateway.edges.server"},
-         "gateway.ehr_twins": {"gateway.ehr_twins", "gateway.edges.server"}}
+         "gateway.twins": {"gateway.twins", "gateway.edges.server"}}
 
 
 def _module(path: Path) -> str:

@@ -31,9 +31,9 @@ import msgspec
 from litestar import Request, get, post, put
 from litestar.types import ASGIApp
 
-from gateway.ehr_twins.app import answer, gate, outcome, stored_then_failed, twin, utc
-from gateway.ehr_twins.calendar import Appointment, Slot, Taken
-from gateway.ehr_twins.config import TwinConfig, TwinSchedule
+from gateway.twins.app import answer, gate, outcome, stored_then_failed, twin, utc
+from gateway.twins.calendar import Appointment, Slot, Taken
+from gateway.twins.config import TwinConfig, TwinSchedule
 
 BASE_PATH = "/fhir"
 _FAR_PAST = datetime(1, 1, 2, tzinfo=timezone.utc)

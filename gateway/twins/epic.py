@@ -34,9 +34,9 @@ import hl7
 from litestar import Request, get, post
 from litestar.types import ASGIApp
 
-from gateway.ehr_twins.app import answer, gate, outcome, stored_then_failed, twin, utc
-from gateway.ehr_twins.calendar import Appointment, Slot, Taken
-from gateway.ehr_twins.state import TwinState
+from gateway.twins.app import answer, gate, outcome, stored_then_failed, twin, utc
+from gateway.twins.calendar import Appointment, Slot, Taken
+from gateway.twins.state import TwinState
 
 BASE_PATH = "/api/FHIR/STU3"
 _ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")

@@ -1,6 +1,6 @@
 """An EHR twin's app: what every dialect shares (its token endpoint, its own control endpoints, the
 gate every API call passes, answers in FHIR's shapes, the faults), and the dialect's own routes from
-`gateway.ehr_twins.<dialect>` (`route_handlers()`).
+`gateway.twins.<dialect>` (`route_handlers()`).
 
 Written from `scheduling-out.md`, never from the gateway's EHR clients: it imports nothing of
 `gateway.ehr`, so a client that names a field or a path wrongly is refused here, as by the EHR.
@@ -28,9 +28,9 @@ from litestar import Litestar, Request, get, post
 from litestar.response.base import ASGIResponse
 from litestar.types import ASGIApp, Receive, Scope, Send
 
-from gateway.ehr_twins.calendar import Appointment
-from gateway.ehr_twins.config import TwinConfig
-from gateway.ehr_twins.state import TwinState
+from gateway.twins.calendar import Appointment
+from gateway.twins.config import TwinConfig
+from gateway.twins.state import TwinState
 
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 FHIR_JSON = "application/fhir+json"
@@ -216,14 +216,14 @@ async def twin_reset(request: Request[Any, Any, Any]) -> ASGIApp:
 
 def base_path(dialect: str) -> str:
     """The twin's FHIR base below its address (`BASE_PATH` of the dialect's module)."""
-    return str(importlib.import_module(f"gateway.ehr_twins.{dialect}").BASE_PATH)
+    return str(importlib.import_module(f"gateway.twins.{dialect}").BASE_PATH)
 
 
 def create_ehr_twin(config: TwinConfig) -> Litestar:
-    """The twin of `config.dialect`: its routes (`gateway.ehr_twins.<dialect>.route_handlers()`) and
+    """The twin of `config.dialect`: its routes (`gateway.twins.<dialect>.route_handlers()`) and
     its lifespan hooks (`on_startup`/`on_shutdown`, when the dialect has a listener of its own) beside
     the shared ones; its state at `app.state.twin`."""
-    dialect = importlib.import_module(f"gateway.ehr_twins.{config.dialect}")
+    dialect = importlib.import_module(f"gateway.twins.{config.dialect}")
     state = TwinState(config)
     app = Litestar(
         route_handlers=[token_endpoint, twin_appointments, twin_counters, twin_faults, twin_set_faults, twin_reset,

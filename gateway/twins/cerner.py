@@ -24,9 +24,9 @@ from litestar import Request, get, patch, post
 from litestar.params import FromPath
 from litestar.types import ASGIApp
 
-from gateway.ehr_twins.app import answer, gate, outcome, stored_then_failed, twin, utc
-from gateway.ehr_twins.calendar import Appointment, Slot, Taken
-from gateway.ehr_twins.config import CERNER_TENANT, TwinSchedule
+from gateway.twins.app import answer, gate, outcome, stored_then_failed, twin, utc
+from gateway.twins.calendar import Appointment, Slot, Taken
+from gateway.twins.config import CERNER_TENANT, TwinSchedule
 
 BASE_PATH = f"/r4/{CERNER_TENANT}"
 SERVICE_SYSTEM = f"https://fhir.cerner.com/{CERNER_TENANT}/codeSet/14249"

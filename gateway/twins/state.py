@@ -10,8 +10,8 @@ from typing import Any, Literal
 
 import msgspec
 
-from gateway.ehr_twins.calendar import Calendar
-from gateway.ehr_twins.config import TwinConfig
+from gateway.twins.calendar import Calendar
+from gateway.twins.config import TwinConfig
 
 
 class Counters(msgspec.Struct, kw_only=True):

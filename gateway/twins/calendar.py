@@ -13,7 +13,7 @@ from datetime import date, datetime, timedelta, timezone
 
 import msgspec
 
-from gateway.ehr_twins.config import TwinConfig, TwinSchedule
+from gateway.twins.config import TwinConfig, TwinSchedule
 
 
 class Slot(msgspec.Struct, frozen=True, kw_only=True):

@@ -2,7 +2,7 @@
 `$book` with its HL7 v2 cancel interface, a plain FHIR R4 server), written from the spec for the tests,
 the demo and the benchmarks. They share no types with the gateway's EHR clients (gateway/ehr)."""
 
-from gateway.ehr_twins.app import create_ehr_twin
-from gateway.ehr_twins.config import TwinConfig, TwinSchedule
+from gateway.twins.app import create_ehr_twin
+from gateway.twins.config import TwinConfig, TwinSchedule
 
 __all__ = ["TwinConfig", "TwinSchedule", "create_ehr_twin"]
