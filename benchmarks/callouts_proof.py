@@ -59,13 +59,11 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import httpx
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 
 from gateway.edges.server import ThreadedServer
 from gateway.twins import TwinConfig, create_ehr_twin
 from gateway.twins.app import base_path
-from gateway.twins.config import default_schedules
+from gateway.twins.config import default_schedules, key_pair
 from gateway.sandbox.iam import Callouts
 from gateway.state.embedded_redis import EmbeddedRedis
 from benchmarks.exactly_once import _children, _cmdline, _free_port
@@ -163,15 +161,6 @@ def _plan(opts: ProofOptions, dialects: tuple[str, ...], today: datetime) -> lis
             a.sends, a.together = 2, rng.random() < 0.5
         out.append(a)
     return out
-
-
-def _key_pair() -> tuple[str, str]:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption()).decode()
-    public = key.public_key().public_bytes(serialization.Encoding.PEM,
-                                           serialization.PublicFormat.SubjectPublicKeyInfo).decode()
-    return private, public
 
 
 def _write_config(target: Path, twins: dict[str, str], private_pem: str) -> Path:
@@ -394,7 +383,7 @@ def _start_twins(stack: ExitStack, opts: ProofOptions, dialects: tuple[str, ...]
     server_log = logging.getLogger("uvicorn.error")
     stack.callback(server_log.setLevel, server_log.level)
     server_log.setLevel(logging.CRITICAL)
-    private, public = _key_pair()
+    private, public = key_pair()
     twins = {}
     for i, d in enumerate(dialects):
         config = TwinConfig(dialect=d, control_key=CONTROL, client_id=CLIENT,  # type: ignore[arg-type]

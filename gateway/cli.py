@@ -342,28 +342,23 @@ def _start_ehr_twins(settings: object, data_root: Path, password: str) -> list[o
     import hashlib
     import json
 
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
-
     from gateway.edges.inbound import DEMO_EHRS_ENV, DEMO_HEALTHCLOUD_ENV
     from gateway.edges.server import ThreadedServer
     from gateway.twins import TwinConfig, create_ehr_twin
     from gateway.twins.app import base_path
+    from gateway.twins.config import key_pair
 
     sources = settings.sources  # type: ignore[attr-defined]
     started, ehrs = [], {}
     for dialect in sorted({src.adapter for src in sources.values()} & {"cerner", "epic", "fhir"}):
         control_key, secret, extra, public_pem = secrets.token_urlsafe(18), secrets.token_urlsafe(24), {}, None
         if dialect == "epic":  # Epic's backend services sign an assertion: a key made for this start
-            key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+            private_pem, public_pem = key_pair()
             key_file = data_root / "ehr-twins" / "epic.pem"
             key_file.parent.mkdir(parents=True, exist_ok=True)
             key_file.touch(mode=0o600)
             key_file.chmod(0o600)
-            key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                   serialization.NoEncryption()))
-            public_pem = key.public_key().public_bytes(serialization.Encoding.PEM,
-                                                       serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+            key_file.write_text(private_pem)
             secret, extra = None, {"private_key_file": str(key_file), "mllp_out": f"127.0.0.1:{_free_port()}"}
         config = TwinConfig(dialect=dialect, control_key=control_key, client_id="ehr-gateway-demo",
                             client_secret=secret, public_key_pem=public_pem,

@@ -406,21 +406,15 @@ async def test_an_answer_that_is_not_cerners_is_a_failure_not_a_refusal(twin, re
 # -- tokens -----------------------------------------------------------------------------------------------
 
 async def test_a_signed_assertion_authenticates_the_client(redis_url, prefix):
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
+    from gateway.twins.config import key_pair
 
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption()).decode()
-    public = key.public_key().public_bytes(serialization.Encoding.PEM,
-                                           serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    private, public = key_pair()
     with serve_twin(client_secret=None, public_key_pem=public) as twin:
         async with cerner(twin, redis_url, prefix, key_pem=private) as client:
             slots = await client.find_slots(query(end=f"{DAY}T10:00:00Z"), CallRecord())
         assert len(slots) == 4 and counters(twin)["token_grants"] == 1
         # the twin checks the signature: another key is refused
-        other = rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()).decode()
+        other, _ = key_pair()
         async with cerner(twin, redis_url, prefix + ":other", key_pem=other) as client:
             with pytest.raises(Unavailable):
                 await client.find_slots(query(), CallRecord())

@@ -19,8 +19,6 @@ import httpx
 import msgspec
 import pytest
 import redis.asyncio as aredis
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 
 from gateway.canonical import Coding
 from gateway.edges.server import ThreadedServer
@@ -28,7 +26,7 @@ from gateway.ehr import client_class
 from gateway.ehr.epic import EpicClient
 from gateway.ehr.model import BookRequest, SlotQuery
 from gateway.twins import TwinConfig, create_ehr_twin
-from gateway.twins.config import default_schedules
+from gateway.twins.config import default_schedules, key_pair
 from gateway.errors import EhrFailed, EhrRefused, NotFound, Unavailable
 from gateway.outbound.calls import CallRecord
 from gateway.outbound.http import HttpClient, Lost, NeverSent
@@ -48,16 +46,7 @@ SCHEDULES = default_schedules("epic")
 DOCTOR, PLACE = SCHEDULES[0].practitioner, SCHEDULES[0].location
 
 
-def _key() -> tuple[str, str]:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption()).decode()
-    public = key.public_key().public_bytes(serialization.Encoding.PEM,
-                                           serialization.PublicFormat.SubjectPublicKeyInfo).decode()
-    return private, public
-
-
-PRIVATE, PUBLIC = _key()
+PRIVATE, PUBLIC = key_pair()
 
 
 @dataclass
@@ -353,7 +342,7 @@ async def test_what_cannot_be_read_is_ar(twin: Twin, payload):
 # -- the client's failure matrix ----------------------------------------------------------------------------
 
 async def test_a_wrong_key_is_refused_at_the_token_endpoint(twin: Twin, redis_url: str, prefix: str):
-    other, _ = _key()
+    other, _ = key_pair()
     async with epic_client(twin, redis_url, prefix, key=other) as client:
         with pytest.raises(Unavailable) as refused:
             await client.find_slots(_query(), CallRecord())

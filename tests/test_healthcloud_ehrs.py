@@ -15,13 +15,11 @@ from typing import Any
 import httpx
 import msgspec
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 
 from gateway.edges.server import ThreadedServer
 from gateway.twins import TwinConfig, create_ehr_twin
 from gateway.twins.app import base_path
-from gateway.twins.config import default_schedules
+from gateway.twins.config import default_schedules, key_pair
 from gateway.settings import EhrCredentials, EhrSettings, HealthCloudSettings, Settings
 from tests.conftest import digest, free_port, make_settings, serve_gateway
 from tests.fhir_validate import validate
@@ -38,15 +36,7 @@ DAY = (date.today() + timedelta(days=3)).isoformat()
 WINDOW = f"start=ge{DAY}T09:00:00Z&start=lt{DAY}T11:00:00Z"
 
 
-def _rsa() -> tuple[str, str]:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    return (key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                              serialization.NoEncryption()).decode(),
-            key.public_key().public_bytes(serialization.Encoding.PEM,
-                                          serialization.PublicFormat.SubjectPublicKeyInfo).decode())
-
-
-PRIVATE, PUBLIC = _rsa()
+PRIVATE, PUBLIC = key_pair()
 
 
 @dataclass

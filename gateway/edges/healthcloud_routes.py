@@ -18,7 +18,6 @@ routes.
 
 from __future__ import annotations
 
-import hashlib
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
@@ -32,7 +31,7 @@ from litestar.params import FromPath
 
 from gateway.booking.fhir import FHIR_JSON
 from gateway.edges.answers import check_media, error_response, media, negotiate_request, read_body, refused_while_reading
-from gateway.edges.inbound import basic_credential
+from gateway.edges.inbound import basic_credential, key_digest
 from gateway.edges.smart import SmartAuth
 from gateway.errors import CallerGone, Forbidden, GatewayError, InvalidRequest, Unauthorized, UnsupportedMediaType
 from gateway.ids import new_id
@@ -46,10 +45,6 @@ FORM = "application/x-www-form-urlencoded"
 _json = msgspec.json.Encoder()
 
 
-def _digest(value: str) -> str:
-    return hashlib.sha256(value.encode()).hexdigest()
-
-
 class HealthCloudAuth:
     """Health Cloud's named credential: Basic (`sha256("user:password")`) or a bearer (`sha256(token)`).
     `source_digests` and `smart`: the sources' inbound keys and SMART tokens, refused here with 403."""
@@ -61,14 +56,14 @@ class HealthCloudAuth:
     async def check(self, authorization: str | None) -> None:
         credential = basic_credential(authorization)
         if credential is not None:
-            if _digest(credential) in self._basic:
+            if key_digest(credential) in self._basic:
                 return
             raise Unauthorized("unknown credential")
         scheme, _, token = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise Unauthorized("Health Cloud's named credential is required: HTTP Basic or a bearer",
                                location=("http.Authorization",))
-        digest = _digest(token.strip())
+        digest = key_digest(token.strip())
         if digest in self._bearer:
             return
         if digest in self._sources or await self._smart.source_of(token.strip()) is not None:

@@ -28,6 +28,7 @@ from gateway.state.breaker import CircuitBreaker
 
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 FHIR_JSON = "application/fhir+json"
+_decoders: dict[Any, msgspec.json.Decoder[Any]] = {}  # one per answer shape, made at first use
 
 
 class _TokenAnswer(msgspec.Struct):
@@ -124,6 +125,16 @@ class EhrClient:
             path = path[len(base):]
         return await self.caller.call(method, path, payload, record, params, resend=resend, counted=counted,
                                       headers=sent)
+
+    def decoded(self, content: bytes | msgspec.Raw | Answer, shape: Any, record: CallRecord, what: str) -> Any:
+        """An answer (or a part of one) read into `shape` (a msgspec type, its decoder made once), or
+        EhrFailed naming what could not be read (marked UNREADABLE on the call)."""
+        decoder = _decoders.get(shape) or _decoders.setdefault(shape, msgspec.json.Decoder(shape))
+        try:
+            return decoder.decode(content.content if isinstance(content, Answer) else content)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            record.error_code = "UNREADABLE"
+            raise EhrFailed(f"the {self.source} EHR's answer to {what} cannot be read") from None
 
     def retry_after(self) -> int:
         return self.settings.unavailable_retry_after_seconds

@@ -122,13 +122,6 @@ def _moment(text: str) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
-def _decode(response: Answer, what: str) -> _Resource:
-    try:
-        return msgspec.json.decode(response.content, type=_Resource)
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        raise EhrFailed(f"the EHR's answer to {what} cannot be read") from None
-
-
 def _slot(resource: _Resource, schedules: dict[str, _Resource]) -> EhrSlot:
     """A Slot, its practitioner and location read from its Schedule when it was included (the
     location else from Cerner's scheduling-location extension)."""
@@ -176,10 +169,7 @@ class CernerClient(EhrClient):
             response = await self.call("GET", target, record, params=sent)
             if response.status != 200:
                 raise self.failure(response, record, what)
-            try:
-                bundle = msgspec.json.decode(response.content, type=_Bundle)
-            except (msgspec.DecodeError, msgspec.ValidationError):
-                raise EhrFailed(f"the {self.source} EHR's answer to {what} cannot be read") from None
+            bundle = self.decoded(response, _Bundle, record, what)
             found += [e.resource for e in bundle.entry if e.resource is not None]
             following = next((link.url for link in bundle.link if link.relation == "next"), None)
             if following is None:
@@ -211,7 +201,7 @@ class CernerClient(EhrClient):
         response = await self.call("GET", f"/Slot/{quote(slot_id, safe='')}", record)
         if response.status != 200:
             raise self.failure(response, record, "the slot read of a slot")
-        resource = _decode(response, "a slot read")
+        resource = self.decoded(response, _Resource, record, "a slot read")
         if resource.resourceType != "Slot":
             raise EhrFailed(f"the {self.source} EHR answered a slot read with no Slot")
         return _slot(resource, {})
@@ -220,7 +210,7 @@ class CernerClient(EhrClient):
         response = await self.call("GET", f"/Appointment/{quote(appointment_id, safe='')}", record)
         if response.status != 200:
             raise self.failure(response, record, "the read of an appointment")
-        resource = _decode(response, "an appointment read")
+        resource = self.decoded(response, _Resource, record, "an appointment read")
         return _appointment(resource, _version(response, resource))
 
     async def book(self, request: BookRequest, record: CallRecord) -> EhrAppointment:

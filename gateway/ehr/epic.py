@@ -120,11 +120,7 @@ class EpicClient(EhrClient):
     # -- reading answers
 
     def _bundle(self, content: bytes, what: str, record: CallRecord) -> list[_Resource]:
-        try:
-            bundle = msgspec.json.decode(content, type=_Bundle)
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            record.error_code = "UNREADABLE"
-            raise EhrFailed(f"the {self.source} EHR's answer to {what} cannot be read") from None
+        bundle = self.decoded(content, _Bundle, record, what)
         if bundle.resource_type != "Bundle":
             raise EhrFailed(f"the {self.source} EHR's answer to {what} is no Bundle")
         resources = [e.resource for e in bundle.entry if e.resource is not None]
@@ -171,10 +167,7 @@ class EpicClient(EhrClient):
         response = await self.call("GET", f"/Slot/{slot_id}", record)
         if response.status != 200:
             raise self.failure(response, record, "the slot read")
-        try:
-            slot = msgspec.json.decode(response.content, type=_Slot)
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            raise EhrFailed(f"the {self.source} EHR's slot cannot be read") from None
+        slot = self.decoded(response, _Slot, record, "the slot read")
         schedule = slot.schedule.reference.removeprefix("Schedule/") if slot.schedule and slot.schedule.reference else None
         return EhrSlot(id=slot.id, start=slot.start, end=slot.end, status=slot.status, schedule=schedule,
                        service_types=_codings(slot.service_type))
@@ -201,10 +194,7 @@ class EpicClient(EhrClient):
         response = await self.call("GET", f"/Appointment/{appointment_id}", record)
         if response.status != 200:
             raise self.failure(response, record, "the appointment read")
-        try:
-            found = msgspec.json.decode(response.content, type=_Resource)
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            raise EhrFailed(f"the {self.source} EHR's appointment cannot be read") from None
+        found = self.decoded(response, _Resource, record, "the appointment read")
         if found.resource_type != "Appointment":
             raise EhrFailed(f"the {self.source} EHR answered no Appointment")
         return self._appointment(found)

@@ -21,7 +21,6 @@ from gateway.ehr.base import EhrClient, read_json
 from gateway.ehr.model import BookRequest, EhrAppointment, EhrSlot, SlotQuery
 from gateway.errors import EhrFailed, EhrRefused, NotFound
 from gateway.outbound.calls import CallRecord
-from gateway.outbound.http import Answer
 
 _ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")  # R4's id type
 PAGE_SIZE = 50
@@ -124,12 +123,6 @@ class _Capability(msgspec.Struct, kw_only=True):
     rest: list[_Rest] = []
 
 
-_decoders: dict[type, msgspec.json.Decoder[Any]] = {}
-
-
-def _decode(content: bytes | msgspec.Raw, shape: type[Any]) -> Any:
-    decoder = _decoders.get(shape) or _decoders.setdefault(shape, msgspec.json.Decoder(shape))
-    return decoder.decode(content)
 
 
 def _id(reference: str | None, kind: str) -> str | None:
@@ -180,16 +173,9 @@ class FhirClient(EhrClient):
         super().__init__(*args, **kwargs)
         self._conditional: bool | None = None  # the server's CapabilityStatement, read once
 
-    def _read(self, answered: Answer | msgspec.Raw, shape: type[Any], record: CallRecord, what: str) -> Any:
-        try:
-            return _decode(answered.content if isinstance(answered, Answer) else answered, shape)
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            record.error_code = "UNREADABLE"
-            raise EhrFailed(f"the {self.source} EHR's answer to {what} cannot be read") from None
-
     def _kind(self, entry: _Entry, record: CallRecord, what: str) -> str | None:
         """The resourceType of a Bundle entry (an OperationOutcome of warnings may sit beside the matches)."""
-        typed = self._read(entry.resource, _Typed | None, record, what)
+        typed = self.decoded(entry.resource, _Typed | None, record, what)
         return typed.resourceType if typed is not None else None
 
     async def conditional_create(self, record: CallRecord) -> bool:
@@ -198,7 +184,7 @@ class FhirClient(EhrClient):
             response = await self.call("GET", "/metadata", record)
             if response.status != 200:
                 raise self.failure(response, record, "its capability statement")
-            capability = self._read(response, _Capability, record, "its capability statement")
+            capability = self.decoded(response, _Capability, record, "its capability statement")
             self._conditional = any(r.type == "Appointment" and r.conditionalCreate
                                     for rest in capability.rest if rest.mode == "server" for r in rest.resource)
         return self._conditional
@@ -229,13 +215,13 @@ class FhirClient(EhrClient):
             response = await self.call("GET", path, record, params=sent)
             if response.status != 200:
                 raise self.failure(response, record, "a slot search")
-            bundle = self._read(response, _Bundle, record, "a slot search")
+            bundle = self.decoded(response, _Bundle, record, "a slot search")
             for entry in bundle.entry:
                 kind = self._kind(entry, record, "a slot search")
                 if kind == "Slot":
-                    slots.append(self._read(entry.resource, _Slot, record, "a slot search"))
+                    slots.append(self.decoded(entry.resource, _Slot, record, "a slot search"))
                 elif kind == "Schedule":
-                    found = self._read(entry.resource, _Schedule, record, "a slot search")
+                    found = self.decoded(entry.resource, _Schedule, record, "a slot search")
                     schedules[f"Schedule/{found.id}"] = found
             path = next((link.url for link in bundle.link if link.relation == "next"), "")
             if not path:
@@ -253,7 +239,7 @@ class FhirClient(EhrClient):
         response = await self.call("GET", f"/Schedule/{schedule_id}", record)
         if response.status != 200:
             raise self.failure(response, record, "the schedule")
-        return self._read(response, _Schedule, record, "a schedule read")
+        return self.decoded(response, _Schedule, record, "a schedule read")
 
     def _slot(self, s: _Slot, schedule: _Schedule | None) -> EhrSlot:
         actors = [a.reference for a in schedule.actor] if schedule is not None else []
@@ -265,7 +251,7 @@ class FhirClient(EhrClient):
         response = await self.call("GET", f"/Slot/{_checked(slot_id, 'slot')}", record)
         if response.status != 200:
             raise self.failure(response, record, "the slot")
-        slot = self._read(response, _Slot, record, "a slot read")
+        slot = self.decoded(response, _Slot, record, "a slot read")
         return self._slot(slot, await self._schedule(slot.schedule.reference, record))
 
     # -- appointments -----------------------------------------------------------------------------------
@@ -308,7 +294,7 @@ class FhirClient(EhrClient):
                 raise EhrFailed(f"the {self.source} EHR's answer to the booking names no Appointment")
             made = await self.read(where, record)
         else:
-            made = _appointment(self._read(response, _Appointment, record, "the booking"))
+            made = _appointment(self.decoded(response, _Appointment, record, "the booking"))
         if made.slot != request.slot:  # a conditional match: the identifier already booked another slot
             record.error_code = "IDENTIFIER_ON_ANOTHER_SLOT"
             raise EhrRefused(f"the {self.source} EHR already holds a booking with this identifier on another slot",
@@ -320,7 +306,7 @@ class FhirClient(EhrClient):
         response = await self.call("GET", f"/Appointment/{_checked(appointment_id, 'appointment')}", record)
         if response.status != 200:
             raise self.failure(response, record, "the appointment")
-        parsed = self._read(response, _Appointment, record, "an appointment read")
+        parsed = self.decoded(response, _Appointment, record, "an appointment read")
         raw = read_json(response)
         version = parsed.meta.versionId if parsed.meta else None
         etag = response.headers.get("etag") or (f'W/"{version}"' if version else "")
@@ -343,7 +329,7 @@ class FhirClient(EhrClient):
                 raise self.failure(response, record, "the cancellation")
             if not response.content:
                 return await self.read(appointment_id, record)
-            return _appointment(self._read(response, _Appointment, record, "the cancellation"))
+            return _appointment(self.decoded(response, _Appointment, record, "the cancellation"))
         raise AssertionError("the second attempt always returns")
 
     async def find_booked(self, request: BookRequest, record: CallRecord) -> EhrAppointment | None:
@@ -357,8 +343,8 @@ class FhirClient(EhrClient):
         response = await self.call("GET", "/Appointment", record, params=params)
         if response.status != 200:
             raise self.failure(response, record, "an appointment search")
-        bundle = self._read(response, _Bundle, record, "an appointment search")
-        found = [_appointment(self._read(e.resource, _Appointment, record, "an appointment search"))
+        bundle = self.decoded(response, _Bundle, record, "an appointment search")
+        found = [_appointment(self.decoded(e.resource, _Appointment, record, "an appointment search"))
                  for e in bundle.entry if self._kind(e, record, "an appointment search") == "Appointment"]
         # what this booking made: its slot and patient, and not since cancelled
         mine = [a for a in found if a.slot == request.slot and a.patient == request.patient and a.status != "cancelled"]

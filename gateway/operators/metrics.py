@@ -228,13 +228,19 @@ class Metrics:
             self._sf_errors.labels(operation, self._error_code(code)).inc()
 
     def callout(self, op: str, outcome: str, status: int, seconds: float) -> None:
-        op, outcome = _word(op, CALLOUT_OPS), _word(outcome, OUTCOMES)
-        self._callouts.labels(op, outcome, _status(status)).inc()
-        self._callout_seconds.labels(op).observe(seconds)
+        key = ("callout", _word(op, CALLOUT_OPS), _word(outcome, OUTCOMES), _status(status))
+        children = self._children.get(key)
+        if children is None:
+            children = self._children[key] = (self._callouts.labels(*key[1:]), self._callout_seconds.labels(key[1]))
+        children[0].inc()
+        children[1].observe(seconds)
 
     def ehr_call(self, source: str, seconds: float, error_code: str | None) -> None:
         source = self._source(source)
-        self._ehr_seconds.labels(source).observe(seconds)
+        child = self._children.get(("ehr", source))
+        if child is None:
+            child = self._children[("ehr", source)] = self._ehr_seconds.labels(source)
+        child.observe(seconds)
         if error_code is not None:
             self._ehr_errors.labels(source, self._error_code(error_code.upper().replace("-", "_"))).inc()
 

@@ -38,21 +38,22 @@ def _schedule_id(system: str, slot: EhrSlot) -> str:
     return "s" + hashlib.sha256(made.encode()).hexdigest()[:24]
 
 
-def slot_resource(system: str, slot: EhrSlot, *, several: bool) -> dict[str, Any]:
+def slot_resource(system: str, slot: EhrSlot, *, several: bool, schedule: str | None = None) -> dict[str, Any]:
+    """`schedule`: its Schedule's id, when the caller made it already."""
     resource: dict[str, Any] = {"resourceType": "Slot", "id": slot.id}
     if several:
         resource["extension"] = _tag(system)
     if slot.service_types:
         resource["serviceType"] = [{"coding": [msgspec.to_builtins(c) for c in slot.service_types]}]
-    resource |= {"schedule": {"reference": f"Schedule/{_schedule_id(system, slot)}"}, "status": slot.status,
+    resource |= {"schedule": {"reference": f"Schedule/{schedule or _schedule_id(system, slot)}"}, "status": slot.status,
                  "start": slot.start, "end": slot.end}
     return resource
 
 
-def _schedule(system: str, slot: EhrSlot, *, several: bool) -> dict[str, Any]:
+def _schedule(system: str, slot: EhrSlot, schedule: str, *, several: bool) -> dict[str, Any]:
     actors = [{"reference": f"{kind}/{value}"} for kind, value in
               (("Practitioner", slot.practitioner), ("Location", slot.location)) if value]
-    resource: dict[str, Any] = {"resourceType": "Schedule", "id": _schedule_id(system, slot)}
+    resource: dict[str, Any] = {"resourceType": "Schedule", "id": schedule}
     if several:
         resource["extension"] = _tag(system)
     return resource | {"actor": actors or [{"display": "the EHR's schedule"}]}
@@ -65,13 +66,14 @@ def _start(slot: EhrSlot) -> datetime:
 def searchset(found: list[Found], warnings: list[Issue], *, several: bool, url: str) -> bytes:
     """Slots of every answering EHR sorted by start, each Schedule once after them, then an
     OperationOutcome per failing EHR (tagged) and one for what the search could not honour."""
-    slots = sorted(((f.system, s) for f in found for s in f.slots), key=lambda pair: (_start(pair[1]), pair[0]))
-    entries: list[dict[str, Any]] = [{"resource": slot_resource(system, s, several=several),
-                                      "search": {"mode": "match"}} for system, s in slots]
+    slots = sorted(((f.system, s, _schedule_id(f.system, s)) for f in found for s in f.slots),
+                   key=lambda found: (_start(found[1]), found[0]))
+    entries: list[dict[str, Any]] = [{"resource": slot_resource(system, s, several=several, schedule=schedule),
+                                      "search": {"mode": "match"}} for system, s, schedule in slots]
     included: dict[str, dict[str, Any]] = {}
-    for system, s in slots:
-        schedule = _schedule(system, s, several=several)
-        included.setdefault(schedule["id"], schedule)
+    for system, s, schedule in slots:
+        if schedule not in included:
+            included[schedule] = _schedule(system, s, schedule, several=several)
     entries += [{"resource": s, "search": {"mode": "include"}} for s in included.values()]
     for f in found:
         if f.error is not None:

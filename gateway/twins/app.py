@@ -68,10 +68,11 @@ def outcome(status: int, code: str, text: str, severity: str = "error") -> ASGIA
 _AFTER_STORE = "ehr_twin.fail_after_store"  # a create drawn to fail once stored (the request's scope)
 
 
-async def gate(request: Request[Any, Any, Any], *, create: bool = False) -> ASGIApp | None:
+async def gate(request: Request[Any, Any, Any], kind: str | None = None) -> ASGIApp | None:
     """What every API call passes: counted, delayed and failed as the faults say, and its bearer
-    token checked. None: go on. `create`: a booking, counted once past the gate and drawn against
-    `create_fail_ratio`."""
+    token checked. None: go on, the call then counted as `kind` (a `Counters` field); "creates" (a
+    booking) is also drawn against `create_fail_ratio`."""
+    create = kind == "creates"
     state = twin(request)
     state.count("api_calls")
     faults = state.faults()
@@ -89,8 +90,8 @@ async def gate(request: Request[Any, Any, Any], *, create: bool = False) -> ASGI
         return outcome(status, "throttled" if status == 429 else "transient", f"the EHR answered {status} (twin fault)")
     if drawn == "after_store":
         request.scope[_AFTER_STORE] = True  # type: ignore[literal-required]
-    if create:
-        state.count("creates")
+    if kind is not None:
+        state.count(kind)
     return None
 
 

@@ -234,9 +234,8 @@ def _slot_search(request: Request[Any, Any, Any]) -> ASGIApp:
 
 @get(f"{BASE_PATH}/Slot")
 async def search_slots(request: Request[Any, Any, Any]) -> ASGIApp:
-    if (refused := await gate(request)) is not None:
+    if (refused := await gate(request, "searches")) is not None:
         return refused
-    twin(request).count("searches")
     try:
         return _slot_search(request)
     except Refused as exc:
@@ -245,9 +244,8 @@ async def search_slots(request: Request[Any, Any, Any]) -> ASGIApp:
 
 @get(f"{BASE_PATH}/Slot/{{slot_id:str}}")
 async def read_slot(request: Request[Any, Any, Any], slot_id: FromPath[str]) -> ASGIApp:
-    if (refused := await gate(request)) is not None:
+    if (refused := await gate(request, "reads")) is not None:
         return refused
-    twin(request).count("reads")
     slot = twin(request).calendar.slot(slot_id)
     if slot is None:
         return outcome(404, "not-found", "no such Slot")
@@ -304,7 +302,7 @@ def _media(request: Request[Any, Any, Any]) -> str:
 
 @post(f"{BASE_PATH}/Appointment", status_code=201)
 async def create_appointment(request: Request[Any, Any, Any]) -> ASGIApp:
-    if (refused := await gate(request, create=True)) is not None:
+    if (refused := await gate(request, "creates")) is not None:
         return refused
     state = twin(request)
     if _media(request) not in ("application/fhir+json", "application/json"):
@@ -326,9 +324,8 @@ async def create_appointment(request: Request[Any, Any, Any]) -> ASGIApp:
 
 @get(f"{BASE_PATH}/Appointment/{{appointment_id:str}}")
 async def read_appointment(request: Request[Any, Any, Any], appointment_id: FromPath[str]) -> ASGIApp:
-    if (refused := await gate(request)) is not None:
+    if (refused := await gate(request, "reads")) is not None:
         return refused
-    twin(request).count("reads")
     found = twin(request).calendar.get(appointment_id)
     if found is None:
         return outcome(404, "not-found", "no such Appointment")
@@ -369,9 +366,8 @@ def _appointment_search(request: Request[Any, Any, Any]) -> ASGIApp:
 
 @get(f"{BASE_PATH}/Appointment")
 async def search_appointments(request: Request[Any, Any, Any]) -> ASGIApp:
-    if (refused := await gate(request)) is not None:
+    if (refused := await gate(request, "searches")) is not None:
         return refused
-    twin(request).count("searches")
     try:
         return _appointment_search(request)
     except Refused as exc:
@@ -417,10 +413,9 @@ def _version(if_match: str | None) -> int:
 
 @patch(f"{BASE_PATH}/Appointment/{{appointment_id:str}}")
 async def patch_appointment(request: Request[Any, Any, Any], appointment_id: FromPath[str]) -> ASGIApp:
-    if (refused := await gate(request)) is not None:
+    if (refused := await gate(request, "cancels")) is not None:
         return refused
     state = twin(request)
-    state.count("cancels")
     if _media(request) != "application/json-patch+json":
         return outcome(415, "not-supported", "the body must be application/json-patch+json")
     if state.calendar.get(appointment_id) is None:

@@ -10,6 +10,20 @@ Dialect = Literal["cerner", "epic", "fhir"]
 CERNER_TENANT = "ec2458f2-1e24-41c8-b71b-0e701af7583d"  # the tenant of the corpus's Millennium codes
 
 
+def key_pair() -> tuple[str, str]:
+    """A new RSA key pair as PEM (private PKCS#8, public SubjectPublicKeyInfo): the private key signs
+    a client's RS384 assertions, the public one is what a twin checks them with (`public_key_pem`)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption()).decode()
+    public = key.public_key().public_bytes(serialization.Encoding.PEM,
+                                           serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    return private, public
+
+
 class TwinSchedule(msgspec.Struct, frozen=True, kw_only=True):
     """One practitioner's calendar at one location, offering these services (system, code)."""
 

@@ -146,10 +146,9 @@ def _codings(values: list[Any]) -> set[tuple[str, str]] | None:
 
 @post(f"{BASE_PATH}/Appointment/$find", status_code=200)
 async def find(request: Request[Any, Any, Any]) -> ASGIApp:
-    if (refused := await gate(request)) is not None:
+    if (refused := await gate(request, "searches")) is not None:
         return refused
     state = twin(request)
-    state.count("searches")
     parameters = await _parameters(request)
     if parameters is None:
         return _bad("the body must be a Parameters resource")
@@ -215,7 +214,7 @@ def _book_fields(parameters: list[dict[str, Any]]) -> tuple[str, str, str | None
 
 @post(f"{BASE_PATH}/Appointment/$book", status_code=200)
 async def book(request: Request[Any, Any, Any]) -> ASGIApp:
-    if (refused := await gate(request, create=True)) is not None:
+    if (refused := await gate(request, "creates")) is not None:
         return refused
     state = twin(request)
     parameters = await _parameters(request)
@@ -240,10 +239,9 @@ async def book(request: Request[Any, Any, Any]) -> ASGIApp:
 
 @get(f"{BASE_PATH}/Appointment/{{appointment_id:str}}")
 async def read_appointment(request: Request[Any, Any, Any]) -> ASGIApp:
-    if (refused := await gate(request)) is not None:
+    if (refused := await gate(request, "reads")) is not None:
         return refused
     state = twin(request)
-    state.count("reads")
     found = state.calendar.get(request.path_params["appointment_id"])
     if found is None:
         return outcome(404, "not-found", "no such appointment")
@@ -268,10 +266,9 @@ def _date_test(value: str) -> Callable[[datetime], bool] | None:
 
 @get(f"{BASE_PATH}/Appointment")
 async def search_appointments(request: Request[Any, Any, Any]) -> ASGIApp:
-    if (refused := await gate(request)) is not None:
+    if (refused := await gate(request, "searches")) is not None:
         return refused
     state = twin(request)
-    state.count("searches")
     query = request.query_params
     patients = query.getall("patient", [])
     if len(patients) != 1 or not _ID.fullmatch(patients[0].removeprefix("Patient/")):
@@ -289,10 +286,9 @@ async def search_appointments(request: Request[Any, Any, Any]) -> ASGIApp:
 
 @get(f"{BASE_PATH}/Slot/{{slot_id:str}}")
 async def read_slot(request: Request[Any, Any, Any]) -> ASGIApp:
-    if (refused := await gate(request)) is not None:
+    if (refused := await gate(request, "reads")) is not None:
         return refused
     state = twin(request)
-    state.count("reads")
     slot = state.calendar.slot(request.path_params["slot_id"])
     if slot is None:
         return outcome(404, "not-found", "no such slot")

@@ -324,10 +324,9 @@ async def metadata(request: Request[Any, Any, Any]) -> ASGIApp:
 
 @get(f"{BASE_PATH}/Slot")
 async def search_slots(request: Request[Any, Any, Any]) -> ASGIApp:
-    if (refused := await gate(request)) is not None:
+    if (refused := await gate(request, "searches")) is not None:
         return refused
     state = twin(request)
-    state.count("searches")
     pairs = _pairs(request)
     unknown = _unknown(pairs, _SLOT_PARAMS)
     if unknown and _strict(request):
@@ -353,10 +352,9 @@ async def search_slots(request: Request[Any, Any, Any]) -> ASGIApp:
 @get(f"{BASE_PATH}/Slot/{{slot_id:str}}")
 async def read_slot(request: Request[Any, Any, Any]) -> ASGIApp:
     slot_id = request.path_params["slot_id"]
-    if (refused := await gate(request)) is not None:
+    if (refused := await gate(request, "reads")) is not None:
         return refused
     state = twin(request)
-    state.count("reads")
     found = state.calendar.slot(slot_id)
     return outcome(404, "not-found", "no such Slot") if found is None else answer(200, _slot(found))
 
@@ -364,10 +362,9 @@ async def read_slot(request: Request[Any, Any, Any]) -> ASGIApp:
 @get(f"{BASE_PATH}/Schedule/{{schedule_id:str}}")
 async def read_schedule(request: Request[Any, Any, Any]) -> ASGIApp:
     schedule_id = request.path_params["schedule_id"]
-    if (refused := await gate(request)) is not None:
+    if (refused := await gate(request, "reads")) is not None:
         return refused
     state = twin(request)
-    state.count("reads")
     found = next((s for s in state.calendar.schedules if s.id == schedule_id), None)
     return outcome(404, "not-found", "no such Schedule") if found is None else answer(200, _schedule(found))
 
@@ -375,20 +372,18 @@ async def read_schedule(request: Request[Any, Any, Any]) -> ASGIApp:
 @get(f"{BASE_PATH}/Appointment/{{appointment_id:str}}")
 async def read_appointment(request: Request[Any, Any, Any]) -> ASGIApp:
     appointment_id = request.path_params["appointment_id"]
-    if (refused := await gate(request)) is not None:
+    if (refused := await gate(request, "reads")) is not None:
         return refused
     state = twin(request)
-    state.count("reads")
     found = state.calendar.get(appointment_id)
     return outcome(404, "not-found", "no such Appointment") if found is None else _one(request, found, 200)
 
 
 @get(f"{BASE_PATH}/Appointment")
 async def search_appointments(request: Request[Any, Any, Any]) -> ASGIApp:
-    if (refused := await gate(request)) is not None:
+    if (refused := await gate(request, "searches")) is not None:
         return refused
     state = twin(request)
-    state.count("searches")
     pairs = _pairs(request)
     unknown = _unknown(pairs, _APPOINTMENT_PARAMS)
     if unknown and _strict(request):
@@ -459,7 +454,7 @@ def _conditional(request: Request[Any, Any, Any]) -> list[Appointment] | ASGIApp
 
 @post(f"{BASE_PATH}/Appointment", status_code=201)
 async def create_appointment(request: Request[Any, Any, Any]) -> ASGIApp:
-    if (refused := await gate(request, create=True)) is not None:
+    if (refused := await gate(request, "creates")) is not None:
         return refused
     state = twin(request)
     resource = _decode(request, await request.body())
