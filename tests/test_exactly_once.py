@@ -292,10 +292,10 @@ async def _booked(pending):
     return r if r.status_code == 201 else None
 
 
-def breaker_config(tmp_path: Path, prefix: str, **kw) -> Path:
+def breaker_config(tmp_path: Path, prefix: str, *, window: float = 5, open_for: float = 0.6, **kw) -> Path:
     cfg = config_dir(tmp_path, prefix, **kw)
     (cfg / "gateway.toml").write_text((cfg / "gateway.toml").read_text() + (
-        "\n[breaker]\nmin_calls = 4\nfailure_ratio = 0.5\nwindow_seconds = 5\nopen_seconds = 0.6\n"
+        f"\n[breaker]\nmin_calls = 4\nfailure_ratio = 0.5\nwindow_seconds = {window}\nopen_seconds = {open_for}\n"
         "sync_interval_seconds = 0.05\n"))
     return cfg
 
@@ -332,7 +332,9 @@ async def test_circuit_opens_for_every_worker_then_a_probe_closes_it(redis_url, 
 async def test_look_ups_that_work_do_not_keep_the_circuit_closed_while_book_fails(redis_url, prefix, sandbox, tmp_path):
     """Every Book fails (a proxy's 502) while every in-doubt look-up works, the EHRs' retries within
     the settle window adding more: only Book's health counts, so the circuit opens all the same."""
-    cfg = breaker_config(tmp_path, prefix, settle=30)
+    # a window and an open spell long enough for a loaded machine: the sixteen calls below may take
+    # seconds, and a poll of readiness must not miss a spell that ends in 0.6 s
+    cfg = breaker_config(tmp_path, prefix, settle=30, window=30, open_for=10)
     settings = make_settings(redis_url, prefix, sandbox.url, config_dir=cfg)
     async with serve_gateway(settings) as gw:
         state(sandbox).faults.set(book_answer=1000, book_answer_status=502, book_answer_body="html",
