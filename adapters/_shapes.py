@@ -28,10 +28,6 @@ _T = TypeVar("_T")
 Items = Annotated[tuple[_T, ...], msgspec.Meta(max_length=MAX_ITEMS)]
 
 
-class Reference(msgspec.Struct, **_OPTS):
-    reference: str | None = None
-
-
 class CodeableConcept(msgspec.Struct, **_OPTS):
     coding: Items[Coding] | None = None
     text: str | None = None
@@ -40,6 +36,13 @@ class CodeableConcept(msgspec.Struct, **_OPTS):
 class Identifier(msgspec.Struct, **_OPTS):
     system: str | None = None
     value: str | None = None
+
+
+class Reference(msgspec.Struct, **_OPTS):
+    reference: str | None = None
+    # a logical reference (R4; STU3 had `identifier` too): the actor named by its identifier, its kind by `type`
+    type: str | None = None
+    identifier: Identifier | None = None
 
 
 class Participant(msgspec.Struct, **_OPTS):

@@ -6,8 +6,8 @@ customer OIDs `urn:oid:1.2.840.114350…` are kept exactly as sent, the code map
 
 The hook is `$book`. Besides the Argonaut form (`appt-resource`), Epic's own STU3 `$book` carries
 only identifiers: `patient` and `appointment` as `valueIdentifier` and `appointmentNote` as a string.
-It yields a booking with the Patient participant `Patient/<value>` (path
-`Parameters.parameter[i].valueIdentifier`), the appointment identifier, the note as comment and
+It yields a booking with the Patient participant `Patient/<value>` named by that identifier (its
+system kept; path `Parameters.parameter[i].valueIdentifier`), the appointment identifier, the note as comment and
 nothing else; the rules step refuses it, naming what is missing. `appointmentNote` is a comment
 parameter in both forms (it replaces Appointment.comment, as the Argonaut `comment` does).
 """
@@ -33,11 +33,8 @@ class EpicAdapter(R4Adapter):
             ident = prm.valueIdentifier
             if ident is not None and ident.value:
                 extras.participants.append(
-                    Participant(
-                        kind="Patient",
-                        reference=f"Patient/{ident.value}",
-                        path=f"{path}.valueIdentifier",
-                    )
+                    Participant(kind="Patient", reference=f"Patient/{ident.value}", path=f"{path}.valueIdentifier",
+                                system=ident.system or None)
                 )
             else:
                 extras.unresolved.append(path)

@@ -5,8 +5,9 @@ MSH-10 the control id the ACK echoes; SCH-1 / SCH-2 the placer / filler appointm
 identifiers `urn:ehr-gateway:hl7v2:placer|<id>` and `…:filler|<id>`: the idempotency key and the link
 a later S13-S15 finds the appointment by); SCH-6 the event reason (a cancellation's reason); SCH-8
 the appointment type; SCH-9/10 the duration; SCH-11 the timing (component 4 start, 5 end); PID-3
-(else PID-2) the patient; AIS-3 the service; AIG-3 / AIP-3 the resources (Practitioner); AIL-3 the
-location (Facility); NTE-3 a comment. Times without an offset are the source's `time_zone`.
+(else PID-2) the patient, by its assigning authority (CX.4) when it has one, and PID-5/7/8/13 what
+creating the patient would need; AIS-3 the service; AIG-3 / AIP-3 the resources (Practitioner; AIP-3's
+XCN.9 its assigning authority); AIL-3 the location (Facility); NTE-3 a comment. Times without an offset are the source's `time_zone`.
 
 A coded field maps through the group whose `source` is the coding system it names (CE/CWE component
 3); without one, through `urn:ehr-gateway:hl7v2:<segment>-<field>`, e.g. `urn:ehr-gateway:hl7v2:AIS-3`.
@@ -38,7 +39,7 @@ from zoneinfo import ZoneInfo
 
 import hl7
 
-from gateway.canonical import CanonicalBooking, Coding, Concept, Identifier, Instant, Participant
+from gateway.canonical import CanonicalBooking, Coding, Concept, Identifier, Instant, Participant, Person
 from gateway.errors import InvalidRequest, Issue, PayloadTooLarge, cut
 from gateway.settings import MllpSettings
 
@@ -199,15 +200,17 @@ def parse_siu(raw: bytes, time_zone: str | None, limits: MllpSettings = _LIMITS)
             except (OverflowError, ValueError):  # NaN, infinite, or an end past year 9999
                 raise _invalid("value", "SCH-9", "SCH-9/SCH-10: the duration gives no valid end") from None
     participants: list[Participant] = []
+    sub = message.separators[4] if len(message.separators) > 4 else "&"
     pid = _segment(message, "PID")
-    patient = (_component(pid, 3, 1) or _component(pid, 2, 1)) if pid is not None else None
-    if patient:
-        participants.append(Participant(kind="Patient", reference=f"Patient/{patient}", path="PID-3"))
-    for name, kind_ in (("AIP", "Practitioner"), ("AIG", "Practitioner"), ("AIL", "Facility")):
+    if pid is not None and (patient := _patient(pid, sub)) is not None:
+        participants.append(patient)
+    for name, kind_, authority in (("AIP", "Practitioner", 9), ("AIG", "Practitioner", 0), ("AIL", "Facility", 0)):
         for seg in _segments(message, name):
             ident = _component(seg, 3, 1)
-            if ident:
-                participants.append(Participant(kind=kind_, reference=f"{kind_}/{ident}", path=f"{name}-3"))
+            if ident:  # AIP-3 is an XCN: its component 9 is the id's assigning authority
+                system = _authority(_component(seg, 3, authority), sub) if authority else None
+                participants.append(Participant(kind=kind_, reference=f"{kind_}/{ident}", path=f"{name}-3",
+                                                system=system))
     identifiers = tuple(Identifier(value=v, system=s) for s, v in ((PLACER, placer), (FILLER, filler)) if v)
     services = tuple(c for seg in _segments(message, "AIS") if (c := _concept(seg, 3, "AIS-3")) is not None)
     appointment_type = _concept(sch, 8, "SCH-8")
@@ -225,6 +228,7 @@ def parse_siu(raw: bytes, time_zone: str | None, limits: MllpSettings = _LIMITS)
         comment=comment or None, comment_path="NTE-3" if comment else None,
         time_zone=time_zone,
         cancel_reason=reason if trigger == "S15" else None,
+        patient=_person(pid) if pid is not None else None,
     )
     return Siu(EVENTS[trigger], control_id, booking, placer or None, filler or None)
 
@@ -442,6 +446,40 @@ def _component(segment: hl7.Segment | None, field: int, component: int) -> str:
     if isinstance(value, (hl7.Field, hl7.Repetition)) and len(value) > 1:
         return str(value[component - 1]).strip() if len(value) >= component else ""
     return str(value).strip() if component == 1 else ""
+
+
+def _authority(hd: str, sub: str) -> str | None:
+    """An assigning authority (HD: namespace id & universal id & its type) as the system its ids are
+    kept under: the namespace id, else the universal id (an OID)."""
+    parts = hd.split(sub)
+    return (parts[0] or (parts[1] if len(parts) > 1 else "")).strip() or None
+
+
+def _patient(pid: hl7.Segment, sub: str) -> Participant | None:
+    """PID-3's first identifier (CX: id ^ ^ ^ assigning authority), else PID-2 (the external id of
+    v2.2 senders); with its assigning authority, an identifier of that system."""
+    for field in (3, 2):
+        value = _component(pid, field, 1)
+        if value:
+            return Participant(kind="Patient", reference=f"Patient/{value}", path="PID-3",
+                               system=_authority(_component(pid, field, 4), sub))
+    return None
+
+
+_GENDERS = {"M": "male", "F": "female", "O": "other", "U": "unknown", "A": "other", "N": "unknown"}
+
+
+def _person(pid: hl7.Segment) -> Person | None:
+    """PID-5 (family ^ given), PID-7 (birth date), PID-8 (sex, HL7 table 0001) and PID-13 (phone): what
+    creating the patient needs. A date that is not one is left out, never guessed."""
+    birth = _component(pid, 7, 1)[:8]
+    try:
+        born = datetime.strptime(birth, "%Y%m%d").date().isoformat() if len(birth) == 8 else None
+    except ValueError:
+        born = None
+    person = Person(family=_component(pid, 5, 1) or None, given=_component(pid, 5, 2) or None, birth_date=born,
+                    gender=_GENDERS.get(_component(pid, 8, 1).upper()), phone=_component(pid, 13, 1) or None)
+    return person if person != Person() else None
 
 
 def _concept(segment: hl7.Segment, field: int, name: str) -> Concept | None:

@@ -5,9 +5,12 @@ Choices every dialect shares:
 
 - Participants: an actor reference `Patient/x` becomes `Patient/x`, `Location/x` becomes
   `Facility/x`, `Practitioner/x` and `PractitionerRole/x` become `Practitioner/x`, `Device/x` stays.
-  Absolute URLs use their last two segments (after dropping a `/_history/<v>` suffix). Anything else
-  (RelatedPerson, HealthcareService, a contained `#id`, a display-only actor, a participant with only
-  a `type`) is never guessed: its path goes to `unresolved_participants`, as
+  Absolute URLs use their last two segments (after dropping a `/_history/<v>` suffix). An actor
+  named by its identifier (`{"type": "Patient", "identifier": {system, value}}`) is kept with its
+  system, for the identity step to look up under it (gateway/identity); these are the EHR's ids,
+  never sent to Salesforce as they are. Anything else (RelatedPerson, HealthcareService, a
+  contained `#id`, a display-only actor, an identifier without a `type`, a participant with only a
+  `type`) is never guessed: its path goes to `unresolved_participants`, as
   `<resource>.participant[i].actor` when an actor was sent and `<resource>.participant[i]` when not.
 - Slots: `slot[i].reference` must be a Slot reference (`Slot/<id>` or an absolute URL ending so);
   anything else is a 422 naming `slot[i].reference`, since dropping it would book something else.
@@ -178,7 +181,20 @@ def _participant(ref: str, path: str) -> Participant | None:
     kind = _KINDS.get(resolved[0])
     if kind is None:
         return None
-    return Participant(kind=kind[0], reference=f"{kind[1]}/{resolved[1]}", path=path)
+    return Participant(kind=kind[0], reference=f"{kind[1]}/{resolved[1]}", path=path,
+                       role=resolved[0] == "PractitionerRole")
+
+
+def _actor(actor: s.Reference, path: str) -> Participant | None:
+    """A participant's actor: its literal reference, else a logical one (`identifier` with a `type`
+    naming the kind; an identifier without a system is read as the kind's own ids, like a literal)."""
+    if actor.reference:
+        return _participant(actor.reference, path)
+    ident, kind = actor.identifier, _KINDS.get(actor.type or "")
+    if ident is None or not ident.value or kind is None:
+        return None
+    return Participant(kind=kind[0], reference=f"{kind[1]}/{ident.value}", path=f"{path}.identifier",
+                       system=ident.system or None, role=actor.type == "PractitionerRole")
 
 
 def _check_bindings(a: s.Body, p: str) -> None:
@@ -343,7 +359,7 @@ class R4Adapter:
                     unresolved.append(f"{p}.participant[{i}]")
                 else:
                     path = f"{p}.participant[{i}].actor"
-                    resolved = _participant(actor.reference, path) if actor.reference else None
+                    resolved = _actor(actor, path)
                     if resolved is None:
                         unresolved.append(path)
                     else:
@@ -447,9 +463,10 @@ class R4Adapter:
                     extras.comment, extras.comment_path = prm.valueString, f"{pp}.valueString"
             elif name == "patient-id":  # Argonaut: a Patient reference as a uri
                 ref, path = prm.valueUri, f"{pp}.valueUri"
-                if ref is None and prm.valueReference is not None:
-                    ref, path = prm.valueReference.reference, f"{pp}.valueReference"
                 patient = _participant(ref, path) if ref else None
+                if ref is None and prm.valueReference is not None:
+                    patient = _actor(msgspec.structs.replace(prm.valueReference, type=prm.valueReference.type or "Patient"),
+                                     f"{pp}.valueReference")
                 if patient is not None and patient.kind == "Patient":
                     extras.participants.append(patient)
                 else:

@@ -27,12 +27,23 @@ class Concept(msgspec.Struct, frozen=True, omit_defaults=True):
     text: str | None = None
 
 
-class Participant(msgspec.Struct, frozen=True):
-    """A resolved participant: `reference` is already in Salesforce form, e.g. `Facility/123`."""
+class Participant(msgspec.Struct, frozen=True, omit_defaults=True):
+    """A participant as the EHR named it: `reference` is Salesforce's kind and the EHR's own id
+    (`Facility/32216049`), which the identity step (gateway/identity) turns into the org's record.
+    `system`: the EHR named it by an identifier of that system (FHIR `actor.identifier`, PID-3 with
+    its assigning authority), not by a literal reference; `role`: a FHIR PractitionerRole, which is
+    the practitioner at a facility already (a HealthcarePractitionerFacility, not a practitioner)."""
 
     kind: ParticipantKind
     reference: str
     path: str
+    system: str | None = None
+    role: bool = False
+
+    @property
+    def value(self) -> str:
+        """The EHR's id (or identifier value) alone."""
+        return self.reference.partition("/")[2]
 
 
 class Slot(msgspec.Struct, frozen=True):
@@ -50,6 +61,17 @@ class Instant(msgspec.Struct, frozen=True):
 
     text: str
     path: str
+
+
+class Person(msgspec.Struct, frozen=True, omit_defaults=True):
+    """What the EHR's message says of the patient (HL7 v2 PID): only what creating the patient in the
+    org needs (`unknown_patient = "create"`). Patient data: sealed wherever it is kept."""
+
+    family: str | None = None
+    given: str | None = None
+    birth_date: str | None = None  # YYYY-MM-DD
+    gender: str | None = None  # FHIR's administrative gender: male | female | other | unknown
+    phone: str | None = None
 
 
 class CanonicalBooking(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -73,6 +95,7 @@ class CanonicalBooking(msgspec.Struct, frozen=True, omit_defaults=True):
     comment_path: str | None = None
     time_zone: str | None = None
     cancel_reason: Concept | None = None  # Appointment.cancelationReason, for a cancellation
+    patient: Person | None = None  # demographics the message carried (HL7 v2 PID), for creating the patient
     # Appointment.id as sent: not part of the booking (left out of its fingerprint), only what an
     # update's body must agree with (FHIR: the id in the URL)
     resource_id: str | None = None

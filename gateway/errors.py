@@ -162,6 +162,18 @@ class Unprocessable(GatewayError):
     status, code = 422, "business-rule"
 
 
+class Unmatched(Unprocessable):
+    """A participant names no record of the org (`not-found`), or several (`multiple-matches`): a gap
+    in the org's records or the source's identity settings, refused at once (a retry cannot help)."""
+
+    code = "not-found"
+
+
+class PatientUnknown(Unmatched):
+    """The org holds no patient for the booking's patient id (yet): the source's `unknown_patient`
+    policy decides (hold, refuse, create); raised as a 422 where it refuses."""
+
+
 class IdempotencyKeyReused(Unprocessable):
     """The idempotency key was used before with another booking."""
 

@@ -19,7 +19,8 @@ import msgspec
 
 from gateway.booking.booker import Booker, Trace
 from gateway.booking.livemaps import LiveMaps
-from gateway.booking.worker import QueueWorker
+from gateway.booking.holding import Holding
+from gateway.booking.worker import HoldWorker, QueueWorker
 from gateway.edges.fhir_routes import FhirEdge
 from gateway.edges.healthcloud_routes import HealthCloudAuth, HealthCloudEdge
 from gateway.edges.inbound import Admission, Inbound
@@ -30,6 +31,7 @@ from gateway.edges.service_routes import ServiceEdge
 from gateway.edges.smart import SmartAuth
 from gateway.ehr import EhrClient, client_class
 from gateway.errors import GatewayError, NotFound
+from gateway.identity import Resolver
 from gateway.ids import new_id
 from gateway.operators.admin import AdminAuth, AdminDeps, Audit
 from gateway.operators.gauges import Gauges
@@ -42,7 +44,9 @@ from gateway.scheduling.scheduler import Scheduler
 from gateway.settings import Settings
 from gateway.state.breaker import CircuitBreaker
 from gateway.state.connect import connect_redis
+from gateway.state.holds import HoldStore
 from gateway.state.idempotency import IdempotencyStore
+from gateway.state.identities import IdentityCache
 from gateway.state.links import Links
 from gateway.state.queue import BookingQueue
 from gateway.state.ratelimit import RateLimiter
@@ -101,6 +105,8 @@ class Gateway:
                                   backoff_base_seconds=cfg.queue.backoff_base_seconds,
                                   backoff_max_seconds=cfg.queue.backoff_max_seconds)
         self.links = Links(self.redis, prefix, retention_days=cfg.idempotency.link_retention_days, sealer=self.sealer)
+        self.identities = IdentityCache(self.scripts, self.redis, prefix)
+        self.holds = HoldStore(self.redis, prefix)
         b = cfg.breaker
         self.breaker = CircuitBreaker(
             self.redis, prefix, failure_ratio=b.failure_ratio, min_calls=b.min_calls,
@@ -155,15 +161,20 @@ class Gateway:
                                    self.links)
 
     def _build_booking(self) -> None:
-        cfg = self.cfg
+        cfg, sources = self.cfg, self.settings.sources
+        self.resolver = Resolver(sources, self.identities, self.salesforce, cfg.identity)
+        self.holding = Holding(self.holds, self.store, sources, cfg.identity, self.sealer)
         self.booker = Booker(
-            self.settings.sources, self.maps, self.store, self.salesforce, self.queue if self.queue_sources else None,
+            sources, self.maps, self.store, self.salesforce, self.queue if self.queue_sources else None,
             in_flight_retry_after=cfg.idempotency.in_flight_retry_after_seconds,
             in_doubt_settle_seconds=cfg.idempotency.in_doubt_settle_seconds, sealer=self.sealer, links=self.links,
+            resolver=self.resolver, holding=self.holding,
         )
         # an entry whose consumer went quiet for a whole lease is taken over by another worker
         self.worker = QueueWorker(self.booker, self.queue, self.queue_sources, cfg.queue,
                                   reclaim_idle_seconds=cfg.idempotency.lease_seconds, request_log=self.request_log)
+        self.hold_worker = HoldWorker(self.booker, self.holding, list(sources), cfg.identity,
+                                      lease_seconds=cfg.idempotency.lease_seconds, request_log=self.request_log)
 
     def _build_operators(self, extra_keys: dict[str, list[str]] | None) -> None:
         self.recorder = Recorder(self.settings.sources, self.metrics, self.request_log)
@@ -219,7 +230,7 @@ class Gateway:
             raise NotFound("this entry kept no input to replay")
         started = time.perf_counter()
         request_id = new_id()
-        trace = Trace()
+        trace = Trace(request_id=request_id)
         status, error = 500, None
         body = sealed.input.encode()
         try:
@@ -244,6 +255,8 @@ class Gateway:
                  *((b.run(), f"circuit-breaker-{b.called}") for b in self.ehr_breakers)]
         if self.queue_sources and self._run_queue_workers:
             tasks.append((self.worker.run(), "queue-worker"))
+        if self._run_queue_workers:
+            tasks.append((self.hold_worker.run(), "hold-worker"))
         self._background += [asyncio.create_task(work, name=name) for work, name in tasks]
 
     async def close(self) -> None:

@@ -51,6 +51,25 @@ class EhrSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     unavailable_retry_after_seconds: int = 10
 
 
+class SourceIdentity(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """How a source's ids are found among the org's records (`[sources.<name>.identity]`, contract v3):
+    the `Identifier.SourceSystem` each kind of its ids is kept under (None: the source's
+    `source_system`), the identifier systems it sends mapped to theirs, and what becomes of a booking
+    whose patient the org does not know yet."""
+
+    patient_system: str | None = None
+    practitioner_system: str | None = None
+    location_system: str | None = None
+    device_system: str | None = None
+    unknown_patient: Literal["hold", "refuse", "create"] = "hold"
+    hold_hours: float = 24.0  # a booking held for its patient longer than this is refused (dead letter)
+    # identifier systems as the EHR sends them (FHIR Identifier.system, an HL7 v2 assigning authority)
+    # -> Identifier.SourceSystem in the org
+    systems: dict[str, str] = {}
+    # the person-account RecordType of a patient the gateway creates (None: the org's one, looked up)
+    person_record_type_id: str | None = None
+
+
 class SourceSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     adapter: Literal["fhir", "cerner", "epic", "hl7v2"]
     source_system: str
@@ -71,6 +90,12 @@ class SourceSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # `[tls] client_ca_file`, whose subject CN or a DNS subject-alternative name is one of these
     client_cert_names: tuple[str, ...] = ()
     ehr: EhrSettings | None = None  # how Health Cloud's callouts reach this source's EHR
+    identity: SourceIdentity = SourceIdentity()
+
+    def id_system(self, kind: str) -> str:
+        """The `Identifier.SourceSystem` of this source's literal ids of a kind (patient, practitioner,
+        location, device)."""
+        return getattr(self.identity, f"{kind}_system") or self.source_system
 
 
 class AdminSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -213,6 +238,23 @@ class HealthCloudSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=Tru
     max_search_values: int = 50  # ids and codes in one search
 
 
+class IdentitySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The org's records found for the EHRs' ids, cached in Redis for every worker and instance
+    (`[identity]`)."""
+
+    cache_hours: float = 6.0  # practitioners, facilities, their HPFs, devices: they change rarely
+    patient_cache_seconds: float = 900.0  # patients: merged and corrected more often
+    miss_cache_seconds: float = 60.0  # an id the org does not hold, remembered at most a minute
+    lookup_wait_seconds: float = 5.0  # a look-up another worker has in flight is waited for this long
+    # look-ups stop (503) while the org's daily allowance (Sforce-Limit-Info) has less than this share
+    # left: bookings whose people are cached still go through
+    api_reserve_percent: float = 5.0
+    hold_retry_seconds: float = 30.0  # a held booking is looked up again after this, then twice as long
+    hold_retry_max_seconds: float = 600.0  # ... up to this
+    hold_poll_seconds: float = 1.0  # how often each worker looks for held bookings that are due
+    hold_batch: int = 16
+
+
 class FileSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     sources: dict[str, SourceSettings] = {}
     admin: AdminSettings = AdminSettings()
@@ -228,6 +270,7 @@ class FileSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     mllp: MllpSettings = MllpSettings()
     server: ServerSettings = ServerSettings()
     healthcloud: HealthCloudSettings = HealthCloudSettings()
+    identity: IdentitySettings = IdentitySettings()
 
 
 class SalesforceConnection(msgspec.Struct, frozen=True):
@@ -324,7 +367,17 @@ def load_file_settings(config_dir: Path) -> FileSettings:
             problems.append(f"{where}.rate_limit_per_minute: must be at least 1")
         if src.ehr is not None:
             problems += _ehr_problems(f"{where}.ehr", src, config_dir)
+        problems += _identity_problems(f"{where}.identity", src)
     problems += _healthcloud_problems(settings.healthcloud)
+    ident = settings.identity
+    if min(ident.cache_hours, ident.patient_cache_seconds, ident.miss_cache_seconds, ident.lookup_wait_seconds,
+           ident.hold_retry_seconds, ident.hold_poll_seconds, ident.hold_batch) <= 0 \
+            or ident.hold_retry_max_seconds < ident.hold_retry_seconds:
+        problems.append("$.identity: times and hold_batch must be positive, hold_retry_max_seconds >= hold_retry_seconds")
+    if ident.miss_cache_seconds > 60:
+        problems.append("$.identity.miss_cache_seconds: at most 60 (a patient may be about to arrive)")
+    if not 0 <= ident.api_reserve_percent < 100:
+        problems.append("$.identity.api_reserve_percent: from 0 to under 100")
     for kind in ("api_keys_sha256", "phi_keys_sha256"):
         for i, digest in enumerate(getattr(settings.admin, kind)):
             if not _SHA256_HEX.match(digest):
@@ -397,6 +450,22 @@ def load_file_settings(config_dir: Path) -> FileSettings:
     if problems:
         raise ConfigError("\n".join(f"{path}: {p}" for p in problems))
     return settings
+
+
+def _identity_problems(where: str, src: SourceSettings) -> list[str]:
+    ident, problems = src.identity, []
+    for kind in ("patient", "practitioner", "location", "device"):
+        if (value := getattr(ident, f"{kind}_system")) is not None and not value.strip():
+            problems.append(f"{where}.{kind}_system: must not be empty")
+    for system, kept in ident.systems.items():
+        if not system.strip() or not kept.strip():
+            problems.append(f"{where}.systems: neither a system nor its SourceSystem may be empty")
+    if ident.hold_hours <= 0:
+        problems.append(f"{where}.hold_hours: must be positive")
+    if ident.unknown_patient == "create" and src.adapter != "hl7v2" and src.ehr is None:
+        problems.append(f"{where}.unknown_patient: 'create' reads the EHR's Patient, so this source needs "
+                        f"[sources.<name>.ehr] (an HL7 v2 source creates from PID)")
+    return problems
 
 
 def _healthcloud_problems(hc: HealthCloudSettings) -> list[str]:

@@ -552,8 +552,36 @@ def test_participant_references(reference: str, expected: tuple[str, str] | None
         assert b.participants == ()
         assert b.unresolved_participants == ("Appointment.participant[0].actor",)
     else:
-        assert b.participants == (Participant(kind=expected[0], reference=expected[1], path="Appointment.participant[0].actor"),)
+        assert b.participants == (Participant(kind=expected[0], reference=expected[1], path="Appointment.participant[0].actor",
+                                              role=reference.startswith("PractitionerRole/")),)
         assert b.unresolved_participants == ()
+
+
+@pytest.mark.parametrize(
+    "actor, expected",
+    [
+        # a logical reference: the kind from `type`, the EHR's id under the identifier's system
+        ({"type": "Patient", "identifier": {"system": "urn:oid:2.16.840.1.113883.3.13.6", "value": "MRN-1"}},
+         Participant(kind="Patient", reference="Patient/MRN-1", path="Appointment.participant[0].actor.identifier",
+                     system="urn:oid:2.16.840.1.113883.3.13.6")),
+        ({"type": "Location", "identifier": {"value": "32216049"}},  # no system: the kind's own ids, as a literal
+         Participant(kind="Facility", reference="Facility/32216049", path="Appointment.participant[0].actor.identifier")),
+        ({"type": "PractitionerRole", "identifier": {"system": "urn:npi", "value": "1234"}},
+         Participant(kind="Practitioner", reference="Practitioner/1234", path="Appointment.participant[0].actor.identifier",
+                     system="urn:npi", role=True)),
+        # the literal reference wins over an identifier beside it
+        ({"reference": "Patient/12724066", "type": "Patient", "identifier": {"system": "urn:mrn", "value": "9"}},
+         Participant(kind="Patient", reference="Patient/12724066", path="Appointment.participant[0].actor")),
+        ({"identifier": {"system": "urn:mrn", "value": "9"}}, None),  # no type: its kind is not known
+        ({"type": "RelatedPerson", "identifier": {"system": "urn:mrn", "value": "9"}}, None),
+        ({"type": "Patient", "identifier": {"system": "urn:mrn"}}, None),  # no value
+    ],
+)
+def test_participants_named_by_identifier(actor: dict[str, object], expected: Participant | None) -> None:
+    doc = {"resourceType": "Appointment", "status": "booked", "participant": [{"actor": actor, "status": "accepted"}]}
+    b = parse("fhir", body(doc))
+    assert b.participants == ((expected,) if expected else ())
+    assert b.unresolved_participants == (() if expected else ("Appointment.participant[0].actor",))
 
 
 def test_participant_without_actor_is_kept_by_path() -> None:

@@ -15,6 +15,7 @@ LAYERS = [
     ("state", {"gateway.state"}),
     ("outbound", {"gateway.outbound"}),
     ("called systems", {"gateway.salesforce", "gateway.ehr"}),
+    ("identity", {"gateway.identity"}),
     ("booking", {"gateway.booking"}),
     ("scheduling", {"gateway.scheduling"}),
     ("operators", {"gateway.operators"}),

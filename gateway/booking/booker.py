@@ -9,8 +9,9 @@ the booking up (`_deliver`): that is what makes each booking one appointment.
 
 from __future__ import annotations
 
+import asyncio
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -27,10 +28,12 @@ from gateway.errors import (
     InvalidRequest,
     Issue,
     NotFound,
+    PatientUnknown,
     PreconditionFailed,
     SalesforceFailed,
     SalesforceRefused,
     Unavailable,
+    Unmatched,
     Unprocessable,
     http,
 )
@@ -48,15 +51,20 @@ from gateway.booking.fhir import (
 )
 from gateway.state.idempotency import REDIS_FAILURES, Claim, IdempotencyStore, fingerprint, key_material
 from gateway.state.links import BOOKED, CANCELLED, Links, Record
-from gateway.booking.mapping import Mapped, cancellation_reason, map_booking
+from gateway.booking.holding import Holding, held_answer
+from gateway.booking.job import Answer, Job, Trace
+from gateway.booking.mapping import Mapped, cancellation_reason, map_booking, with_references
+from gateway.state.holds import HeldBooking
 from gateway.state.queue import BookingQueue, QueuedBooking
 from gateway.booking.rules import check
-from gateway.outbound.calls import CallRecord
+from gateway.identity import EhrId, Found, IdentityRecord, Resolver
 from gateway.salesforce.client import SalesforceClient
 from gateway.salesforce.wire import BookingRequest, FoundSlots
 from gateway.state.sealing import Sealer
-from gateway.booking.slots import slots_request
+from gateway.booking.slots import slot_resources, slots_request
 from gateway.settings import SourceSettings
+
+__all__ = ["Answer", "Booker", "Prepared", "Target", "Trace"]
 
 _encoder = msgspec.json.Encoder()
 # one answer for an id that does not exist and for one this source may not see
@@ -72,34 +80,6 @@ class Prepared:
     def warnings(self) -> tuple[Issue, ...]:
         """What the mapping left out (a category with no map for its codings) and let pass."""
         return tuple(i for i in self.mapped.issues if i.severity == "warning")
-
-
-@dataclass(slots=True)
-class Answer:
-    status: int
-    body: bytes
-    headers: dict[str, str]
-
-
-@dataclass(slots=True)
-class Trace:
-    """What the summary log line says about one request: outcomes and timings, never content."""
-
-    idempotency: str = "none"
-    salesforce: CallRecord = field(default_factory=CallRecord)
-    lookup: CallRecord = field(default_factory=CallRecord)
-    looked_up: str | None = None  # found | absent | failed: the check of an earlier attempt
-    adopted: bool = False  # answered with the appointment an earlier attempt made
-    parked: str | None = None  # released | in-doubt | queued: the lease given back without an answer
-    paused_for: int | None = None  # the circuit was open: seconds until Salesforce may be tried
-    maps_version: str | None = None
-    maps_used: tuple[str, ...] = ()
-    patient: str | None = None  # PHI: only ever sealed into the request log
-    key_material: str | None = None  # what the idempotency record is keyed on (may hold identifiers)
-    warnings: tuple[Issue, ...] = ()  # what the mapping left out: shown in $translate and the request log
-    salesforce_id: str | None = None
-    refusal: SalesforceRefused | None = None  # Salesforce refused: answered (422), not raised
-    result: str | None = None  # what a 200 did: "rescheduled" or "cancelled" (a PUT), "ok" (a search)
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,8 +127,12 @@ class Booker:
         in_doubt_settle_seconds: float = 60.0,
         sealer: Sealer | None = None,
         links: Links | None = None,
+        resolver: Resolver | None = None,
+        holding: Holding | None = None,
     ) -> None:
         self._sources = sources
+        self._resolver = resolver  # the EHR's ids as the org's records (gateway/identity)
+        self._holding = holding  # bookings whose patient the org does not know yet
         self._links = links
         self._maps = maps
         self._adapters = {name: get_adapter(s.adapter) for name, s in sources.items() if s.adapter != "hl7v2"}
@@ -229,11 +213,14 @@ class Booker:
     async def book_prepared(self, source_name: str, prepared: Prepared, key_header: str | None, trace: Trace,
                             *, retry_refusal: bool = False) -> Answer:
         assert self._store is not None and self._client is not None, "booking needs Redis and Salesforce"
+        assert self._resolver is not None, "booking needs the identity resolver"
         fp = fingerprint(prepared.booking)
         material = key_material(key_header, prepared.booking, fp)
         trace.key_material = material
         key = self._store.record_key(source_name, material)
-        claim = await self._store.claim(key, fp)
+        ids = self._resolver.ids(source_name, prepared.booking)
+        # the identity cache is read with the claim: one round trip on the pipelined link, not two
+        claim, cached = await asyncio.gather(self._store.claim(key, fp), self._resolver.cached(ids))
         if retry_refusal and claim.state == "done" and claim.status >= 400 and await self._store.forget_refusal(key, fp):
             claim = await self._store.claim(key, fp)
         trace.idempotency = claim.state
@@ -241,6 +228,8 @@ class Booker:
             return _replayed(claim, prepared.booking, source_name)
         if claim.state == "queued":
             return _accepted()
+        if claim.state == "held":
+            return held_answer(trace)
         if claim.state == "busy":
             raise InFlight(
                 "a booking with this idempotency key is still being processed",
@@ -253,7 +242,7 @@ class Booker:
         source = self.source(source_name)
         # a queue source keeps its lease through a failure, so the booking passes to the queue whole
         held = self._queue is not None and source.delivery == "queue"
-        job = _Job(source_name, prepared.booking, prepared.mapped.request, claim, hold=held)
+        job = Job(source_name, prepared.booking, prepared.mapped.request, claim, fp, hold=held, ids=ids, cached=cached)
         try:
             return await self._deliver(job, trace)
         except (Unavailable, SalesforceFailed) as failure:
@@ -281,7 +270,12 @@ class Booker:
         if target.salesforce_id is not None:
             _same_id(booking, target.salesforce_id, required=True)
         status, mapped, reason = self._check_change(source_name, booking, trace)
-        salesforce_id, record = await self._owned(source_name, target)
+        try:
+            salesforce_id, record = await self._owned(source_name, target)
+        except NotFound:
+            if (held := await self._held(source_name, target)) is None:
+                raise
+            return await self._change_held(held, booking, status, mapped, trace)
         _same_id(booking, salesforce_id, required=False)  # a conditional update: the one it found
         fp = fingerprint(booking)
         material = f"u:{salesforce_id}:" + (f"h:{key_header}" if key_header is not None else fp)
@@ -302,8 +296,64 @@ class Booker:
                 code="business-rule", expression=(f"{booking.resource_path}.status",),
                 diagnostics="this appointment is cancelled; a cancelled appointment cannot be changed (book a new one)",
             )])
+        if status != CANCELLED:  # a reschedule names its participants again: as the org's records
+            try:
+                mapped = msgspec.structs.replace(mapped, request=await self._resolved(source_name, booking,
+                                                                                      mapped.request, trace))
+            except GatewayError:
+                await self._store.park(claim)
+                raise
         return await self._send_change(source_name, booking, status, mapped, reason, salesforce_id, record, claim,
                                        allowed, trace)
+
+    async def _resolved(self, source_name: str, booking: CanonicalBooking, request: BookingRequest,
+                        trace: Trace) -> BookingRequest:
+        """A change's request with the org's records: a participant it lacks is refused (422), a patient
+        included (a change is not held: the appointment it changes was booked, with its patient)."""
+        assert self._resolver is not None
+        ids = self._resolver.ids(source_name, booking)
+        try:
+            found = await self._resolver.find(ids, trace.identity)
+            return with_references(request, booking, self._resolver.references(booking, ids, found))
+        except Unmatched as gap:
+            trace.identity.unmatched = ("patient",) if isinstance(gap, PatientUnknown) else ("participant",)
+            raise
+
+    async def _held(self, source_name: str, target: Target) -> HeldBooking | None:
+        """The held booking an identifier names (a change by Salesforce id cannot name one: it has none)."""
+        if self._holding is None or target.value is None:
+            return None
+        try:
+            return await self._holding.store.find(source_name, target.system, target.value, any_system=target.any_system)
+        except REDIS_FAILURES:
+            raise Unavailable("held bookings (Redis) cannot be read; nothing was changed", retry_after=5) from None
+
+    async def _change_held(self, item: HeldBooking, booking: CanonicalBooking, status: str, mapped: Mapped,
+                           trace: Trace) -> Answer:
+        """A later message of an appointment still held for its patient applies to the held booking,
+        under the booking's own record's lease (one being tried now is 409, sent again shortly): a
+        cancel ends the hold, nothing having been booked; any other change replaces what is held, which
+        is then tried at once."""
+        assert self._store is not None and self._holding is not None
+        claim = await self._store.claim(item.record_key, item.fingerprint, by_queue=True, since_ms=item.accepted_ms,
+                                        held=True)
+        trace.idempotency = claim.state
+        if claim.state != "takeover":  # being tried (busy), or just settled (done): the retry sees which
+            raise InFlight("this appointment's held booking is being processed; send the change again shortly",
+                           retry_after=self._in_flight_retry_after)
+        try:
+            if status == CANCELLED:
+                await self._store.complete(claim, 422, _CANCELLED_WHILE_HELD)
+                await self._holding.store.settle(item)
+                trace.result = "cancelled"
+                return Answer(200, _HELD_CANCELLED, {"Content-Type": FHIR_JSON})
+            await self._holding.store.reschedule(item, self._holding.amended(item, booking, mapped.request), 0)
+            await self._store.park(claim, held=True)
+        except REDIS_FAILURES:
+            raise Unavailable("the held booking cannot be changed now (Redis); send the change again",
+                              retry_after=5) from None
+        trace.parked = "held"
+        return held_answer(trace)
 
     def _check_change(self, source_name: str, booking: CanonicalBooking, trace: Trace) -> tuple[str, Mapped, str | None]:
         """A change's status, mapped request and cancellation reason, once it is one Salesforce can take."""
@@ -434,15 +484,25 @@ class Booker:
 
     async def find_slots(self, source_name: str, params: Any, trace: Trace) -> FoundSlots:
         """A slot search (gateway/booking/slots.py): its codes mapped as a booking's, then Salesforce's Get Slots."""
-        assert self._client is not None
+        assert self._client is not None and self._resolver is not None
         self._fhir_adapter(source_name)
         source = self.source(source_name)
         maps = self._maps.get(source_name, EMPTY)
-        request, used = slots_request(params, source, maps)
-        trace.maps_version, trace.maps_used = maps.version, used
-        found = await self._client.get_slots(request, trace.salesforce)
+        search = slots_request(params, source, maps)
+        trace.maps_version, trace.maps_used = maps.version, search.used
+        # the actors as the org's records: Get Slots takes HPF and Asset ids, never the EHR's
+        actors = list(search.actors)
+        ids = self._resolver.ids_of(source_name, actors + ([search.location] if search.location else []))
+        found = await self._resolver.find(ids, trace.identity)
+        located = (search.location, ids[-1]) if search.location else None
+        records = self._resolver.resources(actors, ids[:len(actors)], found, located)
+        request = msgspec.structs.replace(search.request, resources=slot_resources(search.actors, records))
+        slots = await self._client.get_slots(request, trace.salesforce)
         trace.result = "ok"
-        return found
+        # each slot's schedule named as the search named its actor
+        named = {r: a.value for a, rs in zip(actors, records) for r in rs}
+        return msgspec.structs.replace(slots, slots=tuple(
+            msgspec.structs.replace(s, resource_id=named.get(s.resource_id, s.resource_id)) for s in slots.slots))
 
     async def deliver_queued(self, item: QueuedBooking, trace: Trace) -> str:
         """The queue worker's attempt at one entry: 'done' (booked, adopted, refused or already
@@ -463,8 +523,9 @@ class Booker:
             raw_booking, raw_request = self._sealer.open(raw_booking, context), self._sealer.open(raw_request, context)
         booking = msgspec.json.decode(raw_booking, type=CanonicalBooking)
         request = msgspec.json.decode(raw_request, type=BookingRequest)
+        job = Job(item.source, booking, request, claim, item.fingerprint, origin="queue", resolved=item.resolved)
         try:
-            await self._deliver(_Job(item.source, booking, request, claim), trace)
+            await self._deliver(job, trace)
         except CircuitOpen as paused:
             trace.paused_for = paused.retry_after  # Salesforce was not tried: no attempt spent
             return "paused"
@@ -472,12 +533,15 @@ class Booker:
             return "retry"
         return "done"
 
-    async def _deliver(self, job: _Job, trace: Trace) -> Answer:
-        """The lease holder's work: settle an earlier attempt's doubt, send, and store the outcome.
-        On a transient failure the record is parked (in doubt if this attempt may have reached
-        Salesforce) and the error raised; `trace.parked` then says the lease was given back."""
+    async def _deliver(self, job: Job, trace: Trace) -> Answer:
+        """The lease holder's work: the participants as the org's records, settle an earlier attempt's
+        doubt, send, and store the outcome. On a transient failure the record is parked (in doubt if
+        this attempt may have reached Salesforce) and the error raised; `trace.parked` then says the
+        lease was given back."""
         assert self._store is not None and self._client is not None
         claim = job.claim
+        if not job.resolved and (stopped := await self._identify(job, trace)) is not None:
+            return stopped  # held for its patient, or refused for good
         if claim.doubt:
             # never re-send blind: an earlier attempt may have booked it
             try:
@@ -535,7 +599,103 @@ class Booker:
             return await self._finish(job, booked.id, trace)
         raise AssertionError("unreachable: the second pass returns or raises")
 
-    async def _finish(self, job: _Job, salesforce_id: str, trace: Trace, *, adopted: bool = False) -> Answer:
+    async def _identify(self, job: Job, trace: Trace) -> Answer | None:
+        """The job's request with the org's records for the EHR's ids (gateway/identity). A patient the
+        org does not know yet goes to the source's policy (held: the 202 answered); any other gap is
+        refused: raised to an EHR's request (its record released: a retry once the org's records are
+        fixed is a fresh attempt), stored as the final answer of a queued or held one. A failure to
+        ask the org is raised with the lease given back, as a failed Book is."""
+        assert self._resolver is not None and self._store is not None
+        resolver = self._resolver
+        ids = job.ids = job.ids or resolver.ids(job.source, job.booking)
+        try:
+            found = await resolver.find(ids, trace.identity, job.cached, fresh=job.origin == "hold" and job.cached is None)
+            references = resolver.references(job.booking, ids, found)
+        except PatientUnknown as unknown:
+            trace.identity.patient_unknown = True
+            policy = self.source(job.source).identity.unknown_patient
+            if policy == "hold" and self._holding is not None:
+                return await self._holding.hold(job, trace)
+            return await self._refuse(job, unknown, trace)
+        except Unmatched as gap:
+            trace.identity.unmatched = tuple(dict.fromkeys(i.kind for i, p in zip(ids, job.booking.participants)
+                                                           if any(p.path in x.expression for x in gap.issues)))
+            return await self._refuse(job, gap, trace)
+        except GatewayError:
+            await self._park(job, trace, in_doubt=False)
+            raise
+        job.request, job.resolved = with_references(job.request, job.booking, references), True
+        return None
+
+    async def _refuse(self, job: Job, error: Unmatched, trace: Trace) -> Answer:
+        """A participant the org lacks: an EHR's request is refused at once (nothing kept); a queued or
+        held booking keeps the refusal as its final answer (a held one goes to its dead letters)."""
+        assert self._store is not None
+        if job.origin == "request":
+            await self._store.park(job.claim)  # released: nothing of it stays (a doubt stays a doubt)
+            trace.parked = "released"
+            raise error
+        if job.held is not None and self._holding is not None:
+            return await self._holding.refuse(job, "unmatched", trace, error)
+        answer = Answer(error.status, error_body(error), {"Content-Type": FHIR_JSON})
+        await self._store.complete(job.claim, answer.status, answer.body)
+        trace.unmatched = error
+        return answer
+
+    async def prefetch(self, items: list[HeldBooking]) -> dict[EhrId, Found] | None:
+        """The held bookings' people asked of the org together, once (the ids not yet known, however
+        recently missed: a hold's tries are spaced already): one call for a batch, where each asking
+        alone would make one each. None when the org cannot be asked: each try then finds out alone."""
+        if self._resolver is None or self._holding is None:
+            return None
+        ids: list[EhrId] = []
+        for item in items:
+            try:
+                ids += self._resolver.ids(item.source, self._holding.opened(item)[0])
+            except (GatewayError, msgspec.DecodeError, msgspec.ValidationError):
+                continue
+        try:
+            return await self._resolver.find(ids, IdentityRecord(), fresh=True)
+        except GatewayError:
+            return None
+
+    async def release_held(self, item: HeldBooking, trace: Trace, found: dict[EhrId, Found] | None = None) -> str:
+        """One try of a held booking, under its record's lease: 'booked' (or adopted, or refused by
+        Salesforce: 'refused'), 'held' (its patient still unknown: tried later), 'unmatched' (a gap
+        now, or the deadline passed: refused for good), 'done' (already settled), 'busy' (another holds
+        the lease), 'paused' (the circuit is open) or 'retry' (the org could not be asked or booked)."""
+        assert self._store is not None and self._holding is not None
+        holds = self._holding.store
+        claim = await self._store.claim(item.record_key, item.fingerprint, by_queue=True, since_ms=item.accepted_ms,
+                                        held=True)
+        trace.idempotency = claim.state
+        if claim.state in ("done", "mismatch"):
+            await holds.settle(item)  # booked, refused or cancelled meanwhile: the hold is over
+            return "done"
+        if claim.state == "busy":
+            await holds.reschedule(item, item, self._holding.delay_ms(0))
+            return "busy"
+        booking, request = self._holding.opened(item)
+        job = Job(item.source, booking, request, claim, item.fingerprint, origin="hold", held=item, cached=found)
+        try:
+            answer = await self._deliver(job, trace)
+        except CircuitOpen as paused:
+            await holds.reschedule(item, item, (paused.retry_after or 5) * 1000)
+            trace.paused_for = paused.retry_after
+            return "paused"
+        except (Unavailable, SalesforceFailed) as failure:
+            why = failure.issues[0].details_code or trace.salesforce.error_code or type(failure).__name__
+            again = msgspec.structs.replace(item, attempts=item.attempts + 1, last_error=why)
+            await holds.reschedule(item, again, self._holding.delay_ms(again.attempts))
+            return "retry"
+        if answer.status == 202:
+            return "held"
+        if trace.unmatched is not None:
+            return "unmatched"
+        await holds.settle(item)
+        return "refused" if answer.status >= 400 else "booked"
+
+    async def _finish(self, job: Job, salesforce_id: str, trace: Trace, *, adopted: bool = False) -> Answer:
         assert self._store is not None
         trace.adopted = adopted
         trace.salesforce_id = salesforce_id
@@ -554,7 +714,7 @@ class Booker:
                 pass  # booked and answered; a later change finds it by a look-up instead
         return answer
 
-    async def _park(self, job: _Job, trace: Trace, *, in_doubt: bool) -> None:
+    async def _park(self, job: Job, trace: Trace, *, in_doubt: bool) -> None:
         assert self._store is not None
         job.in_doubt = in_doubt or job.claim.doubt
         if job.hold:
@@ -562,7 +722,7 @@ class Booker:
         await self._store.park(job.claim, in_doubt=in_doubt)
         trace.parked = "in-doubt" if job.in_doubt else "released"
 
-    async def _enqueue(self, job: _Job, fp: str, failure: GatewayError, trace: Trace) -> Answer:
+    async def _enqueue(self, job: Job, fp: str, failure: GatewayError, trace: Trace) -> Answer:
         """Salesforce cannot take it now: the durable queue takes the booking over, answered 202.
         The entry is written before the record says 'queued', so a crash between the two leaves a
         lapsing lease (the next holder looks before sending), never a record with no entry."""
@@ -574,7 +734,7 @@ class Booker:
         item = QueuedBooking(
             record_key=claim.key, fingerprint=fp, source=job.source, sealed=self._sealer is not None,
             request=request, booking=booking,
-            accepted_ms=claim.now_ms, since_ms=claim.since_ms,
+            accepted_ms=claim.now_ms, since_ms=claim.since_ms, resolved=job.resolved,
             last_error=failure.issues[0].details_code or trace.salesforce.error_code or type(failure).__name__,
         )
         try:
@@ -585,18 +745,6 @@ class Booker:
         await self._store.park(claim, in_doubt=job.in_doubt, queued=True)
         trace.parked = "queued"
         return _accepted()
-
-
-class _Job:
-    """One booking in the hands of the lease holder."""
-
-    __slots__ = ("source", "booking", "request", "claim", "hold", "in_doubt")
-
-    def __init__(self, source: str, booking: CanonicalBooking, request: BookingRequest, claim: Claim,
-                 *, hold: bool = False) -> None:
-        self.source, self.booking, self.request, self.claim = source, booking, request, claim
-        self.hold = hold  # keep the lease through a failure (the caller hands the booking on)
-        self.in_doubt = False  # this or an earlier attempt may have reached Salesforce
 
 
 def _same_id(booking: CanonicalBooking, salesforce_id: str, *, required: bool) -> None:
@@ -635,6 +783,15 @@ _EXISTS = operation_outcome([Issue(
     diagnostics="an appointment this source booked has that identifier, so nothing was booked; Location names "
                 "it (its content is not kept by this gateway)",
 )])
+
+# the final answer of a held booking whose appointment was cancelled before its patient was known
+_CANCELLED_WHILE_HELD = operation_outcome([Issue(
+    code="business-rule", diagnostics="this appointment was cancelled while it was held for its patient; it was "
+                                      "never booked in Salesforce")])
+_HELD_CANCELLED = operation_outcome([Issue(
+    code="informational", severity="information",
+    diagnostics="the appointment was held for its patient and is now cancelled: the hold ended and nothing was "
+                "booked in Salesforce")])
 
 _ACCEPTED = operation_outcome([Issue(
     code="informational", severity="information",

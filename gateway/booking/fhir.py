@@ -145,8 +145,15 @@ class _Reference(msgspec.Struct):
     reference: str
 
 
+class _Logical(msgspec.Struct):
+    """An actor the EHR named by its identifier, answered as it was named."""
+
+    type: str
+    identifier: _Identifier
+
+
 class _Participant(msgspec.Struct):
-    actor: _Reference
+    actor: _Reference | _Logical
     status: str = "accepted"
 
 
@@ -177,19 +184,26 @@ class AppointmentContent(msgspec.Struct, array_like=True, frozen=True):
     end: str | None = None
     slots: tuple[str, ...] = ()  # Slot ids
     actors: tuple[str, ...] = ()  # FHIR references
+    # actors named by an identifier: (FHIR type, system, value); added last, so older records still read
+    logical: tuple[tuple[str, str, str], ...] = ()
 
 
 def appointment_content(booking: CanonicalBooking) -> AppointmentContent:
-    actors = []
+    """The EHR's own participants are answered back (never the org's record ids), as it named them."""
+    actors, logical = [], []
     for p in booking.participants:
-        kind, _, ident = p.reference.partition("/")
-        actors.append(f"{_FHIR_KIND.get(kind, kind)}/{ident}")
+        kind = "PractitionerRole" if p.role else _FHIR_KIND.get(p.kind, p.kind)
+        if p.system is None:
+            actors.append(f"{kind}/{p.value}")
+        else:
+            logical.append((kind, p.system, p.value))
     return AppointmentContent(
         identifiers=tuple((i.value, i.system) for i in booking.identifiers),
         start=booking.start.text if booking.start else None,
         end=booking.end.text if booking.end else None,
         slots=tuple(s.id for s in booking.slots),
         actors=tuple(actors),
+        logical=tuple(logical),
     )
 
 
@@ -214,7 +228,9 @@ def appointment_body(content: AppointmentContent, salesforce_id: str, *, status:
             start=content.start,
             end=content.end,
             slot=[_Reference(f"Slot/{s}") for s in content.slots] or None,
-            participant=[_Participant(actor=_Reference(a)) for a in content.actors] or None,
+            participant=[*(_Participant(actor=_Reference(a)) for a in content.actors),
+                         *(_Participant(actor=_Logical(t, _Identifier(value=v, system=sy))) for t, sy, v in content.logical)]
+            or None,
         )
     )
 

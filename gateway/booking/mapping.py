@@ -6,11 +6,11 @@ wrong with a payload in one answer.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import msgspec
 
-from gateway.canonical import CanonicalBooking, Concept, Participant
+from gateway.canonical import CanonicalBooking, Concept
 from gateway.booking.codemaps import SourceMaps
 from gateway.errors import Issue, cut
 from gateway.salesforce.wire import BookingRequest, SfParticipant, SfSlot
@@ -121,14 +121,15 @@ def cancellation_reason(booking: CanonicalBooking, maps: SourceMaps) -> tuple[st
     return code, tuple(issues), tuple(used)
 
 
-def _sf_participants(participants: Iterable[Participant]) -> tuple[SfParticipant, ...]:
-    return tuple(SfParticipant(reference=r) for r in dict.fromkeys(p.reference for p in participants))
+def _sf_participants(references: Iterable[str]) -> tuple[SfParticipant, ...]:
+    return tuple(SfParticipant(reference=r) for r in dict.fromkeys(references))
 
 
-def _slots(booking: CanonicalBooking, issues: list[Issue]) -> tuple[SfSlot, ...] | None:
+def _slots(booking: CanonicalBooking, references: Sequence[str], issues: list[Issue]) -> tuple[SfSlot, ...] | None:
+    """Each slot with its practitioner's reference (`references`: the participants', in order)."""
     if not booking.slots:
         return None
-    practitioners = [p.reference for p in booking.participants if p.kind == "Practitioner"]
+    practitioners = [r for p, r in zip(booking.participants, references) if p.kind == "Practitioner"]
     practitioners = list(dict.fromkeys(practitioners))
     if len(practitioners) == 1:
         return tuple(SfSlot(id=s.id, reference=practitioners[0]) for s in booking.slots)
@@ -173,8 +174,9 @@ def map_booking(booking: CanonicalBooking, source: SourceSettings, maps: SourceM
     for concept, category in ignored:
         issues.append(_ignored_issue(concept, category, left_out=bookable or category in _OPTIONAL))
 
+    references = [p.reference for p in booking.participants]  # the EHR's, until the identity step
     request = BookingRequest(
-        participants=_sf_participants(booking.participants),
+        participants=_sf_participants(references),
         startDate=booking.start.text if booking.start else None,
         endDate=booking.end.text if booking.end else None,
         workTypeId=work_type,
@@ -185,8 +187,17 @@ def map_booking(booking: CanonicalBooking, source: SourceSettings, maps: SourceM
         serviceTypes=arrays["serviceTypes"],
         serviceCategories=arrays["serviceCategories"],
         specialties=arrays["specialties"],
-        slots=_slots(booking, issues),
+        slots=_slots(booking, references, issues),
         comment=booking.comment,
     )
     return Mapped(request=request, issues=tuple(issues), used=tuple(used), maps_version=maps.version)
+
+
+def with_references(request: BookingRequest, booking: CanonicalBooking, references: Sequence[str]) -> BookingRequest:
+    """The request with the org's records in place of the EHR's ids: `references` are the Book body's
+    references of the booking's participants, in order (gateway/identity). The slots keep their ids
+    (the EHR's) and take their practitioner's new reference."""
+    records = dict(zip((p.reference for p in booking.participants), references))
+    slots = tuple(SfSlot(id=s.id, reference=records[s.reference]) for s in request.slots) if request.slots else None
+    return msgspec.structs.replace(request, participants=_sf_participants(references), slots=slots)
 

@@ -3,18 +3,20 @@
 `GET /fhir/{source}/Slot?start=ge…&start=le…&service-type=system|code&actor=Practitioner/…` reads
 like a booking without a patient: the codes go through the source's code maps exactly as an
 Appointment's would (so the same workTypeId, channelId and code arrays reach Salesforce), the actors
-become Salesforce's resources (a Practitioner is a "Provider", a Device a "Device"; a Location is
-their service territory), and each free slot comes back as a Slot whose id books with `Appointment.slot`.
+become Salesforce's resources as the org's records (a Practitioner is a "Provider": its
+HealthcarePractitionerFacility at the search's Location, or at each of its facilities when the search
+names none; a Device a "Device", its Asset), and each free slot comes back as a Slot whose id books
+with `Appointment.slot`, its schedule named as the search named its actor.
 """
 
 from __future__ import annotations
 
 import re
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from adapters.r4 import resolve_reference
-from gateway.canonical import CanonicalBooking, Coding, Concept
+from gateway.canonical import CanonicalBooking, Coding, Concept, Participant
 from gateway.booking.codemaps import SourceMaps
 from gateway.errors import InvalidRequest, Unprocessable, http
 from gateway.booking.mapping import map_booking
@@ -25,6 +27,7 @@ _LOWER, _UPPER = ("ge", "gt"), ("le", "lt")
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 # a search's actor -> Get Slots' resourceType ("Provider" or "Device")
 _RESOURCE_KINDS = {"Practitioner": "Provider", "PractitionerRole": "Provider", "Device": "Device"}
+_KIND_TYPES = {"Practitioner": "Provider", "Device": "Device"}
 _NUMBER = re.compile(r"\d{1,9}")
 
 
@@ -65,10 +68,11 @@ def _tokens(values: list[str], name: str, path: str) -> tuple[Concept, ...]:
     return tuple(concepts)
 
 
-def slots_request(params: Any, source: SourceSettings, maps: SourceMaps) -> tuple[SlotsRequest, tuple[str, ...]]:
-    """The Get Slots request a search asks for, and the code-map entries it used. `params`: the query
-    (a multi-dict with `getall`). Raises InvalidRequest (400) for a malformed search, Unprocessable
-    (422) for codes the maps refuse."""
+def slots_request(params: Any, source: SourceSettings, maps: SourceMaps) -> SlotSearch:
+    """The Get Slots request a search asks for, the code-map entries it used, and its actors (the
+    EHR's ids, which the caller finds as the org's records). `params`: the query (a multi-dict with
+    `getall`). Raises InvalidRequest (400) for a malformed search, Unprocessable (422) for codes the
+    maps refuse."""
     lower = upper = None
     for value in params.getall("start", []):
         prefix, rest = value[:2], value[2:]
@@ -80,18 +84,20 @@ def slots_request(params: Any, source: SourceSettings, maps: SourceMaps) -> tupl
             raise InvalidRequest("start is given twice as a bound: start=ge<from>&start=le<to>", location=http("start"))
     if lower is None or upper is None:
         raise InvalidRequest("a slot search needs both bounds: start=ge<from>&start=le<to>", location=http("start"))
-    resources: list[tuple[str, str]] = []
-    territory = None
+    actors: list[Participant] = []
+    location: Participant | None = None
     for value in (v for a in params.getall("actor", []) for v in a.split(",") if v):
         resolved = resolve_reference(value)
         if resolved is not None and resolved[0] in _RESOURCE_KINDS:
-            resources.append((_RESOURCE_KINDS[resolved[0]], resolved[1]))
-        elif resolved is not None and resolved[0] == "Location" and territory in (None, resolved[1]):
-            territory = resolved[1]
+            kind = "Device" if resolved[0] == "Device" else "Practitioner"
+            actors.append(Participant(kind=kind, reference=f"{kind}/{resolved[1]}", path="http.actor",
+                                      role=resolved[0] == "PractitionerRole"))
+        elif resolved is not None and resolved[0] == "Location" and location in (None, f"Facility/{resolved[1]}"):
+            location = Participant(kind="Facility", reference=f"Facility/{resolved[1]}", path="http.actor")
         else:
             raise InvalidRequest("actor takes Practitioner/<id> or Device/<id> references, and at most one Location",
                                  location=http("actor"))
-    if not resources:
+    if not actors:
         raise InvalidRequest("a slot search needs an actor: the Practitioner or Device whose slots are wanted",
                              location=http("actor"))
     # the codes read as an Appointment's would, so they map to what a booking would send
@@ -107,9 +113,25 @@ def slots_request(params: Any, source: SourceSettings, maps: SourceMaps) -> tupl
         raise Unprocessable(issues=errors)
     r = mapped.request
     request = SlotsRequest(
-        resources=tuple(SlotResource(resourceId=rid, resourceType=kind, serviceTerritoryId=territory)
-                        for kind, rid in dict.fromkeys(resources)),
-        channelId=r.channelId, workTypeId=r.workTypeId, startDate=lower, endDate=upper, sourceSystem=r.sourceSystem,
-        appointmentTypes=r.appointmentTypes, serviceCategories=r.serviceCategories, serviceTypes=r.serviceTypes,
+        resources=(), channelId=r.channelId, workTypeId=r.workTypeId, startDate=lower, endDate=upper,
+        sourceSystem=r.sourceSystem, appointmentTypes=r.appointmentTypes, serviceCategories=r.serviceCategories,
+        serviceTypes=r.serviceTypes,
     )
-    return request, mapped.used
+    return SlotSearch(request, mapped.used, tuple(dict.fromkeys(actors)), location)
+
+
+class SlotSearch(NamedTuple):
+    """A search read: Get Slots' request but for its resources, which are the org's records of
+    `actors` (each a Provider or a Device, found by gateway/identity; a practitioner's at `location`,
+    the search's Location, when it names one)."""
+
+    request: SlotsRequest
+    used: tuple[str, ...]
+    actors: tuple[Participant, ...]
+    location: Participant | None
+
+
+def slot_resources(actors: tuple[Participant, ...], records: list[tuple[str, ...]]) -> tuple[SlotResource, ...]:
+    """Get Slots' resources: each actor's records (a practitioner's HPFs, a device's Asset)."""
+    return tuple(dict.fromkeys(SlotResource(resourceId=r, resourceType=_KIND_TYPES[a.kind])
+                               for a, ids in zip(actors, records) for r in ids))

@@ -1,4 +1,6 @@
-"""The queue worker: every gateway process runs one per `delivery = "queue"` source.
+"""The queue worker and the holds' worker: every gateway process runs one of each.
+
+The queue worker serves the `delivery = "queue"` sources.
 
 It reads the source's stream through the consumer group, hands each entry to the booker (which
 claims the idempotency record, looks up what an earlier attempt may have booked, and sends), and
@@ -13,6 +15,10 @@ import os
 import time
 
 from gateway.booking.booker import Booker, Trace
+from gateway.booking.holding import Holding
+from gateway.identity import EhrId, Found
+from gateway.settings import IdentitySettings
+from gateway.state.holds import HeldBooking
 from gateway.state.idempotency import REDIS_FAILURES
 from gateway.ids import new_id
 from gateway.logs import log
@@ -84,19 +90,79 @@ class QueueWorker:
         """Deliveries that did Salesforce work join the request log (op `deliver`), so an operator
         sees a queued booking become an appointment, or why it has not yet."""
         if self._request_log is None or (trace.salesforce.status is None and trace.salesforce.error_code is None
-                                         and not trace.adopted):
+                                         and not trace.adopted and trace.unmatched is None):
             return
         sf = trace.salesforce
-        if trace.refusal is not None:
+        if trace.unmatched is not None:
+            logged, status = "unmatched", 422
+        elif trace.refusal is not None:
             logged, status = "refused", 422
         elif trace.salesforce_id is not None:
             logged, status = "booked", 201
         else:
             logged, status = "failed", 503
-        issues = logged_issues(trace.refusal.issues if trace.refusal else ())
+        problem = trace.unmatched or trace.refusal
+        issues = logged_issues(problem.issues if problem else ())
         self._request_log.record(LogEntry(
             id=new_id(), time_ms=int(time.time() * 1000), source=entry.item.source, op="deliver",
             outcome=logged, status=status, idempotency=trace.idempotency, sf_status=sf.status,
             sf_id=trace.salesforce_id, sf_error=sf.error_code, sf_ms=round(sf.latency_ms, 2) if sf.status else None,
             issues=issues,
         ))
+
+
+class HoldWorker:
+    """Every gateway process runs one: the held bookings of each source that are due are tried again
+    (`Booker.release_held`), a batch at a time, and each try that did Salesforce work is logged."""
+
+    def __init__(self, booker: Booker, holding: Holding, sources: list[str], settings: IdentitySettings, *,
+                 lease_seconds: float, request_log: RequestLog | None = None) -> None:
+        self._booker, self._holding, self._sources, self._settings = booker, holding, sources, settings
+        self._lease_ms = int(lease_seconds * 1000)
+        self._request_log = request_log
+
+    async def run(self) -> None:
+        while True:
+            busy = False
+            for source in self._sources:
+                try:
+                    busy |= await self.once(source) > 0
+                except REDIS_FAILURES:
+                    pass  # held bookings wait in Redis; try again shortly
+                except Exception as exc:  # a bug must not stop the holds
+                    log.error("hold-worker-failed", error=type(exc).__name__, source=source)
+            if not busy:
+                await asyncio.sleep(self._settings.hold_poll_seconds)
+
+    async def once(self, source: str) -> int:
+        """Try the source's due held bookings once; how many were taken."""
+        items = await self._holding.store.take(source, count=self._settings.hold_batch, lease_ms=self._lease_ms)
+        if items:
+            found = await self._booker.prefetch(items)
+            await asyncio.gather(*(self._release(item, found) for item in items))
+        return len(items)
+
+    async def _release(self, item: HeldBooking, found: dict[EhrId, Found] | None) -> None:
+        trace = Trace()
+        outcome = "error"
+        try:
+            outcome = await self._booker.release_held(item, trace, found)
+        except Exception as exc:  # Redis gone, or a bug: the hold's lease lapses and it is taken again
+            log.warning("hold-attempt-failed", error=type(exc).__name__, source=item.source)
+        log.info("hold", source=item.source, outcome=outcome, attempt=item.attempts + 1, idempotency=trace.idempotency,
+                 sf_status=trace.salesforce.status, sf_error=trace.salesforce.error_code,
+                 id_calls=trace.identity.calls or None)
+        self._record(item, outcome, trace)
+
+    def _record(self, item: HeldBooking, outcome: str, trace: Trace) -> None:
+        """A release that booked, or ended the hold, joins the request log (op `release`)."""
+        if self._request_log is None or outcome not in ("booked", "refused", "unmatched"):
+            return
+        sf = trace.salesforce
+        error = trace.refusal or trace.unmatched
+        status = 201 if outcome == "booked" else 422
+        self._request_log.record(LogEntry(
+            id=new_id(), time_ms=int(time.time() * 1000), source=item.source, op="release", outcome=outcome,
+            status=status, idempotency=trace.idempotency, sf_status=sf.status, sf_id=trace.salesforce_id,
+            sf_error=sf.error_code, sf_ms=round(sf.latency_ms, 2) if sf.status else None,
+            issues=logged_issues(error.issues if error else ())))

@@ -77,7 +77,7 @@ class FhirEdge:
         update by identifier."""
         started = time.perf_counter()
         request_id = new_id()
-        trace = Trace()
+        trace = Trace(request_id=request_id)
         status, body, key, error, admitted = 500, None, None, None, False
         try:
             await self._admit(request, source)
@@ -148,7 +148,7 @@ class FhirEdge:
     async def _entry(self, source: str, item: Item, key: str | None) -> dict[str, Any]:
         started = time.perf_counter()
         request_id = new_id()
-        trace = Trace()
+        trace = Trace(request_id=request_id)
         status, error, op = 500, None, "book" if item.kind == "book" else "change"
         try:
             if item.kind == "book":

@@ -62,7 +62,7 @@ class SiuPath:
     async def __call__(self, source: str, raw: bytes) -> bytes:
         started = time.perf_counter()
         request_id = new_id()
-        trace = Trace()
+        trace = Trace(request_id=request_id)
         status, error, op, issues = 500, None, "book", ()
         booker = self._booker
         try:

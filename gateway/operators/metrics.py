@@ -53,18 +53,20 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 OTHER = "other"
-OPS = frozenset({"book", "change", "search", "translate", "deliver", "replay"})
+OPS = frozenset({"book", "change", "search", "translate", "deliver", "replay", "release"})
 # the request log's outcome words, plus success words and the FHIR issue codes GatewayError
 # subclasses carry (`error.code`)
 OUTCOMES = frozenset({
     "booked", "rescheduled", "cancelled", "queued", "refused", "unmapped", "throttled", "rejected", "failed",
-    "ok", "replayed", "accepted", "proposed", "existing", "found", "partial",
+    "ok", "replayed", "accepted", "proposed", "existing", "found", "partial", "held", "unmatched",
     "structure", "login", "forbidden", "not-found", "not-supported", "too-costly", "conflict",
     "business-rule", "processing", "exception", "transient", "error",
 })
 CALLOUT_OPS = frozenset({"find", "slot-status", "create", "cancel", "read"})
 SALESFORCE_OPERATIONS = frozenset({"book", "lookup", "auth", "token"})
-IDEMPOTENCY_RESULTS = frozenset({"new", "done", "busy", "mismatch", "takeover", "queued"})
+IDEMPOTENCY_RESULTS = frozenset({"new", "done", "busy", "mismatch", "takeover", "queued", "held"})
+IDENTITY_KINDS = frozenset({"patient", "location", "practitioner", "role", "device", "participant"})
+IDENTITY_RESULTS = frozenset({"cached", "looked_up", "waited"})
 QUEUE_STATES = ("ready", "delayed", "dead")
 MLLP_REFUSALS = frozenset({"max_connections", "max_connections_per_peer", "too_large", "empty"})
 CIRCUIT_VALUES = {"closed": 0.0, "half_open": 0.5, "open": 1.0}
@@ -193,6 +195,21 @@ class Metrics:
             "ehrgw_ehr_errors", "Calls to an EHR that failed, by source and error code.", ("source", "code"),
             registry=reg,
         )
+        self._unmatched = Counter(
+            "ehrgw_identity_unmatched", "Bookings refused because the org holds no record (or several) for a "
+            "participant, by source and kind of participant.", ("source", "kind"), registry=reg,
+        )
+        self._identity_ids = Counter(
+            "ehrgw_identity_ids", "Participants' ids found, by how: from the cache, looked up in the org, or "
+            "waited for (another worker's look-up).", ("result",), registry=reg,
+        )
+        self._identity_calls = Counter(
+            "ehrgw_identity_calls", "Salesforce API calls made to find participants' records.", registry=reg,
+        )
+        self._held = Gauge(
+            "ehrgw_held_bookings", "Bookings held for their patient, by source and state (held, refused; last "
+            "reading).", ("source", "state"), registry=reg, multiprocess_mode="mostrecent",
+        )
         self._codemap_reloads = Counter(
             "ehrgw_codemap_reloads", "Code map reloads, by source and result.", ("source", "result"), registry=reg,
         )
@@ -250,6 +267,25 @@ class Metrics:
         if child is None:
             child = self._children[key] = self._idempotency.labels(key[1], key[2])
         child.inc()
+
+    def identity(self, source: str, cached: int, looked_up: int, waited: int, calls: int,
+                 unmatched: tuple[str, ...]) -> None:
+        """One request's identity step: how its participants' ids were found, and which kinds the org lacked."""
+        for result, n in (("cached", cached), ("looked_up", looked_up), ("waited", waited)):
+            if n:
+                child = self._children.get(("ids", result))
+                if child is None:
+                    child = self._children[("ids", result)] = self._identity_ids.labels(result)
+                child.inc(n)
+        if calls:
+            self._identity_calls.inc(calls)
+        for kind in unmatched:
+            self._unmatched.labels(self._source(source), _word(kind, IDENTITY_KINDS)).inc()
+
+    def held(self, source: str, held: int, refused: int) -> None:
+        source = self._source(source)
+        self._held.labels(source, "held").set(held)
+        self._held.labels(source, "refused").set(refused)
 
     def token_refresh(self) -> None:
         self._token_refreshes.inc()

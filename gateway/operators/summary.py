@@ -9,7 +9,7 @@ import time
 import msgspec
 
 from gateway.booking.booker import Trace
-from gateway.errors import GatewayError, IdempotencyKeyReused, SalesforceRefused
+from gateway.errors import GatewayError, IdempotencyKeyReused, SalesforceRefused, Unmatched
 from gateway.logs import log
 from gateway.operators.metrics import Metrics
 from gateway.scheduling.results import Calls
@@ -32,7 +32,9 @@ def outcome(status: int, trace: Trace, error: GatewayError | None) -> str:
             return "replayed"
         return trace.result or "booked"
     if status == 202:
-        return "queued"
+        return "held" if trace.parked == "held" or trace.idempotency == "held" else "queued"
+    if isinstance(error, Unmatched) or trace.unmatched is not None:
+        return "unmatched"
     if trace.refusal is not None or isinstance(error, SalesforceRefused) or (status == 422 and trace.idempotency == "done"):
         return "refused"
     if isinstance(error, IdempotencyKeyReused) or status == 409:
@@ -84,12 +86,16 @@ class Recorder:
             sf_ms=round(sf.latency_ms, 2) if sf.status or sf.latency_ms else None,
             sf_error=sf.error_code, sf_in_doubt=sf.in_doubt or None, sf_reauth=sf.retried_auth or None,
             looked_up=trace.looked_up, adopted=trace.adopted or None, parked=trace.parked,
+            id_calls=trace.identity.calls or None, unmatched=list(trace.identity.unmatched) or None,
             # more than one ServiceAppointment matched the look-up: worth an operator's look
             lookup_matches=trace.lookup.matches if (trace.lookup.matches or 0) > 1 else None,
             maps=trace.maps_version, warnings=len(trace.warnings) or None, ms=ms, pid=self._pid,
         )
         result = outcome(status, trace, error)
         self._metrics.request(source if source in self._sources else "other", op, result, status, ms / 1000)
+        ident = trace.identity
+        self._metrics.identity(source, ident.cached, ident.looked_up, ident.waited, ident.calls, ident.unmatched)
+        problem = error or trace.refusal or trace.unmatched
         if trace.idempotency != "none":
             self._metrics.idempotency(source, trace.idempotency)
         for operation, call in (("book", sf), ("lookup", trace.lookup)):
@@ -101,7 +107,7 @@ class Recorder:
             sf_status=sf.status, sf_id=trace.salesforce_id, sf_error=sf.error_code,
             ms=ms, sf_ms=round(sf.latency_ms, 2) if sf.status else None,
             maps_version=trace.maps_version, maps_used=logged_maps(trace.maps_used),
-            issues=logged_issues((error or trace.refusal).issues if (error or trace.refusal) else trace.warnings),
+            issues=logged_issues(problem.issues if problem else trace.warnings),
             key_digest=log_key_digest(source, trace.key_material) if trace.key_material else None,
             replay_of=replay_of,
         )

@@ -25,6 +25,10 @@ from gateway.salesforce.wire import (
     AvailableSlot,
     BookingRequest,
     CancelRequest,
+    CompositeAnswer,
+    CompositeRequest,
+    CompositeSub,
+    CompositeSubAnswer,
     FoundSlots,
     FreeSlot,
     SfParticipant,
@@ -49,7 +53,7 @@ class ApiUsage:
     limit: int = 0
 
 
-def _soql_string(value: str) -> str:
+def soql_string(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
@@ -76,14 +80,14 @@ def lookup_query(request: BookingRequest, since_ms: int) -> str | None:
     patient = refs.get("Patient")
     if not patient:
         return None
-    where = [f"ParentRecordId = {_soql_string(patient)}", "Status != 'Canceled'"]
+    where = [f"ParentRecordId = {soql_string(patient)}", "Status != 'Canceled'"]
     if facility := refs.get("Facility"):
-        where.append(f"ServiceTerritoryId = {_soql_string(facility)}")
+        where.append(f"ServiceTerritoryId = {soql_string(facility)}")
     for field, value in (("SchedStartTime", request.startDate), ("SchedEndTime", request.endDate)):
         if value and (literal := _soql_datetime(value)):
             where.append(f"{field} = {literal}")
     if request.workTypeId:
-        where.append(f"WorkTypeId = {_soql_string(request.workTypeId)}")
+        where.append(f"WorkTypeId = {soql_string(request.workTypeId)}")
     since = datetime.fromtimestamp(max(0, since_ms - _CLOCK_MARGIN_MS) / 1000, timezone.utc)
     where.append(f"CreatedDate >= {since.strftime('%Y-%m-%dT%H:%M:%SZ')}")
     return f"SELECT Id FROM ServiceAppointment WHERE {' AND '.join(where)} ORDER BY CreatedDate ASC LIMIT 2"
@@ -349,6 +353,48 @@ class SalesforceClient:
                               retry_after=self._tuning.unavailable_retry_after_seconds, details_code=record.error_code)
         raise SalesforceFailed(f"the look-up query failed (HTTP {response.status})", details_code=record.error_code)
 
+    @property
+    def data_path(self) -> str:
+        """Where the REST API's resources are: `/services/data/vXX.X` (Composite subrequests' urls start so)."""
+        return self._resources_path.rstrip("/")
+
+    async def query(self, soql: str, record: CallRecord) -> list[dict[str, Any]]:
+        """One SOQL query (REST query API): its records. One API call; not counted by the breaker (a
+        read says nothing of whether Book works). Raises Unavailable or SalesforceFailed as a look-up does."""
+        response = await self._call("GET", self._query_path, b"", record, params={"q": soql}, counted=False)
+        payload = _decode(response.content)
+        if response.status == 200 and isinstance(payload, dict) and isinstance(payload.get("records"), list):
+            return [r for r in payload["records"] if isinstance(r, dict)]
+        raise self._read_failure(response, payload, record, "the query")
+
+    async def composite(self, subrequests: list[CompositeSub], record: CallRecord, *, all_or_none: bool = False,
+                        headers: dict[str, str] | None = None, counted: bool = False) -> list[CompositeSubAnswer]:
+        """Several subrequests (at most 25, of which 5 queries) in one Composite call: one API call
+        whatever they are. Each subrequest's answer comes back in order, refusals included (the caller
+        reads each); the call itself failing raises Unavailable or SalesforceFailed. `counted`: its
+        health goes to the breaker (for one that writes)."""
+        body = _encoder.encode(CompositeRequest(compositeRequest=tuple(subrequests), allOrNone=all_or_none))
+        response = await self._call("POST", self._resources_path + "composite", body, record, headers=headers,
+                                    counted=counted)
+        if response.status == 200:
+            try:
+                answer = msgspec.json.decode(response.content, type=CompositeAnswer)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                answer = None
+            if answer is not None and [a.referenceId for a in answer.compositeResponse] == \
+                    [s.referenceId for s in subrequests]:
+                return list(answer.compositeResponse)
+        raise self._read_failure(response, _decode(response.content), record, "the Composite call")
+
+    def _read_failure(self, response: Answer, payload: Any, record: CallRecord, what: str) -> Exception:
+        """A read that did not answer as asked: the org unavailable (or its allowance spent) is Unavailable,
+        anything else SalesforceFailed; the error code kept, never the message (it may quote values)."""
+        record.error_code = _code(_errors(payload)) if payload is not None else None
+        if response.status in (401, 403, 429, 503) or record.error_code in _NOT_PROCESSED:
+            return Unavailable(f"Salesforce cannot be asked now ({record.error_code or response.status})",
+                               retry_after=self._tuning.unavailable_retry_after_seconds, details_code=record.error_code)
+        return SalesforceFailed(f"{what} failed (HTTP {response.status})", details_code=record.error_code)
+
     async def check_auth(self) -> None:
         """Readiness: a token can be had (from the cache or freshly minted)."""
         await self._tokens.token()
@@ -369,13 +415,13 @@ class SalesforceClient:
 
     async def _call(
         self, method: str, path: str, body: bytes, record: CallRecord, params: dict[str, str] | None = None,
-        *, resend: bool = True, counted: bool = True, gated: bool = True,
+        *, resend: bool = True, counted: bool = True, gated: bool = True, headers: dict[str, str] | None = None,
     ) -> Answer:
         """One call (gateway/outbound/calls.py): one token renewal on a 401 (and, when `resend`, one
         retry with the new token) or when the instance cannot be reached. `counted`: the call's
         health goes to the breaker; `gated`: the breaker is asked first."""
         response = await self._caller.call(method, path, body, record, params, resend=resend, counted=counted,
-                                           gated=gated)
+                                           gated=gated, headers=headers)
         self._read_limit(response)
         return response
 

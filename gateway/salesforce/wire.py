@@ -127,3 +127,32 @@ class TokenAnswer(msgspec.Struct, frozen=True, omit_defaults=True):
     id: str | None = None
     signature: str | None = None
     scope: str | None = None
+
+
+class CompositeSub(msgspec.Struct, frozen=True, omit_defaults=True):
+    """One subrequest of `POST …/composite`: `url` under /services/data/vXX.X/; a later one may name an
+    earlier one's answer as `@{referenceId.field}`."""
+
+    method: str
+    url: str
+    referenceId: str
+    body: dict[str, object] | None = None
+    httpHeaders: dict[str, str] | None = None
+
+
+class CompositeRequest(msgspec.Struct, frozen=True):
+    compositeRequest: tuple[CompositeSub, ...]
+    allOrNone: bool = False
+
+
+class CompositeSubAnswer(msgspec.Struct, frozen=True):
+    """One subrequest's answer: its status and body (a query's result, a create's id, an error list)."""
+
+    httpStatusCode: int
+    referenceId: str
+    body: object = None
+
+
+class CompositeAnswer(msgspec.Struct, frozen=True):
+    compositeResponse: tuple[CompositeSubAnswer, ...]
+

@@ -39,7 +39,8 @@ from gateway.errors import InvalidRequest, Unavailable, http
 # Salesforce's id, since the same fingerprint means the same booking and so the same 201 body, rebuilt
 # on replay; for a refusal, its location and body packed, see `_pack_answer`). Records written before
 # either hold body and loc instead, and are still read.
-# ARGV: fp, token, lease ms, retention ms, mode ('e' the EHR's request, 'q' the queue worker), since.
+# ARGV: fp, token, lease ms, retention ms, mode ('e' the EHR's request, 'q' the queue's or the holds'
+# worker), since, and for 'q' the flag a record made anew gets ('1' the queue's, 'h' held).
 _CLAIM = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -47,9 +48,9 @@ local r = redis.call('HMGET', KEYS[1], 'fp', 'st', 'lease', 'code', 'a', 'dbt', 
 local lease = now + tonumber(ARGV[3])
 if not r[2] then
   if ARGV[5] == 'q' then
-    -- a queued booking whose record is gone (dropped, or outlived): its history is unknown
+    -- a queued or held booking whose record is gone (dropped, or outlived): its history is unknown
     redis.call('HSET', KEYS[1], 'fp', ARGV[1], 'st', 'f', 'tok', ARGV[2], 'lease', lease,
-               'since', ARGV[6], 'dbt', '1', 'sent', '0', 'q', '1')
+               'since', ARGV[6], 'dbt', '1', 'sent', '0', 'q', ARGV[7])
     redis.call('PEXPIRE', KEYS[1], ARGV[4])
     return {'takeover', '1', ARGV[6], '0', tostring(now)}
   end
@@ -60,6 +61,7 @@ end
 if r[1] ~= ARGV[1] then return {'mismatch'} end
 if r[2] == 'd' then return {'done', r[4], r[5] or '', r[10] or '', r[11] or ''} end
 if ARGV[5] == 'e' and r[9] == '1' then return {'queued'} end
+if ARGV[5] == 'e' and r[9] == 'h' then return {'held'} end
 if r[2] == 'f' and tonumber(r[3]) > now then return {'busy', tostring(tonumber(r[3]) - now)} end
 local doubt, sent = r[6] or '0', r[8] or '0'
 if r[2] == 'f' then doubt, sent = '1', r[3] end  -- the lapsed holder may have sent; its call ended by then
@@ -79,17 +81,18 @@ return 1
 """
 
 # Give the lease back without an answer. ARGV: token, in doubt ('1': this attempt may have reached
-# Salesforce), queued ('1': the durable queue takes the booking over). A record with no doubt and no
-# queue is deleted, so the EHR's retry is a fresh attempt; otherwise it waits, idle, for the next holder.
+# Salesforce), queued ('1': the durable queue takes the booking over; 'h': it is held for its patient).
+# A record with no doubt and neither is deleted, so the EHR's retry is a fresh attempt; otherwise it
+# waits, idle, for the next holder.
 _PARK = """
 if redis.call('HGET', KEYS[1], 'tok') ~= ARGV[1] then return 0 end
 if ARGV[2] == '1' then
   local t = redis.call('TIME')
   redis.call('HSET', KEYS[1], 'dbt', '1', 'sent', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
 end
-if ARGV[3] == '1' then redis.call('HSET', KEYS[1], 'q', '1') end
+if ARGV[3] ~= '0' then redis.call('HSET', KEYS[1], 'q', ARGV[3]) end
 local r = redis.call('HMGET', KEYS[1], 'q', 'dbt')
-if r[1] == '1' then redis.call('HSET', KEYS[1], 'st', 'q')
+if r[1] == '1' or r[1] == 'h' then redis.call('HSET', KEYS[1], 'st', 'q')
 elseif r[2] == '1' then redis.call('HSET', KEYS[1], 'st', 'u')
 else return redis.call('DEL', KEYS[1]) end
 redis.call('HDEL', KEYS[1], 'tok', 'lease')
@@ -135,9 +138,10 @@ _PACKED, _SEALED, _BOOKED, _BOOKED_V1 = b"\x01", b"\x02", b"\x03", b"\x04"
 
 def fingerprint(booking: CanonicalBooking) -> str:
     """Same booking, same fingerprint: the canonical form is dialect-free and deterministic. The
-    resource's own id is not the booking (a create ignores it), so it is left out."""
-    if booking.resource_id is not None:
-        booking = msgspec.structs.replace(booking, resource_id=None)
+    resource's own id is not the booking (a create ignores it), nor are the patient's demographics a
+    message carried (a resent message with a name corrected is the same appointment): left out."""
+    if booking.resource_id is not None or booking.patient is not None:
+        booking = msgspec.structs.replace(booking, resource_id=None, patient=None)
     return hashlib.blake2b(msgspec.json.encode(booking), digest_size=16).hexdigest()
 
 
@@ -166,7 +170,7 @@ def key_material(header_key: str | None, booking: CanonicalBooking, fp: str) -> 
 
 @dataclass(frozen=True, slots=True)
 class Claim:
-    state: Literal["new", "takeover", "done", "busy", "mismatch", "queued"]
+    state: Literal["new", "takeover", "done", "busy", "mismatch", "queued", "held"]
     key: str
     token: str
     status: int = 0
@@ -230,11 +234,11 @@ class IdempotencyStore:
         digest = hashlib.sha256(f"{source}\0{material}".encode()).hexdigest()[:40]
         return f"{self._prefix}:idem:{{{source}:{digest}}}"
 
-    async def claim(self, key: str, fp: str, *, by_queue: bool = False, since_ms: int = 0) -> Claim:
-        """Claim-or-replay in one round trip. `by_queue`: the queue worker claims for delivery, so a
-        queued record is taken rather than answered 202."""
+    async def claim(self, key: str, fp: str, *, by_queue: bool = False, since_ms: int = 0, held: bool = False) -> Claim:
+        """Claim-or-replay in one round trip. `by_queue`: the queue's worker (or, `held`, the holds')
+        claims for delivery, so a queued or held record is taken rather than answered 202."""
         token = new_id()
-        args = [fp, token, self._lease_ms, self._retention_ms, "q" if by_queue else "e", since_ms]
+        args = [fp, token, self._lease_ms, self._retention_ms, "q" if by_queue else "e", since_ms, "h" if held else "1"]
         try:
             reply = await self._claim(keys=[key], args=args)
         except REDIS_FAILURES:
@@ -283,11 +287,13 @@ class IdempotencyStore:
         except REDIS_FAILURES:
             raise Unavailable("the booking was sent but its answer could not be stored; retry later", retry_after=5) from None
 
-    async def park(self, claim: Claim, *, in_doubt: bool = False, queued: bool = False) -> None:
-        """Give the lease back without a final answer (see _PARK). Raises Unavailable when Redis is
-        down: the lease then runs out on its own, and the next holder looks before sending."""
+    async def park(self, claim: Claim, *, in_doubt: bool = False, queued: bool = False, held: bool = False) -> None:
+        """Give the lease back without a final answer (see _PARK); `held`: the booking waits for its
+        patient. Raises Unavailable when Redis is down: the lease then runs out on its own, and the
+        next holder looks before sending."""
+        flag = "h" if held else "1" if queued else "0"
         try:
-            await self._park(keys=[claim.key], args=[claim.token, "1" if in_doubt else "0", "1" if queued else "0"])
+            await self._park(keys=[claim.key], args=[claim.token, "1" if in_doubt else "0", flag])
         except REDIS_FAILURES:
             raise Unavailable("the idempotency store (Redis) is unavailable", retry_after=5) from None
 

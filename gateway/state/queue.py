@@ -49,6 +49,8 @@ class QueuedBooking(msgspec.Struct, frozen=True, kw_only=True):
     last_error: str | None = None
     due_ms: int = 0
     sealed: bool = False  # request and booking sealed with the data key (gateway.state.sealing), bound to record_key
+    # the request names the org's records (gateway/identity); else the EHR's ids, found at delivery
+    resolved: bool = False
 
 
 _decoder = msgspec.json.Decoder(QueuedBooking)

@@ -41,11 +41,13 @@ from gateway.logs import log
 from gateway.state.redis_mux import MultiplexedRedis
 from gateway.state.sealing import SealError, Sealer
 
-# booked; replayed (an earlier answer again); queued (202); refused (by Salesforce); unmapped (a 422
-# before any call: a code without a mapping or a Salesforce rule); conflict (409, or a key reused);
-# throttled (429: the source's rate limit); rejected (any other 4xx: not authorised, not FHIR, too
-# large); failed (5xx)
-OUTCOMES = ("booked", "replayed", "queued", "refused", "unmapped", "conflict", "throttled", "rejected", "failed",
+# booked; replayed (an earlier answer again); queued (202); held (202: the org does not know the
+# patient yet); refused (by Salesforce); unmapped (a 422 before any call: a code without a mapping or a
+# Salesforce rule); unmatched (a 422: a participant the org holds no record for, or several);
+# conflict (409, or a key reused); throttled (429: the source's rate limit); rejected (any other 4xx:
+# not authorised, not FHIR, too large); failed (5xx)
+OUTCOMES = ("booked", "replayed", "queued", "held", "refused", "unmapped", "unmatched", "conflict", "throttled",
+            "rejected", "failed",
             # Health Cloud's callouts: nothing booked (proposed), answered from the EHR's own booking
             # (existing), cancelled, a search or read answered (found; partial: an EHR failed in it)
             "proposed", "existing", "cancelled", "found", "partial")
@@ -53,7 +55,7 @@ OUTCOMES = ("booked", "replayed", "queued", "refused", "unmapped", "conflict", "
 CALLOUT_OPS = frozenset({"find", "slot-status", "create", "cancel", "read"})
 HEALTHCLOUD = "healthcloud"  # the source of a callout entry that spans several EHRs (a search)
 # outcomes whose input is kept (sealed) for a replay: the operator fixes a map or waits out Salesforce
-KEEP_INPUT = frozenset({"queued", "refused", "failed", "unmapped"})
+KEEP_INPUT = frozenset({"queued", "held", "refused", "failed", "unmapped", "unmatched"})
 # outcomes an operator may act on: their entries are retained as a class of their own
 ACTIONABLE = KEEP_INPUT
 # what one entry costs in Redis beyond its JSON (its key, index members, Salesforce-id pointer),
