@@ -32,6 +32,7 @@ from gateway.edges.smart import SmartAuth
 from gateway.ehr import EhrClient, client_class
 from gateway.errors import GatewayError, NotFound
 from gateway.identity import Resolver
+from gateway.identity.create import PatientCreator
 from gateway.ids import new_id
 from gateway.operators.admin import AdminAuth, AdminDeps, Audit
 from gateway.operators.gauges import Gauges
@@ -163,12 +164,13 @@ class Gateway:
     def _build_booking(self) -> None:
         cfg, sources = self.cfg, self.settings.sources
         self.resolver = Resolver(sources, self.identities, self.salesforce, cfg.identity)
+        self.creator = PatientCreator(sources, self.salesforce, self.ehr_clients)
         self.holding = Holding(self.holds, self.store, sources, cfg.identity, self.sealer)
         self.booker = Booker(
             sources, self.maps, self.store, self.salesforce, self.queue if self.queue_sources else None,
             in_flight_retry_after=cfg.idempotency.in_flight_retry_after_seconds,
             in_doubt_settle_seconds=cfg.idempotency.in_doubt_settle_seconds, sealer=self.sealer, links=self.links,
-            resolver=self.resolver, holding=self.holding,
+            resolver=self.resolver, holding=self.holding, creator=self.creator,
         )
         # an entry whose consumer went quiet for a whole lease is taken over by another worker
         self.worker = QueueWorker(self.booker, self.queue, self.queue_sources, cfg.queue,

@@ -58,6 +58,7 @@ from gateway.state.holds import HeldBooking
 from gateway.state.queue import BookingQueue, QueuedBooking
 from gateway.booking.rules import check
 from gateway.identity import EhrId, Found, IdentityRecord, Resolver
+from gateway.identity.create import OPERATORS_DECIDE, NeedsOperator, PatientCreator
 from gateway.salesforce.client import SalesforceClient
 from gateway.salesforce.wire import BookingRequest, FoundSlots
 from gateway.state.sealing import Sealer
@@ -129,8 +130,10 @@ class Booker:
         links: Links | None = None,
         resolver: Resolver | None = None,
         holding: Holding | None = None,
+        creator: PatientCreator | None = None,
     ) -> None:
         self._sources = sources
+        self._creator = creator  # unknown_patient = "create"
         self._resolver = resolver  # the EHR's ids as the org's records (gateway/identity)
         self._holding = holding  # bookings whose patient the org does not know yet
         self._links = links
@@ -601,31 +604,60 @@ class Booker:
 
     async def _identify(self, job: Job, trace: Trace) -> Answer | None:
         """The job's request with the org's records for the EHR's ids (gateway/identity). A patient the
-        org does not know yet goes to the source's policy (held: the 202 answered); any other gap is
-        refused: raised to an EHR's request (its record released: a retry once the org's records are
-        fixed is a fresh attempt), stored as the final answer of a queued or held one. A failure to
-        ask the org is raised with the lease given back, as a failed Book is."""
-        assert self._resolver is not None and self._store is not None
+        org does not know yet goes to the source's policy (`_unknown_patient`); any other gap is
+        refused (`_refuse`). A failure to ask the org is raised with the lease given back, as a failed
+        Book is."""
+        assert self._resolver is not None
         resolver = self._resolver
         ids = job.ids = job.ids or resolver.ids(job.source, job.booking)
         try:
             found = await resolver.find(ids, trace.identity, job.cached, fresh=job.origin == "hold" and job.cached is None)
-            references = resolver.references(job.booking, ids, found)
-        except PatientUnknown as unknown:
-            trace.identity.patient_unknown = True
-            policy = self.source(job.source).identity.unknown_patient
-            if policy == "hold" and self._holding is not None:
-                return await self._holding.hold(job, trace)
-            return await self._refuse(job, unknown, trace)
+            try:
+                references = resolver.references(job.booking, ids, found)
+            except PatientUnknown as unknown:
+                trace.identity.patient_unknown = True
+                if (stopped := await self._unknown_patient(job, found, unknown, trace)) is not None:
+                    return stopped
+                references = resolver.references(job.booking, ids, found)  # the patient created: found now
         except Unmatched as gap:
-            trace.identity.unmatched = tuple(dict.fromkeys(i.kind for i, p in zip(ids, job.booking.participants)
-                                                           if any(p.path in x.expression for x in gap.issues)))
+            trace.identity.unmatched = _kinds(gap, job.booking, ids)
             return await self._refuse(job, gap, trace)
         except GatewayError:
             await self._park(job, trace, in_doubt=False)
             raise
         job.request, job.resolved = with_references(job.request, job.booking, references), True
         return None
+
+    async def _unknown_patient(self, job: Job, found: dict[EhrId, Found], unknown: PatientUnknown,
+                               trace: Trace) -> Answer | None:
+        """The source's `unknown_patient` policy: `hold` (the 202 answered), `refuse` (`unknown` raised,
+        a gap like any other), or `create` (None: the patient is in `found` now). A patient that cannot
+        be created without a person deciding is held for the operators, and not created again on its
+        next tries."""
+        assert self._resolver is not None
+        policy = self.source(job.source).identity.unknown_patient
+        held_for_operators = job.held is not None and job.held.last_error in OPERATORS_DECIDE
+        if policy == "create" and self._creator is not None and not held_for_operators:
+            patient = next(p for p in job.booking.participants if p.kind == "Patient")
+            ehr = job.ids[job.booking.participants.index(patient)]
+            try:
+                account = await self._creator.create(job.source, job.booking, patient, ehr, trace.identity)
+            except NeedsOperator as why:
+                return await self._hold(job, trace, why.reason)
+            found[ehr] = Found(records=(account,))
+            trace.identity.created = True
+            await self._resolver.remember(ehr, found[ehr])
+            return None
+        if held_for_operators:
+            return await self._hold(job, trace, job.held.last_error)  # type: ignore[union-attr,arg-type]
+        if policy in ("hold", "create"):
+            return await self._hold(job, trace, "patient-unknown")
+        raise unknown
+
+    async def _hold(self, job: Job, trace: Trace, why: str) -> Answer:
+        if self._holding is None:
+            raise Unavailable("bookings cannot be held here; send it again later", retry_after=60)
+        return await self._holding.hold(job, trace, why)
 
     async def _refuse(self, job: Job, error: Unmatched, trace: Trace) -> Answer:
         """A participant the org lacks: an EHR's request is refused at once (nothing kept); a queued or
@@ -745,6 +777,12 @@ class Booker:
         await self._store.park(claim, in_doubt=job.in_doubt, queued=True)
         trace.parked = "queued"
         return _accepted()
+
+
+def _kinds(gap: Unmatched, booking: CanonicalBooking, ids: list[EhrId]) -> tuple[str, ...]:
+    """The kinds of the participants a refusal names (for the metric by kind)."""
+    named = {e for i in gap.issues for e in i.expression}
+    return tuple(dict.fromkeys(i.kind for i, p in zip(ids, booking.participants) if p.path in named))
 
 
 def _same_id(booking: CanonicalBooking, salesforce_id: str, *, required: bool) -> None:

@@ -13,11 +13,13 @@ import base64
 import secrets
 import time
 from typing import Any
+from urllib.parse import quote
 
 import jwt
 import msgspec
 import redis.asyncio as redis
 
+from gateway.canonical import Person
 from gateway.ehr.model import BookRequest, EhrAppointment, EhrSlot, SlotQuery
 from gateway.errors import EhrFailed, EhrRefused, NotFound, Unavailable
 from gateway.outbound.calls import Caller, CallRecord
@@ -172,10 +174,71 @@ class EhrClient:
     async def cancel(self, appointment_id: str, reason: str | None, record: CallRecord) -> EhrAppointment:
         raise NotImplementedError
 
+    patient_base = ""  # where the EHR serves Patient reads, below `base_url` ("" : there)
+
+    async def patient(self, value: str, system: str | None, record: CallRecord) -> Person:
+        """The EHR's own record of a patient (a FHIR Patient: read by its id, or searched by an
+        identifier of `system`), as much of it as creating the patient in the org needs. NotFound when
+        the EHR has none (or several: that is no one patient), else as any call fails."""
+        if system is None:
+            answer = await self.call("GET", f"{self.patient_base}/Patient/{quote(value, safe='')}", record,
+                                     counted=False)
+            if answer.status != 200:
+                raise self.failure(answer, record, "the patient read")
+            return _person(self.decoded(answer, _Patient, record, "the patient read"))
+        answer = await self.call("GET", f"{self.patient_base}/Patient", record, params={"identifier": f"{system}|{value}"},
+                                 counted=False)
+        if answer.status != 200:
+            raise self.failure(answer, record, "the patient search")
+        found = [e.resource for e in self.decoded(answer, _Patients, record, "the patient search").entry
+                 if e.resource is not None]
+        if len(found) != 1:
+            raise NotFound(f"the {self.source} EHR has {'no' if not found else 'more than one'} patient with that "
+                           "identifier")
+        return _person(found[0])
+
     async def find_booked(self, request: BookRequest, record: CallRecord) -> EhrAppointment | None:
         """The appointment a booking whose answer was lost may have made (by its identifier, else its
         patient, slot and time), or None: looked up before anything is sent again."""
         raise NotImplementedError
+
+
+class _Name(msgspec.Struct, kw_only=True):
+    family: str | None = None
+    given: list[str] = []
+    use: str | None = None
+
+
+class _Telecom(msgspec.Struct, kw_only=True):
+    system: str | None = None
+    value: str | None = None
+
+
+class _Patient(msgspec.Struct, kw_only=True):
+    """The elements of a FHIR Patient (R4; STU3 alike) that creating the patient in the org needs."""
+
+    resourceType: str
+    name: list[_Name] = []
+    birthDate: str | None = None
+    gender: str | None = None
+    telecom: list[_Telecom] = []
+
+
+class _Entry(msgspec.Struct, kw_only=True):
+    resource: _Patient | None = None
+
+
+class _Patients(msgspec.Struct, kw_only=True):
+    entry: list[_Entry] = []
+
+
+def _person(patient: _Patient) -> Person:
+    """The patient's official name (else its first), birth date, gender and first phone."""
+    name = next((n for n in patient.name if n.use == "official"), patient.name[0] if patient.name else _Name())
+    phone = next((t.value for t in patient.telecom if t.system == "phone" and t.value), None)
+    birth = patient.birthDate if patient.birthDate and len(patient.birthDate) == 10 else None
+    return Person(family=name.family or None, given=" ".join(name.given) or None, birth_date=birth,
+                  gender=patient.gender, phone=phone)
 
 
 def read_json(response: Answer) -> Any:

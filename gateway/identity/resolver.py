@@ -129,6 +129,13 @@ class Resolver:
             raise Unmatched(issues=issues)
         return out
 
+    async def remember(self, ehr: EhrId, found: Found) -> None:
+        """What the gateway itself made in the org (a patient it created), cached as if looked up."""
+        try:
+            await self._cache.put([(_name(ehr), _encoder.encode(found), self._ttl_ms[ehr.kind])])
+        except REDIS_FAILURES:
+            pass
+
     # -- asking the org ---------------------------------------------------------------------------
 
     async def _in_flight(self, missing: list[EhrId], record: IdentityRecord) -> dict[EhrId, Found]:
