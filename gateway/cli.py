@@ -537,6 +537,49 @@ def cmd_requests(args: argparse.Namespace) -> int:
         return 0
 
 
+def cmd_identity(args: argparse.Namespace) -> int:
+    """Identity, through a running gateway's admin API (its org, its cache), with an admin key from
+    EHR_GATEWAY_ADMIN_KEY: `check` prints how each participant of FILE resolves (a dry run: nothing is
+    booked; exit 1 when one does not), `forget` drops every cached record."""
+    import httpx
+
+    key = os.environ.get("EHR_GATEWAY_ADMIN_KEY", "")
+    if not key:
+        return _fail("EHR_GATEWAY_ADMIN_KEY: an admin key of the gateway (serve prints one in its demo)")
+    base, headers = args.url.rstrip("/"), {"Authorization": f"Bearer {key}"}
+    try:
+        if args.identity_command == "forget":
+            r = httpx.post(f"{base}/admin/api/identity/forget", headers=headers, timeout=30)
+        else:
+            body = Path(args.file).read_bytes()
+            r = httpx.post(f"{base}/admin/api/identity/{args.source}/check", content=body, timeout=60,
+                           headers={**headers, "Content-Type": "application/octet-stream"})
+    except (OSError, httpx.HTTPError) as exc:
+        return _fail(f"{type(exc).__name__}: {exc}")
+    if r.status_code != 200:
+        return _fail(f"HTTP {r.status_code}: {_diagnostics(r.content)}")
+    if args.identity_command == "forget":
+        print(f"{r.json()['forgotten']} cached records forgotten")
+        return 0
+    rows = [(p["element"], p["kind"], p["source_system"], p["by"], p["record"] or "-", p["problem"] or "ok")
+            for p in r.json()["participants"]]
+    header = ("element", "kind", "SourceSystem", "by", "org record", "result")
+    widths = [max(len(row[c]) for row in [header, *rows]) for c in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+    for p in r.json()["participants"]:
+        if p["why"]:
+            print(f"{p['element']}: {p['why']}")
+    return 0 if all(p["record"] for p in r.json()["participants"]) else 1
+
+
+def _diagnostics(body: bytes) -> str:
+    try:
+        return "; ".join(i.get("diagnostics", "") for i in msgspec.json.decode(body).get("issue", []))
+    except (msgspec.DecodeError, AttributeError, TypeError):
+        return body[:200].decode(errors="replace")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ehr-gateway", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -616,6 +659,17 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("source")
         cmd.add_argument("entry", help="the entry id shown by `queue list`")
     queue.set_defaults(func=cmd_queue)
+
+    identity = sub.add_parser("identity", help="participants as the org's records, through a running gateway "
+                                               "(admin key in EHR_GATEWAY_ADMIN_KEY)")
+    identity.add_argument("--url", default=os.environ.get("EHR_GATEWAY_URL", "http://127.0.0.1:8000"),
+                          help="the gateway (EHR_GATEWAY_URL; default http://127.0.0.1:8000)")
+    identity_sub = identity.add_subparsers(dest="identity_command", required=True)
+    id_check = identity_sub.add_parser("check", help="dry run: how each participant of FILE resolves in the org")
+    id_check.add_argument("--source", required=True)
+    id_check.add_argument("file")
+    identity_sub.add_parser("forget", help="drop every cached record (after records were fixed in the org)")
+    identity.set_defaults(func=cmd_identity)
 
     requests = sub.add_parser("requests", help="the request log: a table, or followed live (no patient data)")
     requests.add_argument("--config")

@@ -180,7 +180,8 @@ class Gateway:
 
     def _build_operators(self, extra_keys: dict[str, list[str]] | None) -> None:
         self.recorder = Recorder(self.settings.sources, self.metrics, self.request_log)
-        self.gauges = Gauges(self.metrics, self.tokens, self.breaker, self.salesforce, self.queue, self.queue_sources)
+        self.gauges = Gauges(self.metrics, self.tokens, self.breaker, self.salesforce, self.queue, self.queue_sources,
+                             self.holds, tuple(self.settings.sources))
         self.inbound = Inbound(self.settings, extra_keys)
         # JWKS fetches are rare (cached 5 minutes) and go to the EHRs' hosts: a client of their own
         self.jwks_http = httpx.AsyncClient(timeout=5, follow_redirects=False)
@@ -215,6 +216,7 @@ class Gateway:
             queue=self.queue, store=self.store, queue_sources=self.queue_sources, replay=self.replay, maps=self.maps,
             usage=lambda: {"api_used": self.salesforce.usage.used, "api_limit": self.salesforce.usage.limit,
                            "circuit": self.breaker.state},
+            forget_identities=self.identities.forget,
             origins=tuple("{0.scheme}://{0.netloc}".format(urlsplit(url)) for url in self.settings.public_urls),
         )
 

@@ -18,6 +18,7 @@ from urllib.parse import parse_qsl
 import msgspec
 
 from adapters import get_adapter
+from adapters.hl7v2 import parse_siu
 from gateway.canonical import CanonicalBooking
 from gateway.booking.codemaps import EMPTY, SourceMaps
 from gateway.errors import (
@@ -727,6 +728,61 @@ class Booker:
         await holds.settle(item)
         return "refused" if answer.status >= 400 else "booked"
 
+    # -- what operators ask of identity and holds -------------------------------------------------
+
+    async def check_identity(self, source_name: str, body: bytes) -> list[dict[str, Any]]:
+        """How each participant of a booking (FHIR, or an HL7 v2 message for an hl7v2 source) resolves
+        in the org, nothing booked: its element, kind, SourceSystem, record, or why it has none. The
+        EHR's ids are not repeated (the caller has them in its file)."""
+        assert self._resolver is not None
+        source = self.source(source_name)
+        booking = (parse_siu(body, source.time_zone).booking if source.adapter == "hl7v2"
+                   else self._parse(source_name, body))
+        ids = self._resolver.ids(source_name, booking)
+        found = await self._resolver.find(ids, IdentityRecord())
+        return [{"element": p.path, "kind": i.kind, "source_system": i.system, "by": "identifier" if p.system else "id",
+                 "record": record, "problem": issue.code if issue else None,
+                 "why": issue.diagnostics if issue else None}
+                for p, i, (record, issue) in zip(booking.participants, ids, self._resolver.explain(booking, ids, found))]
+
+    async def held(self, source_name: str) -> list[HeldBooking]:
+        assert self._holding is not None
+        return await self._holding.store.list(source_name)
+
+    def held_patient(self, item: HeldBooking) -> str | None:
+        """Whom a held booking waits for (patient data: for PHI operators only)."""
+        assert self._holding is not None
+        booking, _ = self._holding.opened(item)
+        patient = next((p for p in booking.participants if p.kind == "Patient"), None)
+        if patient is None:
+            return None
+        return f"{patient.system}|{patient.value}" if patient.system else patient.reference
+
+    async def release_now(self, source_name: str, hold: str) -> bool:
+        """An operator's release: the held booking is tried at the next turn of the holds' worker."""
+        assert self._holding is not None
+        return await self._holding.store.release_now(source_name, hold)
+
+    async def refuse_held(self, source_name: str, hold: str) -> bool:
+        """An operator gives a held booking up: the record keeps the refusal, the hold its dead letter.
+        False when no such booking is held; InFlight when it is being tried right now."""
+        assert self._store is not None and self._holding is not None
+        item = await self._holding.store.get(source_name, hold)
+        if item is None:
+            return False
+        claim = await self._store.claim(item.record_key, item.fingerprint, by_queue=True, since_ms=item.accepted_ms,
+                                        held=True)
+        if claim.state == "busy":
+            raise InFlight("this held booking is being tried right now; refuse it again shortly",
+                           retry_after=self._in_flight_retry_after)
+        if claim.state != "takeover":  # settled meanwhile (booked, refused or cancelled)
+            await self._holding.store.settle(item)
+            return False
+        booking, request = self._holding.opened(item)
+        job = Job(source_name, booking, request, claim, item.fingerprint, origin="hold", held=item)
+        await self._holding.refuse(job, "refused-by-operator", Trace(), _REFUSED_BY_OPERATOR)
+        return True
+
     async def _finish(self, job: Job, salesforce_id: str, trace: Trace, *, adopted: bool = False) -> Answer:
         assert self._store is not None
         trace.adopted = adopted
@@ -822,6 +878,9 @@ _EXISTS = operation_outcome([Issue(
                 "it (its content is not kept by this gateway)",
 )])
 
+_REFUSED_BY_OPERATOR = Unprocessable(issues=[Issue(
+    code="business-rule", expression=("Appointment.participant",),
+    diagnostics="an operator refused this booking while it was held for its patient; it was never booked")])
 # the final answer of a held booking whose appointment was cancelled before its patient was known
 _CANCELLED_WHILE_HELD = operation_outcome([Issue(
     code="business-rule", diagnostics="this appointment was cancelled while it was held for its patient; it was "

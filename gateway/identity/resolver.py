@@ -76,21 +76,28 @@ class Resolver:
             found.update(await self._in_flight(missing, record))
         return found
 
+    def explain(self, booking: CanonicalBooking, ids: Sequence[EhrId],
+                found: dict[EhrId, Found]) -> list[tuple[str | None, Issue | None]]:
+        """For each participant: its record (a Book reference's id), or why it has none. A practitioner
+        is looked for at the booking's facility (its first Location the org holds), on its day."""
+        facility = next((f.records[0] for p, i in zip(booking.participants, ids)
+                         if p.kind == "Facility" and len(f := found[i].records) == 1), None)
+        day = booking.start.text[:10] if booking.start else None
+        rows: list[tuple[str | None, Issue | None]] = []
+        for p, i in zip(booking.participants, ids):
+            if i.kind in ("practitioner", "role"):
+                rows.append(_hpf_at(p, i, found[i], facility, day) if facility else (None, None))
+            else:
+                rows.append(_one(p, i, found[i]))
+        return rows
+
     def references(self, booking: CanonicalBooking, ids: Sequence[EhrId], found: dict[EhrId, Found]) -> tuple[str, ...]:
         """The Book body's reference for each participant, in order; raises Unmatched for a gap (with
         the patient's problem too, if it has one), else PatientUnknown for a patient the org lacks."""
         gaps: list[Issue] = []
         patient: Issue | None = None
-        facility = next((f.records[0] for p, i in zip(booking.participants, ids)
-                         if p.kind == "Facility" and len(f := found[i].records) == 1), None)
-        day = booking.start.text[:10] if booking.start else None
         refs: list[str] = []
-        for p, i in zip(booking.participants, ids):
-            f = found[i]
-            if i.kind in ("practitioner", "role"):
-                record, issue = _hpf_at(p, i, f, facility, day) if facility else (None, None)
-            else:
-                record, issue = _one(p, i, f)
+        for i, (record, issue) in zip(ids, self.explain(booking, ids, found)):
             if record is not None:
                 refs.append(f"{_SF_KIND[i.kind]}/{record}")
             elif i.kind == "patient" and issue is not None and issue.code == "not-found":

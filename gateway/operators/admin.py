@@ -167,6 +167,7 @@ class AdminDeps:
     replay: Callable[[Entry], Awaitable[Entry]]
     maps: Any  # LiveMaps
     usage: Callable[[], dict[str, Any]]
+    forget_identities: Callable[[], Awaitable[int]]
     origins: tuple[str, ...] = ()  # the gateway's public origins ([server] public_urls): a sign-in may come from them
 
 
@@ -368,6 +369,60 @@ def admin_router(deps: AdminDeps) -> Router:
         await deps.audit.record(op, f"queue-{action}", request, source=source, entry=entry_id)
         return _ok({"ok": True})
 
+    @get("/api/held")
+    async def held(request: Request) -> Response[bytes]:
+        """Bookings held for their patient, and those refused (dead letters), per source: since when,
+        how many tries, why; whom they wait for only for a PHI key (and that view is audited)."""
+        op = await guard(request)
+        phi = op.role == "phi"
+        out: dict[str, list[dict[str, Any]]] = {}
+        for source in deps.booker.sources:
+            rows = []
+            for h in await deps.booker.held(source):
+                row = {"hold": h.hold_id, "state": "refused" if h.refused else "held", "since_ms": h.accepted_ms,
+                       "deadline_ms": h.deadline_ms, "due_ms": h.due_ms or None, "attempts": h.attempts,
+                       "why": h.refused or h.last_error}
+                if phi:
+                    row["patient"] = deps.booker.held_patient(h)
+                rows.append(row)
+            if rows:
+                out[source] = rows
+        if phi and out:
+            await deps.audit.record(op, "view-phi", request, entry="held")
+        return _ok({"sources": out})
+
+    @post("/api/held/{source:str}/{hold:str}/{action:str}", status_code=200)
+    async def held_action(request: Request, source: FromPath[str], hold: FromPath[str],
+                          action: FromPath[str]) -> Response[bytes]:
+        """`release`: look its patient up again now; `refuse`: give it up (the EHR's retry gets the refusal)."""
+        op = await guard(request, action=True)
+        deps.booker.source(source)
+        if action == "release":
+            done = await deps.booker.release_now(source, hold)
+        elif action == "refuse":
+            done = await deps.booker.refuse_held(source, hold)
+        else:
+            raise NotFound("the actions are release and refuse")
+        if not done:
+            raise NotFound("no booking of that id is held")
+        await deps.audit.record(op, f"held-{action}", request, source=source, entry=hold)
+        return _ok({"ok": True})
+
+    @post("/api/identity/forget", status_code=200)
+    async def forget(request: Request) -> Response[bytes]:
+        """Every participant's cached record dropped: the next bookings look them up in the org again
+        (after records were fixed there, rather than waiting out the cache)."""
+        op = await guard(request, action=True)
+        dropped = await deps.forget_identities()
+        await deps.audit.record(op, "identity-forget", request)
+        return _ok({"forgotten": dropped})
+
+    @post("/api/identity/{source:str}/check", status_code=200)
+    async def identity_check(request: Request, source: FromPath[str]) -> Response[bytes]:
+        """How each participant of a booking file resolves in the org (nothing is booked)."""
+        await guard(request, action=True)
+        return _ok({"participants": await deps.booker.check_identity(source, await request.body())})
+
     @get("/api/codemaps")
     async def maps(request: Request) -> Response[bytes]:
         await guard(request)
@@ -408,8 +463,8 @@ def admin_router(deps: AdminDeps) -> Router:
 
     return Router(path="/admin", exception_handlers={GatewayError: lambda _, exc: _fail(exc), RedisError: redis_down},
                   route_handlers=[
-        sign_in, session, sign_out, requests, one, replay, audit, stats, queue, queue_action, maps, translate,
-        dashboard, static,
+        sign_in, session, sign_out, requests, one, replay, audit, stats, queue, queue_action, held, held_action,
+        forget, identity_check, maps, translate, dashboard, static,
     ])
 
 
