@@ -785,14 +785,15 @@ def test_query_where_and_like_order_limit(sandbox: Running) -> None:
         ("SELECT FROM ServiceAppointment", "MALFORMED_QUERY"),
         ("DELETE FROM ServiceAppointment", "MALFORMED_QUERY"),
         ("SELECT Id ServiceAppointment", "MALFORMED_QUERY"),
-        ("SELECT Id FROM ServiceAppointment WHERE Status = 'A' OR Status = 'B'", "MALFORMED_QUERY"),
+        # AND and OR mixed without parentheses: SOQL refuses it
+        ("SELECT Id FROM ServiceAppointment WHERE Status = 'A' OR Status = 'B' AND Comments = 'C'", "MALFORMED_QUERY"),
         ("SELECT Id FROM ServiceAppointment WHERE Status = 'unterminated", "MALFORMED_QUERY"),
         ("SELECT Id FROM ServiceAppointment LIMIT -1", "MALFORMED_QUERY"),
         ("SELECT Id FROM ServiceAppointment trailing", "MALFORMED_QUERY"),
         ("SELECT Id FROM ServiceAppointment WHERE Status", "MALFORMED_QUERY"),
         ("", "MALFORMED_QUERY"),
         ("SELECT Nope FROM ServiceAppointment", "INVALID_FIELD"),
-        ("SELECT Id FROM Account", "INVALID_TYPE"),
+        ("SELECT Id FROM Opportunity", "INVALID_TYPE"),  # an sObject the sandbox's org does not have
         ("SELECT Id FROM ServiceAppointment WHERE SchedStartTime = '2030-01-07T09:00:00Z'", "INVALID_QUERY_FILTER_OPERATOR"),
     ],
 )

@@ -46,7 +46,19 @@ from gateway.sandbox.rules import (
     missing,
     parse_instant,
 )
-from gateway.sandbox import soql
+from gateway.sandbox import control, references, rest
+from gateway.sandbox.answers import (
+    api as _api,
+    controlled as _controlled,
+    errors as _errors,
+    gate as _gate,
+    json_answer as _json,
+    limit_header as _limit_header,
+    not_found as _not_found,
+    parse_version as _version,
+    sandbox_of as _sandbox,
+    server_error as _server_error,
+)
 from gateway.sandbox.state import ORG_ID, USER_ID, FaultsUpdate, SandboxState, StoredAppointment
 
 __all__ = ["create_sandbox_app", "SandboxConnectionDropped"]
@@ -90,40 +102,8 @@ def _install_quiet_drops() -> None:
 # answers ---------------------------------------------------------------------------------------
 
 
-def _json(status: int, body: Any, headers: dict[str, str] | None = None) -> ASGIResponse:
-    return ASGIResponse(body=_encoder.encode(body), status_code=status, media_type=_JSON, headers=headers)
-
-
-def _limit_header(sb: SandboxState) -> dict[str, str]:
-    return {"Sforce-Limit-Info": f"api-usage={sb.api_usage()}/{sb.daily_limit}"}
-
-
-def _api(sb: SandboxState, status: int, body: Any) -> ASGIResponse:
-    """Every answer under /services/data carries the org's API usage, errors included."""
-    return _json(status, body, _limit_header(sb))
-
-
-def _errors(sb: SandboxState, status: int, *errors: SfError) -> ASGIResponse:
-    return _api(sb, status, list(errors))
-
-
 def _oauth_error(status: int, code: str, description: str) -> ASGIResponse:
     return _json(status, {"error": code, "error_description": description})
-
-
-def _not_found(sb: SandboxState) -> ASGIResponse:
-    return _errors(sb, 404, SfError(message="The requested resource does not exist", errorCode="NOT_FOUND"))
-
-
-def _server_error(sb: SandboxState, status: int) -> ASGIResponse:
-    if status == 503:
-        err = SfError(message="Server is temporarily unavailable. Try again later.", errorCode="SERVER_UNAVAILABLE")
-    else:
-        err = SfError(
-            message="An unexpected error occurred. Please include this ErrorId if you contact support: 1234567890-12345 (-1234567890)",
-            errorCode="UNKNOWN_EXCEPTION",
-        )
-    return _errors(sb, status, err)
 
 
 def _outcome(sb: SandboxState, appt_id: str, status: str) -> Any:
@@ -147,46 +127,6 @@ class _DropAfterHeaders:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status, "headers": self.headers})
         raise SandboxConnectionDropped("connection dropped after the booking was stored (sandbox fault)")
-
-
-# the gate every API call passes ----------------------------------------------------------------
-
-_VERSION = re.compile(r"v(\d+)\.(\d+)")
-
-
-def _version(text: str) -> tuple[int, int] | None:
-    m = _VERSION.fullmatch(text)
-    return (int(m.group(1)), int(m.group(2))) if m else None
-
-
-async def _gate(
-    request: Request[Any, Any, Any], sb: SandboxState, version: str, *, minimum: tuple[int, int] | None = None
-) -> ASGIResponse | None:
-    """Faults, session, limits and version, in the order a client would meet them in Salesforce:
-    an outage before anything, then the session, then the allowance."""
-    faults = sb.faults
-    latency = faults.latency_ms
-    if latency > 0:
-        await asyncio.sleep(latency / 1000)
-    if faults.take("server_error"):
-        sb.count("server_errors")
-        return _server_error(sb, faults.server_error_status())
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not token.strip() or not sb.check_token(token.strip()):
-        sb.count("invalid_session")
-        return _errors(sb, 401, SfError(message="Session expired or invalid", errorCode="INVALID_SESSION_ID"))
-    if faults.take("request_limit_exceeded") or not sb.try_consume_api_call():
-        sb.count("limit_refusals")
-        return _errors(sb, 403, SfError(message="TotalRequests Limit exceeded.", errorCode="REQUEST_LIMIT_EXCEEDED"))
-    wanted = _version(version)
-    newest = _version("v" + sb.config.api_version)
-    if wanted is None or newest is None or wanted > newest or (minimum is not None and wanted < minimum):
-        return _not_found(sb)
-    return None
-
-
-def _sandbox(request: Request[Any, Any, Any]) -> SandboxState:
-    return request.app.state.sandbox  # type: ignore[no-any-return]
 
 
 # OAuth -----------------------------------------------------------------------------------------
@@ -300,6 +240,7 @@ async def book(request: Request[Any, Any, Any], version: FromPath[str]) -> ASGIA
     start = end = None
     if not errors:
         errors, start, end = check_booking(booking, require_channel_id=sb.config.require_channel_id)
+        errors, booking = _records_checked(sb, booking, errors)
     if errors or start is None or raw is None:
         return _errors(sb, 400, *errors)
     # Drawn only for calls that would store, so the ratios are shares of storable bookings.
@@ -379,7 +320,7 @@ async def update(request: Request[Any, Any, Any], version: FromPath[str], appoin
     start = end = None
     if not errors:
         errors, start, end = check_booking(booking, require_channel_id=sb.config.require_channel_id)
-        errors += _id_errors(booking.id, current)
+        errors, booking = _records_checked(sb, booking, errors + _id_errors(booking.id, current))
     if errors or start is None or raw is None:
         return _errors(sb, 400, *errors)
     sb.replace(
@@ -414,6 +355,15 @@ async def cancel(request: Request[Any, Any, Any], version: FromPath[str], appoin
         return _errors(sb, 400, *errors)
     sb.replace(current.id, status="Cancelled", cancellation_reason=body.cancellationReason, cancel_comment=body.comment)
     return _api(sb, 200, _outcome(sb, current.id, "Cancelled"))
+
+
+def _records_checked(sb: SandboxState, booking: Any, errors: list[SfError]) -> tuple[list[SfError], Any]:
+    """With `require_records`, the booking's references must be records of the org (references.py);
+    the booking is then kept with their 18-character ids, as an org keeps a reference."""
+    if not sb.config.require_records:
+        return errors, booking
+    refused, booking = references.check_booking(sb.org, booking)
+    return errors + refused, booking
 
 
 def _id_errors(body_id: str | None, current: StoredAppointment) -> list[SfError]:
@@ -454,10 +404,14 @@ async def slots(request: Request[Any, Any, Any], version: FromPath[str]) -> ASGI
                 errors.append(
                     error("INVALID_INPUT", f"The date range must not exceed {cfg.max_slot_range_days} days.", "endDate")
                 )
+    full: dict[str, str] = {}
+    if not errors and cfg.require_records:
+        errors, full = references.check_slots(sb.org, body)
     if errors or start is None or end is None:
         return _errors(sb, 400, *errors)
     output = SlotsOutput(resourceSlotDetails=[
-        ResourceSlotDetails(resourceId=r.resourceId, availableSlots=_free_slots(sb, r, start, end, body.sourceSystem))
+        ResourceSlotDetails(resourceId=r.resourceId, availableSlots=_free_slots(
+            sb, r, full.get(r.resourceId, r.resourceId), start, end, body.sourceSystem))
         for r in body.resources])
     return _api(sb, 200, [output] if cfg.answer_shape == "array" else output)
 
@@ -472,14 +426,15 @@ def _iso_z(value: datetime) -> str:
     return value.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _free_slots(sb: SandboxState, resource: Any, start: datetime, end: datetime,
+def _free_slots(sb: SandboxState, resource: Any, ident: str, start: datetime, end: datetime,
                 source_system: str | None) -> list[AvailableSlot]:
+    """`ident`: the resource's id as bookings hold it (its 18-character id, when it is a record)."""
     cfg = sb.config
     kind = "Device" if resource.resourceType == "Device" else "Practitioner"  # a Provider books as a Practitioner
     busy = [
         (a.start, a.end)
         for a in sb.appointments()
-        if a.status == "Scheduled" and resource.resourceId in a.participant_ids(kind)
+        if a.status == "Scheduled" and ident in a.participant_ids(kind)
     ]
     step = timedelta(minutes=cfg.slot_minutes)
     found: list[AvailableSlot] = []
@@ -497,12 +452,7 @@ def _free_slots(sb: SandboxState, resource: Any, start: datetime, end: datetime,
     return found
 
 
-# REST query and record --------------------------------------------------------------------------
-
-
-def _record(version: str, fields: dict[str, Any], record_id: str) -> dict[str, Any]:
-    url = f"/services/data/{version}/sobjects/{soql.SOBJECT}/{record_id}"
-    return {"attributes": {"type": soql.SOBJECT, "url": url}, **fields}
+# Resources by Version --------------------------------------------------------------------------
 
 
 @get("/services/data/{version:str}")
@@ -513,55 +463,10 @@ async def resources(request: Request[Any, Any, Any], version: FromPath[str]) -> 
     if (refusal := await _gate(request, sb, version)) is not None:
         return refusal
     base = f"/services/data/{version}"
-    return _api(sb, 200, {name: f"{base}/{name}" for name in ("connect", "limits", "query", "sobjects")})
-
-
-@get("/services/data/{version:str}/query")
-async def query(request: Request[Any, Any, Any], version: FromPath[str]) -> ASGIApp:
-    sb = _sandbox(request)
-    sb.count("query_calls")
-    if (refusal := await _gate(request, sb, version)) is not None:
-        return refusal
-    q = request.query_params.get("q")
-    if not q:
-        return _errors(sb, 400, SfError(message="A query string (q) is required.", errorCode="MALFORMED_QUERY"))
-    try:
-        parsed = soql.parse(q)
-    except soql.SoqlError as exc:
-        return _errors(sb, 400, SfError(message=exc.message, errorCode=exc.code))
-    matched = soql.run(parsed, sb.service_appointments())
-    records = [] if parsed.count_only else [
-        _record(version, {f: row.get(f) for f in parsed.fields}, row["Id"]) for row in matched
-    ]
-    return _api(sb, 200, {"totalSize": len(matched), "done": True, "records": records})
-
-
-@get("/services/data/{version:str}/sobjects/ServiceAppointment/{record_id:str}")
-async def service_appointment(request: Request[Any, Any, Any], version: FromPath[str], record_id: FromPath[str]) -> ASGIApp:
-    sb = _sandbox(request)
-    if (refusal := await _gate(request, sb, version)) is not None:
-        return refusal
-    appt = sb.get(record_id)
-    if appt is None:
-        return _not_found(sb)
-    return _api(sb, 200, _record(version, appt.service_appointment(), appt.id))
+    return _api(sb, 200, {name: f"{base}/{name}" for name in ("composite", "connect", "limits", "query", "sobjects")})
 
 
 # sandbox-only fixtures (a test and demo aid, never part of Salesforce), behind the control key ------
-
-
-def _controlled(handler: Any) -> Any:
-    """The sandbox's own endpoint, open only with `Authorization: Bearer <control_key>`."""
-
-    async def guarded(request: Request[Any, Any, Any]) -> ASGIApp:
-        key = _sandbox(request).config.control_key
-        scheme, _, sent = request.headers.get("authorization", "").partition(" ")
-        if not key or scheme.lower() != "bearer" or not hmac.compare_digest(sent.strip().encode(), key.encode()):
-            return _json(401, {"error": "the sandbox's own endpoints need Authorization: Bearer <control key>"})
-        return await handler(request)
-
-    guarded.__name__, guarded.__doc__ = handler.__name__, handler.__doc__
-    return guarded
 
 
 @get("/sandbox/appointments")
@@ -647,14 +552,14 @@ def create_sandbox_app(config: SandboxConfig | None = None) -> Litestar:
             cancel,
             slots,
             resources,
-            query,
-            service_appointment,
+            *rest.ROUTES,
             list_appointments,
             get_faults,
             set_faults,
             get_counters,
             iam_callouts,
             reset,
+            *control.ROUTES,
         ],
         exception_handlers={HTTPException: _http_error, Exception: _http_error},
         logging_config=None,

@@ -43,6 +43,13 @@ class SandboxConfig(msgspec.Struct, kw_only=True, frozen=True):
     # followed by the org's slot status and Create callouts there (gateway/sandbox/iam.py).
     iam_url: str | None = None
     iam_authorization: str | None = None
+    # The org's records (org.py): "demo" holds the corpus's and the demo's EHR ids (seed.py), "empty"
+    # only the person-account record type. A reset brings the seeded org back.
+    org_seed: Literal["demo", "empty"] = "demo"
+    # Book, Update and Get Slots refuse references that are not records of the org, as an org does
+    # (INVALID_ID_FIELD). Off until the gateway resolves EHR ids to record ids (issue 20); with it off
+    # the sandbox also takes EHR ids where record ids belong, which no org does.
+    require_records: bool = False
 
     def __post_init__(self) -> None:
         # Structs are not validated on construction; a typo here would make every test lie quietly.
@@ -52,6 +59,8 @@ class SandboxConfig(msgspec.Struct, kw_only=True, frozen=True):
             raise ValueError("answer_shape must be 'object' or 'array'")
         if self.slot_times not in ("utc", "zoneless"):
             raise ValueError("slot_times must be 'utc' or 'zoneless'")
+        if self.org_seed not in ("demo", "empty"):
+            raise ValueError("org_seed must be 'demo' or 'empty'")
         if self.error_key not in ("error", "errorMessages"):
             raise ValueError("error_key must be 'error' or 'errorMessages'")
         if not self.api_version.replace(".", "", 1).isdigit() or "." not in self.api_version:

@@ -7,17 +7,24 @@ gateway's routes), through its `Appointment_Management` named credential.
 - `IamOrg`: the sandbox behaving as such an org (`SandboxConfig.iam_url`): a Book for an external
   resource (`sourceSystem` and `slots`) is followed, once stored and answered, by the org's slot status
   and Create callouts for it (Apex makes no callout in the transaction that wrote the record, so they
-  come after). What they answered is kept for `GET /sandbox/iam-callouts`.
+  come after). What they answered is kept for `GET /sandbox/iam-callouts`. Create carries the EHR's own
+  ids, which the org finds in its records (`ehr_ids`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
-from typing import Any
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import msgspec
+
+from gateway.sandbox.values import looks_like_id, parse_datetime
+
+if TYPE_CHECKING:
+    from gateway.sandbox.org import Org
 
 CANCEL_REASONS = "http://terminology.hl7.org/CodeSystem/appointment-cancellation-reason"
 # the identifiers a create carries (scheduling-out.md: the Salesforce appointment id, the Salesforce
@@ -97,43 +104,114 @@ class Called(msgspec.Struct, kw_only=True, omit_defaults=True):
     create_status: int | None = None
     appointment_status: str | None = None  # the Appointment's status Create answered
     ehr_appointment: str | None = None  # its id: the EHR's appointment
-    error: str | None = None  # the callout could not be made (its exception's type)
+    # the callout could not be made: its exception's type, or `no EHR patient id` / `no EHR practitioner
+    # id` when the org's records hold none to send (no callout is made then)
+    error: str | None = None
+
+
+class EhrIds(msgspec.Struct, frozen=True):
+    """What a Create sends for one booking: the EHR's patient and practitioner ids, the patient's
+    Account, or why it can send nothing."""
+
+    patient: str | None = None
+    practitioner: str | None = None
+    account: str | None = None
+    error: str | None = None
+
+
+# the Salesforce patient id a Create names when the booking's patient is not a record of the org
+PLACEHOLDER_ACCOUNT = "001xx000003DGb2AAG"
+
+
+def _live(identifier: dict[str, Any]) -> bool:
+    end = identifier.get("EndDate")
+    return end is None or (parse_datetime(end) or datetime.max.replace(tzinfo=timezone.utc)) > datetime.now(timezone.utc)
+
+
+def _patient_id(org: Org, account: dict[str, Any], system: str) -> str | None:
+    """The IdValue of an Identifier on the person Account or its PersonContact: one of the booking's
+    source system first, else any of theirs."""
+    ids = [i for i in org.identifiers_of(account["Id"], account.get("PersonContactId")) if _live(i)]
+    same = [i for i in ids if i["SourceSystem"] == system]
+    return (same or ids)[0]["IdValue"] if (same or ids) else None
+
+
+def _practitioner_id(org: Org, hpf: dict[str, Any], system: str) -> str | None:
+    """IAM: "the source system ID comes from the Healthcare Practitioner Facility record for the
+    practitioner+facility combination"; else an Identifier of that system on its Contact or provider."""
+    if hpf["SourceSystemIdentifier"] and hpf["SourceSystem"] in (None, system):
+        return hpf["SourceSystemIdentifier"]  # type: ignore[no-any-return]
+    ids = [i for i in org.identifiers_of(hpf["PractitionerId"], hpf["HealthcareProviderId"])
+           if i["SourceSystem"] == system and _live(i)]
+    return ids[0]["IdValue"] if ids else None
+
+
+def ehr_ids(org: Org | None, booking: Any) -> EhrIds:
+    """The ids a Create sends for `booking`. A reference that names no record of the org at all is an
+    EHR id already (the sandbox takes those while `require_records` is off) and goes through as it is."""
+    system, slot = booking.sourceSystem, booking.slots[0]
+    patient = next((p.reference.partition("/")[2] for p in booking.participants
+                    if p.reference.startswith("Patient/")), "")
+    practitioner = slot.reference.partition("/")[2] or None
+    found = org.resolve(patient) if org and looks_like_id(patient) else None
+    account = PLACEHOLDER_ACCOUNT
+    if found is not None:
+        if found[0] != "Account" or not found[1]["IsPersonAccount"]:
+            return EhrIds(error="no EHR patient id")
+        account, patient = found[1]["Id"], _patient_id(org, found[1], system)  # type: ignore[arg-type,assignment]
+        if not patient:
+            return EhrIds(error="no EHR patient id")
+    hpf = org.resolve(practitioner) if org and practitioner and looks_like_id(practitioner) else None
+    if hpf is not None:
+        practitioner = _practitioner_id(org, hpf[1], system) if hpf[0] == "HealthcarePractitionerFacility" else None  # type: ignore[arg-type]
+        if not practitioner:
+            return EhrIds(error="no EHR practitioner id")
+    return EhrIds(patient=patient, practitioner=practitioner, account=account)
 
 
 class IamOrg:
     """The sandbox as an org with IAM configured: callouts after each Book for an external resource."""
 
-    def __init__(self, base: str, authorization: str, delay_seconds: float = 0.05) -> None:
+    def __init__(self, base: str, authorization: str, org: Org | None = None, delay_seconds: float = 0.05) -> None:
         self._base, self._authorization, self._delay = base, authorization, delay_seconds
+        self._org = org
         self._lock = threading.Lock()
         self._called: list[Called] = []
         self._tasks: set[asyncio.Task[None]] = set()
 
     def after_booking(self, service_appointment: str, booking: Any) -> None:
         """Called once a Book is stored; `booking` is the Book request (its `sourceSystem`, `slots`
-        and `participants`). Only a booking for an external resource calls out."""
+        and `participants`). Only a booking for an external resource calls out. The EHR's ids are read
+        now, from the org as the booking found it."""
         if not booking.sourceSystem or not booking.slots:
             return
-        task = asyncio.get_running_loop().create_task(self._call_out(service_appointment, booking))
+        ids = ehr_ids(self._org, booking)
+        task = asyncio.get_running_loop().create_task(self._call_out(service_appointment, booking, ids))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _call_out(self, service_appointment: str, booking: Any) -> None:
+    async def _call_out(self, service_appointment: str, booking: Any, ids: EhrIds) -> None:
         await asyncio.sleep(self._delay)
         slot = booking.slots[0]
         called = Called(service_appointment=service_appointment, source_system=booking.sourceSystem, slot=slot.id)
-        refs = [p.reference for p in booking.participants]
-        patient = next((r.partition("/")[2] for r in refs if r.startswith("Patient/")), "")
-        practitioner = slot.reference.partition("/")[2] or None
+        if ids.error is not None:
+            called.error = ids.error
+        else:
+            await self._send(called, booking.sourceSystem, slot.id, service_appointment, ids)
+        with self._lock:
+            self._called.append(called)
+
+    async def _send(self, called: Called, system: str, slot: str, service_appointment: str, ids: EhrIds) -> None:
         callouts = Callouts(self._base, self._authorization)
         try:
-            status = await callouts.slot_status(booking.sourceSystem, slot.id)
+            status = await callouts.slot_status(system, slot)
             called.slot_status = status.status_code
             called.slot_state = status.json().get("status") if status.status_code == 200 else None
             # the org's ServiceAppointment exists already: Create tells the middleware of it whatever
             # the slot's status (a slot it booked itself reads busy)
-            created = await callouts.create(booking.sourceSystem, slot.id, service_appointment=service_appointment,
-                                            account="001xx000003DGb2AAG", patient=patient, practitioner=practitioner)
+            created = await callouts.create(system, slot, service_appointment=service_appointment,
+                                            account=ids.account or PLACEHOLDER_ACCOUNT, patient=ids.patient or "",
+                                            practitioner=ids.practitioner)
             called.create_status = created.status_code
             if created.status_code == 200:
                 answer = created.json()
@@ -142,8 +220,6 @@ class IamOrg:
             called.error = type(exc).__name__
         finally:
             await callouts.aclose()
-        with self._lock:
-            self._called.append(called)
 
     def called(self) -> list[Called]:
         with self._lock:

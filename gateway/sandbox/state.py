@@ -19,38 +19,12 @@ from typing import Any, Literal
 
 import msgspec
 
+from gateway.sandbox import seed
 from gateway.sandbox.iam import IamOrg
 from gateway.sandbox.config import SandboxConfig
+from gateway.sandbox.org import Org
 from gateway.sandbox.rules import BookingRequest
-
-_CHECKSUM_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ012345"
-_BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
-
-
-def salesforce_id(prefix: str, number: int) -> str:
-    """An 18-character id with Salesforce's case-safety suffix, so clients that check it can."""
-    digits = ""
-    n = number
-    for _ in range(10):
-        n, r = divmod(n, 62)
-        digits = _BASE62[r] + digits
-    short = f"{prefix}Hs{digits}"
-    assert len(short) == 15
-    suffix = ""
-    for chunk in range(3):
-        bits = 0
-        for i, ch in enumerate(short[chunk * 5 : chunk * 5 + 5]):
-            if "A" <= ch <= "Z":
-                bits |= 1 << i
-        suffix += _CHECKSUM_ALPHABET[bits]
-    return short + suffix
-
-
-def sf_datetime(value: datetime) -> str:
-    """Salesforce's REST rendering of a dateTime field: UTC, milliseconds, `+0000`."""
-    utc = value.astimezone(timezone.utc)
-    return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}+0000"
-
+from gateway.sandbox.values import salesforce_id, sf_datetime
 
 ORG_ID = salesforce_id("00D", 1)
 USER_ID = salesforce_id("005", 1)
@@ -67,7 +41,9 @@ class Counters(msgspec.Struct, kw_only=True):
     update_calls: int = 0
     cancel_calls: int = 0
     slots_calls: int = 0
-    query_calls: int = 0
+    query_calls: int = 0  # every query, alone or inside a Composite call
+    composite_calls: int = 0  # Composite calls, each one API call whatever it holds
+    sobject_calls: int = 0  # sObject create, read and upsert calls outside Composite
     resource_calls: int = 0  # Resources by Version: what readiness calls
     invalid_session: int = 0
     limit_refusals: int = 0
@@ -343,7 +319,8 @@ class SandboxState:
         self._next_number = 1
         self._counters = Counters()
         self.faults = SandboxFaults(on_expire_tokens=self._expire_sessions)
-        self.iam = IamOrg(config.iam_url, config.iam_authorization or "") if config.iam_url else None
+        self.org = Org(seed.plant if config.org_seed == "demo" else None)
+        self.iam = IamOrg(config.iam_url, config.iam_authorization or "", self.org) if config.iam_url else None
 
     # sessions ---------------------------------------------------------------------------------
     def issue_token(self) -> str:
@@ -452,8 +429,19 @@ class SandboxState:
             out.append(cached[1])
         return out
 
+    # records, as SOQL and the sObject calls read them (soql.Source) -----------------------------
+    def rows(self, sobject: str) -> list[dict[str, Any]]:
+        return self.service_appointments() if sobject == "ServiceAppointment" else self.org.rows(sobject)
+
+    def find(self, record_id: str) -> tuple[str, dict[str, Any]] | None:
+        found = self.org.resolve(record_id)
+        if found is None and record_id.startswith("08p") and (appt := self.get(record_id)) is not None:
+            return "ServiceAppointment", appt.service_appointment()
+        return found
+
     def reset(self) -> None:
-        """Forget bookings, sessions, counters and faults: a fresh org for the next scenario."""
+        """Forget bookings, sessions, counters, faults and the records added to the org: a fresh
+        (seeded) org for the next scenario."""
         with self._lock:
             self._appointments.clear()
             self._records.clear()
@@ -461,5 +449,6 @@ class SandboxState:
             self._next_number = 1
             self._counters = Counters()
         self.faults.reset()
+        self.org.reset()
         if self.iam is not None:
             self.iam.reset()
