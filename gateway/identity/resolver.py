@@ -80,8 +80,8 @@ class Resolver:
                 found: dict[EhrId, Found]) -> list[tuple[str | None, Issue | None]]:
         """For each participant: its record (a Book reference's id), or why it has none. A practitioner
         is looked for at the booking's facility (its first Location the org holds), on its day."""
-        facility = next((f.records[0] for p, i in zip(booking.participants, ids)
-                         if p.kind == "Facility" and len(f := found[i].records) == 1), None)
+        facility = next((found[i].records[0] for p, i in zip(booking.participants, ids)
+                         if p.kind == "Facility" and len(found[i].records) == 1), None)
         day = booking.start.text[:10] if booking.start else None
         rows: list[tuple[str | None, Issue | None]] = []
         for p, i in zip(booking.participants, ids):
