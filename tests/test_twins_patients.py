@@ -346,7 +346,10 @@ def test_a_patient_the_twin_cannot_hold_is_refused_naming_the_field_only(cerner,
     assert r.status_code == 400 and field in r.json()["error"]
     assert "Placeholder" not in r.text and "1999" not in r.text and "a|b" not in r.text
     missing = cerner.control("POST", "patients", body={k: v for k, v in ADDED.items() if k != "mrn"})
-    assert missing.status_code == 400 and "mrn" in missing.json()["error"]
+    assert missing.status_code == 400 and missing.json()["error"] == "patients: mrn is missing or of the wrong type"
+    for body in ([ADDED], "Placeholder"):
+        listed = cerner.control("POST", "patients", body=body)
+        assert listed.status_code == 400 and listed.json()["error"].startswith("patients: the body ")
 
 
 def test_patient_reads_and_searches_are_counted(twin):

@@ -81,9 +81,9 @@ def _problem(p: _PatientIn, given: tuple[str, ...]) -> str | None:
 
 
 def _field(error: msgspec.ValidationError) -> str:
-    """The field msgspec names (the last `…` of its message), never a value it may quote."""
-    named = re.findall(r"`([^`]{1,60})`", str(error))
-    return named[-1].removeprefix("$.") if named else "the body"
+    """The field msgspec's message names (after "field" or "at"), never a value it may quote."""
+    named = re.findall(r"(?:field|at) `(?:\$\.)?([^`]{1,60})`", str(error))
+    return named[-1] if named else "the body"
 
 
 def read_patient(body: bytes) -> TwinPatient:
