@@ -139,7 +139,7 @@ async def test_metadata_is_public_r4_and_says_whether_conditional_create_is_serv
     assert capability["fhirVersion"] == "4.0.1" and capability["kind"] == "instance"
     kinds = {res["type"]: {i["code"] for i in res["interaction"]} for res in capability["rest"][0]["resource"]}
     assert kinds == {"Slot": {"read", "search-type"}, "Schedule": {"read"},
-                     "Appointment": {"create", "read", "update", "search-type"}}
+                     "Appointment": {"create", "read", "update", "search-type"}, "Patient": {"read", "search-type"}}
     assert _conditional(capability) is True
     async with ehr_client(twin, redis_url, prefix) as client:
         assert await client.conditional_create(CallRecord()) is True

@@ -9,8 +9,8 @@ Written from `scheduling-out.md`, never from the gateway's EHR clients: it impor
   `client_id` / `client_secret` (Cerner's system account), or by a signed JWT assertion (RS384,
   `iss` = `sub` = the client id, `aud` = this endpoint's URL, `exp` at most 5 minutes ahead: Epic's
   backend services). Answers `{access_token, token_type, expires_in, scope}`; OAuth errors otherwise.
-- `/twin/appointments`, `/twin/counters`, `/twin/faults` (GET, POST), `/twin/reset`: with
-  `Authorization: Bearer <control key>`.
+- `/twin/appointments`, `/twin/patients` (GET; POST adds one: 201, 409 for an id already held),
+  `/twin/counters`, `/twin/faults` (GET, POST), `/twin/reset`: with `Authorization: Bearer <control key>`.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ from litestar.types import ASGIApp, Receive, Scope, Send
 
 from gateway.twins.calendar import Appointment
 from gateway.twins.config import TwinConfig
+from gateway.twins.patients import listing as patient_listing
+from gateway.twins.patients import read_patient
 from gateway.twins.state import TwinState
 
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
@@ -59,20 +61,25 @@ def answer(status: int, body: Any = None, headers: dict[str, str] | None = None,
     return ASGIResponse(body=content, status_code=status, media_type=media_type, headers=headers)
 
 
-def outcome(status: int, code: str, text: str, severity: str = "error") -> ASGIApp:
-    """An OperationOutcome: how every FHIR dialect refuses."""
+def outcome(status: int, code: str, text: str, severity: str = "error",
+            coding: tuple[str, str, str] | None = None) -> ASGIApp:
+    """An OperationOutcome: how every FHIR dialect refuses. `coding`: the EHR's own code for the issue
+    (system, code, display: Epic's error codes)."""
+    details: dict[str, Any] = {"text": text}
+    if coding is not None:
+        details = {"coding": [dict(zip(("system", "code", "display"), coding))], "text": text}
     return answer(status, {"resourceType": "OperationOutcome",
-                           "issue": [{"severity": severity, "code": code, "details": {"text": text}}]})
+                           "issue": [{"severity": severity, "code": code, "details": details}]})
 
 
 _AFTER_STORE = "ehr_twin.fail_after_store"  # a create drawn to fail once stored (the request's scope)
 
 
-async def gate(request: Request[Any, Any, Any], kind: str | None = None) -> ASGIApp | None:
+async def gate(request: Request[Any, Any, Any], *kinds: str) -> ASGIApp | None:
     """What every API call passes: counted, delayed and failed as the faults say, and its bearer
-    token checked. None: go on, the call then counted as `kind` (a `Counters` field); "creates" (a
-    booking) is also drawn against `create_fail_ratio`."""
-    create = kind == "creates"
+    token checked. None: go on, the call then counted in each of `kinds` (`Counters` fields);
+    "creates" (a booking) is also drawn against `create_fail_ratio`."""
+    create = "creates" in kinds
     state = twin(request)
     state.count("api_calls")
     faults = state.faults()
@@ -90,7 +97,7 @@ async def gate(request: Request[Any, Any, Any], kind: str | None = None) -> ASGI
         return outcome(status, "throttled" if status == 429 else "transient", f"the EHR answered {status} (twin fault)")
     if drawn == "after_store":
         request.scope[_AFTER_STORE] = True  # type: ignore[literal-required]
-    if kind is not None:
+    for kind in kinds:
         state.count(kind)
     return None
 
@@ -181,6 +188,29 @@ async def twin_appointments(request: Request[Any, Any, Any]) -> ASGIApp:
                   media_type="application/json")
 
 
+@get("/twin/patients")
+async def twin_patients(request: Request[Any, Any, Any]) -> ASGIApp:
+    if not _controlled(request):
+        return answer(401, _NOT_CONTROL, media_type="application/json")
+    state = twin(request)
+    return answer(200, {"patients": [patient_listing(p, state.config.dialect) for p in state.patients.all()]},
+                  media_type="application/json")
+
+
+@post("/twin/patients", status_code=201)
+async def twin_add_patient(request: Request[Any, Any, Any]) -> ASGIApp:
+    if not _controlled(request):
+        return answer(401, _NOT_CONTROL, media_type="application/json")
+    state = twin(request)
+    try:
+        patient = read_patient(await request.body())
+    except ValueError as exc:  # its text names the field, never what was sent in it
+        return answer(400, {"error": str(exc)}, media_type="application/json")
+    if not state.patients.add(patient):
+        return answer(409, {"error": "patients: the id is already another patient's"}, media_type="application/json")
+    return answer(201, patient_listing(patient, state.config.dialect), media_type="application/json")
+
+
 @get("/twin/counters")
 async def twin_counters(request: Request[Any, Any, Any]) -> ASGIApp:
     if not _controlled(request):
@@ -227,8 +257,8 @@ def create_ehr_twin(config: TwinConfig) -> Litestar:
     dialect = importlib.import_module(f"gateway.twins.{config.dialect}")
     state = TwinState(config)
     app = Litestar(
-        route_handlers=[token_endpoint, twin_appointments, twin_counters, twin_faults, twin_set_faults, twin_reset,
-                        *dialect.route_handlers()],
+        route_handlers=[token_endpoint, twin_appointments, twin_patients, twin_add_patient, twin_counters, twin_faults,
+                        twin_set_faults, twin_reset, *dialect.route_handlers()],
         on_startup=list(getattr(dialect, "on_startup", lambda _state: [])(state)),
         on_shutdown=list(getattr(dialect, "on_shutdown", lambda _state: [])(state)),
         logging_config=None, openapi_config=None, debug=False,

@@ -11,6 +11,10 @@ Cerner's own documentation (content/millennium/r4/base/workflow/{slot,schedule,a
 - `GET Appointment/{id}`, `GET Appointment?patient|practitioner|location=…&date=…` (one of the three).
 - `PATCH Appointment/{id}`: JSON Patch, `If-Match` required (412 without it, as Cerner documents),
   409 when stale; `replace /status` to `cancelled` with an optional `add /cancelationReason`.
+- `GET Patient/{id}` (404 for an unknown id), `GET Patient?identifier=…|_id=…` (individuals/patient.md):
+  `identifier` once, one value, `<system>|<value>` or a bare `<value>` (any system); `_id` values
+  comma-separated; `_count`. Cerner's demographic parameters are refused here (400): the twin does not
+  match people by name. Its MRN: `urn:oid:2.16.840.1.113883.6.1000`, of type MRN (code set 4, v2 MR).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from litestar.types import ASGIApp
 
 from gateway.twins.app import answer, gate, outcome, stored_then_failed, twin, utc
 from gateway.twins.calendar import Appointment, Slot, Taken
-from gateway.twins.config import CERNER_TENANT, TwinSchedule
+from gateway.twins.config import CERNER_TENANT, MRN_SYSTEMS, TwinPatient, TwinSchedule
 
 BASE_PATH = f"/r4/{CERNER_TENANT}"
 SERVICE_SYSTEM = f"https://fhir.cerner.com/{CERNER_TENANT}/codeSet/14249"
@@ -437,5 +441,84 @@ async def patch_appointment(request: Request[Any, Any, Any], appointment_id: Fro
     return answer(200, None, headers={"ETag": f'W/"{changed.version}"'})
 
 
+# -- Patient --------------------------------------------------------------------------------------------
+
+MRN_SYSTEM = MRN_SYSTEMS["cerner"]
+_MRN_TYPE = {"coding": [{"system": f"https://fhir.cerner.com/{CERNER_TENANT}/codeSet/4", "code": "10",
+                         "display": "MRN", "userSelected": True},
+                        {"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "MR",
+                         "display": "Medical record number", "userSelected": False}],
+             "text": "MRN"}
+_PATIENT_PARAMS = {"_id", "identifier", "_count", PAGE}
+# Cerner searches by these too; the twin does not match people by their demographics
+_DEMOGRAPHICS = {"name", "family", "given", "birthdate", "phone", "email", "address-postalcode", "gender",
+                 "_revinclude"}
+
+
+def _patient(p: TwinPatient) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "resourceType": "Patient", "id": p.id, "meta": {"versionId": "0"},
+        "identifier": [{"use": "usual", "type": _MRN_TYPE, "system": MRN_SYSTEM, "value": p.mrn}],
+        "active": True,
+        "name": [{"use": "official", "text": f"{p.family}, {' '.join(p.given)}", "family": p.family,
+                  "given": list(p.given)}],
+        "gender": p.gender, "birthDate": p.birthDate,
+    }
+    if p.phone:
+        body["telecom"] = [{"system": "phone", "value": p.phone, "use": "home", "rank": 1}]
+    return body
+
+
+def _holds(p: TwinPatient, token: str) -> bool:
+    """Whether the patient holds the identifier: `system|value` in that system; a bare value in any
+    system; `|value` (no system, as FHIR reads it) in none of the twin's."""
+    system, bar, value = token.partition("|")
+    if not bar:
+        return p.mrn == system
+    return value == p.mrn and system == MRN_SYSTEM
+
+
+def _patient_search(request: Request[Any, Any, Any]) -> ASGIApp:
+    found = _once(_query(request), _PATIENT_PARAMS | _DEMOGRAPHICS)
+    if set(found) & _DEMOGRAPHICS:
+        raise Refused(400, "this server searches patients by _id or identifier only")
+    ids, identifiers = _single(found, "_id"), _single(found, "identifier")
+    if not ids and not identifiers:
+        raise Refused(400, "_id or identifier is required")
+    if len(identifiers) > 1:
+        raise Refused(400, "identifier may have only a single value")
+    if identifiers and not identifiers[0].rpartition("|")[2]:
+        raise Refused(400, "identifier needs a value: system|value, or value")
+    patients = twin(request).patients
+    matches = [p for p in map(patients.get, ids) if p is not None] if ids else patients.all()
+    matches = [p for p in matches if not identifiers or _holds(p, identifiers[0])]
+    page, next_pairs = _page(request, found, matches)
+    bundle = _searchset(request, "Patient", [_entry(request, _patient(p), "match") for p in page], next_pairs)
+    if not page:  # as Cerner answers no match: no entry at all (FHIR has no empty arrays)
+        del bundle["entry"]
+    return answer(200, {**bundle, "total": len(matches)})
+
+
+@get(f"{BASE_PATH}/Patient")
+async def search_patients(request: Request[Any, Any, Any]) -> ASGIApp:
+    if (refused := await gate(request, "searches", "patient_reads")) is not None:
+        return refused
+    try:
+        return _patient_search(request)
+    except Refused as exc:
+        return exc.answer()
+
+
+@get(f"{BASE_PATH}/Patient/{{patient_id:str}}")
+async def read_patient(request: Request[Any, Any, Any], patient_id: FromPath[str]) -> ASGIApp:
+    if (refused := await gate(request, "reads", "patient_reads")) is not None:
+        return refused
+    found = twin(request).patients.get(patient_id)
+    if found is None:
+        return outcome(404, "not-found", "no such Patient")
+    return answer(200, _patient(found), headers={"ETag": 'W/"0"'})
+
+
 def route_handlers() -> list[Any]:
-    return [search_slots, read_slot, create_appointment, read_appointment, search_appointments, patch_appointment]
+    return [search_slots, read_slot, create_appointment, read_appointment, search_appointments, patch_appointment,
+            search_patients, read_patient]

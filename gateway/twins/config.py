@@ -1,4 +1,4 @@
-"""An EHR twin's configuration: its dialect, the credentials it accepts, and its calendar."""
+"""An EHR twin's configuration: its dialect, the credentials it accepts, its calendar and its patients."""
 
 from __future__ import annotations
 
@@ -49,6 +49,47 @@ def default_schedules(dialect: Dialect) -> tuple[TwinSchedule, ...]:
     return tuple(TwinSchedule(id=s, practitioner=p, location=loc, service_types=services) for s, p, loc in ids)
 
 
+class TwinPatient(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A person the twin holds, with one MRN in the dialect's system (`MRN_SYSTEMS`). The JSON of
+    `POST /twin/patients` (`given` there a list or one string)."""
+
+    id: str
+    family: str
+    given: tuple[str, ...]
+    birthDate: str  # YYYY-MM-DD
+    gender: Literal["male", "female", "other", "unknown"]
+    mrn: str
+    phone: str | None = None
+
+
+# each dialect's MRN system: Cerner's and Epic's as their public sandboxes name them
+MRN_SYSTEMS: dict[str, str] = {"cerner": "urn:oid:2.16.840.1.113883.6.1000",
+                               "epic": "urn:oid:1.2.840.114350.1.13.0.1.7.5.737384.14",
+                               "fhir": "urn:mrn:example"}
+
+
+def default_patients(dialect: Dialect) -> tuple[TwinPatient, ...]:
+    """Four obviously fictional people per dialect (the sandboxes' test families, HL7's examples),
+    their phones in the 555-01xx range kept for fiction: the same at every start."""
+    if dialect == "cerner":  # 12724066 is the corpus's patient (its appointments name "Smart II, Nancy")
+        rows = (("12724066", "Smart", ("Nancy",), "1980-08-11", "female", "7000101", "8165550101"),
+                ("12742400", "Smart", ("Fredrick",), "1975-03-02", "male", "7000102", "8165550102"),
+                ("12742401", "Smart", ("Wilma",), "1990-11-23", "female", "7000103", "8165550103"),
+                ("12742402", "Smart", ("Hailey",), "2015-06-30", "female", "7000104", "8165550104"))
+    elif dialect == "epic":
+        rows = (("efvHwbc1k1CQ9XjM1zvvefQ3", "Mychart", ("Theodore",), "1962-04-17", "male", "203001", "608-555-0111"),
+                ("eq7IBvJQy2Y5wZqgZ3bRz6A3", "Mychart", ("Alison",), "1987-09-05", "female", "203002", "608-555-0112"),
+                ("eTplvxIxTqsb3WI4wX1bpTw3", "Mychart", ("Derrick",), "1971-01-14", "male", "203003", "608-555-0113"),
+                ("eNEWpatient0000000000001", "Newpatient", ("Nova",), "2001-02-28", "female", "203004", "608-555-0114"))
+    else:
+        rows = (("example", "Chalmers", ("Peter", "James"), "1974-12-25", "male", "12345", "555-555-0121"),
+                ("pat1", "Duck", ("Donald",), "1934-06-09", "male", "654321", "555-555-0122"),
+                ("pat2", "Duck", ("Daisy",), "1940-06-07", "female", "123456", "555-555-0123"),
+                ("pat3", "Notsowell", ("Simon",), "1982-01-23", "male", "123457", "555-555-0124"))
+    return tuple(TwinPatient(id=i, family=f, given=g, birthDate=b, gender=s, mrn=m, phone=t)  # type: ignore[arg-type]
+                 for i, f, g, b, s, m, t in rows)
+
+
 class TwinConfig(msgspec.Struct, frozen=True, kw_only=True):
     dialect: Dialect
     control_key: str  # opens the twin's own endpoints (/twin/…)
@@ -66,6 +107,10 @@ class TwinConfig(msgspec.Struct, frozen=True, kw_only=True):
     mllp_port: int | None = None  # epic: its incoming HL7 v2 scheduling interface (0: any free port)
     conditional_create: bool = True  # fhir: If-None-Exist honoured and said so in its CapabilityStatement
     return_minimal: bool = False  # fhir: creates and updates answer no body, whatever Prefer asks
+    patients: tuple[TwinPatient, ...] | None = None  # None: default_patients(dialect)
 
     def all_schedules(self) -> tuple[TwinSchedule, ...]:
         return self.schedules if self.schedules is not None else default_schedules(self.dialect)
+
+    def all_patients(self) -> tuple[TwinPatient, ...]:
+        return self.patients if self.patients is not None else default_patients(self.dialect)

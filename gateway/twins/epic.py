@@ -15,6 +15,14 @@ its incoming HL7 v2 scheduling interface over MLLP, the only way to cancel (sche
   id, 409 (`conflict`) a slot no longer free. Epic's `$book` takes no identifier: none is kept.
 - `GET {base}/Appointment/{id}`; `GET {base}/Appointment?patient=<id>[&date=<prefix><date>]…`
   (patient required; `date` may repeat, prefixes eq, ge, gt, le, lt); `GET {base}/Slot/{id}`.
+- `GET …/Patient/{id}` and `GET …/Patient?identifier=…|_id=…`, under the STU3 base and R4's
+  (`/api/FHIR/R4`: Patient.Read and Patient.Search exist in both; the elements are the same). Unknown
+  id: 404, Epic's 4102. `identifier` once, `<system>|<value>` or `<ID type>|<value>` (`MRN|203001`:
+  Epic's minimum data sets for a search), never a bare value; `_id` once; `_count` taken and ignored.
+  No parameter: 400, 4110; only `_count`: 400, 4111; repeated: 400, 4112; Epic's demographic
+  parameters: 400 (the twin does not match people by name). No match: a searchset with no Patient
+  and Epic's 4101 warning as its outcome entry. Identifiers: the MRN (type MRN,
+  `urn:oid:1.2.840.114350.1.13.0.1.7.5.737384.14`) and the FHIR id (type `FHIR STU3`).
 - MLLP on `config.mllp_port` (0: any; the bound port is `TwinState.mllp_port`): `SRM^S04` (ARQ-2
   the filler appointment id, ARQ-6 the reason) and `SIU^S15` (SCH-2, SCH-6) cancel the appointment
   by its Epic id. A PID-3 naming another patient than the appointment's is refused. ACK: AA when
@@ -36,9 +44,12 @@ from litestar.types import ASGIApp
 
 from gateway.twins.app import answer, gate, outcome, stored_then_failed, twin, utc
 from gateway.twins.calendar import Appointment, Slot, Taken
+from gateway.twins.config import MRN_SYSTEMS, TwinPatient
 from gateway.twins.state import TwinState
 
 BASE_PATH = "/api/FHIR/STU3"
+R4_PATH = "/api/FHIR/R4"  # reads only: Epic schedules in STU3
+ERROR_SYSTEM = "urn:oid:1.2.840.114350.1.13.0.1.7.2.657369"  # Epic's FHIR error codes (its sandbox's instance)
 _ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 
 
@@ -86,8 +97,8 @@ def _appointment(a: Appointment) -> dict[str, Any]:
 
 
 def _bundle(request: Request[Any, Any, Any], resources: list[dict[str, Any]],
-            note: dict[str, Any] | None = None) -> dict[str, Any]:
-    base = str(request.base_url).rstrip("/") + BASE_PATH
+            note: dict[str, Any] | None = None, base_path: str = BASE_PATH) -> dict[str, Any]:
+    base = str(request.base_url).rstrip("/") + base_path
     entries = [{"fullUrl": f"{base}/{r['resourceType']}/{r['id']}", "resource": r, "search": {"mode": "match"}}
                for r in resources]
     if note is not None:
@@ -297,8 +308,124 @@ async def read_slot(request: Request[Any, Any, Any]) -> ASGIApp:
                         "start": utc(slot.start), "end": utc(slot.end)})
 
 
+# -- Patient (STU3 and R4) ------------------------------------------------------------------------------
+
+MRN_SYSTEM = MRN_SYSTEMS["epic"]
+FHIR_ID_SYSTEM = "http://open.epic.com/FHIR/StructureDefinition/patient-fhir-id"
+_PATIENT_PARAMS = {"_id", "identifier", "_count"}
+# Epic matches people by these too; the twin does not
+_DEMOGRAPHICS = {"address", "address-city", "address-postalcode", "address-state", "birthdate", "family", "gender",
+                 "given", "legal-sex", "name", "own-name", "own-prefix", "partner-name", "partner-prefix", "telecom"}
+
+
+# Epic's error codes (open.epic's FHIR error table): their displays
+_ERRORS = {"4100": "The resource request contained an invalid parameter.",
+           "4102": "The read resource request contained an invalid ID.",
+           "4110": "No parameters are provided in the search request.",
+           "4111": "Required search parameter missing from request.",
+           "4112": "The resource request contained an invalid combination of parameters.",
+           "4115": "Required search parameter has an invalid value."}
+
+
+def _epic_error(status: int, code: str, epic_code: str, text: str | None = None) -> ASGIApp:
+    """Epic's fatal issue, its text Epic's display unless the twin has more to say."""
+    display = _ERRORS[epic_code]
+    return outcome(status, code, text or display, "fatal", (ERROR_SYSTEM, epic_code, display))
+
+
+def _identifiers(p: TwinPatient) -> tuple[tuple[str, str, str], ...]:
+    """(system, ID type, value) of each identifier Epic shows for the patient."""
+    return ((MRN_SYSTEM, "MRN", p.mrn), (FHIR_ID_SYSTEM, "FHIR STU3", p.id))
+
+
+def _patient(p: TwinPatient) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "resourceType": "Patient", "id": p.id,
+        "identifier": [{"use": "usual", "type": {"text": kind}, "system": system, "value": value}
+                       for system, kind, value in _identifiers(p)],
+        "active": True,
+        "name": [{"use": "official", "text": " ".join((*p.given, p.family)), "family": p.family,
+                  "given": list(p.given)}],
+        "gender": p.gender, "birthDate": p.birthDate,
+    }
+    if p.phone:
+        body["telecom"] = [{"system": "phone", "value": p.phone, "use": "home"}]
+    return body
+
+
+def _patient_base(request: Request[Any, Any, Any]) -> str:
+    return R4_PATH if request.url.path.startswith(R4_PATH + "/") else BASE_PATH
+
+
+def _identifier_ok(identifier: str) -> bool:
+    """`<system>|<value>` or `<ID type>|<value>`, one of them (no bare value, no list)."""
+    kind, bar, value = identifier.partition("|")
+    return bool(kind and bar and value) and "," not in identifier
+
+
+def _patient_query(request: Request[Any, Any, Any]) -> tuple[str | None, str | None] | ASGIApp:
+    """The search's `_id` and `identifier` (system or ID type, value), or Epic's refusal."""
+    query = request.query_params
+    names = set(query.keys())
+    if not names:
+        return _epic_error(400, "required", "4110")
+    if names & _DEMOGRAPHICS:
+        return _epic_error(400, "not-supported", "4100", "this server searches patients by _id or identifier only")
+    if names - _PATIENT_PARAMS:
+        return _epic_error(400, "not-supported", "4100")
+    if any(len(query.getall(n)) > 1 for n in names):
+        return _epic_error(400, "invalid", "4112")
+    patient_id, identifier = query.get("_id"), query.get("identifier")
+    if not patient_id and not identifier:
+        return _epic_error(400, "required", "4111")
+    if identifier is not None and not _identifier_ok(identifier):
+        return _epic_error(400, "value", "4115", "identifier takes <system>|<value> or <ID type>|<value>")
+    return patient_id, identifier
+
+
+def _patient_matches(request: Request[Any, Any, Any], patient_id: str | None, identifier: str | None
+                     ) -> list[TwinPatient]:
+    patients = twin(request).patients
+    if patient_id:
+        found = [p for p in (patients.get(patient_id),) if p is not None]
+    else:
+        found = patients.all()
+    if identifier is None:
+        return found
+    kind, _, value = identifier.partition("|")
+    return [p for p in found if any(kind in (system, id_type) and value == held
+                                    for system, id_type, held in _identifiers(p))]
+
+
+_NO_RESULTS = {"resourceType": "OperationOutcome", "issue": [{
+    "severity": "warning", "code": "processing",
+    "details": {"coding": [{"system": ERROR_SYSTEM, "code": "4101", "display": "Resource request returns no results."}],
+                "text": "Resource request returns no results."}}]}
+
+
+@get([f"{BASE_PATH}/Patient", f"{R4_PATH}/Patient"])
+async def search_patients(request: Request[Any, Any, Any]) -> ASGIApp:
+    if (refused := await gate(request, "searches", "patient_reads")) is not None:
+        return refused
+    asked = _patient_query(request)
+    if not isinstance(asked, tuple):
+        return asked
+    found = [_patient(p) for p in _patient_matches(request, *asked)]
+    return answer(200, _bundle(request, found, None if found else _NO_RESULTS, _patient_base(request)))
+
+
+@get([f"{BASE_PATH}/Patient/{{patient_id:str}}", f"{R4_PATH}/Patient/{{patient_id:str}}"])
+async def read_patient(request: Request[Any, Any, Any]) -> ASGIApp:
+    if (refused := await gate(request, "reads", "patient_reads")) is not None:
+        return refused
+    found = twin(request).patients.get(request.path_params["patient_id"])
+    if found is None:
+        return _epic_error(404, "not-found", "4102")
+    return answer(200, _patient(found))
+
+
 def route_handlers() -> list[Any]:
-    return [find, book, read_appointment, search_appointments, read_slot]
+    return [find, book, read_appointment, search_appointments, read_slot, search_patients, read_patient]
 
 
 # -- HL7 v2 over MLLP ---------------------------------------------------------------------------------

@@ -17,6 +17,9 @@ Written from FHIR R4's RESTful API and `scheduling-out.md` §3, never from the g
 - `GET /fhir/Appointment/{id}`, `GET /fhir/Appointment?identifier=…|patient=…&date=…&slot=…&status=…`.
 - `PUT /fhir/Appointment/{id}`: only a change of status to `cancelled`, with a cancelationReason
   (anything else is 422: this server reschedules by a cancel and a new booking); `If-Match` honoured.
+- `GET /fhir/Patient/{id}` (404 unknown), `GET /fhir/Patient?identifier=…&_id=…[&_count=&_offset=]`:
+  FHIR's token forms (`system|value`, `|value` no system, `value` any system), commas an OR, repeats an
+  AND, unknown parameters ignored as above. The MRN: `urn:mrn:example`, of type v2-0203 MR.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from litestar.types import ASGIApp
 
 from gateway.twins.app import answer, gate, outcome, stored_then_failed, twin, utc
 from gateway.twins.calendar import Appointment, Slot, Taken
-from gateway.twins.config import TwinConfig, TwinSchedule
+from gateway.twins.config import MRN_SYSTEMS, TwinConfig, TwinPatient, TwinSchedule
 
 BASE_PATH = "/fhir"
 _FAR_PAST = datetime(1, 1, 2, tzinfo=timezone.utc)
@@ -43,6 +46,8 @@ _SLOT_PARAMS = frozenset({"schedule.actor", "schedule", "start", "service-type",
                           "_offset"})
 _APPOINTMENT_PARAMS = frozenset({"identifier", "patient", "date", "status", "slot", "_count"})
 _INCLUDES = frozenset({"Slot:schedule", "Slot:schedule:Schedule"})
+_PATIENT_PARAMS = frozenset({"_id", "identifier", "_count", "_offset"})
+MRN_SYSTEM = MRN_SYSTEMS["fhir"]
 
 
 # -- what the twin reads (FHIR R4's shapes; unknown elements are let through, as servers do) -----------
@@ -143,6 +148,20 @@ def _schedule(s: TwinSchedule) -> dict[str, Any]:
             "actor": [{"reference": f"Practitioner/{s.practitioner}"}, {"reference": f"Location/{s.location}"}]}
 
 
+def _patient(p: TwinPatient) -> dict[str, Any]:
+    resource: dict[str, Any] = {
+        "resourceType": "Patient", "id": p.id, "meta": {"versionId": "1"},
+        "identifier": [{"use": "usual", "system": MRN_SYSTEM, "value": p.mrn,
+                        "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203",
+                                             "code": "MR"}]}}],
+        "active": True, "name": [{"use": "official", "family": p.family, "given": list(p.given)}],
+        "gender": p.gender, "birthDate": p.birthDate,
+    }
+    if p.phone:
+        resource["telecom"] = [{"system": "phone", "value": p.phone, "use": "home"}]
+    return resource
+
+
 def _appointment(a: Appointment, records: _Records) -> dict[str, Any]:
     coded = records.coded(a.id)
     actors = (f"Patient/{a.patient}", f"Practitioner/{a.schedule.practitioner}", f"Location/{a.schedule.location}")
@@ -201,6 +220,8 @@ def _capability(request: Request[Any, Any, Any], config: TwinConfig) -> dict[str
                                          ("patient", "reference", "Patient/id"),
                                          ("date", "date", "the start"), ("slot", "reference", "Slot/id"),
                                          ("status", "token", "appointmentstatus"))}
+    patient = {"type": "Patient", "interaction": [{"code": "read"}, {"code": "search-type"}],
+               "searchParam": params(("_id", "token", "the Patient's id"), ("identifier", "token", "system|value"))}
     return {"resourceType": "CapabilityStatement", "status": "active",
             "date": datetime.now(timezone.utc).date().isoformat(), "publisher": "ehr-gateway EHR twin",
             "kind": "instance", "implementation": {"description": "plain FHIR R4 scheduling (IHE ITI Scheduling)",
@@ -208,7 +229,8 @@ def _capability(request: Request[Any, Any, Any], config: TwinConfig) -> dict[str
             "fhirVersion": "4.0.1", "format": ["application/fhir+json", "json"],
             "rest": [{"mode": "server",
                       "security": {"description": "OAuth 2.0 client credentials (Bearer) from /oauth2/token"},
-                      "resource": [slot, {"type": "Schedule", "interaction": [{"code": "read"}]}, appointment]}]}
+                      "resource": [slot, {"type": "Schedule", "interaction": [{"code": "read"}]}, appointment,
+                                   patient]}]}
 
 
 # -- search parameters ------------------------------------------------------------------------------------
@@ -297,6 +319,17 @@ def _appointment_tests(pairs: list[tuple[str, str]]) -> list[Callable[[Appointme
     return tests
 
 
+def _patient_tests(pairs: list[tuple[str, str]]) -> list[Callable[[TwinPatient], bool]]:
+    tests: list[Callable[[TwinPatient], bool]] = []
+    for name, value in pairs:
+        if name == "identifier":
+            any_of = [_token_test(v) for v in value.split(",")]
+            tests.append(lambda p, any_of=any_of: any(t((MRN_SYSTEM, p.mrn)) for t in any_of))
+        elif name == "_id":
+            tests.append(lambda p, ids=set(value.split(",")): p.id in ids)
+    return tests
+
+
 def _unknown(pairs: list[tuple[str, str]], known: frozenset[str]) -> list[str]:
     names = {n for n, v in pairs if n not in known or (n == "_include" and v not in _INCLUDES)}
     return sorted(names)
@@ -311,6 +344,16 @@ def _page(pairs: list[tuple[str, str]]) -> tuple[int, int]:
     if count < 0 or offset < 0:
         raise ValueError("_count and _offset are not negative")
     return min(count, _MAX_PAGE), offset
+
+
+def _links(request: Request[Any, Any, Any], kind: str, used: list[tuple[str, str]], count: int, offset: int,
+           total: int) -> list[tuple[str, str]]:
+    """A page's `self` link, and its `next` link when more follow (absolute, as FHIR's paging is)."""
+    url = f"{_base(request)}/{kind}?"
+    links = [("self", url + urlencode([*used, ("_count", count), ("_offset", offset)]))]
+    if count and offset + count < total:
+        links.append(("next", url + urlencode([*used, ("_count", count), ("_offset", offset + count)])))
+    return links
 
 
 # -- the routes -------------------------------------------------------------------------------------------
@@ -338,10 +381,7 @@ async def search_slots(request: Request[Any, Any, Any]) -> ASGIApp:
         return outcome(400, "invalid", str(exc))
     found = [s for s in state.calendar.slots(_FAR_PAST, _FAR_FUTURE, free_only=False) if all(t(s) for t in tests)]
     page = found[offset:offset + count]
-    url = f"{_base(request)}/Slot?"
-    links = [("self", url + urlencode([*used, ("_count", count), ("_offset", offset)]))]
-    if count and offset + count < len(found):
-        links.append(("next", url + urlencode([*used, ("_count", count), ("_offset", offset + count)])))
+    links = _links(request, "Slot", used, count, offset, len(found))
     entries = [(_slot(s), "match") for s in page]
     if any(n == "_include" for n, _ in used):
         schedules = {s.schedule.id: s.schedule for s in page}
@@ -537,6 +577,38 @@ def _cancel(request: Request[Any, Any, Any], current: Appointment, reason: _Conc
     return _changed(request, cancelled, 200)
 
 
+@get(f"{BASE_PATH}/Patient")
+async def search_patients(request: Request[Any, Any, Any]) -> ASGIApp:
+    if (refused := await gate(request, "searches", "patient_reads")) is not None:
+        return refused
+    pairs = _pairs(request)
+    unknown = _unknown(pairs, _PATIENT_PARAMS)
+    if unknown and _strict(request):
+        return outcome(400, "not-supported", f"unknown search parameters: {', '.join(unknown)}")
+    used = [(n, v) for n, v in pairs if n not in unknown and n not in ("_count", "_offset")]
+    try:
+        tests, (count, offset) = _patient_tests(used), _page(pairs)
+    except ValueError as exc:
+        return outcome(400, "invalid", str(exc))
+    found = [p for p in twin(request).patients.all() if all(t(p) for t in tests)]
+    entries = [(_patient(p), "match") for p in found[offset:offset + count]]
+    bundle = _bundle(request, _links(request, "Patient", used, count, offset, len(found)), len(found), entries)
+    if not entries:  # FHIR has no empty arrays: a searchset without matches has no entry
+        del bundle["entry"]
+    return answer(200, bundle)
+
+
+@get(f"{BASE_PATH}/Patient/{{patient_id:str}}")
+async def read_patient(request: Request[Any, Any, Any]) -> ASGIApp:
+    patient_id = request.path_params["patient_id"]
+    if (refused := await gate(request, "reads", "patient_reads")) is not None:
+        return refused
+    found = twin(request).patients.get(patient_id)
+    if found is None:
+        return outcome(404, "not-found", "no such Patient")
+    return answer(200, _patient(found), headers={"ETag": 'W/"1"'})
+
+
 def route_handlers() -> list[Any]:
     return [metadata, search_slots, read_slot, read_schedule, read_appointment, search_appointments,
-            create_appointment, update_appointment]
+            create_appointment, update_appointment, search_patients, read_patient]

@@ -1,4 +1,5 @@
-"""An EHR twin's mutable state beside its calendar: the tokens it issued, its faults and its counters."""
+"""An EHR twin's mutable state beside its calendar: its patients, the tokens it issued, its faults and its
+counters."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import msgspec
 
 from gateway.twins.calendar import Calendar
 from gateway.twins.config import TwinConfig
+from gateway.twins.patients import Patients
 
 
 class Counters(msgspec.Struct, kw_only=True):
@@ -22,6 +24,7 @@ class Counters(msgspec.Struct, kw_only=True):
     cancels: int = 0
     searches: int = 0
     reads: int = 0
+    patient_reads: int = 0  # Patient reads and searches (each counted in reads or searches too)
     mllp_messages: int = 0
     create_faults_before: int = 0  # creates failed before storing by create_fail_ratio's draw
     create_faults_after_store: int = 0  # creates stored, then failed (the draw or fail_after_store)
@@ -49,6 +52,7 @@ class TwinState:
     def __init__(self, config: TwinConfig) -> None:
         self.config = config
         self.calendar = Calendar(config)
+        self.patients = Patients(config.all_patients())
         self._lock = threading.Lock()
         self._tokens: dict[str, float] = {}  # token -> expiry (monotonic)
         self._counters = Counters()
@@ -118,3 +122,4 @@ class TwinState:
             self._counters = Counters()
             self._faults = Faults()
         self.calendar.reset()
+        self.patients.reset()
