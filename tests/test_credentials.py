@@ -28,7 +28,7 @@ PUBLIC = {
     ("GET", "/iam/metadata"),  # Health Cloud's base's CapabilityStatement
 }
 FILL = {"source": "epic", "entry_id": "0-0", "action": "replay", "name": "app.js", "appointment_id": "08pxx0000000001AAA",
-        "system": "epic", "slot_id": "e-s1-203001070900", "first": "epic", "second": "1000001"}
+        "system": "epic", "slot_id": "e-s1-203001070900", "first": "epic", "second": "1000001", "hold": "0" * 24}
 
 
 def routes(app) -> list[tuple[str, str]]:

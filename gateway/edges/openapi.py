@@ -312,6 +312,7 @@ def _admin_errors(*extra: str) -> dict[str, dict[str, Any]]:
         "413": "the body is larger than [limits] max_body_bytes",
         "422": "the booking cannot be mapped or breaks a Salesforce rule",
         "415": "the body is not application/json",
+        "502": "Salesforce failed to answer (the org could not be asked)",
     }
     for status in extra:
         r[status] = _outcome(texts[status])
@@ -329,6 +330,59 @@ def _operation(summary: str, tag: str, responses: dict[str, Any], **more: Any) -
     op.update(more)
     op["responses"] = responses
     return op
+
+
+_HELD = {"type": "object", "required": ["hold", "state", "since_ms", "deadline_ms", "due_ms", "attempts", "why"],
+         "properties": {
+             "hold": {"type": "string"}, "state": {"enum": ["held", "refused"]},
+             "since_ms": {"type": "integer"}, "deadline_ms": {"type": "integer"},
+             "due_ms": {"type": ["integer", "null"]}, "attempts": {"type": "integer"},
+             "why": {"type": ["string", "null"], "description": "why it waits (patient-unknown, a Salesforce error "
+                                                                "code, a duplicate to decide) or was refused"},
+             "patient": {"type": ["string", "null"], "description": "whom it waits for: a PHI key only"}}}
+_CHECKED = {"type": "object", "required": ["element", "kind", "source_system", "by", "record", "problem", "why"],
+            "properties": {
+                "element": {"type": "string"}, "kind": {"enum": ["patient", "location", "practitioner", "role", "device"]},
+                "source_system": {"type": "string"}, "by": {"enum": ["id", "identifier"]},
+                "record": {"type": ["string", "null"], "description": "the org's record the Book body would name"},
+                "problem": {"type": ["string", "null"], "enum": [None, "not-found", "multiple-matches"]},
+                "why": {"type": ["string", "null"]}}}
+
+
+def _identity_paths(source: dict[str, Any], admin_read: list[dict[str, list[str]]],
+                    admin_action: list[dict[str, list[str]]]) -> dict[str, Any]:
+    """The operators' routes of identity (contract v3): held bookings, the cache, a file checked."""
+    ok = _json_answer("done", {"type": "object", "required": ["ok"], "properties": {"ok": {"const": True}}})
+    return {
+        "/admin/api/held": {"get": _operation(
+            "Bookings held for their patient, and those refused, per source (whom they wait for: a PHI key only)",
+            "Admin", {"200": _json_answer("per source with any", {"type": "object", "required": ["sources"],
+                                                                   "properties": {"sources": {
+                                                                       "type": "object",
+                                                                       "additionalProperties": _array(_HELD)}}}),
+                      **_admin_errors()},
+            operation_id="held", security=admin_read)},
+        "/admin/api/held/{source}/{hold}/{action}": {"post": _operation(
+            "Release a held booking now (its patient looked up again at once), or refuse it", "Admin",
+            {"200": ok, **_admin_errors("404", "409")}, operation_id="heldAction", security=admin_action,
+            parameters=[source, {"name": "hold", "in": "path", "required": True, "schema": {"type": "string"},
+                                 "description": "a held booking's id (`hold` in the list)"},
+                        {"name": "action", "in": "path", "required": True, "description": "any other is 404",
+                         "schema": {"type": "string", "enum": ["release", "refuse"]}}])},
+        "/admin/api/identity/forget": {"post": _operation(
+            "Forget every cached record of the EHRs' ids (after the org's records were fixed)", "Admin",
+            {"200": _json_answer("how many cache keys were dropped", {
+                "type": "object", "required": ["forgotten"], "properties": {"forgotten": {"type": "integer"}}}),
+             **_admin_errors()}, operation_id="identityForget", security=admin_action)},
+        "/admin/api/identity/{source}/check": {"post": _operation(
+            "Dry run: how each participant of a booking (FHIR, or HL7 v2 for an hl7v2 source) resolves in the org",
+            "Admin", {"200": _json_answer("each participant", {"type": "object", "required": ["participants"],
+                                                                "properties": {"participants": _array(_CHECKED)}}),
+                      **_admin_errors("400", "404", "413", "422", "502")},
+            operation_id="identityCheck", security=admin_action, parameters=[source],
+            requestBody={"required": True, "description": "the EHR's body (the Content-Type is not checked here)",
+                         "content": {"application/octet-stream": {"schema": {"type": "string"}}}})},
+    }
 
 
 def _healthcloud_paths(prefix: str) -> dict[str, Any]:
@@ -891,6 +945,8 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
     }
 
     paths.update(_healthcloud_paths(cfg.healthcloud.path_prefix))
+    paths.update(_identity_paths(source_param(all_sources, "a configured source; an unknown one is 404"),
+                                 admin_read, admin_action))
     for item in paths.values():  # the server refuses a path in another spelling before any routing
         for op in item.values():
             if any(p["in"] == "path" for p in op.get("parameters", ())) and "400" not in op["responses"]:

@@ -47,9 +47,9 @@ class SandboxConfig(msgspec.Struct, kw_only=True, frozen=True):
     # only the person-account record type. A reset brings the seeded org back.
     org_seed: Literal["demo", "empty"] = "demo"
     # Book, Update and Get Slots refuse references that are not records of the org, as an org does
-    # (INVALID_ID_FIELD). Off until the gateway resolves EHR ids to record ids (issue 20); with it off
-    # the sandbox also takes EHR ids where record ids belong, which no org does.
-    require_records: bool = False
+    # (INVALID_ID_FIELD). Off only for the sandbox's own tests of the shapes themselves: with it off the
+    # sandbox takes EHR ids where record ids belong, which no org does.
+    require_records: bool = True
 
     def __post_init__(self) -> None:
         # Structs are not validated on construction; a typo here would make every test lie quietly.
