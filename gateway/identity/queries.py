@@ -90,7 +90,9 @@ def query_string(soql: str) -> str:
 def read(ids: list[EhrId], answers: list[CompositeSubAnswer]) -> dict[EhrId, Found]:
     """What the org holds for each of `ids`, from the Composite's answers (in `plan`'s order)."""
     rows = {a.referenceId: _records(a) for a in answers}
-    wanted = {(i.system.casefold(), i.value): i for i in ids}
+    wanted: dict[tuple[str, str], list[EhrId]] = {}
+    for i in ids:  # one value may be ids of several kinds (patient 123, practitioner 123)
+        wanted.setdefault((i.system.casefold(), i.value), []).append(i)
     records: dict[EhrId, list[str]] = {i: [] for i in ids}
     hpfs: dict[EhrId, list[Hpf]] = {i: [] for i in ids}
     for row in rows.get("ids", []):
@@ -124,11 +126,10 @@ def _records(answer: CompositeSubAnswer) -> list[dict[str, Any]]:
                              and e.get("errorCode")), None))
 
 
-def _matching(wanted: dict[tuple[str, str], EhrId], system: Any, value: Any) -> list[EhrId]:
+def _matching(wanted: dict[tuple[str, str], list[EhrId]], system: Any, value: Any) -> list[EhrId]:
     if not isinstance(system, str) or not isinstance(value, str):
         return []
-    found = wanted.get((system.casefold(), value))  # the value exactly: SOQL matched it without case
-    return [found] if found is not None else []
+    return wanted.get((system.casefold(), value), [])  # the value exactly: SOQL matched it without case
 
 
 def _take_parent(ehr: EhrId, kind: str, parent_id: str, parent: dict[str, Any], records: list[str],

@@ -1,0 +1,229 @@
+"""Every participant a Salesforce record (issue 20, contract v3): the EHRs' ids found as the org's
+records through the sandbox playing an org that refuses anything else, over real HTTP and MLLP.
+
+What each test proves is in its name; the org's records are the sandbox's seed (gateway/sandbox/seed.py)
+and what a test adds to it through the sandbox's control key, as an org's data loads would."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import time
+from typing import Any
+
+import httpx
+import msgspec
+import pytest
+import redis.asyncio as aredis
+
+from gateway.settings import IdentitySettings, Settings, SourceIdentity
+from tests.conftest import (
+    ADMIN_KEY,
+    CONTROL_KEY,
+    CORPUS,
+    PHI_KEY,
+    VIDEO_VISIT,
+    auth,
+    corpus,
+    make_settings,
+    serve_gateway,
+)
+from tests.fhir_validate import validate
+from tests.test_hl7v2 import exchange, msa, mllp_gateway, with_event
+
+ATHENA = (CORPUS / "hl7v2" / "athena-siu-s12-403.hl7").read_bytes()
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+FAST_HOLDS = IdentitySettings(hold_retry_seconds=0.2, hold_retry_max_seconds=0.5, hold_poll_seconds=0.1,
+                              miss_cache_seconds=0.1)
+
+
+def sandbox_state(sandbox: Any) -> Any:
+    return sandbox.app.state.sandbox
+
+
+def seeded(sandbox: Any, system: str, kind: str, ehr_id: str) -> Any:
+    return sandbox_state(sandbox).org.seeded[system][kind][ehr_id]
+
+
+def video_visit(**changes: Any) -> dict[str, Any]:
+    body = msgspec.json.decode(corpus(VIDEO_VISIT))
+    body.update(changes)
+    return body
+
+
+def with_patient(body: dict[str, Any], actor: dict[str, Any]) -> dict[str, Any]:
+    body = copy.deepcopy(body)
+    for p in body["participant"]:
+        if p.get("actor", {}).get("reference", "").startswith("Patient/"):
+            p["actor"] = actor
+    return body
+
+
+def with_actor(body: dict[str, Any], prefix: str, reference: str) -> dict[str, Any]:
+    body = copy.deepcopy(body)
+    for p in body["participant"]:
+        if p.get("actor", {}).get("reference", "").startswith(prefix):
+            p["actor"] = {"reference": reference}
+    return body
+
+
+def identity_settings(settings: Settings, *, tuning: IdentitySettings | None = None,
+                      **per_source: SourceIdentity) -> Settings:
+    sources = {name: msgspec.structs.replace(src, identity=per_source[name]) if name in per_source else src
+               for name, src in settings.file.sources.items()}
+    file = msgspec.structs.replace(settings.file, sources=sources, identity=tuning or settings.file.identity)
+    return msgspec.structs.replace(settings, file=file)
+
+
+async def book(gw: httpx.AsyncClient, body: dict[str, Any], key: str, source: str = "cerner") -> httpx.Response:
+    return await gw.post(f"/fhir/{source}/Appointment", content=msgspec.json.encode(body),
+                         headers=auth(source, **{"Idempotency-Key": key}))
+
+
+async def until(check: Any, seconds: float = 30.0) -> Any:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if (found := await check()):
+            return found
+        await asyncio.sleep(0.1)
+    raise AssertionError("not within the time given")
+
+
+# -- every dialect books with the org's records ----------------------------------------------------
+
+
+async def test_the_corpus_cerner_booking_books_with_the_orgs_records_and_the_ehrs_slot(gateway, sandbox):
+    r = await gateway.post("/fhir/cerner/Appointment", content=corpus(VIDEO_VISIT), headers=auth())
+    assert r.status_code == 201, r.text
+    (stored,) = sandbox_state(sandbox).appointments()
+    patient = seeded(sandbox, "cerner", "patients", "12724066").account
+    facility = seeded(sandbox, "cerner", "facilities", "21304876").account
+    hpf = seeded(sandbox, "cerner", "practitioners", "593923").practitioner_facilities[facility]
+    assert stored.request["participants"] == [{"reference": f"Patient/{patient}"},
+                                              {"reference": f"Practitioner/{hpf}"},
+                                              {"reference": f"Facility/{facility}"}]
+    # the slot keeps the EHR's id; its reference is the practitioner's record at that facility
+    assert stored.request["slots"] == [{"id": "21265426-633867-6828001-60", "reference": f"Practitioner/{hpf}"}]
+    # the answer names the participants as the EHR did, never the org's ids
+    actors = [p["actor"]["reference"] for p in validate(r.content, "Appointment")["participant"]]
+    assert actors == ["Patient/12724066", "Practitioner/593923", "Location/21304876"]
+
+
+async def test_the_corpus_fhir_booking_books_with_the_orgs_records(gateway, sandbox):
+    r = await gateway.post("/fhir/fhir/Appointment", content=corpus("fhir-r4-official/Appointment-example.json"),
+                           headers=auth("fhir"))
+    assert r.status_code == 201, r.text
+    (stored,) = sandbox_state(sandbox).appointments()
+    refs = {p["reference"] for p in stored.request["participants"]}
+    facility = seeded(sandbox, "fhir", "facilities", "1").account
+    assert refs == {f"Patient/{seeded(sandbox, 'fhir', 'patients', 'example').account}",
+                    f"Facility/{facility}",
+                    f"Practitioner/{seeded(sandbox, 'fhir', 'practitioners', 'example').practitioner_facilities[facility]}"}
+
+
+async def test_the_siu_feed_books_with_the_orgs_records(settings, sandbox):
+    async with mllp_gateway(settings) as (port, _):
+        (ack,) = await exchange(port, ATHENA)
+    assert msa(ack)[1] == "AA", ack
+    (stored,) = sandbox_state(sandbox).appointments()
+    facility = seeded(sandbox, "athena", "facilities", "2").account
+    # patient 00432 is identified on the PersonContact, kmurphy2 on a HealthcareProvider
+    assert {p["reference"] for p in stored.request["participants"]} == {
+        f"Patient/{seeded(sandbox, 'athena', 'patients', '00432').account}", f"Facility/{facility}",
+        f"Practitioner/{seeded(sandbox, 'athena', 'practitioners', 'kmurphy2').practitioner_facilities[facility]}"}
+
+
+async def test_every_storage_shape_resolves(redis_url, prefix, sandbox):
+    """A patient on its Account or on its Contact, a facility on its Account or on a
+    HealthcareFacility, a practitioner on a Contact, on a HealthcareProvider, or only on its HPF."""
+    org = sandbox_state(sandbox).org
+    made = {}
+    for on in ("Account", "Contact"):
+        made[f"p-{on}"] = org.add_patient("cerner", f"shape-{on}", first_name="Ann", last_name=on, on=on).account
+    for on in ("Account", "HealthcareFacility"):
+        made[f"f-{on}"] = org.add_facility("cerner", f"site-{on}", f"Site {on}", on=on).account
+    for on in ("Contact", "HealthcareProvider", "HealthcarePractitionerFacility"):
+        made[f"d-{on}"] = org.add_practitioner("cerner", f"doc-{on}", f"Doc {on}", on=on, source_on_hpf=None,
+                                               facilities=[made["f-Account"], made["f-HealthcareFacility"]])
+    settings = make_settings(redis_url, prefix, sandbox.url)
+    async with serve_gateway(settings) as gw:
+        n = 0
+        for patient in ("Account", "Contact"):
+            for facility in ("Account", "HealthcareFacility"):
+                for doctor in ("Contact", "HealthcareProvider", "HealthcarePractitionerFacility"):
+                    n += 1
+                    body = with_actor(with_actor(with_actor(video_visit(), "Patient/", f"Patient/shape-{patient}"),
+                                                 "Location/", f"Location/site-{facility}"),
+                                      "Practitioner/", f"Practitioner/doc-{doctor}")
+                    body["identifier"] = [{"system": "urn:test", "value": f"shape-{n}"}]
+                    r = await book(gw, body, f"shape-{n}")
+                    assert r.status_code == 201, (patient, facility, doctor, r.text)
+                    stored = sandbox_state(sandbox).get(r.json()["id"])
+                    hpf = made[f"d-{doctor}"].practitioner_facilities[made[f"f-{facility}"]]
+                    assert {p["reference"] for p in stored.request["participants"]} == {
+                        f"Patient/{made[f'p-{patient}']}", f"Facility/{made[f'f-{facility}']}", f"Practitioner/{hpf}"}
+
+
+async def test_an_actor_named_by_identifier_is_found_under_the_system_it_maps_to(redis_url, prefix, sandbox):
+    settings = identity_settings(make_settings(redis_url, prefix, sandbox.url),
+                                 cerner=SourceIdentity(systems={"urn:oid:2.16.840.1.113883.3.13.6": "cerner"}))
+    body = with_patient(video_visit(), {"type": "Patient", "identifier": {
+        "system": "urn:oid:2.16.840.1.113883.3.13.6", "value": "12724066"}})
+    async with serve_gateway(settings) as gw:
+        r = await book(gw, body, "by-identifier")
+        assert r.status_code == 201, r.text
+        answered = validate(r.content, "Appointment")
+        # answered as the EHR named it: by its identifier
+        assert {"actor": {"type": "Patient", "identifier": {"value": "12724066",
+                                                            "system": "urn:oid:2.16.840.1.113883.3.13.6"}},
+                "status": "accepted"} in answered["participant"]
+    stored = sandbox_state(sandbox).get(r.json()["id"])
+    assert {"reference": f"Patient/{seeded(sandbox, 'cerner', 'patients', '12724066').account}"} in \
+        stored.request["participants"]
+
+
+# -- cheap: one call for a booking's misses, none when cached ----------------------------------------
+
+
+async def test_a_cold_booking_costs_one_lookup_call_and_a_warm_one_only_its_book(gateway, sandbox):
+    counters = sandbox_state(sandbox).counters
+    first = await book(gateway, video_visit(), "cold")
+    assert first.status_code == 201, first.text
+    cold = counters()
+    assert (cold.api_calls, cold.book_calls, cold.composite_calls) == (2, 1, 1)  # the look-up and the Book
+    other = video_visit(identifier=[{"system": "urn:test", "value": "warm"}], start="2020-07-10T14:00:00.000Z",
+                        end="2020-07-10T14:15:00.000Z")
+    second = await book(gateway, other, "warm")
+    assert second.status_code == 201, second.text
+    warm = counters()
+    assert (warm.api_calls - cold.api_calls, warm.book_calls, warm.composite_calls, warm.query_calls) == \
+        (1, 2, 1, cold.query_calls)  # exactly the one Book call
+
+
+async def test_one_lookup_in_flight_for_many_bookings_of_the_same_people(gateway, sandbox):
+    sandbox_state(sandbox).faults.set(latency_ms=300)  # the look-up takes a while: the others wait for it
+    bodies = [video_visit(identifier=[{"system": "urn:test", "value": f"many-{i}"}],
+                          start=f"2020-07-1{i}T13:00:00.000Z", end=f"2020-07-1{i}T13:15:00.000Z") for i in range(8)]
+    answers = await asyncio.gather(*(book(gateway, b, f"many-{i}") for i, b in enumerate(bodies)))
+    assert [a.status_code for a in answers] == [201] * 8, [a.text for a in answers if a.status_code != 201]
+    counters = sandbox_state(sandbox).counters()
+    # one Composite of four queries (the Identifiers, the HPFs three ways), whatever the bookings
+    assert (counters.composite_calls, counters.query_calls, counters.book_calls) == (1, 4, 8)
+
+
+async def test_the_cache_keeps_patients_for_minutes_the_rest_for_hours_and_a_miss_at_most_a_minute(
+        redis_url, prefix, sandbox):
+    tuning = IdentitySettings(cache_hours=5, patient_cache_seconds=600, miss_cache_seconds=30)
+    settings = identity_settings(make_settings(redis_url, prefix, sandbox.url), tuning=tuning,
+                                 cerner=SourceIdentity(unknown_patient="refuse"))
+    client = aredis.Redis.from_url(redis_url)
+    async with serve_gateway(settings) as gw:
+        assert (await book(gw, video_visit(), "ttl")).status_code == 201
+        missing = with_actor(video_visit(identifier=[{"value": "ttl-2"}]), "Patient/", "Patient/not-in-the-org")
+        assert (await book(gw, missing, "ttl-2")).status_code == 422
+    ttls = sorted([await client.pttl(k) async for k in client.scan_iter(match=f"{prefix}:ident:*")])
+    await client.aclose()
+    assert len(ttls) == 4  # the patient, the facility, the practitioner, the missing patient
+    assert 0 < ttls[0] <= 30_000  # the miss
+    assert 30_000 < ttls[1] <= 600_000  # the patient
+    assert all(4 * 3600_000 < t <= 5 * 3600_000 for t in ttls[2:])  # facility and practitioner
