@@ -227,3 +227,203 @@ async def test_the_cache_keeps_patients_for_minutes_the_rest_for_hours_and_a_mis
     assert 0 < ttls[0] <= 30_000  # the miss
     assert 30_000 < ttls[1] <= 600_000  # the patient
     assert all(4 * 3600_000 < t <= 5 * 3600_000 for t in ttls[2:])  # facility and practitioner
+
+
+# -- gaps in configuration are refused at once, never naming the id -----------------------------------
+
+
+async def _refused(gw: httpx.AsyncClient, body: dict[str, Any], key: str) -> dict[str, Any]:
+    r = await book(gw, body, key)
+    assert r.status_code == 422, r.text
+    return validate(r.content, "OperationOutcome")
+
+
+async def test_a_participant_the_org_lacks_or_holds_twice_is_refused_naming_the_element_not_the_id(
+        gateway, sandbox, redis_url, prefix):
+    org = sandbox_state(sandbox).org
+    elsewhere = org.add_facility("cerner", "far-away", "Far Away Clinic").account
+    org.add_practitioner("cerner", "only-far-away", "Only Faraway", facilities=[elsewhere])
+    org.add_patient("cerner", "twice-named", first_name="One", last_name="Person")
+    second = org.add_patient("cerner", "someone-else", first_name="Another", last_name="Person").account
+    org.add_identifier(second, "cerner", "twice-named")  # one id, two patients
+    cases = {
+        "unknown practitioner": (with_actor(video_visit(), "Practitioner/", "Practitioner/nobody-here"),
+                                 "not-found", "Appointment.participant[1].actor"),
+        "unknown location": (with_actor(video_visit(), "Location/", "Location/nowhere-here"),
+                             "not-found", "Appointment.participant[2].actor"),
+        "practitioner not at this facility": (with_actor(video_visit(), "Practitioner/",
+                                                         "Practitioner/only-far-away"),
+                                              "not-found", "Appointment.participant[1].actor"),
+        "a patient id naming two records": (with_actor(video_visit(), "Patient/", "Patient/twice-named"),
+                                            "multiple-matches", "Appointment.participant[0].actor"),
+    }
+    for n, (name, (body, code, path)) in enumerate(cases.items()):
+        body["identifier"] = [{"system": "urn:test", "value": f"gap-{n}"}]
+        outcome = await _refused(gateway, body, f"gap-{n}")
+        (issue,) = outcome["issue"]
+        assert (issue["code"], issue["expression"]) == (code, [path]), (name, issue)
+        text = issue["details"]["text"]
+        assert not any(v in text for v in ("nobody-here", "nowhere-here", "only-far-away", "twice-named")), text
+    assert sandbox_state(sandbox).counters().book_calls == 0  # nothing was sent for any of them
+    logged = (await gateway.get("/admin/api/requests?outcome=unmatched", headers=ADMIN)).json()["requests"]
+    assert len(logged) == 4 and all(e["status"] == 422 for e in logged)
+    metrics = (await gateway.get("/metrics")).text
+    assert 'ehrgw_identity_unmatched_total{kind="practitioner",source="cerner"} 2.0' in metrics
+    assert 'ehrgw_identity_unmatched_total{kind="location",source="cerner"} 1.0' in metrics
+    assert 'ehrgw_identity_unmatched_total{kind="patient",source="cerner"} 1.0' in metrics
+    # a retry once the org holds the practitioner there books: the refusal was not kept
+    here = seeded(sandbox, "cerner", "facilities", "21304876").account
+    org.add_practitioner("cerner", "nobody-here", "Now Here", facilities=[here])
+    await gateway.post("/admin/api/identity/forget", headers=ADMIN)
+    body = cases["unknown practitioner"][0]
+    body["identifier"] = [{"system": "urn:test", "value": "gap-0"}]
+    assert (await book(gateway, body, "gap-0")).status_code == 201
+
+
+async def test_an_siu_whose_location_the_org_lacks_is_answered_ae_naming_the_field(settings, sandbox):
+    unknown_place = ATHENA.replace(b"AIL|||2^Brockton", b"AIL|||NOWHERE^Nowhere")
+    async with mllp_gateway(settings) as (port, _):
+        (ack,) = await exchange(port, unknown_place)
+    fields = msa(ack)
+    assert fields[1] == "AE" and "NOWHERE" not in ack, ack
+    assert "AIL-3" in ack or "PID-3, AIL-3 or AIP-3/AIG-3" in ack, ack
+    assert sandbox_state(sandbox).counters().book_calls == 0
+
+
+# -- an unknown patient: refuse, hold, create -----------------------------------------------------------
+
+
+def _new_patient(body: dict[str, Any], patient: str, key: str) -> dict[str, Any]:
+    body = with_actor(body, "Patient/", f"Patient/{patient}")
+    body["identifier"] = [{"system": "urn:test", "value": key}]
+    return body
+
+
+async def test_refuse_answers_422_and_keeps_nothing(redis_url, prefix, sandbox):
+    settings = identity_settings(make_settings(redis_url, prefix, sandbox.url),
+                                 cerner=SourceIdentity(unknown_patient="refuse"))
+    async with serve_gateway(settings) as gw:
+        (issue,) = (await _refused(gw, _new_patient(video_visit(), "not-yet-registered", "r-1"), "r-1"))["issue"]
+        assert issue["code"] == "not-found" and "not-yet-registered" not in issue["details"]["text"]
+        held = (await gw.get("/admin/api/held", headers=ADMIN)).json()["sources"]
+        assert held == {}
+    assert sandbox_state(sandbox).counters().book_calls == 0
+
+
+async def test_refuse_over_mllp_is_ae(redis_url, prefix, sandbox):
+    settings = identity_settings(make_settings(redis_url, prefix, sandbox.url),
+                                 athena=SourceIdentity(unknown_patient="refuse"))
+    stranger = ATHENA.replace(b"PID||00432|00432|", b"PID||55555|55555|")
+    async with mllp_gateway(settings) as (port, _):
+        (ack,) = await exchange(port, stranger)
+    assert msa(ack)[1] == "AE" and "55555" not in ack, ack
+
+
+async def test_hold_answers_202_then_books_once_when_the_org_knows_the_patient(redis_url, prefix, sandbox):
+    settings = identity_settings(make_settings(redis_url, prefix, sandbox.url), tuning=FAST_HOLDS)
+    body = _new_patient(video_visit(), "arrives-later", "h-1")
+    async with serve_gateway(settings) as gw:
+        first = await book(gw, body, "h-1")
+        assert first.status_code == 202, first.text
+        assert validate(first.content, "OperationOutcome")["issue"][0]["severity"] == "information"
+        entry = first.headers["location"].rsplit("/", 1)[1]
+        logged = (await gw.get(f"/admin/api/requests/{entry}", headers=ADMIN)).json()
+        assert logged["outcome"] == "held"
+        again = await book(gw, body, "h-1")
+        assert again.status_code == 202
+        await asyncio.sleep(1.0)  # several tries, the patient still unknown: nothing booked
+        assert sandbox_state(sandbox).counters().book_calls == 0
+        held = (await gw.get("/admin/api/held", headers=ADMIN)).json()["sources"]["cerner"]
+        assert len(held) == 1 and held[0]["state"] == "held" and held[0]["attempts"] >= 1 and "patient" not in held[0]
+        # the patient is registered in the org (a data load; here the sandbox's control key)
+        async with httpx.AsyncClient(base_url=sandbox.url) as control:
+            made = await control.post("/sandbox/org/patients", headers={"Authorization": f"Bearer {CONTROL_KEY}"},
+                                      json={"sourceSystem": "cerner", "idValue": "arrives-later",
+                                            "firstName": "Late", "lastName": "Arrival"})
+            assert made.status_code == 201, made.text
+
+        async def booked() -> Any:
+            r = await book(gw, body, "h-1")
+            return r if r.status_code == 201 else None
+
+        done = await until(booked)
+        (stored,) = sandbox_state(sandbox).appointments()
+        assert done.json()["id"] == stored.id
+        assert {"reference": f"Patient/{made.json()['account']}"} in stored.request["participants"]
+        await asyncio.sleep(1.0)  # more turns of the holds' worker book nothing more
+        assert sandbox_state(sandbox).counters().book_calls == 1
+        assert (await gw.get("/admin/api/held", headers=ADMIN)).json()["sources"] == {}
+        released = (await gw.get("/admin/api/requests?outcome=booked", headers=ADMIN)).json()["requests"]
+        assert any(e["op"] == "release" and e["sf_id"] == stored.id for e in released)
+
+
+async def test_hold_over_mllp_is_aa_then_booked_once(redis_url, prefix, sandbox):
+    settings = identity_settings(make_settings(redis_url, prefix, sandbox.url), tuning=FAST_HOLDS)
+    stranger = ATHENA.replace(b"PID||00432|00432|", b"PID||66666|66666|")
+    async with mllp_gateway(settings) as (port, _):
+        (ack,) = await exchange(port, stranger)
+        assert msa(ack)[1] == "AA", ack
+        (again,) = await exchange(port, stranger)  # the same message resent: still held, still AA
+        assert msa(again)[1] == "AA"
+        sandbox_state(sandbox).org.add_patient("athena", "66666", first_name="Six", last_name="Sixes")
+        await until(lambda: _one_appointment(sandbox))
+        await asyncio.sleep(1.0)
+    assert sandbox_state(sandbox).counters().book_calls == 1
+
+
+async def _one_appointment(sandbox: Any) -> bool:
+    return len(sandbox_state(sandbox).appointments()) == 1
+
+
+async def test_a_change_while_held_applies_to_the_held_booking(redis_url, prefix, sandbox):
+    settings = identity_settings(make_settings(redis_url, prefix, sandbox.url), tuning=FAST_HOLDS)
+    body = _new_patient(video_visit(), "changes-while-held", "hc-1")
+    moved = copy.deepcopy(body)
+    moved["start"], moved["end"], moved["status"] = "2020-07-10T15:00:00.000Z", "2020-07-10T15:15:00.000Z", "booked"
+    async with serve_gateway(settings) as gw:
+        assert (await book(gw, body, "hc-1")).status_code == 202
+        changed = await gw.put("/fhir/cerner/Appointment?identifier=urn:test|hc-1", content=msgspec.json.encode(moved),
+                               headers=auth())
+        assert changed.status_code == 202, changed.text
+        sandbox_state(sandbox).org.add_patient("cerner", "changes-while-held", first_name="Chan", last_name="Ging")
+        await until(lambda: _one_appointment(sandbox))
+    (stored,) = sandbox_state(sandbox).appointments()
+    assert stored.request["startDate"] == "2020-07-10T15:00:00.000Z"  # the change, not the first message
+
+
+async def test_a_cancel_while_held_ends_the_hold_and_nothing_is_booked(redis_url, prefix, sandbox):
+    settings = identity_settings(make_settings(redis_url, prefix, sandbox.url), tuning=FAST_HOLDS)
+    body = _new_patient(video_visit(), "cancels-while-held", "hx-1")
+    cancelled = copy.deepcopy(body)
+    cancelled["status"] = "cancelled"
+    async with serve_gateway(settings) as gw:
+        assert (await book(gw, body, "hx-1")).status_code == 202
+        r = await gw.put("/fhir/cerner/Appointment?identifier=urn:test|hx-1", content=msgspec.json.encode(cancelled),
+                         headers=auth())
+        assert r.status_code == 200, r.text
+        assert (await gw.get("/admin/api/held", headers=ADMIN)).json()["sources"] == {}
+        sandbox_state(sandbox).org.add_patient("cerner", "cancels-while-held", first_name="Can", last_name="Celled")
+        await asyncio.sleep(1.5)
+        replay = await book(gw, body, "hx-1")  # the first message again: its final answer, not a booking
+        assert replay.status_code == 422, replay.text
+    assert sandbox_state(sandbox).counters().book_calls == 0
+
+
+async def test_a_hold_past_its_deadline_is_refused_and_operators_see_it(redis_url, prefix, sandbox):
+    settings = identity_settings(make_settings(redis_url, prefix, sandbox.url), tuning=FAST_HOLDS,
+                                 cerner=SourceIdentity(hold_hours=1.5 / 3600))  # 1.5 seconds
+    body = _new_patient(video_visit(), "never-arrives", "hd-1")
+    async with serve_gateway(settings) as gw:
+        assert (await book(gw, body, "hd-1")).status_code == 202
+
+        async def refused() -> Any:
+            rows = (await gw.get("/admin/api/held", headers=ADMIN)).json()["sources"].get("cerner", [])
+            return rows if rows and rows[0]["state"] == "refused" else None
+
+        (row,) = await until(refused)
+        assert row["why"] == "patient-unknown" and "patient" not in row
+        final = await book(gw, body, "hd-1")
+        assert final.status_code == 422 and validate(final.content, "OperationOutcome")["issue"][0]["code"] == "not-found"
+        phi = (await gw.get("/admin/api/held", headers={"Authorization": f"Bearer {PHI_KEY}"})).json()
+        assert phi["sources"]["cerner"][0]["patient"] == "Patient/never-arrives"  # whom: a PHI key only
+    assert sandbox_state(sandbox).counters().book_calls == 0
