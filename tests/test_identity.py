@@ -29,6 +29,7 @@ from tests.conftest import (
     serve_gateway,
 )
 from tests.fhir_validate import validate
+from tests.test_healthcloud_ehrs import fleet_settings, twins  # noqa: F401  (twins: the EHR twins fixture)
 from tests.test_hl7v2 import exchange, msa, mllp_gateway, with_event
 
 ATHENA = (CORPUS / "hl7v2" / "athena-siu-s12-403.hl7").read_bytes()
@@ -427,3 +428,85 @@ async def test_a_hold_past_its_deadline_is_refused_and_operators_see_it(redis_ur
         phi = (await gw.get("/admin/api/held", headers={"Authorization": f"Bearer {PHI_KEY}"})).json()
         assert phi["sources"]["cerner"][0]["patient"] == "Patient/never-arrives"  # whom: a PHI key only
     assert sandbox_state(sandbox).counters().book_calls == 0
+
+
+def _siu(control: str, placer: str, pid: str) -> bytes:
+    """The corpus's athena S12 for another appointment (SCH-1/2) of another patient (PID-2, PID-3, PID-5, PID-7)."""
+    text = with_event(ATHENA, "S12", control=control).decode()
+    segments = []
+    for seg in text.replace("\n", "\r").split("\r"):
+        if seg.startswith("SCH|"):
+            f = seg.split("|")
+            f[1] = f[2] = placer
+            seg = "|".join(f)
+        elif seg.startswith("PID|"):
+            seg = pid
+        segments.append(seg)
+    return "\r".join(segments).encode()
+
+
+async def test_create_makes_the_patient_from_pid_once_then_books(redis_url, prefix, sandbox):
+    settings = identity_settings(make_settings(redis_url, prefix, sandbox.url), tuning=FAST_HOLDS,
+                                 athena=SourceIdentity(unknown_patient="create"))
+    pid = "PID||77777|77777||NEWMAN^NORA^||19800101|F|||1 Main St^^BOSTON^MA^02101||(555)010-7777"
+    org = sandbox_state(sandbox).org
+    async with mllp_gateway(settings) as (port, _):
+        (ack,) = await exchange(port, _siu("c-1", "900001", pid))
+        assert msa(ack)[1] == "AA", ack
+        (again,) = await exchange(port, _siu("c-2", "900002", pid))  # the same patient's next appointment
+        assert msa(again)[1] == "AA", again
+    made = [i for i in org.records("Identifier") if i["SourceSystem"] == "athena" and i["IdValue"] == "77777"]
+    assert len(made) == 1  # one patient, created once
+    account = org.get(made[0]["ParentRecordId"])
+    assert (account["FirstName"], account["LastName"], account["PersonBirthdate"], account["IsPersonAccount"]) == \
+        ("NORA", "NEWMAN", "1980-01-01", True)
+    assert account["SourceSystemIdentifier"] == "athena|77777"
+    stored = sandbox_state(sandbox).appointments()
+    assert len(stored) == 2 and all({"reference": f"Patient/{account['Id']}"} in s.request["participants"]
+                                    for s in stored)
+
+
+async def test_create_never_makes_a_second_patient_a_duplicate_waits_for_the_operators(redis_url, prefix, sandbox):
+    settings = identity_settings(make_settings(redis_url, prefix, sandbox.url), tuning=FAST_HOLDS,
+                                 athena=SourceIdentity(unknown_patient="create"))
+    # the org knows Roscoe Hall (born 1997-10-06) under athena's 70690; this message names him by another id
+    pid = "PID||88888|88888||HALL^ROSCOE^||19971006|M"
+    org = sandbox_state(sandbox).org
+    people = len(org.records("Account"))
+    async with mllp_gateway(settings) as (port, client):
+        (ack,) = await exchange(port, _siu("d-1", "900011", pid))
+        assert msa(ack)[1] == "AA", ack  # held, for an operator to decide
+        rows = await until(lambda: _held_rows(client, "athena"))
+        assert rows[0]["why"] == "DUPLICATES_DETECTED"
+        await asyncio.sleep(1.0)  # tried again and again: never created
+        assert len(org.records("Account")) == people and sandbox_state(sandbox).counters().book_calls == 0
+        # the operator decides it is Roscoe Hall: his record gets athena's other id
+        org.add_identifier(seeded(sandbox, "athena", "patients", "70690").account, "athena", "88888")
+        await until(lambda: _one_appointment(sandbox))
+    (stored,) = sandbox_state(sandbox).appointments()
+    assert {"reference": f"Patient/{seeded(sandbox, 'athena', 'patients', '70690').account}"} in \
+        stored.request["participants"]
+    assert len(org.records("Account")) == people
+
+
+async def _held_rows(client: httpx.AsyncClient, source: str) -> Any:
+    return (await client.get("/admin/api/held", headers=ADMIN)).json()["sources"].get(source)
+
+
+async def test_create_reads_the_ehrs_fhir_patient(redis_url, prefix, sandbox, twins, tmp_path):
+    """A FHIR source's unknown patient is created from the EHR's own Patient (its read through the
+    source's EHR client: here the Cerner twin, which holds 12742401 while the org does not)."""
+    settings = identity_settings(fleet_settings(redis_url, prefix, sandbox.url, twins, tmp_path),
+                                 cerner=SourceIdentity(unknown_patient="create"))
+    body = _new_patient(video_visit(), "12742401", "fc-1")
+    async with serve_gateway(settings) as gw:
+        r = await book(gw, body, "fc-1")
+        assert r.status_code == 201, r.text
+    org = sandbox_state(sandbox).org
+    (made,) = [i for i in org.records("Identifier") if i["SourceSystem"] == "cerner" and i["IdValue"] == "12742401"]
+    account = org.get(made["ParentRecordId"])
+    read = twins["cerner"].control("GET", "/twin/patients")
+    patients = read["patients"] if isinstance(read, dict) else read
+    twin_patient = next(p for p in patients if p["id"] == "12742401")
+    assert account["LastName"] == twin_patient["family"] and account["PersonBirthdate"] == twin_patient["birthDate"]
+    assert twins["cerner"].counters()["patient_reads"] == 1
