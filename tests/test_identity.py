@@ -510,3 +510,145 @@ async def test_create_reads_the_ehrs_fhir_patient(redis_url, prefix, sandbox, tw
     twin_patient = next(p for p in patients if p["id"] == "12742401")
     assert account["LastName"] == twin_patient["family"] and account["PersonBirthdate"] == twin_patient["birthDate"]
     assert twins["cerner"].counters()["patient_reads"] == 1
+
+
+# -- Get Slots asks for the org's records ------------------------------------------------------------
+
+
+def _slot_query(*actors: str) -> str:
+    from urllib.parse import urlencode
+
+    params = [("start", "ge2026-12-01T09:00:00Z"), ("start", "le2026-12-01T10:00:00Z"),
+              ("service-type", "https://fhir.cerner.com/ec2458f2-1e24-41c8-b71b-0e701af7583d/codeSet/14249|2572307911"),
+              *(("actor", a) for a in actors)]
+    return "/fhir/cerner/Slot?" + urlencode(params)
+
+
+async def test_a_slot_search_asks_for_the_practitioners_records_and_answers_in_the_ehrs_names(gateway, sandbox):
+    facility = seeded(sandbox, "cerner", "facilities", "21304876").account
+    hpfs = seeded(sandbox, "cerner", "practitioners", "593923").practitioner_facilities
+    at_one = await gateway.get(_slot_query("Practitioner/593923", "Location/21304876"), headers=auth())
+    assert at_one.status_code == 200, at_one.text
+    slots = [e["resource"] for e in validate(at_one.content, "Bundle")["entry"]]
+    assert {s["schedule"]["display"] for s in slots} == {"Practitioner/593923"}  # the EHR's name for it
+    assert {s["id"].rsplit("-", 1)[0] for s in slots} == {hpfs[facility]}  # the sandbox's slot ids name the HPF
+    everywhere = await gateway.get(_slot_query("Practitioner/593923"), headers=auth())  # no Location: every facility
+    ids = {e["resource"]["id"].rsplit("-", 1)[0] for e in everywhere.json()["entry"]}
+    assert ids == set(hpfs.values()) and len(ids) == 3
+
+
+async def test_a_slot_search_for_an_actor_the_org_lacks_is_422_and_asks_nothing(gateway, sandbox):
+    r = await gateway.get(_slot_query("Practitioner/nobody-at-all"), headers=auth())
+    assert r.status_code == 422 and "nobody-at-all" not in r.text
+    (issue,) = validate(r.content, "OperationOutcome")["issue"]
+    assert issue["code"] == "not-found" and issue["expression"] == ["http.actor"]
+    assert sandbox_state(sandbox).counters().slots_calls == 0
+
+
+# -- operators ---------------------------------------------------------------------------------------
+
+
+async def test_operators_release_or_refuse_a_held_booking(redis_url, prefix, sandbox):
+    slow = msgspec.structs.replace(FAST_HOLDS, hold_retry_seconds=600, hold_retry_max_seconds=600)
+    settings = identity_settings(make_settings(redis_url, prefix, sandbox.url), tuning=slow)
+    async with serve_gateway(settings) as gw:
+        for key in ("op-1", "op-2"):
+            assert (await book(gw, _new_patient(video_visit(), f"waits-{key}", key), key)).status_code == 202
+        rows = {r["hold"]: r for r in (await gw.get("/admin/api/held", headers=ADMIN)).json()["sources"]["cerner"]}
+        assert len(rows) == 2 and all(r["due_ms"] - r["since_ms"] > 500_000 for r in rows.values())
+        first, second = rows
+        # the patient of the first arrives; the operator does not wait ten minutes for the next try
+        sandbox_state(sandbox).org.add_patient("cerner", "waits-op-1", first_name="Op", last_name="One")
+        patient = {"Authorization": f"Bearer {PHI_KEY}"}
+        phi_rows = (await gw.get("/admin/api/held", headers=patient)).json()["sources"]["cerner"]
+        target = next(r["hold"] for r in phi_rows if r["patient"] == "Patient/waits-op-1")
+        other = second if target == first else first
+        r = await gw.post(f"/admin/api/held/cerner/{target}/release", headers=ADMIN)
+        assert r.status_code == 200, r.text
+        await until(lambda: _one_appointment(sandbox))
+        r = await gw.post(f"/admin/api/held/cerner/{other}/refuse", headers=ADMIN)
+        assert r.status_code == 200, r.text
+        left = (await gw.get("/admin/api/held", headers=ADMIN)).json()["sources"]["cerner"]
+        assert [(x["hold"], x["state"], x["why"]) for x in left] == [(other, "refused", "refused-by-operator")]
+        assert (await book(gw, _new_patient(video_visit(), "waits-op-2", "op-2"), "op-2")).status_code == 422
+        assert (await gw.post(f"/admin/api/held/cerner/{other}/release", headers=ADMIN)).status_code == 404
+        assert (await gw.post(f"/admin/api/held/cerner/{other}/forget", headers=ADMIN)).status_code == 404
+        audit = (await gw.get("/admin/api/audit", headers=ADMIN)).json()["audit"]
+        assert {"held-release", "held-refuse"} <= {a["action"] for a in audit}
+    assert sandbox_state(sandbox).counters().book_calls == 1
+
+
+async def test_forget_drops_the_cache_and_the_next_booking_looks_up_again(gateway, sandbox, redis_url, prefix):
+    assert (await book(gateway, video_visit(), "f-1")).status_code == 201
+    calls = sandbox_state(sandbox).counters().composite_calls
+    r = await gateway.post("/admin/api/identity/forget", headers=ADMIN)
+    assert r.status_code == 200 and r.json()["forgotten"] == 3
+    other = video_visit(identifier=[{"value": "f-2"}], start="2020-07-10T16:00:00.000Z", end="2020-07-10T16:15:00.000Z")
+    assert (await book(gateway, other, "f-2")).status_code == 201
+    assert sandbox_state(sandbox).counters().composite_calls == calls + 1
+    assert (await gateway.post("/admin/api/identity/forget")).status_code == 401
+
+
+async def test_identity_check_prints_how_each_participant_resolves(gateway, sandbox, tmp_path, monkeypatch, capsys):
+    from gateway.cli import main
+
+    file = tmp_path / "booking.json"
+    file.write_bytes(msgspec.json.encode(with_actor(video_visit(), "Location/", "Location/not-a-place")))
+    monkeypatch.setenv("EHR_GATEWAY_ADMIN_KEY", ADMIN_KEY)
+    code = await asyncio.to_thread(main, ["identity", "--url", str(gateway.base_url), "check", "--source", "cerner",
+                                          str(file)])
+    out = capsys.readouterr().out
+    assert code == 1  # one participant does not resolve
+    patient = seeded(sandbox, "cerner", "patients", "12724066").account
+    assert f"Appointment.participant[0].actor  patient" in out and patient in out
+    assert "not-found" in out and "not-a-place" not in out
+    assert sandbox_state(sandbox).counters().book_calls == 0  # a dry run
+
+
+# -- the org's allowance and its failures ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sandbox_config", [{"daily_limit": 40}], indirect=True)
+async def test_lookups_stop_near_the_end_of_the_allowance_while_cached_bookings_go(redis_url, prefix, sandbox):
+    tuning = IdentitySettings(api_reserve_percent=50)
+    settings = identity_settings(make_settings(redis_url, prefix, sandbox.url), tuning=tuning)
+    async with serve_gateway(settings) as gw:
+        assert (await book(gw, video_visit(), "a-1")).status_code == 201  # cold: look-up and Book
+        n = 1
+        while sandbox_state(sandbox).counters().api_calls < 21:  # past half the allowance, on cached people
+            n += 1
+            body = video_visit(identifier=[{"value": f"a-{n}"}], start=f"2021-01-{n:02d}T13:00:00Z",
+                               end=f"2021-01-{n:02d}T13:15:00Z")
+            assert (await book(gw, body, f"a-{n}")).status_code == 201
+        calls = sandbox_state(sandbox).counters().api_calls
+        stranger = with_actor(video_visit(identifier=[{"value": "a-x"}]), "Practitioner/", "Practitioner/709937")
+        r = await book(gw, stranger, "a-x")  # a practitioner not cached: not looked up now
+        assert r.status_code == 503 and int(r.headers["retry-after"]) > 0, r.text
+        assert sandbox_state(sandbox).counters().api_calls == calls
+
+
+@pytest.mark.parametrize("fault", [{"server_error": 1, "server_error_status": 500},
+                                   {"server_error": 1, "server_error_status": 503},
+                                   {"request_limit_exceeded": 1}, {"expire_tokens": True}])
+async def test_a_lookup_that_fails_books_nothing_and_the_retry_books(gateway, sandbox, fault):
+    sandbox_state(sandbox).faults.set(**fault)
+    first = await book(gateway, video_visit(), "lf-1")
+    if "expire_tokens" in fault:  # the token renewed once and the look-up made: booked
+        assert first.status_code == 201, first.text
+    else:
+        assert first.status_code in (502, 503) and "retry-after" in first.headers, first.text
+        assert sandbox_state(sandbox).counters().book_calls == 0
+        assert (await book(gateway, video_visit(), "lf-1")).status_code == 201  # nothing kept of the failure
+    assert len(sandbox_state(sandbox).appointments()) == 1
+
+
+async def test_a_lookup_that_hangs_times_out_and_books_nothing(redis_url, prefix, sandbox):
+    from gateway.settings import SalesforceTuning
+
+    settings = make_settings(redis_url, prefix, sandbox.url, salesforce=SalesforceTuning(timeout_seconds=1))
+    sandbox_state(sandbox).faults.set(latency_ms=2500)
+    async with serve_gateway(settings) as gw:
+        r = await book(gw, video_visit(), "hang-1")
+        assert r.status_code in (502, 503), r.text
+    await asyncio.sleep(3)  # whatever the sandbox did after the gateway stopped waiting: no Book
+    assert sandbox_state(sandbox).counters().book_calls == 0

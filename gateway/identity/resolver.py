@@ -216,7 +216,7 @@ class Resolver:
             except queries.LookupFailed as failed:
                 call.error_code = failed.code
                 raise SalesforceFailed("the org's answer to the identity look-up cannot be read",
-                                       details_code=failed.code) from None
+                                       details_code=failed.code, retry_after=30) from None
             finally:
                 record.calls += 1
                 record.looked_up += len(chunk)

@@ -393,7 +393,9 @@ class SalesforceClient:
         if response.status in (401, 403, 429, 503) or record.error_code in _NOT_PROCESSED:
             return Unavailable(f"Salesforce cannot be asked now ({record.error_code or response.status})",
                                retry_after=self._tuning.unavailable_retry_after_seconds, details_code=record.error_code)
-        return SalesforceFailed(f"{what} failed (HTTP {response.status})", details_code=record.error_code)
+        # a read changed nothing: it may be asked again soon
+        return SalesforceFailed(f"{what} failed (HTTP {response.status})", details_code=record.error_code,
+                                retry_after=self._tuning.unavailable_retry_after_seconds)
 
     async def check_auth(self) -> None:
         """Readiness: a token can be had (from the cache or freshly minted)."""
