@@ -182,6 +182,15 @@ def corpus(path: str) -> bytes:
     return (CORPUS / path).read_bytes()
 
 
+def visit_records(sandbox: ThreadedServer) -> dict[str, str]:
+    """The Book references of the corpus video visit's people as the sandbox's org holds them (its
+    seed): what the gateway sends for Patient/12724066, Location/21304876 and Practitioner/593923."""
+    seeded = sandbox.app.state.sandbox.org.seeded["cerner"]  # type: ignore[attr-defined]
+    facility = seeded["facilities"]["21304876"].account
+    return {"Patient": f"Patient/{seeded['patients']['12724066'].account}", "Facility": f"Facility/{facility}",
+            "Practitioner": f"Practitioner/{seeded['practitioners']['593923'].practitioner_facilities[facility]}"}
+
+
 async def warm(client: httpx.AsyncClient, source: str = "cerner", body: bytes | None = None) -> None:
     """The participants of `body` (the corpus's video visit by default) looked up once, through the
     operators' identity check, so that a test about a Salesforce fault meets it at Book, not at the

@@ -16,7 +16,7 @@ import msgspec
 import pytest
 
 from tests.conftest import ADMIN_KEY, CLIENT_ID, CLIENT_SECRET, CONFIG, KEYS, PHI_KEY, VIDEO_VISIT, corpus, digest
-from tests.conftest import make_settings, serve_gateway
+from tests.conftest import make_settings, serve_gateway, visit_records
 from tests.test_smart import JWKS, assertion, get_token, with_smart
 
 OTHER_KEY = "test-clinic-key"  # a second Cerner source, `clinic`, with the same maps
@@ -54,20 +54,21 @@ async def world(redis_url, prefix, sandbox, tmp_path):
             r = await gw.post(f"/fhir/{source}/Appointment", content=msgspec.json.encode(visit(n)), headers=_auth(key))
             assert r.status_code == 201, r.text
             ids[name] = r.json()["id"]
-        ids["none"] = await _book_in_salesforce(sandbox.url, 3)
+        ids["none"] = await _book_in_salesforce(sandbox, 3)
         ids["missing"] = "08pHs0000000999AAA"
         yield gw, sandbox.app.state.sandbox, token, ids
 
 
-async def _book_in_salesforce(url: str, n: int) -> str:
+async def _book_in_salesforce(sandbox, n: int) -> str:
     """An appointment the org holds that no source booked through the gateway."""
-    async with httpx.AsyncClient(base_url=url) as sf:
+    people = visit_records(sandbox)
+    async with httpx.AsyncClient(base_url=sandbox.url) as sf:
         token = (await sf.post("/services/oauth2/token", data={
             "grant_type": "client_credentials", "client_id": CLIENT_ID, "client_secret": CLIENT_SECRET})).json()
         r = await sf.post(BOOK_API, headers={"Authorization": f"Bearer {token['access_token']}"}, json={
             "startDate": f"2026-12-1{n}T09:00:00Z", "endDate": f"2026-12-1{n}T09:15:00Z", "workTypeId": "08qxx0000000001",
-            "participants": [{"reference": "Patient/12724066"}, {"reference": "Facility/0Hhxx0000000001"},
-                             {"reference": "Practitioner/593923"}]})
+            "participants": [{"reference": people["Patient"]}, {"reference": people["Facility"]},
+                             {"reference": people["Practitioner"]}]})
     assert r.status_code in (200, 201), r.text
     return (r.json()[0] if isinstance(r.json(), list) else r.json())["id"]
 

@@ -8,7 +8,7 @@ import msgspec
 import pytest
 
 from gateway.booking.fhir import SALESFORCE_ERROR_SYSTEM, SALESFORCE_ID_SYSTEM
-from tests.conftest import VIDEO_VISIT, auth, corpus
+from tests.conftest import VIDEO_VISIT, auth, corpus, visit_records
 
 PATIENT_ID = "12724066"
 
@@ -41,8 +41,9 @@ async def test_books_the_cerner_appointment(gateway, sandbox):
     assert sent["workTypeId"] == "08qxx0000000002AAA"
     assert sent["serviceTypes"] == ["2572307911"] and sent["serviceCategories"] == ["DIAGNOSTIC"]
     assert sent["startDate"] == "2020-07-10T13:00:00.000Z" and sent["endDate"] == "2020-07-10T13:15:00.000Z"
-    assert sent["slots"] == [{"id": "21265426-633867-6828001-60", "reference": "Practitioner/593923"}]
-    assert {p["reference"] for p in sent["participants"]} == {"Patient/12724066", "Practitioner/593923", "Facility/21304876"}
+    people = visit_records(sandbox)  # the org's records of Patient/12724066, Practitioner/593923, Location/21304876
+    assert sent["slots"] == [{"id": "21265426-633867-6828001-60", "reference": people["Practitioner"]}]
+    assert {p["reference"] for p in sent["participants"]} == set(people.values())
     assert sent["timeZone"] == "America/Chicago"
 
 

@@ -95,7 +95,11 @@ async def test_an_athena_s12_without_a_start_block_books_and_acks(mllp, sandbox)
     (stored,) = state(sandbox).appointments()
     sent = stored.request
     assert sent["startDate"] == "2004-03-22T13:20:00-05:00" and sent["endDate"] == "2004-03-22T13:30:00-05:00"
-    assert {p["reference"] for p in sent["participants"]} == {"Patient/00432", "Practitioner/kmurphy2", "Facility/2"}
+    seeded = state(sandbox).org.seeded["athena"]  # the org's records of PID-3 00432, AIG-3 kmurphy2, AIL-3 2
+    place = seeded["facilities"]["2"].account
+    assert {p["reference"] for p in sent["participants"]} == {
+        f"Patient/{seeded['patients']['00432'].account}", f"Facility/{place}",
+        f"Practitioner/{seeded['practitioners']['kmurphy2'].practitioner_facilities[place]}"}
     assert sent["workTypeId"] == "08qxx0000000001AAA" and sent["appointmentTypes"] == ["ROUTINE"]
     assert sent["sourceSystem"] == "athena"
     # the same message again (a sender's retry): acknowledged, not booked twice

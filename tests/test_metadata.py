@@ -71,7 +71,7 @@ async def test_fhirpy_searches_slots_and_books_one(gateway, sandbox):
     booked = await gateway.post("/fhir/cerner/Appointment", content=msgspec.json.encode(data), headers=auth())
     assert booked.status_code == 201, booked.text
     left = await fhir.resources("Slot").search(
-        start=["ge2026-12-01T09:00:00Z", "le2026-12-01T10:00:00Z"], actor="Practitioner/593923",
+        start=["ge2026-12-01T09:00:00Z", "le2026-12-01T10:00:00Z"], actor=["Practitioner/593923", "Location/21304876"],
         **{"service-type": VIDEO},
     ).fetch()
     assert [s["id"] for s in left] == [slots[1]["id"]]

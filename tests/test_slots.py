@@ -10,7 +10,7 @@ import pytest
 
 from gateway.salesforce.client import read_slots
 from gateway.salesforce.wire import SlotResource, SlotsRequest
-from tests.conftest import VIDEO_VISIT, auth, corpus
+from tests.conftest import VIDEO_VISIT, auth, corpus, visit_records
 from tests.fhir_validate import validate
 
 VIDEO = "https://fhir.cerner.com/ec2458f2-1e24-41c8-b71b-0e701af7583d/codeSet/14249|2572307911"
@@ -48,6 +48,7 @@ async def test_free_slots_come_back_as_a_searchset_of_slots(gateway, sandbox):
 async def test_salesforces_documented_answer_is_read_and_the_searchset_is_valid_fhir(gateway, sandbox):
     """The sandbox answers Get Slots as salesforce.md documents it (resourceSlotDetails); each slot
     belongs to the resource its entry names, with the type the search asked for."""
+    state(sandbox).org.add_device("cerner", "DV-7", "Sandbox pump DV-7")  # the org holds the device too
     r = await gateway.get(query(actor=["Practitioner/593923", "Device/DV-7"]), headers=auth())
     assert r.status_code == 200, r.text
     bundle = validate(r.content, "Bundle")
@@ -122,7 +123,7 @@ async def test_a_slot_found_books_and_is_then_taken(gateway, sandbox):
     booked = await gateway.post("/fhir/cerner/Appointment", content=msgspec.json.encode(data), headers=auth())
     assert booked.status_code == 201, booked.text
     stored = state(sandbox).get(booked.json()["id"])
-    assert stored.request["slots"] == [{"id": first["id"], "reference": "Practitioner/593923"}]
+    assert stored.request["slots"] == [{"id": first["id"], "reference": visit_records(sandbox)["Practitioner"]}]
     again = (await gateway.get(query(), headers=auth())).json()
     assert first["id"] not in {e["resource"]["id"] for e in again["entry"]} and again["total"] == 3
 
