@@ -55,6 +55,8 @@ def stored_value(field: Field, value: Any) -> Any:
         if day is not None:
             return day.isoformat()
     elif kind == "datetime":
+        if isinstance(value, str) and (day := parse_date(value)) is not None:
+            value = day  # a fixture's date for a dateTime field: its first instant, UTC
         moment = value if isinstance(value, datetime) else parse_datetime(value) if isinstance(value, str) else \
             datetime(value.year, value.month, value.day, tzinfo=timezone.utc) if isinstance(value, date) else None
         if moment is not None:
