@@ -9,10 +9,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote_plus
 
 import httpx
 import pytest
 from litestar import Litestar, Request, get, post
+from litestar.params import FromPath
 
 from gateway.edges.server import ThreadedServer
 from gateway.sandbox import SandboxConfig, create_sandbox_app
@@ -515,3 +517,401 @@ def test_the_duplicate_rule_lets_allow_save_through(org: Running) -> None:
     assert r.status_code == 201, r.text
     other_day = _person(org, FirstName="Nancy", LastName="Smart", PersonBirthdate="1990-09-16")
     assert org.upsert("cerner-5550006", other_day).status_code == 201
+
+
+# --- Composite -------------------------------------------------------------------------------------------
+
+
+def _sub(ref: str, method: str, path: str, body: Any = None, **extra: Any) -> dict[str, Any]:
+    sub = {"method": method, "url": f"{API}/{path}", "referenceId": ref, **extra}
+    return sub | ({"body": body} if body is not None else {})
+
+
+def _create_patient(org: Running, key: str, **person: Any) -> list[dict[str, Any]]:
+    """The gateway's `create` choice (identity.md): upsert the Account, then its Identifier."""
+    return [_sub("patient", "PATCH", f"sobjects/Account/SourceSystemIdentifier/{key}", _person(org, **person)),
+            _sub("mrn", "POST", "sobjects/Identifier", {"Name": "MRN", "IdValue": key, "SourceSystem": "cerner",
+                                                        "ParentRecordId": "@{patient.id}"})]
+
+
+def _statuses(r: httpx.Response) -> list[tuple[str, int]]:
+    assert r.status_code == 200, r.text
+    return [(e["referenceId"], e["httpStatusCode"]) for e in r.json()["compositeResponse"]]
+
+
+def test_composite_uses_earlier_answers_and_counts_one_api_call(org: Running) -> None:
+    org.auth()
+    before = org.state.counters()
+    lookup = _sub("found", "GET", "query?q=" + quote_plus("SELECT Id FROM Account WHERE SourceSystemIdentifier = 'c-777'"))
+    r = org.composite([*_create_patient(org, "c-777"), lookup,
+                       _sub("read", "GET", "sobjects/Account/@{found.records[0].Id}?fields=Name,IsPersonAccount")],
+                      all_or_none=True, headers={"Sforce-Duplicate-Rule-Header": "allowSave=false"})
+    assert _statuses(r) == [("patient", 201), ("mrn", 201), ("found", 200), ("read", 200)]
+    patient, mrn, found, read = r.json()["compositeResponse"]
+    assert patient["body"]["created"] is True and patient["httpHeaders"]["Location"].endswith(patient["body"]["id"])
+    assert org.state.org.get(mrn["body"]["id"])["ParentRecordId"] == patient["body"]["id"]
+    assert found["body"]["records"][0]["Id"] == patient["body"]["id"]
+    assert read["body"]["Name"] == "Dora Sandbox-Newpatient" and read["body"]["IsPersonAccount"] is True
+    after = org.state.counters()
+    assert after.api_calls - before.api_calls == 1 and after.composite_calls - before.composite_calls == 1
+    assert after.query_calls - before.query_calls == 1
+    assert r.headers["Sforce-Limit-Info"] == f"api-usage={after.api_calls}/15000"
+
+
+def test_all_or_none_rolls_every_write_back(org: Running) -> None:
+    subs = _create_patient(org, "c-778")
+    subs[1]["body"].pop("IdValue")  # the Identifier fails: REQUIRED_FIELD_MISSING
+    subs.append(_sub("later", "GET", "query?q=SELECT+Id+FROM+RecordType"))
+    r = org.composite(subs, all_or_none=True)
+    assert _statuses(r) == [("patient", 400), ("mrn", 400), ("later", 400)]
+    patient, mrn, later = r.json()["compositeResponse"]
+    assert mrn["body"][0]["errorCode"] == "REQUIRED_FIELD_MISSING"
+    for halted in (patient, later):
+        assert halted["body"] == [{"errorCode": "PROCESSING_HALTED", "message": "The transaction was rolled back "
+                                   "since another operation in the same transaction failed."}]
+    assert not [a for a in org.state.org.rows("Account") if a["SourceSystemIdentifier"] == "c-778"]
+    assert not [c for c in org.state.org.rows("Contact") if c["LastName"] == "Sandbox-Newpatient"]
+
+
+def test_without_all_or_none_only_the_dependents_of_a_failure_fail(org: Running) -> None:
+    subs = _create_patient(org, "c-779", FirstName="Nancy", LastName="Smart", PersonBirthdate="1990-09-15")
+    subs.append(_sub("other", "POST", "sobjects/Account", {"Name": "Sandbox Clinic Five"}))
+    r = org.composite(subs)
+    assert _statuses(r) == [("patient", 400), ("mrn", 400), ("other", 201)]
+    patient, mrn, _ = r.json()["compositeResponse"]
+    assert patient["body"][0]["errorCode"] == "DUPLICATES_DETECTED"
+    assert mrn["body"][0]["errorCode"] == "PROCESSING_HALTED" and "@{patient.id}" in mrn["body"][0]["message"]
+    assert "c-779" not in r.text and "1990-09-15" not in r.text
+    assert [a["Name"] for a in org.state.org.rows("Account") if a["Name"] == "Sandbox Clinic Five"]
+
+
+def test_the_duplicate_header_of_a_subrequest_or_of_the_call(org: Running) -> None:
+    twin = {"FirstName": "Nancy", "LastName": "Smart", "PersonBirthdate": "1990-09-15"}
+    allowed = _create_patient(org, "c-780", **twin)
+    allowed[0]["httpHeaders"] = {"Sforce-Duplicate-Rule-Header": "allowSave=true"}
+    assert _statuses(org.composite(allowed, all_or_none=True)) == [("patient", 201), ("mrn", 201)]
+    by_call = org.composite(_create_patient(org, "c-781", **twin), all_or_none=True,
+                            headers={"Sforce-Duplicate-Rule-Header": "allowSave=true"})
+    assert _statuses(by_call) == [("patient", 201), ("mrn", 201)]
+    refused = _create_patient(org, "c-782", **twin)
+    refused[0]["httpHeaders"] = {"Sforce-Duplicate-Rule-Header": "allowSave=false"}  # the subrequest's wins
+    r = org.composite(refused, all_or_none=True, headers={"Sforce-Duplicate-Rule-Header": "allowSave=true"})
+    assert _statuses(r) == [("patient", 400), ("mrn", 400)]
+
+
+def test_a_reference_to_a_missing_value_fails_its_subrequest(org: Running) -> None:
+    r = org.composite([_sub("none", "GET", "query?q=SELECT+Id+FROM+Account+WHERE+Name+=+'nobody'"),
+                       _sub("read", "GET", "sobjects/Account/@{none.records[0].Id}"),
+                       _sub("typo", "GET", "sobjects/Account/@{nowhere.id}")])
+    assert _statuses(r) == [("none", 200), ("read", 400), ("typo", 400)]
+    assert [e["body"][0]["errorCode"] for e in r.json()["compositeResponse"][1:]] == ["PROCESSING_HALTED"] * 2
+
+
+def test_composite_caps_25_subrequests_and_5_queries(org: Running) -> None:
+    reads = [_sub(f"r{i}", "POST", "sobjects/Account", {"Name": f"Sandbox Clinic {i}"}) for i in range(26)]
+    queries = [_sub(f"q{i}", "GET", "query?q=SELECT+Id+FROM+RecordType") for i in range(6)]
+    accounts = len(org.state.org.rows("Account"))
+    for subs, cap in ((reads, "25 operations"), (queries, "5 query operations")):
+        r = org.composite(subs)
+        assert r.status_code == 200, r.text
+        (entry,) = r.json()["compositeResponse"]
+        assert entry["httpStatusCode"] == 400 and entry["referenceId"] is None
+        assert entry["body"][0]["errorCode"] == "LIMIT_EXCEEDED" and cap in entry["body"][0]["message"]
+    assert len(org.state.org.rows("Account")) == accounts
+    assert _statuses(org.composite(reads[:25])) == [(f"r{i}", 201) for i in range(25)]
+    assert org.state.counters().query_calls == 0
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"referenceId": None}, "'referenceId' is a required field."),
+    ({"referenceId": "has-dash"}, "letters, digits and underscores"),
+    ({"method": "get"}, "Invalid method"),
+    ({"url": "/services/data/v65.0/sobjects/Account"}, "must begin with"),
+])
+def test_composite_refuses_a_malformed_body_before_running_anything(org: Running, change: dict[str, Any],
+                                                                    message: str) -> None:
+    sub = _sub("one", "POST", "sobjects/Account", {"Name": "Sandbox Clinic Six"}) | change
+    sub = {k: v for k, v in sub.items() if v is not None}
+    r = org.composite([sub, _sub("two", "POST", "sobjects/Account", {"Name": "Sandbox Clinic Seven"})])
+    assert_refused(r, 400, "JSON_PARSER_ERROR")
+    assert message in r.json()[0]["message"]
+    assert not [a for a in org.state.org.rows("Account") if a["Name"].startswith("Sandbox Clinic S")]
+    duplicate = org.composite([_sub("one", "GET", "query?q=SELECT+Id+FROM+RecordType")] * 2)
+    assert_refused(duplicate, 400, "JSON_PARSER_ERROR")
+
+
+def test_composite_needs_a_session_and_answers_unsupported_resources_404(org: Running) -> None:
+    r = org.client.post(f"{API}/composite", json={"compositeRequest": []}, headers={"Authorization": "Bearer x"})
+    assert_refused(r, 401, "INVALID_SESSION_ID")
+    book = _sub("book", "POST", "connect/health/appointment-management/appointment", {})
+    assert _statuses(org.composite([book])) == [("book", 404)]
+
+
+# --- Book, Update and Get Slots take records of the org ---------------------------------------------------
+
+
+def _refs(org: Running, system: str = "cerner", patient: str = "12724066", facility: str = "21304876",
+          practitioner: str = "593923") -> dict[str, str]:
+    made = org.seeded[system]
+    place = made["facilities"][facility].account
+    return {"Patient": made["patients"][patient].account, "Facility": place,
+            "Practitioner": made["practitioners"][practitioner].practitioner_facilities[place]}
+
+
+def booking(refs: dict[str, str], **changes: Any) -> dict[str, Any]:
+    body = {
+        "startDate": "2030-01-07T09:00:00Z", "endDate": "2030-01-07T09:30:00Z", "sourceSystem": "cerner",
+        "appointmentTypes": ["FOLLOWUP"],
+        "participants": [{"reference": f"{kind}/{ident}"} for kind, ident in refs.items()],
+    }
+    if "Practitioner" in refs:
+        body["slots"] = [{"id": "24477854-21304876-62852027-2", "reference": f"Practitioner/{refs['Practitioner']}"}]
+    return body | changes
+
+
+def test_a_booking_of_records_is_stored_with_their_full_ids(org: Running) -> None:
+    refs = _refs(org)
+    short = {kind: ident[:15] for kind, ident in refs.items()}  # a 15-character id names its record
+    r = org.client.post(BOOK, json=booking(short), headers=org.auth())
+    assert r.status_code == 201, r.text
+    (stored,) = org.state.appointments()
+    assert stored.request == booking(short)  # the body as sent
+    record = stored.service_appointment()
+    assert (record["ParentRecordId"], record["ServiceTerritoryId"], record["PractitionerId__c"]) == (
+        refs["Patient"], refs["Facility"], refs["Practitioner"])
+    found = org.records(f"SELECT Id FROM ServiceAppointment WHERE ParentRecordId = '{refs['Patient']}'")
+    assert [f["Id"] for f in found] == [stored.id]
+    assert_refused(org.query("SELECT Id FROM ServiceAppointment WHERE ParentRecordId = '12724066'"), 400,
+                   "INVALID_QUERY_FILTER_OPERATOR", "12724066")
+
+
+def _wrong(org: Running, case: str) -> tuple[dict[str, Any], str]:
+    """A booking with one wrong reference, and the value that must not be echoed."""
+    refs = _refs(org)
+    made = org.seeded["cerner"]
+    elsewhere = made["practitioners"]["593923"].practitioner_facilities[made["facilities"]["32216049"].account]
+    replace = {
+        "ehr patient": ("Patient", "12724066"),
+        "business account as patient": ("Patient", refs["Facility"]),
+        "person account as facility": ("Facility", refs["Patient"]),
+        "contact as practitioner": ("Practitioner", made["practitioners"]["593923"].contact),
+        "hpf of another facility": ("Practitioner", elsewhere),
+        "ehr practitioner": ("Practitioner", "593923"),
+        "unknown record id": ("Patient", "001Hs0000000zzzAAA"),
+    }[case]
+    refs[replace[0]] = replace[1]
+    return booking(refs), replace[1]
+
+
+@pytest.mark.parametrize("case", ["ehr patient", "business account as patient", "person account as facility",
+                                  "contact as practitioner", "hpf of another facility", "ehr practitioner",
+                                  "unknown record id"])
+def test_book_refuses_references_that_are_not_the_right_records(org: Running, case: str) -> None:
+    body, value = _wrong(org, case)
+    r = org.client.post(BOOK, json=body, headers=org.auth())
+    assert_refused(r, 400, "INVALID_ID_FIELD", value, fields=["participants"])
+    if case.endswith("practitioner") or case.startswith("hpf"):
+        assert_refused(r, 400, "INVALID_ID_FIELD", value, fields=["slots"])
+    assert org.state.appointments() == []
+
+
+def test_an_inactive_hpf_and_a_device_that_is_no_asset_are_refused(org: Running) -> None:
+    refs = _refs(org)
+    org.state.org.set(refs["Practitioner"], IsActive=False)
+    assert_refused(org.client.post(BOOK, json=booking(refs), headers=org.auth()), 400, "INVALID_ID_FIELD",
+                   refs["Practitioner"], fields=["participants"])
+    device = org.seeded["fhir"]["devices"]["infusion-1"]
+    fhir = _refs(org, "fhir", "example", "1", "example")
+    with_device = {"Patient": fhir["Patient"], "Facility": fhir["Facility"], "Device": device.asset}
+    body = booking(with_device, sourceSystem="fhir")
+    assert org.client.post(BOOK, json=body, headers=org.auth()).status_code == 201
+    body = booking({**with_device, "Device": device.identifier})
+    assert_refused(org.client.post(BOOK, json=body, headers=org.auth()), 400, "INVALID_ID_FIELD",
+                   device.identifier, fields=["participants"])
+
+
+def test_update_takes_records_too(org: Running) -> None:
+    refs = _refs(org)
+    appt = org.client.post(BOOK, json=booking(refs), headers=org.auth()).json()["id"]
+    body, value = _wrong(org, "ehr patient")
+    r = org.client.put(f"{BOOK}/{appt}", json=body | {"id": appt}, headers=org.auth())
+    assert_refused(r, 400, "INVALID_ID_FIELD", value, fields=["participants"])
+    moved = _refs(org, patient="12742400", facility="4062906", practitioner="709937")
+    r = org.client.put(f"{BOOK}/{appt}", json=booking(moved) | {"id": appt}, headers=org.auth())
+    assert r.status_code == 200, r.text
+    assert org.state.appointments()[0].service_appointment()["ParentRecordId"] == moved["Patient"]
+
+
+def test_get_slots_takes_hpfs_and_assets(org: Running) -> None:
+    refs = _refs(org)
+    device = org.seeded["fhir"]["devices"]["infusion-1"].asset
+    body = {"startDate": "2030-01-07T00:00:00Z", "endDate": "2030-01-08T00:00:00Z",
+            "resources": [{"resourceId": refs["Practitioner"][:15], "resourceType": "Provider"},
+                          {"resourceId": device, "resourceType": "Device"}]}
+    assert org.client.post(BOOK, json=booking(refs), headers=org.auth()).status_code == 201
+    r = org.client.post(SLOTS, json=body, headers=org.auth())
+    assert r.status_code == 200, r.text
+    provider, asset = r.json()["resourceSlotDetails"]
+    assert provider["resourceId"] == refs["Practitioner"][:15] and len(provider["availableSlots"]) == 15  # 09:00 booked
+    assert len(asset["availableSlots"]) == 16
+    for wrong in ({"resourceId": "593923"}, {"resourceId": refs["Patient"], "resourceType": "Provider"},
+                  {"resourceId": refs["Practitioner"], "resourceType": "Device"}):
+        r = org.client.post(SLOTS, json=body | {"resources": [wrong]}, headers=org.auth())
+        assert_refused(r, 400, "INVALID_ID_FIELD", wrong["resourceId"], fields=["resources"])
+    org.state.org.set(refs["Practitioner"], IsActive=False)
+    r = org.client.post(SLOTS, json=body, headers=org.auth())
+    assert_refused(r, 400, "INVALID_ID_FIELD", refs["Practitioner"], fields=["resources"])
+
+
+# --- the sandbox's own endpoints for the org -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("method", "path"), [
+    ("POST", "/sandbox/org/patients"), ("POST", "/sandbox/org/identifiers"), ("GET", "/sandbox/org/Account"),
+    ("GET", "/sandbox/org/seed"), ("PATCH", "/sandbox/org/records/001Hs0000000001IAA"),
+])
+def test_the_org_endpoints_need_the_control_key(org: Running, method: str, path: str) -> None:
+    for headers in ({"Authorization": ""}, {"Authorization": "Bearer wrong"}, org.auth()):
+        r = org.client.request(method, path, json={}, headers=headers)
+        assert r.status_code == 401, (headers, r.text)
+
+
+def test_records_added_over_http_are_found_by_the_gateways_queries(org: Running) -> None:
+    place = org.client.post("/sandbox/org/facilities", json={"sourceSystem": "acme", "idValue": "L-1",
+                                                             "name": "Acme Clinic", "on": "HealthcareFacility"})
+    assert place.status_code == 201, place.text
+    assert set(place.json()) == {"account", "healthcareFacility", "identifier"}
+    patient = org.client.post("/sandbox/org/patients", json={
+        "sourceSystem": "acme", "idValue": "P-1", "firstName": "Ada", "lastName": "Sandbox", "birthDate": "1950-01-01",
+        "on": "Contact"}).json()
+    doctor = org.client.post("/sandbox/org/practitioners", json={
+        "sourceSystem": "acme", "idValue": "D-1", "name": "Doc Sandbox", "facilities": [place.json()["account"]],
+        "on": "HealthcareProvider"}).json()
+    device = org.client.post("/sandbox/org/devices", json={"sourceSystem": "acme", "idValue": "X-1",
+                                                           "name": "Scanner", "accountId": place.json()["account"]})
+    again = org.client.post("/sandbox/org/identifiers", json={"parentId": patient["account"], "sourceSystem": "acme",
+                                                              "idValue": "P-1"})
+    assert device.status_code == again.status_code == 201
+    found = _identified(org, "acme", ["L-1", "P-1", "D-1", "X-1"])
+    assert len(found["P-1"]) == 2  # two records for one id: what multiple-matches tests need
+    assert {_account_of(r) for r in found["P-1"]} == {("Contact", patient["account"]), ("patient", patient["account"])}
+    joined = org.records(HPF_BY.format(field="HealthcareProviderId", systems="'acme'", values="'D-1'"))
+    assert [r["Id"] for r in joined] == list(doctor["practitionerFacilities"].values())
+    listed = org.client.get("/sandbox/org/HealthcareProvider").json()
+    assert doctor["healthcareProvider"] in [r["Id"] for r in listed]
+    changed = org.client.patch(f"/sandbox/org/records/{joined[0]['Id']}", json={"IsActive": False})
+    assert changed.status_code == 200 and changed.json()["IsActive"] is False
+    assert not org.records(HPF_BY.format(field="HealthcareProviderId", systems="'acme'", values="'D-1'"))
+
+
+@pytest.mark.parametrize(("path", "body", "status"), [
+    ("/sandbox/org/patients", {"sourceSystem": "a", "idValue": "1", "firstName": "A"}, 400),
+    ("/sandbox/org/patients", {"sourceSystem": "a", "idValue": "1", "firstName": "A", "lastName": "B", "on": "Asset"}, 400),
+    ("/sandbox/org/patients", {"sourceSystem": "a", "idValue": "1", "firstName": "A", "lastName": "B", "age": 3}, 400),
+    ("/sandbox/org/practitioners", {"sourceSystem": "a", "idValue": "1", "name": "N", "facilities": ["nope"]}, 400),
+    ("/sandbox/org/identifiers", {"parentId": "012Hs0000000001IAA", "sourceSystem": "a", "idValue": "1"}, 400),
+    ("/sandbox/org/nurses", {}, 404),
+    ("/sandbox/org/records/001Hs0000000zzzAAA", {"Name": "x"}, 404),
+    ("/sandbox/org/records/001Hs0000000001IAA", {"Nope": "x"}, 400),
+])
+def test_the_org_endpoints_refuse_what_they_cannot_make(org: Running, path: str, body: dict[str, Any],
+                                                         status: int) -> None:
+    method = "PATCH" if "/records/" in path else "POST"
+    accounts = len(org.state.org.rows("Account"))
+    assert org.client.request(method, path, json=body).status_code == status
+    assert org.client.get("/sandbox/org/Nothing").status_code == 404
+    assert len(org.state.org.rows("Account")) == accounts
+
+
+def test_reset_keeps_the_seed_and_forgets_the_rest(org: Running) -> None:
+    seeded = org.client.get("/sandbox/org/Account").json()
+    org.client.post("/sandbox/org/patients", json={"sourceSystem": "a", "idValue": "1", "firstName": "A",
+                                                    "lastName": "Sandbox"})
+    org.state.org.set(seeded[0]["Id"], Name="Changed")
+    assert len(org.client.get("/sandbox/org/Account").json()) == len(seeded) + 1
+    assert org.client.post("/sandbox/reset").status_code == 200
+    again = org.client.get("/sandbox/org/Account").json()
+    assert [(a["Id"], a["Name"]) for a in again] == [(a["Id"], a["Name"]) for a in seeded]
+
+
+# --- the IAM org sends the EHR's ids ---------------------------------------------------------------------
+
+
+def _scheduling_system() -> tuple[Litestar, list[tuple[str, str, Any]]]:
+    """A stand-in for the external scheduling system IAM calls (the gateway, in the product): it keeps
+    what each callout sent and answers as scheduling-out.md says the middleware answers."""
+    seen: list[tuple[str, str, Any]] = []
+
+    @get("/iam/Slot/{system:str}/{slot:str}")
+    async def status(system: FromPath[str], slot: FromPath[str]) -> dict[str, Any]:
+        seen.append(("status", system, slot))
+        return {"resourceType": "Slot", "id": slot, "status": "free"}
+
+    @post("/iam/Appointment/{system:str}", status_code=200)
+    async def create(request: Request[Any, Any, Any], system: FromPath[str]) -> dict[str, Any]:
+        seen.append(("create", system, await request.json()))
+        return {"resourceType": "Appointment", "id": f"ehr-{len(seen)}", "status": "booked"}
+
+    return Litestar([status, create]), seen
+
+
+@pytest.fixture
+def iam_org() -> Iterator[tuple[Running, list[tuple[str, str, Any]]]]:
+    app, seen = _scheduling_system()
+    with ThreadedServer(app) as system:
+        running = _start(iam_url=f"{system.url}/iam", iam_authorization="Basic aGM6cHc=")
+        try:
+            yield running, seen
+        finally:
+            running.client.close()
+            running.server.stop()
+
+
+def _called(org: Running, appointment: str) -> dict[str, Any]:
+    deadline = time.monotonic() + 10
+    while not (called := [c for c in org.client.get("/sandbox/iam-callouts").json()
+                          if c["service_appointment"] == appointment]):
+        assert time.monotonic() < deadline, "the org made no callout"
+        time.sleep(0.05)
+    return called[0]  # type: ignore[no-any-return]
+
+
+def _sent(seen: list[tuple[str, str, Any]]) -> tuple[list[str], str]:
+    """The participants' references and the Salesforce patient id of the last Create."""
+    body = [s for s in seen if s[0] == "create"][-1][2]
+    account = next(i["value"] for i in body["identifier"] if i["system"] == "urn:salesforce:Account")
+    return [p["actor"]["reference"] for p in body["participant"]], account
+
+
+@pytest.mark.parametrize(("patient", "practitioner"), [("12724066", "593923"), ("12742400", "709937"),
+                                                       ("12724066", "1912007")])
+def test_the_iam_org_sends_the_ehr_ids_its_records_hold(iam_org: Any, patient: str, practitioner: str) -> None:
+    org, seen = iam_org
+    refs = _refs(org, patient=patient, practitioner=practitioner)
+    appointment = org.client.post(BOOK, json=booking(refs), headers=org.auth()).json()["id"]
+    called = _called(org, appointment)
+    assert (called["create_status"], called["appointment_status"]) == (200, "booked"), called
+    assert _sent(seen) == ([f"Patient/{patient}", f"Practitioner/{practitioner}"], refs["Patient"])
+    assert ("status", "cerner", "24477854-21304876-62852027-2") in seen
+
+
+def test_the_iam_org_reads_an_identifier_when_the_hpf_holds_no_ehr_id(iam_org: Any) -> None:
+    org, seen = iam_org
+    place = org.seeded["cerner"]["facilities"]["21304876"].account
+    doctor = org.state.org.add_practitioner("cerner", "4122622", "Nova Sandbox", facilities=[place])
+    elsewhere = org.state.org.add_patient("cerner-mrn", "MRN-9", first_name="Mo", last_name="Sandbox")
+    refs = {"Patient": elsewhere.account, "Facility": place, "Practitioner": doctor.practitioner_facilities[place]}
+    appointment = org.client.post(BOOK, json=booking(refs), headers=org.auth()).json()["id"]
+    assert _called(org, appointment)["create_status"] == 200
+    # no Identifier of the booking's source system: any of the patient's
+    assert _sent(seen) == (["Patient/MRN-9", "Practitioner/4122622"], elsewhere.account)
+
+
+def test_the_iam_org_calls_nothing_without_an_ehr_id_to_send(iam_org: Any) -> None:
+    org, seen = iam_org
+    created = org.upsert("no-identifier", _person(org)).json()["id"]
+    refs = _refs(org) | {"Patient": created}
+    appointment = org.client.post(BOOK, json=booking(refs), headers=org.auth()).json()["id"]
+    assert _called(org, appointment) == {"service_appointment": appointment, "source_system": "cerner",
+                                         "slot": "24477854-21304876-62852027-2", "error": "no EHR patient id"}
+    assert seen == []
