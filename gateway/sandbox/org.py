@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from gateway.sandbox.schema import PERSON_FIELDS, SOBJECTS, Field, SObject
+from gateway.sandbox.schema import SOBJECTS, Field
 from gateway.sandbox.values import parse_date, parse_datetime, salesforce_id, sf_datetime
 
 PatientOn = Literal["Account", "Contact"]
@@ -304,10 +304,3 @@ def _full_name(values: dict[str, Any]) -> str:
 def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {', '.join(allowed)}")
-
-
-def is_person_field(name: str) -> bool:
-    return name in PERSON_FIELDS
-
-
-__all__ = ["Made", "Org", "SObject", "stored_value"]
