@@ -17,13 +17,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--client-secret", default=SandboxConfig.client_secret)
     parser.add_argument("--username", default=SandboxConfig.username)
     parser.add_argument("--certificate", help="PEM file of the X.509 certificate for the JWT bearer flow")
+    parser.add_argument("--org-seed", choices=("demo", "empty"), default=SandboxConfig.org_seed,
+                        help="the org's records: the demo's EHR ids (gateway/sandbox/seed.py) or none")
+    parser.add_argument("--require-records", action="store_true",
+                        help="Book, Update and Get Slots refuse references that are not records of the org")
     args = parser.parse_args(argv)
     pem = None
     if args.certificate:
         with open(args.certificate, encoding="ascii") as fh:
             pem = fh.read()
     config = SandboxConfig(
-        client_id=args.client_id, client_secret=args.client_secret, username=args.username, certificate_pem=pem
+        client_id=args.client_id, client_secret=args.client_secret, username=args.username, certificate_pem=pem,
+        org_seed=args.org_seed, require_records=args.require_records,
     )
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())

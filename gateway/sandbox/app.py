@@ -1,9 +1,10 @@
 """The Health Cloud sandbox: the project's own stand-in for a Salesforce org, over real HTTP.
 
 It answers the way salesforce.md says Salesforce answers (OAuth token endpoint, appointment
-management, SOQL query, error bodies, `Sforce-Limit-Info`), enforces the booking rules, and can be
-told to misbehave (latency, expired sessions, spent limits, server errors, connections dropped after
-a booking was stored) so the gateway's handling of each can be tested end to end.
+management, error bodies, `Sforce-Limit-Info`), enforces the booking rules, holds an org's records
+(org.py) and answers SOQL, sObject calls and Composite over them (rest.py), and can be told to
+misbehave (latency, expired sessions, spent limits, server errors, connections dropped after a booking
+was stored) so the gateway's handling of each can be tested end to end.
 
 Handlers return raw ASGI responses: the sandbox picks every status, header and byte itself, and one
 fault needs to break the response half-way. Nothing here logs; no body or header is ever written out.
@@ -16,7 +17,6 @@ import base64
 import binascii
 import hmac
 import logging
-import re
 import time
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -55,7 +55,6 @@ from gateway.sandbox.answers import (
     json_answer as _json,
     limit_header as _limit_header,
     not_found as _not_found,
-    parse_version as _version,
     sandbox_of as _sandbox,
     server_error as _server_error,
 )

@@ -21,7 +21,7 @@ from urllib.parse import parse_qs, unquote
 import msgspec
 
 from gateway.sandbox import soql, sobjects
-from gateway.sandbox.sobjects import NOT_FOUND, Result, allow_save, refused, sf_error
+from gateway.sandbox.sobjects import NOT_FOUND, Result, allow_save, refused
 from gateway.sandbox.state import SandboxState
 
 MAX_SUBREQUESTS = 25

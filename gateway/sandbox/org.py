@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from gateway.sandbox.schema import PERSON_FIELDS, SOBJECTS, Field, SObject
+from gateway.sandbox.schema import SOBJECTS, Field
 from gateway.sandbox.values import parse_date, parse_datetime, salesforce_id, sf_datetime
 
 PatientOn = Literal["Account", "Contact"]
@@ -55,6 +55,8 @@ def stored_value(field: Field, value: Any) -> Any:
         if day is not None:
             return day.isoformat()
     elif kind == "datetime":
+        if isinstance(value, str) and (day := parse_date(value)) is not None:
+            value = day  # a fixture's date for a dateTime field: its first instant, UTC
         moment = value if isinstance(value, datetime) else parse_datetime(value) if isinstance(value, str) else \
             datetime(value.year, value.month, value.day, tzinfo=timezone.utc) if isinstance(value, date) else None
         if moment is not None:
@@ -302,10 +304,3 @@ def _full_name(values: dict[str, Any]) -> str:
 def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {', '.join(allowed)}")
-
-
-def is_person_field(name: str) -> bool:
-    return name in PERSON_FIELDS
-
-
-__all__ = ["Made", "Org", "SObject", "stored_value"]

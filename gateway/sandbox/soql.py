@@ -492,10 +492,10 @@ class _Parser:
         seen: set[str] = set()
         for raw in raw_items:
             item = _path(obj, raw) if isinstance(raw, str) else self.typeof(obj, *raw)
-            key = (item.key if isinstance(item, Path) else f"typeof {item.ref.relationship}").lower()
-            if key in seen:
-                raise _malformed(f"duplicate field selected: {key.removeprefix('typeof ')}")
-            seen.add(key)
+            shown = item.key if isinstance(item, Path) else f"TYPEOF {item.ref.relationship}"
+            if shown.lower() in seen:
+                raise _malformed(f"duplicate field selected: {shown}")
+            seen.add(shown.lower())
             items.append(item)
         typed = {i.ref.name for i in items if isinstance(i, TypeOf)}
         if typed & {i.ref.name for i in items if isinstance(i, Path) and i.ref is not None}:
