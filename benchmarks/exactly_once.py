@@ -339,7 +339,7 @@ def _count(fig: Figures, bookings: list[_Booking], listing: list[dict], counters
     fig.faults_before_store = counters.get("faults_before_store", 0)
     fig.faults_dropped_after_store = counters.get("faults_dropped_after_store", 0)
     fig.faults_answered_after_store = counters.get("faults_answered_after_store", 0)
-    fig.lookups = counters.get("query_calls", 0)
+    fig.lookups = counters.get("appointment_queries", 0)
     for b in bookings:
         slot = (b.patient, b.start)
         if b.refusal:

@@ -131,7 +131,7 @@ async def test_a_source_changes_only_what_it_booked(world, route):
     for resource in ("this", "another", "none"):
         assert org.get(ids[resource]).status == "Scheduled", resource
     counters = org.counters()
-    assert (counters.cancel_calls, counters.update_calls, counters.query_calls) == (0, 0, 0)
+    assert (counters.cancel_calls, counters.update_calls, counters.appointment_queries) == (0, 0, 0)
     # and the source's own appointment it may change, with its key as with its token
     status, _ = await _change(gw, route, token if "identifier" in route else KEYS["cerner"], ids["this"], 1)
     assert status == 200 and org.get(ids["this"]).status == "Cancelled"
@@ -147,4 +147,4 @@ async def test_another_source_cannot_reach_this_sources_appointments_on_its_own_
             assert r.status_code == 404, (path, status, r.text)
             assert ids["this"] not in r.text
     assert org.get(ids["this"]).status == "Scheduled"
-    assert (org.counters().cancel_calls, org.counters().update_calls, org.counters().query_calls) == (0, 0, 0)
+    assert (org.counters().cancel_calls, org.counters().update_calls, org.counters().appointment_queries) == (0, 0, 0)

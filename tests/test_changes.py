@@ -105,7 +105,7 @@ async def test_unknown_appointments_are_404_and_nothing_is_asked_of_salesforce(g
         answers.append(r.json()["issue"])
     assert answers[0] == answers[1]  # a well-formed id tells nothing more than a malformed one
     counters = state(sandbox).counters()
-    assert (counters.cancel_calls, counters.query_calls) == (0, 0)  # the gateway's records decide
+    assert (counters.cancel_calls, counters.appointment_queries) == (0, 0)  # the gateway's records decide
 
 
 async def test_a_missing_link_is_404_not_an_org_wide_look_up(gateway, sandbox, redis_url, prefix):
@@ -122,7 +122,7 @@ async def test_a_missing_link_is_404_not_an_org_wide_look_up(gateway, sandbox, r
         await client.aclose()
     r = await put(gateway, f"/fhir/cerner/Appointment?identifier={IDENTIFIER}", appointment(status="cancelled"))
     assert r.status_code == 404, r.text
-    assert state(sandbox).get(sf_id).status == "Scheduled" and state(sandbox).counters().query_calls == 0
+    assert state(sandbox).get(sf_id).status == "Scheduled" and state(sandbox).counters().appointment_queries == 0
     # the appointment's own record still says cerner booked it: by its id, cerner may cancel it
     r = await put(gateway, f"/fhir/cerner/Appointment/{sf_id}", appointment(status="cancelled"))
     assert r.status_code == 200 and state(sandbox).get(sf_id).status == "Cancelled"

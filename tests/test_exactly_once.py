@@ -133,7 +133,7 @@ async def test_a_killed_workers_lease_lapses_and_the_retry_looks_first(
         stored = state(sandbox).appointments()
         assert len(stored) == 1 and taken.json()["id"] == stored[0].id
         assert state(sandbox).counters().book_calls == 1
-        assert state(sandbox).counters().query_calls >= 1
+        assert state(sandbox).counters().appointment_queries >= 1
 
 
 async def test_queue_source_answers_202_then_the_booking(redis_url, prefix, sandbox, tmp_path):
@@ -284,7 +284,7 @@ async def test_the_gateway_on_a_redis_cluster(redis_cluster_url, prefix, sandbox
                                  content=msgspec.json.encode({**other, "status": "cancelled"}), headers=auth())
         assert cancelled.status_code == 200 and cancelled.json()["id"] == second.json()["id"], cancelled.text
         assert state(sandbox).get(second.json()["id"]).status == "Cancelled"
-        assert state(sandbox).counters().query_calls == 1  # the lost answer's look-up only: the link was there
+        assert state(sandbox).counters().appointment_queries == 1  # the lost answer's look-up only: the link was there
 
 
 async def _booked(pending):
@@ -345,7 +345,7 @@ async def test_look_ups_that_work_do_not_keep_the_circuit_closed_while_book_fail
                 assert (await book(gw, f"out-{n}", variant(n))).status_code == 503
         counters = state(sandbox).counters()
         # each failure looked up at once (more on the retries, until the circuit refuses them too)
-        assert counters.book_calls == 4 and counters.query_calls >= 4
+        assert counters.book_calls == 4 and counters.appointment_queries >= 4
         await until(lambda: _circuit(gw, "open"), timeout=5)
         refused = await book(gw, "out-9", variant(9))
         assert refused.status_code == 503 and "circuit open" in refused.text

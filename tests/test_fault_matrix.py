@@ -141,7 +141,7 @@ async def test_an_answer_whose_id_is_not_salesforces_is_in_doubt_and_looked_up(g
 async def test_an_answer_over_the_size_bound_is_not_read_and_the_booking_is_looked_up(gw, org):
     """A 201 of 8 MiB (the bound is 4 MiB): the gateway does not hold it, and finds the booking."""
     n = 1100
-    queries = org.app.state.sandbox.counters().query_calls
+    queries = org.app.state.sandbox.counters().appointment_queries
     org.app.state.sandbox.faults.set(book_answer=1, book_answer_status=201, book_answer_body="salesforce",
                                      book_answer_pad_bytes=8 * 1024 * 1024)
     r = await gw.post("/fhir/cerner/Appointment", content=visit(n), headers=auth(**{"Idempotency-Key": f"huge-{n}"}))
@@ -149,4 +149,4 @@ async def test_an_answer_over_the_size_bound_is_not_read_and_the_booking_is_look
     assert r.status_code == 201 and [a.id for a in mine] == [r.json()["id"]], r.text
     assert len(r.content) < 10_000
     # not read: the answer was dropped at the bound and the booking found by its look-up
-    assert org.app.state.sandbox.counters().query_calls == queries + 1
+    assert org.app.state.sandbox.counters().appointment_queries == queries + 1

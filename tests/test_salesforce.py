@@ -11,7 +11,7 @@ import redis.asyncio as aredis
 from gateway.salesforce.auth import TokenProvider
 from gateway.outbound.http import HttpClient
 from gateway.settings import SalesforceConnection, SalesforceTuning
-from tests.conftest import CLIENT_ID, CLIENT_SECRET, VIDEO_VISIT, auth, corpus
+from tests.conftest import CLIENT_ID, CLIENT_SECRET, VIDEO_VISIT, auth, corpus, warm
 
 
 def state(sandbox):
@@ -55,7 +55,7 @@ async def test_expired_token_is_refreshed_once_then_retried(gateway, sandbox):
     assert c.token_grants == grants + 1
     assert c.invalid_session == 1
     # a Book is not re-sent blind after its 401: looked up first (with the new token), then sent
-    assert (c.book_calls, c.query_calls) == (3, 1)
+    assert (c.book_calls, c.appointment_queries) == (3, 1)
     assert len(state(sandbox).appointments()) == 2
 
 
@@ -75,18 +75,20 @@ async def test_request_limit_is_503_not_an_auth_failure(gateway, sandbox):
 
 
 async def test_salesforce_5xx_is_502_and_in_doubt(gateway, sandbox):
+    await warm(gateway)  # the people looked up first: the fault meets the Book
     state(sandbox).faults.set(server_error=1, server_error_status=500)
     r = await book(gateway, "five")
     assert r.status_code == 502 and r.json()["resourceType"] == "OperationOutcome"
     assert int(r.headers["retry-after"]) == 60  # the settle window: a 500 may follow a write
     assert state(sandbox).appointments() == []
-    assert state(sandbox).counters().query_calls == 1  # looked for it at once: not there
+    assert state(sandbox).counters().appointment_queries == 1  # looked for it at once: not there
     again = await book(gateway, "five")  # within the window: looked up again, not re-sent
     assert again.status_code == 503 and "not settled" in again.json()["issue"][0]["details"]["text"]
     assert state(sandbox).counters().book_calls == 1 and state(sandbox).appointments() == []
 
 
 async def test_salesforce_503_is_503_with_retry_after(gateway, sandbox):
+    await warm(gateway)
     state(sandbox).faults.set(server_error=1, server_error_status=503)
     r = await book(gateway, "maint")
     assert r.status_code == 503 and "retry-after" in r.headers

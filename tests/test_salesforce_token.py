@@ -89,7 +89,7 @@ async def test_a_cached_token_whose_instance_is_gone_is_renewed_and_the_booking_
             r = await book(gateway, "moved", 3)
             assert r.status_code == 201, r.text
             c = counters(sandbox)
-            assert (c.token_grants, c.book_calls, c.query_calls) == (1, 1, 0)  # not in doubt: nothing was sent
+            assert (c.token_grants, c.book_calls, c.appointment_queries) == (1, 1, 0)  # not in doubt: nothing was sent
             cached = msgspec.json.decode(await client.get(key), type=Token)
             assert cached.instance_url == sandbox.url and cached.access_token != "stale"
             assert (await book(gateway, "moved", 3)).json()["id"] == r.json()["id"]  # replayed, not re-sent

@@ -49,7 +49,7 @@ async def test_salesforces_documented_answer_is_read_and_the_searchset_is_valid_
     """The sandbox answers Get Slots as salesforce.md documents it (resourceSlotDetails); each slot
     belongs to the resource its entry names, with the type the search asked for."""
     state(sandbox).org.add_device("cerner", "DV-7", "Sandbox pump DV-7")  # the org holds the device too
-    r = await gateway.get(query(actor=["Practitioner/593923", "Device/DV-7"]), headers=auth())
+    r = await gateway.get(query(actor=["Practitioner/593923", "Device/DV-7", "Location/21304876"]), headers=auth())
     assert r.status_code == 200, r.text
     bundle = validate(r.content, "Bundle")
     sent = state(sandbox).counters().slots_calls

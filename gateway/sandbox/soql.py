@@ -54,6 +54,8 @@ class Source(Protocol):
 
     def find(self, record_id: str) -> tuple[str, dict[str, Any]] | None: ...
 
+    def queried(self, sobject: str) -> None: ...  # told of each query run, by its FROM
+
 
 # tokens --------------------------------------------------------------------------------------------
 
@@ -763,6 +765,7 @@ def project(query: Query, rec: dict[str, Any], source: Source, version: str) -> 
 def execute(q: str, source: Source, version: str, lenient: frozenset[str] = frozenset()) -> dict[str, Any]:
     """The REST answer to `GET …/query?q=`; SoqlError for what Salesforce refuses."""
     query = parse(q, version, lenient)
+    source.queried(query.sobject.name)
     matched = run(query, source)
     records = [] if query.count_only else [project(query, r, source, version) for r in matched]
     return {"totalSize": len(matched), "done": True, "records": records}

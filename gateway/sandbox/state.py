@@ -42,6 +42,7 @@ class Counters(msgspec.Struct, kw_only=True):
     cancel_calls: int = 0
     slots_calls: int = 0
     query_calls: int = 0  # every query, alone or inside a Composite call
+    appointment_queries: int = 0  # of those, the queries of ServiceAppointment (a booking looked up)
     composite_calls: int = 0  # Composite calls, each one API call whatever it holds
     sobject_calls: int = 0  # sObject create, read and upsert calls outside Composite
     resource_calls: int = 0  # Resources by Version: what readiness calls
@@ -430,6 +431,10 @@ class SandboxState:
         return out
 
     # records, as SOQL and the sObject calls read them (soql.Source) -----------------------------
+    def queried(self, sobject: str) -> None:
+        if sobject == "ServiceAppointment":  # what tests of a booking's look-up count
+            self.count("appointment_queries")
+
     def rows(self, sobject: str) -> list[dict[str, Any]]:
         return self.service_appointments() if sobject == "ServiceAppointment" else self.org.rows(sobject)
 
