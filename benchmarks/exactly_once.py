@@ -5,9 +5,13 @@ write, so that it can be killed and started again), the Health Cloud sandbox (`e
 failing a share of Book calls (a third before storing; a third by dropping the answer after storing;
 a third stored and then answered 503, 429 or 401, with Salesforce's body or a proxy's page), and
 `ehr-gateway serve --workers N` with two Cerner sources, one answering synchronously and one through
-the durable queue. Simulated EHRs then post every booking, a share of them twice (at once, or again
-later), retrying as a real interface would (on 202, 409, 502, 503 and broken connections). Midway,
-Redis is killed outright and started again, and one gateway worker is killed.
+the durable queue. Each booking is for a patient of its own, registered in the sandbox's org first,
+but for a share of them (`late_share`) whose patients the org comes to know only during the run, in
+three waves (before Redis is killed, between that and a worker's kill, after it): those are held
+(202) and must be booked once each when their patient arrives. Simulated EHRs then post every
+booking, a share of them twice (at once, or again later), retrying as a real interface would (on 202,
+409, 502, 503 and broken connections; a held booking is asked after again later). Midway, Redis is
+killed outright and started again, and one gateway worker is killed.
 
 At the end it counts, per booking, the appointments the sandbox holds and the ids the EHRs were
 answered: duplicates and lost bookings must both be 0.
@@ -62,6 +66,7 @@ class ProofOptions:
     kill_worker: bool = True
     seed: int = 20261124
     deadline_seconds: float = 240.0
+    late_share: float = 0.2  # of bookings whose patient the org knows only later: held, then booked
 
 
 @dataclass
@@ -82,6 +87,10 @@ class Figures:
     in_doubt: int = 0  # attempts whose answer was lost (timeout, dropped, 5xx), from the gateway's log
     adopted: int = 0  # attempts that adopted the appointment an earlier attempt had made
     queued: int = 0  # 202 answers
+    late: int = 0  # bookings whose patient arrived in the org during the run
+    held: int = 0  # 202 answers saying a booking is held for its patient
+    released: int = 0  # late bookings booked (held, then booked when their patient arrived)
+    identity_calls: int = 0  # Salesforce calls made to find participants (Composite and lone queries)
     redis_restarts: int = 0
     workers_killed: int = 0
     seconds: float = 0.0
@@ -132,6 +141,12 @@ backoff_base_seconds = 0.1
 backoff_max_seconds = 1
 poll_seconds = 0.1
 
+[identity]
+hold_retry_seconds = 0.2
+hold_retry_max_seconds = 1
+hold_poll_seconds = 0.1
+miss_cache_seconds = 0.5
+
 [redis]
 key_prefix = "proof"
 """)
@@ -148,6 +163,9 @@ class _Booking:
     start: str
     sends: int = 1
     together: bool = False
+    late: bool = False  # the org knows the patient only from a wave during the run
+    account: str | None = None  # the patient's record in the org, once registered
+    held: bool = False  # answered 202: held for its patient
     answers: list[str] = field(default_factory=list)
     refusal: str | None = None
 
@@ -167,8 +185,23 @@ def _bookings(opts: ProofOptions) -> list[_Booking]:
                      patient, start.strftime("%Y-%m-%dT%H:%M:%S"))
         if rng.random() < opts.duplicate_share:
             b.sends, b.together = 2, rng.random() < 0.5
+        b.late = rng.random() < opts.late_share
         out.append(b)
     return out
+
+
+async def _register(sf: httpx.AsyncClient, bookings: list[_Booking]) -> None:
+    """The patients made known to the org (its data load: the sandbox's control key), a few at once."""
+    gate = asyncio.Semaphore(16)
+
+    async def one(b: _Booking) -> None:
+        async with gate:
+            r = await sf.post("/sandbox/org/patients", json={"sourceSystem": "cerner", "idValue": b.patient,
+                                                            "firstName": "Proof", "lastName": f"Patient{b.index}"})
+            r.raise_for_status()
+            b.account = r.json()["account"]
+
+    await asyncio.gather(*(one(b) for b in bookings))
 
 
 class _Run:
@@ -192,6 +225,10 @@ class _Run:
             if r.status_code == 201:
                 b.answers.append(r.json()["id"])
                 return
+            if r.status_code == 202 and b"held" in r.content:
+                self.figures.held += 1
+                b.held = True
+                return  # asked after again later, as an interface does with an accepted message
             if r.status_code in RETRY_STATUSES:
                 self.figures.queued += r.status_code == 202
                 await asyncio.sleep(min(float(r.headers.get("retry-after", "1")), 0.3))
@@ -206,7 +243,10 @@ class _Run:
                 await asyncio.gather(self.post(client, b, deadline), self.post(client, b, deadline))
             else:
                 await self.post(client, b, deadline)
-            self.acked += 1
+        while b.held and not b.answers and not b.refusal and time.monotonic() < deadline:
+            await asyncio.sleep(0.5)  # held: the EHR asks after it now and then, holding no connection
+            await self.post(client, b, deadline)
+        self.acked += 1
         if b.sends == 2 and not b.together:
             await asyncio.sleep(0.5)  # the EHR's later, unprompted retry
             async with gate:
@@ -259,13 +299,16 @@ async def run_proof(opts: ProofOptions, workdir: Path | None = None) -> Figures:
                 "answer_after_store": list(AFTER_STORE), "fault_seed": opts.seed})
             r.raise_for_status()
             bookings = _bookings(opts)
+            await _register(sf, [b for b in bookings if not b.late])
             started = time.monotonic()
             deadline = started + opts.deadline_seconds
             gate = asyncio.Semaphore(opts.concurrency)
             chaos = asyncio.create_task(_chaos(run, redis_server, gateway))
+            arrivals = asyncio.create_task(_arrivals(run, sf, bookings))
             await asyncio.gather(*(run.ehr(gw, b, gate, deadline) for b in bookings))
-            chaos.cancel()
-            await asyncio.gather(chaos, return_exceptions=True)
+            for task in (chaos, arrivals):
+                task.cancel()
+            await asyncio.gather(chaos, arrivals, return_exceptions=True)
             run.figures.seconds = round(time.monotonic() - started, 1)
             await sf.post("/sandbox/faults", json={"fail_before_store_ratio": 0, "drop_after_store_ratio": 0,
                                                    "answer_after_store_ratio": 0})
@@ -319,6 +362,18 @@ async def _chaos(run: _Run, redis_server: EmbeddedRedis, gateway: subprocess.Pop
             run.figures.workers_killed += 1
 
 
+async def _arrivals(run: _Run, sf: httpx.AsyncClient, bookings: list[_Booking]) -> None:
+    """The late patients reach the org in three waves: before Redis is killed (at a sixth of the
+    others' bookings), between that and the worker's kill (at a half), and after it (five sixths)."""
+    late = [b for b in bookings if b.late]
+    others = len(bookings) - len(late)
+    for wave, share in enumerate((1 / 6, 1 / 2, 5 / 6)):
+        while run.acked < others * share:
+            await asyncio.sleep(0.05)
+        await _register(sf, late[wave::3])
+    run.figures.late = len(late)
+
+
 def _cmdline(pid: int) -> bytes:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -341,7 +396,8 @@ def _count(fig: Figures, bookings: list[_Booking], listing: list[dict], counters
     fig.faults_answered_after_store = counters.get("faults_answered_after_store", 0)
     fig.lookups = counters.get("appointment_queries", 0)
     for b in bookings:
-        slot = (b.patient, b.start)
+        slot = (b.account or "", b.start)
+        fig.released += b.late and bool(b.answers)
         if b.refusal:
             fig.refused += 1
             fig.refusals.append(f"booking {b.index}: {b.refusal}")
@@ -352,7 +408,7 @@ def _count(fig: Figures, bookings: list[_Booking], listing: list[dict], counters
         fig.duplicates += max(0, held[slot] - 1)
         if held[slot] == 0 or not set(b.answers) <= ids_at.get(slot, set()):
             fig.lost += 1
-    expected = {(b.patient, b.start) for b in bookings}
+    expected = {(b.account or "", b.start) for b in bookings}
     fig.duplicates += sum(n for slot, n in held.items() if slot not in expected)  # made from nothing
     for line in log_path.read_text(errors="replace").splitlines():
         if not line.startswith("{"):
@@ -363,6 +419,7 @@ def _count(fig: Figures, bookings: list[_Booking], listing: list[dict], counters
             continue
         fig.adopted += entry.get("adopted") is True
         fig.in_doubt += entry.get("sf_in_doubt") is True
+        fig.identity_calls += entry.get("id_calls") or 0
 
 
 def main() -> int:

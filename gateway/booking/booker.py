@@ -675,7 +675,7 @@ class Booker:
         trace.unmatched = error
         return answer
 
-    async def prefetch(self, items: list[HeldBooking]) -> dict[EhrId, Found] | None:
+    async def prefetch(self, items: list[HeldBooking], record: IdentityRecord) -> dict[EhrId, Found] | None:
         """The held bookings' people asked of the org together, once (the ids not yet known, however
         recently missed: a hold's tries are spaced already): one call for a batch, where each asking
         alone would make one each. None when the org cannot be asked: each try then finds out alone."""
@@ -688,7 +688,7 @@ class Booker:
             except (GatewayError, msgspec.DecodeError, msgspec.ValidationError):
                 continue
         try:
-            return await self._resolver.find(ids, IdentityRecord(), fresh=True)
+            return await self._resolver.find(ids, record, fresh=True)
         except GatewayError:
             return None
 

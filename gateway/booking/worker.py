@@ -16,7 +16,7 @@ import time
 
 from gateway.booking.booker import Booker, Trace
 from gateway.booking.holding import Holding
-from gateway.identity import EhrId, Found
+from gateway.identity import EhrId, Found, IdentityRecord
 from gateway.settings import IdentitySettings
 from gateway.state.holds import HeldBooking
 from gateway.state.idempotency import REDIS_FAILURES
@@ -138,7 +138,9 @@ class HoldWorker:
         """Try the source's due held bookings once; how many were taken."""
         items = await self._holding.store.take(source, count=self._settings.hold_batch, lease_ms=self._lease_ms)
         if items:
-            found = await self._booker.prefetch(items)
+            record = IdentityRecord()
+            found = await self._booker.prefetch(items, record)
+            log.info("holds", source=source, taken=len(items), id_calls=record.calls or None, pid=os.getpid())
             await asyncio.gather(*(self._release(item, found) for item in items))
         return len(items)
 
