@@ -13,7 +13,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import CLIENT_ID, CLIENT_SECRET, ROOT
+from gateway.sandbox import SandboxConfig
+from tests.conftest import CLIENT_ID, CLIENT_SECRET, CONTROL_KEY, ROOT
 
 API = "/services/data/v66.0/connect/health/appointment-management"
 BOOKING: dict[str, Any] = {
@@ -57,6 +58,14 @@ def test_the_sandbox_imports_nothing_of_the_gateways_salesforce_client():
          "print(' '.join(m for m in sys.modules if m.startswith('gateway.')))"],
         cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
     assert "gateway.sandbox.app" in loaded and not [m for m in loaded if m.startswith("gateway.salesforce")]
+
+
+@pytest.fixture
+def sandbox_config() -> SandboxConfig:
+    """The request shapes are this module's, with references of any id: whether they name the org's
+    records is tests/test_sandbox_org.py's."""
+    return SandboxConfig(client_id=CLIENT_ID, client_secret=CLIENT_SECRET, control_key=CONTROL_KEY,
+                         require_records=False)
 
 
 @pytest.fixture
