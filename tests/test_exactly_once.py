@@ -20,6 +20,7 @@ from gateway.state.embedded_redis import EmbeddedRedis
 from gateway.state.idempotency import IdempotencyStore, fingerprint
 from gateway.state.queue import BookingQueue
 from tests.conftest import CLIENT_ID, CLIENT_SECRET, CONFIG, VIDEO_VISIT, auth, corpus, make_settings, serve_gateway
+from tests.conftest import visit_records, warm
 
 
 def state(sandbox):
@@ -62,6 +63,7 @@ async def until(predicate, timeout: float = 10.0, step: float = 0.05):
 async def test_in_doubt_booking_is_sent_again_only_after_the_settle_window(redis_url, prefix, sandbox, tmp_path):
     settings = make_settings(redis_url, prefix, sandbox.url, config_dir=config_dir(tmp_path, prefix, settle=0.5))
     async with serve_gateway(settings) as gw:
+        await warm(gw)  # the people looked up first: the faults below meet the Book
         state(sandbox).faults.set(server_error=1, server_error_status=500)  # refused before storing
         first = await book(gw, "doubt-1")
         assert first.status_code == 502 and first.headers["retry-after"] == "1"
@@ -80,6 +82,7 @@ async def test_timeout_while_salesforce_still_works_is_found_not_resent(redis_ur
     settle window finds it, and it is adopted instead of booked twice."""
     settings = make_settings(redis_url, prefix, sandbox.url, config_dir=config_dir(tmp_path, prefix, settle=1.5))
     async with serve_gateway(settings) as gw:
+        await warm(gw)
         state(sandbox).faults.set(latency_ms=1200)  # longer than the gateway's 0.8 s timeout
         first = await book(gw, "slow-1")
         assert first.status_code == 502 and "may or may not" in first.text
@@ -102,7 +105,12 @@ async def _send_as_a_dead_worker(sandbox, settings, key: str) -> tuple[str, str]
                              lease_seconds=0.5, retention_hours=1)
     record = store.record_key("cerner", "h:" + key)
     assert (await store.claim(record, fingerprint(prepared.booking))).state == "new"
-    return record, msgspec.json.encode(prepared.mapped.request).decode()
+    # what it sent named the org's records, as the gateway sends them
+    sent = msgspec.to_builtins(prepared.mapped.request)
+    records = visit_records(sandbox)
+    sent["participants"] = [{"reference": records[p["reference"].partition("/")[0]]} for p in sent["participants"]]
+    sent["slots"] = [{**slot, "reference": records["Practitioner"]} for slot in sent["slots"]]
+    return record, msgspec.json.encode(sent).decode()
 
 
 @pytest.mark.parametrize("reached_salesforce", [True, False])
@@ -138,8 +146,9 @@ async def test_a_killed_workers_lease_lapses_and_the_retry_looks_first(
 
 async def test_queue_source_answers_202_then_the_booking(redis_url, prefix, sandbox, tmp_path):
     settings = make_settings(redis_url, prefix, sandbox.url, config_dir=config_dir(tmp_path, prefix, queue_source="cerner"))
-    state(sandbox).faults.set(request_limit_exceeded=2)  # the org's allowance is spent, twice
     async with serve_gateway(settings) as gw:
+        await warm(gw)  # the people looked up first: the spent allowance meets the Book
+        state(sandbox).faults.set(request_limit_exceeded=2)  # the org's allowance is spent, twice
         first = await book(gw, "queued-1")
         assert first.status_code == 202, first.text
         outcome = first.json()
@@ -163,10 +172,11 @@ async def test_dead_letter_then_replay_and_drop_from_the_command_line(redis_url,
     settings = make_settings(redis_url, prefix, sandbox.url, config_dir=cfg)
     monkeypatch.setenv("REDIS_URL", redis_url)
     queue = BookingQueue(aredis.Redis.from_url(redis_url), prefix)
-    state(sandbox).faults.set(request_limit_exceeded=1000)
     other = msgspec.json.decode(corpus(VIDEO_VISIT))
     other["start"], other["end"] = "2026-12-01T13:00:00Z", "2026-12-01T13:15:00Z"
     async with serve_gateway(settings) as gw:
+        await warm(gw)
+        state(sandbox).faults.set(request_limit_exceeded=1000)
         assert (await book(gw, "dead-1")).status_code == 202
         assert (await book(gw, "dead-2", msgspec.json.encode(other))).status_code == 202
 
@@ -310,6 +320,7 @@ async def test_circuit_opens_for_every_worker_then_a_probe_closes_it(redis_url, 
     settings = make_settings(redis_url, prefix, sandbox.url, config_dir=breaker_config(tmp_path, prefix))
     # two gateways on one Redis: two workers, one breaker
     async with serve_gateway(settings) as gw, serve_gateway(settings) as other:
+        await warm(gw)  # cached for both: one Redis
         # Salesforce in maintenance: each Book's 503 (in doubt) and the look-up that follows it
         state(sandbox).faults.set(server_error=8, server_error_status=503)
         for n in range(4):
@@ -374,6 +385,7 @@ async def test_open_circuit_sends_queue_sources_to_the_queue(redis_url, prefix, 
     cfg = breaker_config(tmp_path, prefix, queue_source="cerner", max_attempts=8)
     settings = make_settings(redis_url, prefix, sandbox.url, config_dir=cfg)
     async with serve_gateway(settings) as gw:
+        await warm(gw)
         state(sandbox).faults.set(server_error=1000, server_error_status=503)
         for n in range(4):
             assert (await book(gw, f"cq-{n}", variant(n))).status_code == 202

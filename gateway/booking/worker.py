@@ -72,7 +72,8 @@ class QueueWorker:
                 await self._queue.retry(entry, "circuit-open", count_attempt=False, delay_seconds=trace.paused_for)
                 outcome = "paused"
             else:
-                error = trace.salesforce.error_code or trace.looked_up or "unavailable"
+                error = (trace.salesforce.error_code or trace.identity.call.error_code or trace.looked_up
+                         or "unavailable")
                 outcome = await self._queue.retry(entry, error)
         except Exception as exc:
             # Redis gone, or a bug: the entry stays pending and XAUTOCLAIM hands it out again
