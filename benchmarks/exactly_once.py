@@ -88,7 +88,7 @@ class Figures:
     adopted: int = 0  # attempts that adopted the appointment an earlier attempt had made
     queued: int = 0  # 202 answers
     late: int = 0  # bookings whose patient arrived in the org during the run
-    held: int = 0  # 202 answers saying a booking is held for its patient
+    held: int = 0  # 202 answers saying a booking is held for its patient (they name its log entry)
     released: int = 0  # late bookings booked (held, then booked when their patient arrived)
     identity_calls: int = 0  # Salesforce calls made to find participants (Composite and lone queries)
     redis_restarts: int = 0
@@ -225,7 +225,7 @@ class _Run:
             if r.status_code == 201:
                 b.answers.append(r.json()["id"])
                 return
-            if r.status_code == 202 and b"held" in r.content:
+            if r.status_code == 202 and "/admin/api/requests/" in r.headers.get("location", ""):
                 self.figures.held += 1
                 b.held = True
                 return  # asked after again later, as an interface does with an accepted message
