@@ -480,9 +480,11 @@ class Bench:
         self.sf_body.write_bytes(json.dumps(json.loads(out.stdout), separators=(",", ":")).encode())
         self.standin = self._start_standin()
 
-    def _write_config(self) -> None:
-        shutil.copytree(ROOT / "config", self.config)
-        path = self.config / "gateway.toml"
+    def _write_config(self, source: Path = ROOT / "config", target: Path | None = None) -> None:
+        """A copy of `source` (the project's config/) at `target` (self.config) with the bench's key and prefix."""
+        target = target or self.config
+        shutil.copytree(source, target)
+        path = target / "gateway.toml"
         toml = path.read_text()
         digest = hashlib.sha256(API_KEY.encode()).hexdigest()
         head = f"[sources.{SOURCE}]"
@@ -497,9 +499,10 @@ class Bench:
         else:
             toml += f'\n[redis]\nkey_prefix = "{self.run_id}"\n'
         path.write_text(toml)
-        from gateway.settings import load_file_settings
+        if target == self.config:
+            from gateway.settings import load_file_settings
 
-        load_file_settings(self.config)  # fails here, named, if the edit went wrong
+            load_file_settings(self.config)  # fails here, named, if the edit went wrong
 
     def _start_standin(self) -> Proc:
         p = Proc("standin", [sys.executable, "-m", "benchmarks.standin", "--server", self.args.standin],

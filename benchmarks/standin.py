@@ -13,6 +13,9 @@ It answers what the gateway's Salesforce client and the benchmark baselines call
   caller that loses its token or its body shows up as errors.
 * `GET /services/data/v<version>/query?q=…` (the gateway's look-up after a lost answer): 200, no
   records.
+* `POST /services/data/v<version>/composite` (the gateway's identity look-up of the benchmark
+  booking's people, the corpus's Cerner video visit: Patient/12724066, Location/21304876,
+  Practitioner/593923): 200, one fixed answer holding their records (`IDENTITY`), whatever is asked.
 * `GET /services/data/v<version>/` (Resources by Version, what the gateway's readiness calls): 200.
 * `GET /_standin/counters`: how many calls of each kind it answered (the benchmark checks that
   replays never reach it).
@@ -50,6 +53,30 @@ DEFAULT_API_VERSION = "66.0"
 _BOOK_PATH = re.compile(r"^/services/data/v[0-9.]+/connect/health/appointment-management/appointment$")
 _QUERY_PATH = re.compile(r"^/services/data/v[0-9.]+/query/?$")
 _RESOURCES_PATH = re.compile(r"^/services/data/v[0-9.]+/?$")
+_COMPOSITE_PATH = re.compile(r"^/services/data/v[0-9.]+/composite/?$")
+
+# The org's records of the benchmark booking's people, as the gateway's identity Composite reads them
+# (its four queries, in its order: Identifiers, HPFs by Contact, by HealthcareProvider, by their own id)
+PATIENT, FACILITY, CONTACT, HPF = "001xx0000000001AAA", "001xx0000000002AAA", "003xx0000000001AAA", "0bSxx0000000001AAA"
+
+
+def _identifier(value: str, parent: str, kind: str, **typed: object) -> dict[str, object]:
+    return {"attributes": {"type": "Identifier"}, "Id": f"0cixx00000000{len(value):02d}AAA", "IdValue": value,
+            "SourceSystem": "cerner", "ParentRecordId": parent,
+            "ParentRecord": {"attributes": {"type": kind}, **typed}}
+
+
+IDENTITY = {"compositeResponse": [
+    {"referenceId": "ids", "httpStatusCode": 200, "httpHeaders": {}, "body": {"totalSize": 3, "done": True, "records": [
+        _identifier("12724066", PATIENT, "Account", IsPersonAccount=True),
+        _identifier("21304876", FACILITY, "Account", IsPersonAccount=False),
+        _identifier("593923", CONTACT, "Contact", AccountId=None)]}},
+    {"referenceId": "byContact", "httpStatusCode": 200, "httpHeaders": {}, "body": {"totalSize": 1, "done": True, "records": [
+        {"attributes": {"type": "HealthcarePractitionerFacility"}, "Id": HPF, "PractitionerId": CONTACT,
+         "HealthcareProviderId": None, "AccountId": FACILITY, "EffectiveFrom": None, "EffectiveTo": None}]}},
+    {"referenceId": "byProvider", "httpStatusCode": 200, "httpHeaders": {}, "body": {"totalSize": 0, "done": True, "records": []}},
+    {"referenceId": "byOwnId", "httpStatusCode": 200, "httpHeaders": {}, "body": {"totalSize": 0, "done": True, "records": []}},
+]}
 
 
 def answers(base_url: str) -> dict[str, tuple[int, list[tuple[str, str]], bytes]]:
@@ -69,6 +96,7 @@ def answers(base_url: str) -> dict[str, tuple[int, list[tuple[str, str]], bytes]
         "token": (200, [("Content-Type", "application/json;charset=UTF-8"), ("Cache-Control", "no-cache,must-revalidate,max-age=0,no-store,private")], enc(token)),
         "book": (201, sf_json, enc({"id": BOOKED_ID, "isSuccess": True, "status": "Scheduled", "error": []})),
         "query": (200, sf_json, enc({"totalSize": 0, "done": True, "records": []})),
+        "composite": (200, sf_json, enc(IDENTITY)),
         "resources": (200, sf_json, enc({"query": "/services/data/v66.0/query", "sobjects": "/services/data/v66.0/sobjects"})),
         "unauthorized": (401, sf_json, enc([{"message": "Session expired or invalid", "errorCode": "INVALID_SESSION_ID"}])),
         "empty_body": (400, sf_json, enc([{"message": "The request body is empty.", "errorCode": "JSON_PARSER_ERROR"}])),
@@ -79,8 +107,8 @@ def answers(base_url: str) -> dict[str, tuple[int, list[tuple[str, str]], bytes]
 
 class Counters:
     def __init__(self) -> None:
-        self.values = {"token": 0, "book": 0, "query": 0, "resources": 0, "unauthorized": 0, "empty_body": 0,
-                       "not_found": 0}
+        self.values = {"token": 0, "book": 0, "query": 0, "composite": 0, "resources": 0, "unauthorized": 0,
+                       "empty_body": 0, "not_found": 0}
 
     def body(self) -> bytes:
         return json.dumps(self.values).encode()
@@ -100,6 +128,8 @@ def route(method: str, path: str, auth: bytes | None, body_len: int) -> str:
             return "book" if body_len else "empty_body"
         if method == "GET" and _QUERY_PATH.match(path):
             return "query"
+        if method == "POST" and _COMPOSITE_PATH.match(path):
+            return "composite"
         if method == "GET" and _RESOURCES_PATH.match(path):
             return "resources"
     return "not_found"
