@@ -241,6 +241,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"No Salesforce credentials: serving the Health Cloud sandbox at {sandbox_server.url}")
             print(f"  its appointments: {sandbox_server.url}/sandbox/appointments "
                   f"with Authorization: Bearer {control_key} (the sandbox's control key)")
+            print(f"  it plays an org holding the demo's patients, practitioners and facilities "
+                  f"({sandbox_server.url}/sandbox/org/Identifier); add one with POST "
+                  f"{sandbox_server.url}/sandbox/org/patients and the same key")
             print("  demo sources and keys (accepted only while the sandbox stands in for Salesforce):")
             for source, src in settings.sources.items():
                 if src.adapter == "hl7v2":  # no key: MLLP has none
