@@ -708,6 +708,12 @@ class Booker:
         if claim.state == "busy":
             await holds.reschedule(item, item, self._holding.delay_ms(0))
             return "busy"
+        # what is held now: a change may have replaced it between the take and this lease (none can after)
+        current = await holds.get(item.source, item.hold_id)
+        if current is None:
+            await self._store.park(claim)
+            return "done"
+        item = current
         booking, request = self._holding.opened(item)
         job = Job(item.source, booking, request, claim, item.fingerprint, origin="hold", held=item, cached=found)
         try:
