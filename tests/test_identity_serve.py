@@ -6,20 +6,16 @@ booked once when the patient is added."""
 from __future__ import annotations
 
 import asyncio
-import os
 import re
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 
-from tests.conftest import CORPUS, ROOT
+from tests.conftest import CORPUS
 from tests.hl7_strict import read
 from tests.test_hl7v2 import exchange
-from tests.test_serve import _processes_mentioning, free_port
+from tests.test_serve import demo
 
 VIDEO_VISIT = CORPUS / "cerner-millennium-r4" / "r4_appointment_video_visit_entry.json"
 FHIR_EXAMPLE = CORPUS / "fhir-r4-official" / "Appointment-example.json"
@@ -35,26 +31,7 @@ def _all_records(request: dict) -> bool:
 
 
 def test_serve_books_every_dialect_with_the_orgs_records_and_releases_a_held_booking(tmp_path: Path):
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SALESFORCE_", "REDIS_URL", "EHR_GATEWAY_DATA_KEY"))}
-    env["EHR_GATEWAY_DATA"] = str(tmp_path / "data")
-    out = (tmp_path / "stdout").open("w+")
-    exe = Path(sys.executable).with_name("ehr-gateway")
-    proc = subprocess.Popen([str(exe), "serve", "--port", str(port)], cwd=ROOT, env=env, stdout=out,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{base}/health/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None, (tmp_path / "stdout").read_text()
-            assert time.monotonic() < deadline, "gateway did not become ready"
-            time.sleep(0.2)
-        printed = (tmp_path / "stdout").read_text()
+    with demo(tmp_path) as (base, printed):
         sandbox = re.search(r"sandbox at (http://127\.0\.0\.1:\d+)", printed).group(1)
         control = {"Authorization": "Bearer " + re.search(r"Authorization: Bearer (\S+) \(the sandbox's control key\)",
                                                            printed).group(1)}
@@ -92,11 +69,3 @@ def test_serve_books_every_dialect_with_the_orgs_records_and_releases_a_held_boo
         assert len(stored) == 4
         assert {"reference": f"Patient/{made.json()['account']}"} in stored[-1]["request"]["participants"]
         assert "12999999" not in (tmp_path / "stdout").read_text()  # the patient's id: never logged
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        if _processes_mentioning(str(tmp_path)):
-            os.killpg(proc.pid, signal.SIGKILL)

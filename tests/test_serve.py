@@ -12,6 +12,8 @@ import ssl
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -42,8 +44,10 @@ def _processes_mentioning(text: str) -> list[int]:
     return found
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_serve_with_embedded_defaults_books_the_demo(tmp_path: Path, workers: int):
+@contextmanager
+def demo(tmp_path: Path, workers: int = 1) -> Iterator[tuple[str, str]]:
+    """`ehr-gateway serve` as the README's first command runs it, with nothing configured: its address
+    and what it printed once ready. Stopped as an operator stops it; nothing of it may outlive it."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SALESFORCE_", "REDIS_URL", "EHR_GATEWAY_DATA_KEY"))}
     env["EHR_GATEWAY_DATA"] = str(tmp_path / "data")
@@ -63,7 +67,22 @@ def test_serve_with_embedded_defaults_books_the_demo(tmp_path: Path, workers: in
             assert proc.poll() is None, (tmp_path / "stdout").read_text()
             assert time.monotonic() < deadline, "gateway did not become ready"
             time.sleep(0.2)
-        printed = (tmp_path / "stdout").read_text()
+        yield base, (tmp_path / "stdout").read_text()
+    finally:
+        proc.send_signal(signal.SIGTERM)  # as an operator or a process manager stops it
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        leftovers = _processes_mentioning(str(tmp_path))
+        if leftovers:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert leftovers == [], "the embedded Redis outlived the gateway"
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_serve_with_embedded_defaults_books_the_demo(tmp_path: Path, workers: int):
+    with demo(tmp_path, workers) as (base, printed):
         assert "started an embedded Redis" in printed
         assert "No Salesforce credentials: serving the Health Cloud sandbox" in printed
         assert "Authorization: Bearer demo-cerner-key" in printed
@@ -108,16 +127,6 @@ def test_serve_with_embedded_defaults_books_the_demo(tmp_path: Path, workers: in
                              timeout=5).status_code == 403  # a source's key is not an operator's
         key_file = tmp_path / "data" / "data.key"
         assert key_file.exists() and key_file.stat().st_mode & 0o077 == 0  # the demo's sealing key, owner-only
-    finally:
-        proc.send_signal(signal.SIGTERM)  # as an operator or a process manager stops it
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        leftovers = _processes_mentioning(str(tmp_path))
-        if leftovers:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert leftovers == [], "the embedded Redis outlived the gateway"
     assert (tmp_path / "data" / "redis" / "appendonly.aof").exists() or any((tmp_path / "data" / "redis").glob("appendonly*"))
 
 

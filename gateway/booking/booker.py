@@ -351,13 +351,10 @@ class Booker:
                 await self._holding.store.settle(item)
                 trace.result = "cancelled"
                 return Answer(200, _HELD_CANCELLED, {"Content-Type": FHIR_JSON})
-            await self._holding.store.reschedule(item, self._holding.amended(item, booking, mapped.request), 0)
-            await self._store.park(claim, held=True)
+            return await self._holding.keep(item, self._holding.amended(item, booking, mapped.request), 0, claim, trace)
         except REDIS_FAILURES:
             raise Unavailable("the held booking cannot be changed now (Redis); send the change again",
                               retry_after=5) from None
-        trace.parked = "held"
-        return held_answer(trace)
 
     def _check_change(self, source_name: str, booking: CanonicalBooking, trace: Trace) -> tuple[str, Mapped, str | None]:
         """A change's status, mapped request and cancellation reason, once it is one Salesforce can take."""

@@ -21,7 +21,7 @@ from gateway.errors import GatewayError, Issue, Unavailable
 from gateway.salesforce.wire import BookingRequest
 from gateway.settings import IdentitySettings, SourceSettings
 from gateway.state.holds import HeldBooking, HoldStore, hold_id, identifier_digests
-from gateway.state.idempotency import REDIS_FAILURES, IdempotencyStore
+from gateway.state.idempotency import REDIS_FAILURES, Claim, IdempotencyStore
 from gateway.state.sealing import Sealer
 
 _encoder = msgspec.json.Encoder()
@@ -60,11 +60,19 @@ class Holding:
                 return await self.refuse(job, why, trace)
             else:
                 again = msgspec.structs.replace(job.held, attempts=job.held.attempts + 1, last_error=why)
-                await self.store.reschedule(job.held, again, self.delay_ms(again.attempts))
-            await self._records.park(claim, held=True)
+                return await self.keep(job.held, again, self.delay_ms(again.attempts), claim, trace)
+            return await self._parked(claim, trace)
         except REDIS_FAILURES:
             raise Unavailable("the booking's patient is not known yet and it cannot be held now (Redis)",
                               retry_after=5) from None
+
+    async def keep(self, item: HeldBooking, new: HeldBooking, delay_ms: int, claim: Claim, trace: Trace) -> Answer:
+        """The hold goes on as `new` (tried after `delay_ms`), its record given back as held: the 202."""
+        await self.store.reschedule(item, new, delay_ms)
+        return await self._parked(claim, trace)
+
+    async def _parked(self, claim: Claim, trace: Trace) -> Answer:
+        await self._records.park(claim, held=True)
         trace.parked = "held"
         return held_answer(trace)
 
