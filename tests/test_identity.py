@@ -652,3 +652,16 @@ async def test_a_lookup_that_hangs_times_out_and_books_nothing(redis_url, prefix
         assert r.status_code in (502, 503), r.text
     await asyncio.sleep(3)  # whatever the sandbox did after the gateway stopped waiting: no Book
     assert sandbox_state(sandbox).counters().book_calls == 0
+
+
+async def test_an_s15_for_a_held_booking_ends_the_hold_over_mllp(redis_url, prefix, sandbox):
+    settings = identity_settings(make_settings(redis_url, prefix, sandbox.url), tuning=FAST_HOLDS)
+    stranger = ATHENA.replace(b"PID||00432|00432|", b"PID||77770|77770|")
+    cancel = with_event(stranger, "S15", control="77771", reason="pat^patient request")
+    async with mllp_gateway(settings) as (port, client):
+        acks = await exchange(port, stranger, cancel)
+        assert [msa(a)[1] for a in acks] == ["AA", "AA"], acks
+        assert (await client.get("/admin/api/held", headers=ADMIN)).json()["sources"] == {}
+        sandbox_state(sandbox).org.add_patient("athena", "77770", first_name="Sev", last_name="Enty")
+        await asyncio.sleep(1.0)  # several turns of the holds' worker: nothing is held, nothing booked
+    assert sandbox_state(sandbox).counters().book_calls == 0
