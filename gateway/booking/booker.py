@@ -9,7 +9,6 @@ the booking up (`_deliver`): that is what makes each booking one appointment.
 
 from __future__ import annotations
 
-import asyncio
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -223,8 +222,9 @@ class Booker:
         trace.key_material = material
         key = self._store.record_key(source_name, material)
         ids = self._resolver.ids(source_name, prepared.booking)
-        # the identity cache is read with the claim: one round trip on the pipelined link, not two
-        claim, cached = await asyncio.gather(self._store.claim(key, fp), self._resolver.cached(ids))
+        # the identity cache is asked with the claim: one round trip on the pipelined link, not two
+        asked = self._resolver.ask_cache(ids)
+        claim = await self._store.claim(key, fp)
         if retry_refusal and claim.state == "done" and claim.status >= 400 and await self._store.forget_refusal(key, fp):
             claim = await self._store.claim(key, fp)
         trace.idempotency = claim.state
@@ -246,6 +246,7 @@ class Booker:
         source = self.source(source_name)
         # a queue source keeps its lease through a failure, so the booking passes to the queue whole
         held = self._queue is not None and source.delivery == "queue"
+        cached = await self._resolver.collect(ids, asked)
         job = Job(source_name, prepared.booking, prepared.mapped.request, claim, fp, hold=held, ids=ids, cached=cached)
         try:
             return await self._deliver(job, trace)

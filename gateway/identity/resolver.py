@@ -12,7 +12,8 @@ appointment's day.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import functools
+from collections.abc import Awaitable, Sequence
 
 import msgspec
 
@@ -40,6 +41,7 @@ class Resolver:
                  settings: IdentitySettings) -> None:
         self._sources, self._cache, self._client, self._settings = sources, cache, client, settings
         self._flights = Flights()
+        self._ids: dict[tuple[str, Participant], EhrId] = {}  # each participant's EHR id, worked out once
         hours = int(settings.cache_hours * 3_600_000)
         self._ttl_ms = {"patient": int(settings.patient_cache_seconds * 1000), "location": hours,
                         "practitioner": hours, "role": hours, "device": hours}
@@ -50,17 +52,32 @@ class Resolver:
         return self.ids_of(source, booking.participants)
 
     def ids_of(self, source: str, participants: Sequence[Participant]) -> list[EhrId]:
-        settings = self._sources[source]
-        return [ehr_id(p, settings) for p in participants]
+        settings, known = self._sources[source], self._ids
+        out = []
+        for p in participants:
+            found = known.get((source, p))
+            if found is None:
+                if len(known) >= 16_384:  # the same people come again and again: a bound, not an eviction policy
+                    known.clear()
+                found = known[(source, p)] = ehr_id(p, settings)
+            out.append(found)
+        return out
 
     async def cached(self, ids: Sequence[EhrId]) -> dict[EhrId, Found]:
         """What the cache holds for `ids` (one MGET); an id it does not hold is left out."""
-        unique = list(dict.fromkeys(ids))
+        return await self.collect(ids, self.ask_cache(ids))
+
+    def ask_cache(self, ids: Sequence[EhrId]) -> Awaitable[list[bytes | None]]:
+        """The cache asked for `ids` now, in the round trip of the call the caller makes next
+        (`collect` reads the answer)."""
+        return self._cache.get_soon([_name(i) for i in dict.fromkeys(ids)])
+
+    async def collect(self, ids: Sequence[EhrId], asked: Awaitable[list[bytes | None]]) -> dict[EhrId, Found]:
         try:
-            values = await self._cache.get([_name(i) for i in unique])
+            values = await asked
         except REDIS_FAILURES:
             return {}  # the org is the truth, the cache only spares it: ask it
-        return {i: _decoder.decode(v) for i, v in zip(unique, values) if v is not None}
+        return {i: _found(v) for i, v in zip(dict.fromkeys(ids), values) if v is not None}
 
     async def find(self, ids: Sequence[EhrId], record: IdentityRecord, cached: dict[EhrId, Found] | None = None,
                    *, fresh: bool = False) -> dict[EhrId, Found]:
@@ -238,8 +255,17 @@ class Resolver:
                               retry_after=300, details_code="API_ALLOWANCE_RESERVED")
 
 
+@functools.lru_cache(maxsize=16_384)
 def _name(ehr: EhrId) -> str:
+    """The id's cache key name (a digest: a patient's id is patient data); the same ids come again
+    and again, so each is hashed once."""
     return digest(ehr.kind, ehr.system, ehr.value)
+
+
+@functools.lru_cache(maxsize=4_096)
+def _found(value: bytes) -> Found:
+    """A cached value read (the same few bytes for the same people, booking after booking)."""
+    return _decoder.decode(value)
 
 
 def _chunks(ids: list[EhrId]) -> list[list[EhrId]]:
