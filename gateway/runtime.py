@@ -216,7 +216,7 @@ class Gateway:
             queue=self.queue, store=self.store, queue_sources=self.queue_sources, replay=self.replay, maps=self.maps,
             usage=lambda: {"api_used": self.salesforce.usage.used, "api_limit": self.salesforce.usage.limit,
                            "circuit": self.breaker.state},
-            forget_identities=self.identities.forget,
+            forget_identities=self.resolver.forget_all,
             origins=tuple("{0.scheme}://{0.netloc}".format(urlsplit(url)) for url in self.settings.public_urls),
         )
 

@@ -245,6 +245,9 @@ class IdentitySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     cache_hours: float = 6.0  # practitioners, facilities, their HPFs, devices: they change rarely
     patient_cache_seconds: float = 900.0  # patients: merged and corrected more often
     miss_cache_seconds: float = 60.0  # an id the org does not hold, remembered at most a minute
+    # what a worker read of the cache, kept in that worker this long (a found record, never a miss):
+    # the same people book again and again. A forget reaches the other workers within it. 0: off
+    local_cache_seconds: float = 10.0
     lookup_wait_seconds: float = 5.0  # a look-up another worker has in flight is waited for this long
     # look-ups stop (503) while the org's daily allowance (Sforce-Limit-Info) has less than this share
     # left: bookings whose people are cached still go through
@@ -374,6 +377,8 @@ def load_file_settings(config_dir: Path) -> FileSettings:
            ident.hold_retry_seconds, ident.hold_poll_seconds, ident.hold_batch) <= 0 \
             or ident.hold_retry_max_seconds < ident.hold_retry_seconds:
         problems.append("$.identity: times and hold_batch must be positive, hold_retry_max_seconds >= hold_retry_seconds")
+    if not 0 <= ident.local_cache_seconds <= 60:
+        problems.append("$.identity.local_cache_seconds: from 0 (off) to 60")
     if ident.miss_cache_seconds > 60:
         problems.append("$.identity.miss_cache_seconds: at most 60 (a patient may be about to arrive)")
     if not 0 <= ident.api_reserve_percent < 100:

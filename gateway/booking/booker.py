@@ -224,10 +224,16 @@ class Booker:
         ids = self._resolver.ids(source_name, prepared.booking)
         # the identity cache is asked with the claim: one round trip on the pipelined link, not two
         asked = self._resolver.ask_cache(ids)
-        claim = await self._store.claim(key, fp)
+        try:
+            claim = await self._store.claim(key, fp)
+        except BaseException:
+            self._resolver.unread(asked)
+            raise
         if retry_refusal and claim.state == "done" and claim.status >= 400 and await self._store.forget_refusal(key, fp):
             claim = await self._store.claim(key, fp)
         trace.idempotency = claim.state
+        if claim.state not in ("new", "takeover"):
+            self._resolver.unread(asked)  # answered without the booking's people
         if claim.state == "done":
             return _replayed(claim, prepared.booking, source_name)
         if claim.state == "queued":
@@ -615,6 +621,7 @@ class Booker:
                 references = resolver.references(job.booking, ids, found)
             except PatientUnknown as unknown:
                 trace.identity.patient_unknown = True
+                found = dict(found)  # the policy may add the patient it created: not to the cache's answer
                 if (stopped := await self._unknown_patient(job, found, unknown, trace)) is not None:
                     return stopped
                 references = resolver.references(job.booking, ids, found)  # the patient created: found now

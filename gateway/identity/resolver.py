@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Awaitable, Sequence
+import time
+from collections.abc import Awaitable, Iterable, Sequence
 
 import msgspec
 
@@ -27,7 +28,7 @@ from gateway.salesforce.client import SalesforceClient
 from gateway.salesforce.wire import CompositeSub, CompositeSubAnswer
 from gateway.settings import IdentitySettings, SourceSettings
 from gateway.state.idempotency import REDIS_FAILURES
-from gateway.state.identities import Flights, IdentityCache, digest
+from gateway.state.identities import Flights, IdentityCache, digest, settle
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Found)
@@ -41,55 +42,96 @@ class Resolver:
                  settings: IdentitySettings) -> None:
         self._sources, self._cache, self._client, self._settings = sources, cache, client, settings
         self._flights = Flights()
-        self._ids: dict[tuple[str, Participant], EhrId] = {}  # each participant's EHR id, worked out once
+        self._ids: dict[tuple[str, tuple[Participant, ...]], tuple[EhrId, ...]] = {}
+        self._refs: dict[tuple[tuple[EhrId, ...], tuple[bytes | None, ...], str | None], tuple[str, ...]] = {}
+        # what this worker read of the cache lately: an id the org holds -> (until when, the cached value)
+        self._local: dict[EhrId, tuple[float, bytes]] = {}
+        self._local_s = settings.local_cache_seconds
         hours = int(settings.cache_hours * 3_600_000)
         self._ttl_ms = {"patient": int(settings.patient_cache_seconds * 1000), "location": hours,
                         "practitioner": hours, "role": hours, "device": hours}
         self._miss_ms = int(settings.miss_cache_seconds * 1000)
 
-    def ids(self, source: str, booking: CanonicalBooking) -> list[EhrId]:
+    def ids(self, source: str, booking: CanonicalBooking) -> tuple[EhrId, ...]:
         """Each participant's EHR id as the org keeps it, in the booking's order."""
         return self.ids_of(source, booking.participants)
 
-    def ids_of(self, source: str, participants: Sequence[Participant]) -> list[EhrId]:
-        settings, known = self._sources[source], self._ids
-        out = []
-        for p in participants:
-            found = known.get((source, p))
-            if found is None:
-                if len(known) >= 16_384:  # the same people come again and again: a bound, not an eviction policy
-                    known.clear()
-                found = known[(source, p)] = ehr_id(p, settings)
-            out.append(found)
-        return out
+    def ids_of(self, source: str, participants: Sequence[Participant]) -> tuple[EhrId, ...]:
+        """Worked out once per worker for the same participants (the same people book again and again)."""
+        key = (source, tuple(participants))
+        found = self._ids.get(key)
+        if found is None:
+            if len(self._ids) >= _MEMO:  # a bound, not an eviction policy
+                self._ids.clear()
+            settings = self._sources[source]
+            found = self._ids[key] = tuple(ehr_id(p, settings) for p in participants)
+        return found
 
     async def cached(self, ids: Sequence[EhrId]) -> dict[EhrId, Found]:
         """What the cache holds for `ids` (one MGET); an id it does not hold is left out."""
         return await self.collect(ids, self.ask_cache(ids))
 
-    def ask_cache(self, ids: Sequence[EhrId]) -> Awaitable[list[bytes | None]]:
+    def ask_cache(self, ids: Sequence[EhrId]) -> Asked:
         """The cache asked for `ids` now, in the round trip of the call the caller makes next
-        (`collect` reads the answer)."""
-        return self._cache.get_soon([_name(i) for i in dict.fromkeys(ids)])
+        (`collect` reads the answer); or, when this worker read every one of them from it within
+        `local_cache_seconds` (and found it), that answer again, with no round trip at all."""
+        if self._local_s > 0:
+            now, local, answer = time.monotonic(), self._local, []
+            for i in dict.fromkeys(ids):
+                hit = local.get(i)
+                if hit is None or hit[0] < now:
+                    break
+                answer.append(hit[1])
+            else:
+                return _known(tuple(ids), tuple(answer))
+        return self._cache.get_soon(_names(tuple(ids)))
 
-    async def collect(self, ids: Sequence[EhrId], asked: Awaitable[list[bytes | None]]) -> dict[EhrId, Found]:
+    def unread(self, asked: Asked) -> None:
+        """An answer of the cache that will not be read (the booking was replayed, or the claim failed)."""
+        if not isinstance(asked, Known):
+            settle(asked)
+
+    async def collect(self, ids: Sequence[EhrId], asked: Asked) -> dict[EhrId, Found]:
+        """The cache's answer: what it holds for each id (`Known`, which remembers the answer it was read from)."""
+        if isinstance(asked, Known):
+            return asked
         try:
             values = await asked
         except REDIS_FAILURES:
             return {}  # the org is the truth, the cache only spares it: ask it
-        return {i: _found(v) for i, v in zip(dict.fromkeys(ids), values) if v is not None}
+        self._keep(dict.fromkeys(ids), values)
+        return _known(tuple(ids), tuple(values))
+
+    def _keep(self, ids: Iterable[EhrId], values: Iterable[bytes | None]) -> None:
+        """What the cache said of ids the org holds, kept in this worker for `local_cache_seconds`
+        (a miss never: a patient may be about to arrive)."""
+        if self._local_s <= 0:
+            return
+        until = time.monotonic() + self._local_s
+        if len(self._local) >= _MEMO:
+            self._local.clear()
+        for i, v in zip(ids, values):
+            if v is not None and _found(v).known:
+                self._local[i] = (until, v)
+
+    async def forget_all(self) -> int:
+        """Every cached record dropped, this worker's at once; the other workers' within their
+        `local_cache_seconds`. How many cache keys went."""
+        self._local.clear()
+        return await self._cache.forget()
 
     async def find(self, ids: Sequence[EhrId], record: IdentityRecord, cached: dict[EhrId, Found] | None = None,
                    *, fresh: bool = False) -> dict[EhrId, Found]:
         """What the org holds for each id: the cache's answer (`cached`, if already read), the rest
         asked of the org in one call. `fresh`: an id the cache remembers as missing is asked again.
         Raises Unavailable when the org cannot be asked."""
-        found = dict(cached) if cached is not None else await self.cached(ids)
+        found = cached if cached is not None else await self.cached(ids)
         if fresh:
             found = {i: f for i, f in found.items() if f.known}
         missing = [i for i in dict.fromkeys(ids) if i not in found]
-        record.cached += len(set(ids)) - len(missing)
+        record.cached += len(found) if not missing else len(set(ids)) - len(missing)
         if missing:
+            found = dict(found)  # what the cache said, and the rest: no longer one answer of the cache
             found.update(await self._in_flight(missing, record))
         return found
 
@@ -110,7 +152,21 @@ class Resolver:
 
     def references(self, booking: CanonicalBooking, ids: Sequence[EhrId], found: dict[EhrId, Found]) -> tuple[str, ...]:
         """The Book body's reference for each participant, in order; raises Unmatched for a gap (with
-        the patient's problem too, if it has one), else PatientUnknown for a patient the org lacks."""
+        the patient's problem too, if it has one), else PatientUnknown for a patient the org lacks.
+        The same ids with the same answer of the cache on the same day give the same references:
+        worked out once per worker."""
+        day = booking.start.text[:10] if booking.start else None
+        memo = (tuple(ids), found.answer, day) if isinstance(found, Known) else None
+        if memo is not None and (refs := self._refs.get(memo)) is not None:
+            return refs
+        refs = self._references(booking, ids, found)
+        if memo is not None:
+            if len(self._refs) >= _MEMO:
+                self._refs.clear()
+            self._refs[memo] = refs
+        return refs
+
+    def _references(self, booking: CanonicalBooking, ids: Sequence[EhrId], found: dict[EhrId, Found]) -> tuple[str, ...]:
         gaps: list[Issue] = []
         patient: Issue | None = None
         refs: list[str] = []
@@ -155,8 +211,10 @@ class Resolver:
 
     async def remember(self, ehr: EhrId, found: Found) -> None:
         """What the gateway itself made in the org (a patient it created), cached as if looked up."""
+        value = _encoder.encode(found)
+        self._keep([ehr], [value])
         try:
-            await self._cache.put([(_name(ehr), _encoder.encode(found), self._ttl_ms[ehr.kind])])
+            await self._cache.put([(_name(ehr), value, self._ttl_ms[ehr.kind])])
         except REDIS_FAILURES:
             pass
 
@@ -239,9 +297,11 @@ class Resolver:
                 record.looked_up += len(chunk)
                 record.call = call
             found.update(answer)
+        values = {i: _encoder.encode(f) for i, f in found.items()}
+        self._keep(values, values.values())
         try:
-            await self._cache.put([(_name(i), _encoder.encode(f), self._ttl_ms[i.kind] if f.known else self._miss_ms)
-                                   for i, f in found.items()])
+            await self._cache.put([(_name(i), v, self._ttl_ms[i.kind] if found[i].known else self._miss_ms)
+                                   for i, v in values.items()])
         except REDIS_FAILURES:
             pass  # found, not kept: the next booking asks again
         return found
@@ -253,6 +313,33 @@ class Resolver:
         if usage.limit and usage.used >= usage.limit * (1 - self._settings.api_reserve_percent / 100):
             raise Unavailable("the org's daily API allowance is nearly spent: identity look-ups wait for it",
                               retry_after=300, details_code="API_ALLOWANCE_RESERVED")
+
+
+_MEMO = 16_384  # entries of a worker's memos of what the same people come to, again and again
+Asked = Awaitable[list[bytes | None]]  # the cache's answer to come (or, `Known`, already here)
+
+
+class Known(dict[EhrId, Found]):
+    """What the cache held for a booking's ids, and the answer (its raw values) it was read from."""
+
+    __slots__ = ("answer",)
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)
+        self.answer: tuple[bytes | None, ...] = ()
+
+
+@functools.lru_cache(maxsize=4_096)
+def _names(ids: tuple[EhrId, ...]) -> tuple[str, ...]:
+    return tuple(_name(i) for i in dict.fromkeys(ids))
+
+
+@functools.lru_cache(maxsize=4_096)
+def _known(ids: tuple[EhrId, ...], answer: tuple[bytes | None, ...]) -> Known:
+    """The cache's answer for ids, read once per worker for the same answer (callers never change it)."""
+    known = Known((i, _found(v)) for i, v in zip(dict.fromkeys(ids), answer) if v is not None)
+    known.answer = answer
+    return known
 
 
 @functools.lru_cache(maxsize=16_384)

@@ -15,13 +15,14 @@ one look-up (`Flights`).
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import redis.asyncio as redis
 
-from gateway.state.redis_mux import MultiplexedRedis
+from gateway.state.redis_mux import MultiplexedRedis, pack
 
 # KEYS: the keys; ARGV: value, ttl ms for each, in order
 _PUT = """
@@ -79,16 +80,20 @@ class IdentityCache:
             return list(await self._scripts.execute("MGET", *keys))
         return list(await self._scripts.execute_command("MGET", *keys))
 
-    def get_soon(self, names: Sequence[str]) -> Awaitable[list[bytes | None]]:
+    def get_soon(self, names: tuple[str, ...]) -> Awaitable[list[bytes | None]]:
         """`get`, its command sent in this tick's write (with the call the caller makes next, such as
         the idempotency claim: one round trip for both, and no task between them) where the link
-        allows; a failure the caller never awaits is not reported as one."""
+        allows. The caller awaits it, or lets `settle` look at it."""
         if names and isinstance(self._scripts, MultiplexedRedis):
-            sent = self._scripts.send("MGET", *(self.key(n) for n in names))
+            sent = self._scripts.send(self._mget(names))
             if sent is not None:
-                sent.add_done_callback(_retrieved)
                 return sent
         return asyncio.ensure_future(self.get(names))
+
+    @functools.lru_cache(maxsize=4_096)  # noqa: B019 (one cache per process: its entries are a few bytes)
+    def _mget(self, names: tuple[str, ...]) -> bytes:
+        """The MGET of these names, packed once: the same people are asked for again and again."""
+        return pack([b"MGET", *(self.key(n) for n in names)])
 
     async def put(self, entries: Sequence[tuple[str, bytes, int]]) -> None:
         """(name, value, ttl ms) for each."""
@@ -131,9 +136,14 @@ class IdentityCache:
         return dropped
 
 
-def _retrieved(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled():
-        future.exception()  # looked at: a failure no one awaited is not logged as "never retrieved"
+def settle(asked: Awaitable[Any]) -> None:
+    """An answer asked for (`get_soon`) that will not be awaited: its failure, if any, looked at now or
+    when it comes, so that it is not logged as never retrieved."""
+    if isinstance(asked, asyncio.Future):
+        if not asked.done():
+            asked.add_done_callback(settle)
+        elif not asked.cancelled():
+            asked.exception()
 
 
 class Flights:

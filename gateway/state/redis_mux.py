@@ -190,12 +190,12 @@ class MultiplexedRedis:
             link = await self._connect()
         return await link.call(pack(args))
 
-    def send(self, *args: _Arg) -> asyncio.Future[Any] | None:
-        """The command queued now, on a connected link, its reply a future: it goes out in this tick's
-        write with whatever else is sent before the loop turns (no task made to run it beside another
-        call). None when there is no link yet: `execute` connects."""
+    def send(self, packed: bytes) -> asyncio.Future[Any] | None:
+        """A command (`pack`ed) queued now, on a connected link, its reply a future: it goes out in
+        this tick's write with whatever else is sent before the loop turns (no task made to run it
+        beside another call). None when there is no link yet: `execute` connects."""
         link = self._link
-        return None if link is None or link.closed else link.call(pack(args))
+        return None if link is None or link.closed else link.call(packed)
 
     async def _connect(self) -> _Link:
         # callers arriving while a connection is being made wait for that one
