@@ -11,13 +11,13 @@
   // the request log's outcomes, in the order charts stack them
   const OUTCOMES = [
     ['booked', 'Booked'], ['rescheduled', 'Rescheduled'], ['cancelled', 'Cancelled'],
-    ['replayed', 'Replayed answer'], ['queued', 'Queued'], ['refused', 'Refused'],
-    ['unmapped', 'Unmapped'], ['conflict', 'Conflict'], ['throttled', 'Throttled'], ['rejected', 'Rejected'], ['failed', 'Failed'],
+    ['replayed', 'Replayed answer'], ['queued', 'Queued'], ['held', 'Held'], ['refused', 'Refused'],
+    ['unmapped', 'Unmapped'], ['unmatched', 'Unmatched'], ['conflict', 'Conflict'], ['throttled', 'Throttled'], ['rejected', 'Rejected'], ['failed', 'Failed'],
     // Health Cloud's callouts to the EHRs
     ['proposed', 'Proposed (not booked)'], ['existing', 'Already in the EHR'], ['found', 'Found'], ['partial', 'Partly found'],
   ];
   const OUTCOME_LABEL = Object.fromEntries(OUTCOMES);
-  const ATTENTION = new Set(['unmapped', 'refused', 'failed']);
+  const ATTENTION = new Set(['unmapped', 'unmatched', 'refused', 'failed']);
   const PERCENTILES = [['p50', 'p50'], ['p95', 'p95'], ['p99', 'p99']];
   const CIRCUIT = {
     closed: ['Closed', 'Calls to Salesforce flow normally.'],
@@ -26,6 +26,7 @@
   };
   const OPS = {
     book: 'Booking', change: 'Reschedule or cancellation', replay: 'Operator replay', deliver: 'Queue delivery',
+    release: 'Held booking tried again',
     find: 'Health Cloud: find slots', 'slot-status': 'Health Cloud: slot status', create: 'Health Cloud: book in the EHR',
     cancel: 'Health Cloud: cancel in the EHR', read: 'Health Cloud: read from the EHR',
   };
@@ -452,7 +453,7 @@
       : v.ehr_error ? h('code', { class: 'err' }, v.ehr_error)
       : (v.issues && v.issues.length ? h('span', { class: 'muted nowrap' }, v.issues[0].code) : dash());
     const row = h('tr', {
-      testid: 'request-row', 'data-id': v.id, 'data-outcome': v.outcome, tabindex: 0,
+      testid: 'request-row', 'data-id': v.id, 'data-outcome': v.outcome, 'data-op': v.op, tabindex: 0,
       class: selected ? 'selected' : null, 'aria-selected': String(selected),
     },
     h('td', { class: 'nowrap' }, timeEl(v.time_ms)),
