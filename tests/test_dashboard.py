@@ -1,18 +1,22 @@
 """The operators' dashboard in a real headless Chromium (Debian's, driven by Playwright; no browser
-download): sign in, find an unmapped booking, see why, fix the map, replay it once. Gateway on a
-real port, real Redis, the Health Cloud sandbox over real HTTP."""
+download): sign in, find an unmapped booking, see why, fix the map, replay it once; see the bookings
+held for their patient, refuse one, release one once its patient is in the org. Gateway on a real
+port, real Redis, the Health Cloud sandbox over real HTTP."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 
+from gateway.settings import IdentitySettings
 from tests.conftest import ADMIN_KEY, CONFIG, PHI_KEY, VIDEO_VISIT, auth, corpus, make_settings, serve_gateway
 from tests.test_code_rules import epic_book
 
@@ -22,6 +26,10 @@ PATIENT = "12724066"
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
 TIMEOUT_MS = 10_000
+# held bookings are tried again only when an operator releases them (the holds' worker looks every 0.1 s)
+HOLD_BY_HAND = IdentitySettings(hold_retry_seconds=600, hold_retry_max_seconds=600, hold_poll_seconds=0.1)
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+SLOW_MS = 30_000  # what waits on the gateway's background work (the log's flush, the holds' worker) and a tick
 
 
 @pytest.fixture
@@ -211,4 +219,187 @@ async def test_phi_operator_sees_the_input_and_sign_out_forgets_it(redis_url, pr
             assert [c for c in await context.cookies() if c["name"] == "ehrgw_admin" and c["value"]] == []
             # the session is gone on the server too, not only from the browser
             assert (await gw.get("/admin/api/session", headers=session)).status_code == 401
+            assert problems == []
+
+
+# -- held bookings -----------------------------------------------------------------------------------
+
+
+def visit_of(patient: str, key: str) -> bytes:
+    """The corpus's video visit for another patient, as another appointment (its own identifier)."""
+    body = json.loads(corpus(VIDEO_VISIT))
+    for p in body["participant"]:
+        if p.get("actor", {}).get("reference", "").startswith("Patient/"):
+            p["actor"]["reference"] = f"Patient/{patient}"
+    body["identifier"] = [{"system": "urn:test", "value": key}]
+    return json.dumps(body).encode()
+
+
+async def hold(gw, patient: str, key: str) -> None:
+    r = await gw.post("/fhir/cerner/Appointment", content=visit_of(patient, key),
+                      headers=auth(**{"Idempotency-Key": key}))
+    assert r.status_code == 202, r.text  # held: the org does not know the patient
+
+
+async def until(check: Callable[[], Awaitable[object]], seconds: float = 30.0) -> object:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if found := await check():
+            return found
+        await asyncio.sleep(0.1)
+    raise AssertionError("not within the time given")
+
+
+async def holds_by_patient(gw) -> dict[str, str]:
+    """{patient reference: hold id} of the held bookings, as a PHI key sees them."""
+    rows = (await gw.get("/admin/api/held", headers={"Authorization": f"Bearer {PHI_KEY}"})).json()["sources"]
+    return {r["patient"]: r["hold"] for r in rows.get("cerner", [])}
+
+
+async def test_operator_refuses_a_held_booking_and_releases_another_once_its_patient_is_known(
+        redis_url, prefix, sandbox, tmp_path, chromium):
+    from playwright.async_api import expect
+
+    settings = make_settings(redis_url, prefix, sandbox.url, identity=HOLD_BY_HAND)
+    async with serve_gateway(settings) as gw:
+        await hold(gw, "12999999", "held-1")
+        await hold(gw, "12999997", "held-3")  # another operator refuses this one while the page shows it
+        holds = await holds_by_patient(gw)
+        first, stale = holds["Patient/12999999"], holds["Patient/12999997"]
+        # a gap in configuration, beside them: unmatched, which needs attention
+        gap = json.loads(visit_of("12724066", "gap-1"))
+        for p in gap["participant"]:
+            if p["actor"]["reference"].startswith("Location/"):
+                p["actor"]["reference"] = "Location/not-a-place"
+        r = await gw.post("/fhir/cerner/Appointment", content=json.dumps(gap).encode(), headers=auth())
+        assert r.status_code == 422, r.text
+
+        async def logged() -> bool:
+            entries = (await gw.get("/admin/api/requests?limit=100", headers=ADMIN)).json()["requests"]
+            return {e["outcome"] for e in entries} == {"held", "unmatched"} and len(entries) == 3
+
+        await until(logged)
+
+        gone = (404, f"/admin/api/held/cerner/{stale}/release")
+        async with browser_page(chromium, str(gw.base_url), gone) as (context, page, problems):
+            await sign_in(page, ADMIN_KEY)
+            # the request log knows the new outcomes; unmatched needs attention, held does not
+            await expect(page.get_by_test_id("kpi-attention")).to_have_text("1", timeout=SLOW_MS)
+            rows = page.locator('[data-testid="request-row"]')
+            detail = page.get_by_test_id("detail")
+            await page.get_by_test_id("filter-outcome").select_option("unmatched")
+            await expect(rows).to_have_count(1)
+            await expect(rows.first.locator(".badge")).to_have_class("badge o-unmatched")
+            await rows.first.click()  # its detail offers to forget the cached records, once the org is fixed
+            await expect(detail.get_by_test_id("detail-unmatched").get_by_test_id("detail-forget")).to_be_visible()
+            await page.get_by_test_id("filter-outcome").select_option("held")
+            await expect(rows).to_have_count(2)
+            await expect(rows.locator('.badge[data-outcome="held"]')).to_have_count(2)
+            await expect(rows.first.locator(".badge")).to_have_class("badge o-held")
+            await rows.first.click()  # its detail leads to the held bookings
+            await detail.get_by_test_id("detail-held").get_by_role("button", name="Open held bookings").click()
+            await expect(page.get_by_test_id("panel-held")).to_be_visible()
+            await page.get_by_test_id("detail-close").click()
+            await expect(page.get_by_test_id("held-count")).to_have_text("2")
+            entries = page.locator('[data-testid="held-source"][data-source="cerner"] [data-testid="held-entry"]')
+            await expect(entries).to_have_count(2)
+            one = entries.and_(page.locator(f'[data-hold="{first}"]'))
+            await expect(one).to_have_attribute("data-state", "held")
+            await expect(one.get_by_test_id("held-why")).to_have_text("patient-unknown")
+            # an admin key sees no patient: the API sends none, and the page has no place for one
+            await expect(page.get_by_test_id("held-patient")).to_have_count(0)
+            content = await page.content()
+            assert "12999999" not in content and "12999997" not in content
+
+            # updates paused: what changes now is the page's own refresh after each action
+            await page.get_by_test_id("pause").click()
+            await expect(page.get_by_test_id("pause")).to_have_attribute("aria-pressed", "true")
+
+            # Refuse asks once more, then the booking is refused and stays listed as such
+            await one.get_by_test_id("held-refuse").click()
+            await expect(one.get_by_test_id("held-refuse")).to_have_text("Confirm refuse")
+            await one.get_by_test_id("held-refuse").click()
+            await expect(one).to_have_attribute("data-state", "refused")
+            await expect(one.get_by_test_id("held-why")).to_have_text("refused-by-operator")
+            await expect(one.get_by_test_id("held-release")).to_have_count(0)
+            await expect(page.get_by_test_id("held-count")).to_have_text("1")
+            listed = (await gw.get("/admin/api/held", headers=ADMIN)).json()["sources"]["cerner"]
+            assert {(r["hold"], r["state"]) for r in listed} == {(first, "refused"), (stale, "held")}
+
+            # another operator refuses a booking while this page still offers to release it: the
+            # release is answered 404, said so, and the list shows it refused
+            async def refused_meanwhile(route) -> None:
+                answer = await gw.post(f"/admin/api/held/cerner/{stale}/refuse", headers=ADMIN)
+                assert answer.status_code == 200, answer.text
+                await route.continue_()
+
+            await page.route(f"**/admin/api/held/cerner/{stale}/release", refused_meanwhile)
+            other = entries.and_(page.locator(f'[data-hold="{stale}"]'))
+            await other.get_by_test_id("held-release").click()
+            await expect(page.get_by_test_id("toast").filter(has_text="no longer held")).to_be_visible()
+            await expect(other).to_have_attribute("data-state", "refused")
+            await expect(page.get_by_test_id("held-count")).to_be_hidden()
+            await page.unroute(f"**/admin/api/held/cerner/{stale}/release")
+            await page.get_by_test_id("pause").click()  # updates again
+
+            # another booking is held: the page shows it at its next look
+            await hold(gw, "12999998", "held-2")
+            waiting = entries.and_(page.locator('[data-state="held"]'))
+            await expect(waiting).to_have_count(1, timeout=SLOW_MS)
+            second = await waiting.get_attribute("data-hold")
+            assert second not in (first, stale)
+            # its patient is registered in the org; the operator does not wait ten minutes for the next try
+            org = sandbox.app.state.sandbox.org
+            made = org.add_patient("cerner", "12999998", first_name="Late", last_name="Arrival")
+            await waiting.get_by_test_id("held-release").click()
+            await expect(page.get_by_test_id("toast").filter(has_text="Released")).to_be_visible()
+            await expect(page.locator(f'[data-testid="held-entry"][data-hold="{second}"]')).to_have_count(0,
+                                                                                                       timeout=SLOW_MS)
+            await expect(entries).to_have_count(2)  # the two refused
+            (stored,) = sandbox.app.state.sandbox.appointments()
+            assert {"reference": f"Patient/{made.account}"} in stored.request["participants"]
+
+            # the request log shows the release that booked it
+            await page.get_by_test_id("tab-activity").click()
+            await page.get_by_test_id("filter-outcome").select_option("")
+            released = page.locator('[data-testid="request-row"][data-op="release"]')
+            await expect(released).to_have_count(1, timeout=SLOW_MS)
+            await expect(released).to_have_attribute("data-outcome", "booked")
+            await expect(released.get_by_test_id("row-sf-id")).to_have_text(stored.id)
+
+            # forget the cached records (the people of the bookings above), after a confirmation
+            await page.get_by_test_id("tab-held").click()
+            forget = page.get_by_test_id("identity-forget")
+            await forget.click()
+            await expect(forget).to_have_text("Confirm forget")
+            await forget.click()
+            await expect(page.get_by_test_id("toast").filter(has_text="cached record")).to_be_visible()
+            await expect(forget).to_have_text("Forget cached records")
+            await page.screenshot(path=str(tmp_path / "held.png"), full_page=True)  # for a person to look at
+            audit = (await gw.get("/admin/api/audit", headers=ADMIN)).json()["audit"]
+            assert {"held-refuse", "held-release", "identity-forget"} <= {a["action"] for a in audit}
+            assert problems == []
+    assert sandbox.app.state.sandbox.counters().book_calls == 1
+
+
+async def test_phi_operator_sees_whom_a_held_booking_waits_for_and_sign_out_forgets_it(
+        redis_url, prefix, sandbox, chromium):
+    from playwright.async_api import expect
+
+    settings = make_settings(redis_url, prefix, sandbox.url, identity=HOLD_BY_HAND)
+    async with serve_gateway(settings) as gw:
+        await hold(gw, "12999999", "held-phi")
+        async with browser_page(chromium, str(gw.base_url)) as (context, page, problems):
+            await sign_in(page, PHI_KEY)
+            await page.get_by_test_id("tab-held").click()
+            entry = page.get_by_test_id("held-entry")
+            await expect(entry).to_have_count(1)
+            await expect(entry.get_by_test_id("held-patient")).to_have_text("Patient/12999999")
+            audit = (await gw.get("/admin/api/audit", headers=ADMIN)).json()["audit"]
+            assert any(a["action"] == "view-phi" and a.get("entry") == "held" for a in audit)
+
+            await page.get_by_test_id("sign-out").click()
+            await expect(page.get_by_test_id("signin-view")).to_be_visible()
+            await expect(page.get_by_test_id("held-entry")).to_have_count(0)
+            assert "12999999" not in await page.content()
             assert problems == []

@@ -11,13 +11,13 @@
   // the request log's outcomes, in the order charts stack them
   const OUTCOMES = [
     ['booked', 'Booked'], ['rescheduled', 'Rescheduled'], ['cancelled', 'Cancelled'],
-    ['replayed', 'Replayed answer'], ['queued', 'Queued'], ['refused', 'Refused'],
-    ['unmapped', 'Unmapped'], ['conflict', 'Conflict'], ['throttled', 'Throttled'], ['rejected', 'Rejected'], ['failed', 'Failed'],
+    ['replayed', 'Replayed answer'], ['queued', 'Queued'], ['held', 'Held'], ['refused', 'Refused'],
+    ['unmapped', 'Unmapped'], ['unmatched', 'Unmatched'], ['conflict', 'Conflict'], ['throttled', 'Throttled'], ['rejected', 'Rejected'], ['failed', 'Failed'],
     // Health Cloud's callouts to the EHRs
     ['proposed', 'Proposed (not booked)'], ['existing', 'Already in the EHR'], ['found', 'Found'], ['partial', 'Partly found'],
   ];
   const OUTCOME_LABEL = Object.fromEntries(OUTCOMES);
-  const ATTENTION = new Set(['unmapped', 'refused', 'failed']);
+  const ATTENTION = new Set(['unmapped', 'unmatched', 'refused', 'failed']);
   const PERCENTILES = [['p50', 'p50'], ['p95', 'p95'], ['p99', 'p99']];
   const CIRCUIT = {
     closed: ['Closed', 'Calls to Salesforce flow normally.'],
@@ -26,10 +26,25 @@
   };
   const OPS = {
     book: 'Booking', change: 'Reschedule or cancellation', replay: 'Operator replay', deliver: 'Queue delivery',
+    release: 'Held booking tried again',
     find: 'Health Cloud: find slots', 'slot-status': 'Health Cloud: slot status', create: 'Health Cloud: book in the EHR',
     cancel: 'Health Cloud: cancel in the EHR', read: 'Health Cloud: read from the EHR',
   };
   const QUEUE_WHERE = { ready: 'Ready', delayed: 'Waiting to retry', dead: 'Dead letter' };
+  const HELD_STATE = { held: 'Held', refused: 'Refused' };
+  // why a held booking waits (or was refused): the codes the gateway gives, in words; others are
+  // Salesforce's error codes, shown as they are
+  const HELD_WHY = {
+    'patient-unknown': 'The org does not know the patient yet.',
+    'refused-by-operator': 'Refused by an operator.',
+    unmatched: 'Another participant has no record in the org, or several: refused as a gap in configuration.',
+    DUPLICATES_DETECTED: 'A duplicate rule matched a patient the org holds: give that patient the EHR\'s id in the org.',
+    DUPLICATE_VALUE: 'Another record holds this patient\'s EHR id: give the patient the EHR\'s id in the org.',
+    MULTIPLE_CHOICES: 'Several patients carry this EHR id in the org: keep one.',
+    NO_FAMILY_NAME: 'The EHR gave no family name, so the patient cannot be created.',
+    NO_EHR_CLIENT: 'The source has no EHR client to read the patient from.',
+    NOT_IN_EHR: 'The EHR does not hold this patient.',
+  };
 
   const state = {
     role: null,
@@ -49,9 +64,11 @@
     stats: null,
     queue: null,
     codemaps: null,
+    held: null,
+    heldSig: '',
     busy: new Set(),
     gen: 0, // bumped at sign-out: answers to calls made before it are dropped
-    seq: { log: 0 },
+    seq: { log: 0, held: 0 },
   };
 
   // ---------- DOM helpers ----------
@@ -237,10 +254,14 @@
     state.requests = [];
     state.logSig = '';
     state.detail = state.selectedId = state.replayNotice = null;
-    state.stats = state.queue = state.codemaps = null;
+    state.stats = state.queue = state.codemaps = state.held = null;
+    state.heldSig = '';
     clear(byId('request-log').tBodies[0]);
     clear(byId('detail-body'));
     clear(byId('queue'));
+    clear(byId('held')); // a PHI session's held bookings name their patients
+    byId('held-count').hidden = true;
+    disarm(byId('identity-forget'));
     clear(byId('codemaps'));
     byId('translate-input').value = '';
     resetTranslateOutput();
@@ -300,7 +321,7 @@
 
   // ---------- tabs ----------
 
-  const TABS = ['activity', 'queue', 'codemaps'];
+  const TABS = ['activity', 'queue', 'held', 'codemaps'];
 
   function tabFromHash() {
     const name = location.hash.replace(/^#/, '');
@@ -320,6 +341,7 @@
     if (state.role) {
       // failures show in the live indicator at the next tick
       if (name === 'queue') once('queue', refreshQueue).catch(() => {});
+      if (name === 'held') once('held', refreshHeld).catch(() => {});
       if (name === 'codemaps') once('codemaps', refreshCodemaps).catch(() => {});
       if (name === 'activity') renderStats();
     }
@@ -358,6 +380,7 @@
     const jobs = [once('log', refreshLog)];
     if (n % 3 === 0) jobs.push(once('stats', refreshStats));
     if (state.tab === 'queue' || n % 5 === 0) jobs.push(once('queue', refreshQueue));
+    if (state.tab === 'held' || n % 5 === 0) jobs.push(once('held', refreshHeld)); // the tab's count
     // the detail compares its maps version with the one now serving
     if (state.tab === 'codemaps' || state.detail || n % 10 === 0) jobs.push(once('codemaps', refreshCodemaps));
     if (state.detail) jobs.push(once('detail', refreshDetail));
@@ -452,7 +475,7 @@
       : v.ehr_error ? h('code', { class: 'err' }, v.ehr_error)
       : (v.issues && v.issues.length ? h('span', { class: 'muted nowrap' }, v.issues[0].code) : dash());
     const row = h('tr', {
-      testid: 'request-row', 'data-id': v.id, 'data-outcome': v.outcome, tabindex: 0,
+      testid: 'request-row', 'data-id': v.id, 'data-outcome': v.outcome, 'data-op': v.op, tabindex: 0,
       class: selected ? 'selected' : null, 'aria-selected': String(selected),
     },
     h('td', { class: 'nowrap' }, timeEl(v.time_ms)),
@@ -579,6 +602,21 @@
       button.addEventListener('click', () => replay(v.id, button));
       body.append(h('div', { class: 'd-action' }, mapsChanged, button,
         h('p', { class: 'muted small' }, 'Sends the kept input again through the code maps serving now, with its original idempotency key.')));
+    }
+
+    // held and unmatched bookings are dealt with elsewhere: say where
+    if (v.outcome === 'held') {
+      body.append(h('div', { class: 'callout callout-info d-note', testid: 'detail-held' },
+        h('p', null, 'Held until the org knows its patient: it is booked when the patient arrives. ' +
+          'Release it now or refuse it under Held bookings.'),
+        h('button', { type: 'button', class: 'btn btn-sm', onclick: () => selectTab('held', true) }, 'Open held bookings')));
+    } else if (v.outcome === 'unmatched') {
+      const button = h('button', { type: 'button', class: 'btn btn-sm', testid: 'detail-forget' }, 'Forget cached records');
+      armConfirm(button, 'Forget cached records', 'Confirm forget', forgetIdentities);
+      body.append(h('div', { class: 'callout callout-info d-note', testid: 'detail-unmatched' },
+        h('p', null, 'A participant has no record in the org, or several. Once the org\'s records are fixed, ' +
+          'forget the cached records so the gateway looks them up again, then replay.'),
+        button));
     }
 
     // why: the issues, or Salesforce's error code
@@ -972,6 +1010,157 @@
     await once('queue', refreshQueue).catch(() => {});
   }
 
+  // ---------- two-step buttons ----------
+
+  // a button that asks once more before `run` (what it does cannot be undone); back to its label
+  // after a few seconds unconfirmed
+  function armConfirm(button, label, confirmLabel, run) {
+    let timer = null;
+    button.addEventListener('click', () => {
+      clearTimeout(timer);
+      if (button.dataset.confirm !== '1') {
+        button.dataset.confirm = '1';
+        button.textContent = confirmLabel;
+        button.classList.add('btn-danger');
+        timer = setTimeout(() => {
+          if (button.isConnected && button.dataset.confirm === '1') disarm(button, label);
+        }, 5000);
+        return;
+      }
+      disarm(button, label);
+      run(button);
+    });
+    button.dataset.label = label;
+  }
+
+  function disarm(button, label) {
+    delete button.dataset.confirm;
+    button.classList.remove('btn-danger');
+    if (label || button.dataset.label) button.textContent = label || button.dataset.label;
+  }
+
+  // ---------- held bookings ----------
+
+  async function refreshHeld() {
+    const seq = ++state.seq.held;
+    const data = await api('GET', '/held');
+    if (seq !== state.seq.held) return; // an action's refresh came after it
+    state.held = data && data.sources ? data.sources : {};
+    renderHeld();
+  }
+
+  function renderHeld() {
+    const sources = state.held || {};
+    let waiting = 0;
+    for (const list of Object.values(sources)) waiting += list.filter((e) => e.state === 'held').length;
+    const badge = byId('held-count');
+    badge.hidden = !waiting;
+    badge.textContent = String(waiting);
+    badge.setAttribute('aria-label', waiting + (waiting === 1 ? ' booking held' : ' bookings held'));
+
+    const box = byId('held');
+    // keep a pending refusal through a refresh, and the rows (and focus) when nothing changed
+    if (box.querySelector('[data-confirm="1"]')) return;
+    const sig = JSON.stringify(sources);
+    if (sig === state.heldSig) return;
+    state.heldSig = sig;
+    const names = Object.keys(sources).sort();
+    if (!names.length) {
+      box.replaceChildren(h('div', { class: 'card empty-card', testid: 'held-empty' },
+        h('p', { class: 'muted' }, 'Nothing is held: every booking\'s patient was known to the org.')));
+      return;
+    }
+    box.replaceChildren(...names.map((name) => heldCard(name, sources[name] || [])));
+  }
+
+  function heldWhy(entry) {
+    const why = entry.why;
+    if (!why) return dash();
+    let words = Object.prototype.hasOwnProperty.call(HELD_WHY, why) ? HELD_WHY[why] : null;
+    // refused other than by an operator or for a gap: its deadline passed while it waited for this
+    if (entry.state === 'refused' && why !== 'refused-by-operator' && why !== 'unmatched') {
+      words = 'Refused at its deadline. ' + (words || '');
+    }
+    return h('div', { class: 'why' }, h('code', { testid: 'held-why' }, why),
+      words ? h('span', { class: 'muted small' }, words) : null);
+  }
+
+  function heldCard(source, entries) {
+    const phi = state.role === 'phi';
+    const counts = { held: 0, refused: 0 };
+    for (const e of entries) counts[e.state] = (counts[e.state] || 0) + 1;
+    const head = h('div', { class: 'card-head' }, h('h2', null, source),
+      h('div', { class: 'chips' }, Object.entries(counts).map(([st, c]) =>
+        h('span', { class: 'qcount h-' + st + (c ? '' : ' zero') }, (HELD_STATE[st] || st) + ': ' + c))));
+    const card = h('section', { class: 'card', testid: 'held-source', 'data-source': source, 'aria-label': source + ' held bookings' }, head);
+    const rows = entries.map((e) => {
+      const actions = h('td', { class: 'actions nowrap' });
+      if (e.state === 'held') {
+        const releaseBtn = h('button', { type: 'button', class: 'btn btn-sm btn-primary', testid: 'held-release' }, 'Release now');
+        const refuseBtn = h('button', { type: 'button', class: 'btn btn-sm btn-danger-ghost', testid: 'held-refuse' }, 'Refuse');
+        releaseBtn.addEventListener('click', () => heldAction(source, e.hold, 'release', releaseBtn));
+        armConfirm(refuseBtn, 'Refuse', 'Confirm refuse', () => heldAction(source, e.hold, 'refuse', refuseBtn));
+        actions.append(releaseBtn, ' ', refuseBtn);
+      } else {
+        actions.append(dash());
+      }
+      const next = e.state !== 'held' ? dash() : typeof e.due_ms === 'number' ? timeEl(e.due_ms) : h('span', null, 'Now');
+      return h('tr', { testid: 'held-entry', 'data-hold': e.hold, 'data-state': e.state },
+        h('td', null, h('code', { class: 'hold-id' }, e.hold)),
+        h('td', null, h('span', { class: 'badge h-' + (HELD_STATE[e.state] ? e.state : 'other'), testid: 'held-state' },
+          HELD_STATE[e.state] || String(e.state))),
+        h('td', { class: 'nowrap' }, timeEl(e.since_ms)),
+        h('td', { class: 'nowrap' }, timeEl(e.deadline_ms)),
+        h('td', { class: 'num' }, String(e.attempts ?? '–')),
+        h('td', { class: 'nowrap', testid: 'held-next' }, next),
+        h('td', null, heldWhy(e)),
+        // whom it waits for: the API sends it to a PHI session only, and only then is there a column
+        phi ? h('td', { class: 'phi-cell' }, e.patient ? h('code', { testid: 'held-patient' }, e.patient) : dash()) : null,
+        actions);
+    });
+    const heads = ['Hold', 'State', 'Since', 'Deadline', 'Tries', 'Next try', 'Why'];
+    card.append(h('div', { class: 'table-wrap' }, h('table', { class: 'table' },
+      h('caption', { class: 'sr-only' }, 'Held bookings from ' + source),
+      h('thead', null, h('tr', null,
+        heads.map((t) => h('th', { scope: 'col', class: t === 'Tries' ? 'num' : null }, t)),
+        phi ? h('th', { scope: 'col' }, 'Patient ', h('span', { class: 'phi-tag' }, 'PHI')) : null,
+        h('th', { scope: 'col', class: 'actions' }, 'Actions'))),
+      h('tbody', null, rows))));
+    return card;
+  }
+
+  async function heldAction(source, hold, action, button) {
+    button.disabled = true;
+    try {
+      await api('POST', '/held/' + enc(source) + '/' + enc(hold) + '/' + action);
+      toast(action === 'release' ? 'Released: it is tried again now.' : 'Refused: the EHR\'s next retry gets the refusal.', 'ok');
+    } catch (err) {
+      const what = action === 'release' ? 'Release' : 'Refuse';
+      toast(err.status === 404 ? what + ' failed: this booking is no longer held (booked, refused or cancelled meanwhile).'
+        : err.status === 409 ? what + ' failed: it is being tried right now. Try again in a moment.'
+          : what + ' failed: ' + err.message, 'error');
+    }
+    // the list as it is now, whatever a refresh already on its way says
+    for (const b of byId('held').querySelectorAll('[data-confirm]')) disarm(b);
+    state.heldSig = '';
+    state.busy.delete('held');
+    await once('held', refreshHeld).catch(() => {});
+  }
+
+  async function forgetIdentities(button) {
+    button.disabled = true;
+    try {
+      const result = await api('POST', '/identity/forget');
+      const n = result && typeof result.forgotten === 'number' ? result.forgotten : 0;
+      toast(n ? 'Forgot ' + numFmt.format(n) + (n === 1 ? ' cached record' : ' cached records') + ': the next bookings look their people up in the org again.'
+        : 'No cached records to forget.', 'ok');
+    } catch (err) {
+      toast('Forget failed: ' + err.message, 'error');
+    } finally {
+      button.disabled = false;
+    }
+  }
+
   // ---------- code maps ----------
 
   async function refreshCodemaps() {
@@ -1085,6 +1274,7 @@
       renderStats();
     });
     byId('detail-close').addEventListener('click', closeDetail);
+    armConfirm(byId('identity-forget'), 'Forget cached records', 'Confirm forget', forgetIdentities);
     byId('translate-form').addEventListener('submit', translate);
     byId('translate-format').addEventListener('click', formatPayload);
     for (const tab of document.querySelectorAll('[role="tab"]')) {
