@@ -251,9 +251,13 @@ async def until(check: Callable[[], Awaitable[object]], seconds: float = 30.0) -
 
 
 async def holds_by_patient(gw) -> dict[str, str]:
-    """{patient reference: hold id} of the held bookings, as a PHI key sees them."""
-    rows = (await gw.get("/admin/api/held", headers={"Authorization": f"Bearer {PHI_KEY}"})).json()["sources"]
-    return {r["patient"]: r["hold"] for r in rows.get("cerner", [])}
+    """{patient reference: hold id} of the held bookings, as a PHI key sees each of them (a list never
+    names patients)."""
+    phi = {"Authorization": f"Bearer {PHI_KEY}"}
+    rows = (await gw.get("/admin/api/held", headers=phi)).json()["sources"].get("cerner", [])
+    assert all("patient" not in r for r in rows)
+    ones = [(await gw.get(f"/admin/api/held/cerner/{r['hold']}", headers=phi)).json() for r in rows]
+    return {one["patient"]: one["hold"] for one in ones}
 
 
 async def test_operator_refuses_a_held_booking_and_releases_another_once_its_patient_is_known(
@@ -394,9 +398,12 @@ async def test_phi_operator_sees_whom_a_held_booking_waits_for_and_sign_out_forg
             await page.get_by_test_id("tab-held").click()
             entry = page.get_by_test_id("held-entry")
             await expect(entry).to_have_count(1)
+            await expect(entry.get_by_test_id("held-patient")).to_have_count(0)  # not until asked for
+            hold_id = await entry.get_attribute("data-hold")
+            await entry.get_by_test_id("held-show-patient").click()
             await expect(entry.get_by_test_id("held-patient")).to_have_text("Patient/12999999")
             audit = (await gw.get("/admin/api/audit", headers=ADMIN)).json()["audit"]
-            assert any(a["action"] == "view-phi" and a.get("entry") == "held" for a in audit)
+            assert [a["action"] for a in audit if a.get("entry") == f"held:{hold_id}"] == ["view-phi"]
 
             await page.get_by_test_id("sign-out").click()
             await expect(page.get_by_test_id("signin-view")).to_be_visible()

@@ -339,7 +339,7 @@ _HELD = {"type": "object", "required": ["hold", "state", "since_ms", "deadline_m
              "due_ms": {"type": ["integer", "null"]}, "attempts": {"type": "integer"},
              "why": {"type": ["string", "null"], "description": "why it waits (patient-unknown, a Salesforce error "
                                                                 "code, a duplicate to decide) or was refused"},
-             "patient": {"type": ["string", "null"], "description": "whom it waits for: a PHI key only"}}}
+             "patient": {"type": ["string", "null"], "description": "whom it waits for: one booking's, a PHI key only"}}}
 _CHECKED = {"type": "object", "required": ["element", "kind", "source_system", "by", "record", "problem", "why"],
             "properties": {
                 "element": {"type": "string"}, "kind": {"enum": ["patient", "location", "practitioner", "role", "device"]},
@@ -355,13 +355,19 @@ def _identity_paths(source: dict[str, Any], admin_read: list[dict[str, list[str]
     ok = _json_answer("done", {"type": "object", "required": ["ok"], "properties": {"ok": {"const": True}}})
     return {
         "/admin/api/held": {"get": _operation(
-            "Bookings held for their patient, and those refused, per source (whom they wait for: a PHI key only)",
+            "Bookings held for their patient, and those refused, per source (no patient data)",
             "Admin", {"200": _json_answer("per source with any", {"type": "object", "required": ["sources"],
                                                                    "properties": {"sources": {
                                                                        "type": "object",
                                                                        "additionalProperties": _array(_HELD)}}}),
                       **_admin_errors()},
             operation_id="held", security=admin_read)},
+        "/admin/api/held/{source}/{hold}": {"get": _operation(
+            "One held booking; whom it waits for with a PHI key (the view is audited)", "Admin",
+            {"200": _json_answer("the held booking", _HELD), **_admin_errors("404")}, operation_id="heldOne",
+            security=admin_read,
+            parameters=[source, {"name": "hold", "in": "path", "required": True, "schema": {"type": "string"},
+                                 "description": "a held booking's id (`hold` in the list)"}])},
         "/admin/api/held/{source}/{hold}/{action}": {"post": _operation(
             "Release a held booking now (its patient looked up again at once), or refuse it", "Admin",
             {"200": ok, **_admin_errors("404", "409")}, operation_id="heldAction", security=admin_action,

@@ -211,6 +211,13 @@ def _with_time(view: View) -> dict[str, Any]:
     return body
 
 
+def _held_row(h: Any) -> dict[str, Any]:
+    """A held booking as operators see it (no patient data)."""
+    return {"hold": h.hold_id, "state": "refused" if h.refused else "held", "since_ms": h.accepted_ms,
+            "deadline_ms": h.deadline_ms, "due_ms": h.due_ms or None, "attempts": h.attempts,
+            "why": h.refused or h.last_error}
+
+
 def _int(value: str | None, name: str, default: int | None = None) -> int | None:
     if value is None or value == "":
         return default
@@ -372,24 +379,27 @@ def admin_router(deps: AdminDeps) -> Router:
     @get("/api/held")
     async def held(request: Request) -> Response[bytes]:
         """Bookings held for their patient, and those refused (dead letters), per source: since when,
-        how many tries, why; whom they wait for only for a PHI key (and that view is audited)."""
-        op = await guard(request)
-        phi = op.role == "phi"
+        how many tries, why. Never whom (a list carries no patient data): see one held booking."""
+        await guard(request)
         out: dict[str, list[dict[str, Any]]] = {}
         for source in deps.booker.sources:
-            rows = []
-            for h in await deps.booker.held(source):
-                row = {"hold": h.hold_id, "state": "refused" if h.refused else "held", "since_ms": h.accepted_ms,
-                       "deadline_ms": h.deadline_ms, "due_ms": h.due_ms or None, "attempts": h.attempts,
-                       "why": h.refused or h.last_error}
-                if phi:
-                    row["patient"] = deps.booker.held_patient(h)
-                rows.append(row)
-            if rows:
+            if rows := [_held_row(h) for h in await deps.booker.held(source)]:
                 out[source] = rows
-        if phi and out:
-            await deps.audit.record(op, "view-phi", request, entry="held")
         return _ok({"sources": out})
+
+    @get("/api/held/{source:str}/{hold:str}")
+    async def held_one(request: Request, source: FromPath[str], hold: FromPath[str]) -> Response[bytes]:
+        """One held (or refused) booking, and for a PHI key whom it waits for; that view is audited."""
+        op = await guard(request)
+        deps.booker.source(source)
+        found = next((h for h in await deps.booker.held(source) if h.hold_id == hold), None)
+        if found is None:
+            raise NotFound("no booking of that id is held")
+        row = _held_row(found)
+        if op.role == "phi":
+            row["patient"] = deps.booker.held_patient(found)
+            await deps.audit.record(op, "view-phi", request, entry=f"held:{hold}")
+        return _ok(row)
 
     @post("/api/held/{source:str}/{hold:str}/{action:str}", status_code=200)
     async def held_action(request: Request, source: FromPath[str], hold: FromPath[str],
@@ -463,7 +473,7 @@ def admin_router(deps: AdminDeps) -> Router:
 
     return Router(path="/admin", exception_handlers={GatewayError: lambda _, exc: _fail(exc), RedisError: redis_down},
                   route_handlers=[
-        sign_in, session, sign_out, requests, one, replay, audit, stats, queue, queue_action, held, held_action,
+        sign_in, session, sign_out, requests, one, replay, audit, stats, queue, queue_action, held, held_one, held_action,
         forget, identity_check, maps, translate, dashboard, static,
     ])
 

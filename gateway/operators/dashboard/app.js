@@ -66,6 +66,7 @@
     codemaps: null,
     held: null,
     heldSig: '',
+    heldWho: {}, // hold -> the patient a PHI operator asked to see (each view audited); gone at sign-out
     busy: new Set(),
     gen: 0, // bumped at sign-out: answers to calls made before it are dropped
     seq: { log: 0, held: 0 },
@@ -256,6 +257,7 @@
     state.detail = state.selectedId = state.replayNotice = null;
     state.stats = state.queue = state.codemaps = state.held = null;
     state.heldSig = '';
+    state.heldWho = {};
     clear(byId('request-log').tBodies[0]);
     clear(byId('detail-body'));
     clear(byId('queue'));
@@ -1114,8 +1116,8 @@
         h('td', { class: 'num' }, String(e.attempts ?? '–')),
         h('td', { class: 'nowrap', testid: 'held-next' }, next),
         h('td', null, heldWhy(e)),
-        // whom it waits for: the API sends it to a PHI session only, and only then is there a column
-        phi ? h('td', { class: 'phi-cell' }, e.patient ? h('code', { testid: 'held-patient' }, e.patient) : dash()) : null,
+        // whom it waits for: a PHI session asks for it, one booking at a time (each view audited)
+        phi ? h('td', { class: 'phi-cell' }, heldWho(source, e.hold)) : null,
         actions);
     });
     const heads = ['Hold', 'State', 'Since', 'Deadline', 'Tries', 'Next try', 'Why'];
@@ -1127,6 +1129,26 @@
         h('th', { scope: 'col', class: 'actions' }, 'Actions'))),
       h('tbody', null, rows))));
     return card;
+  }
+
+  function heldWho(source, hold) {
+    const who = state.heldWho[hold];
+    if (who !== undefined) return who ? h('code', { testid: 'held-patient' }, who) : dash();
+    const button = h('button', { type: 'button', class: 'btn btn-sm', testid: 'held-show-patient' }, 'Show patient');
+    button.addEventListener('click', async () => {
+      button.disabled = true;
+      const gen = state.gen;
+      try {
+        const one = await api('GET', '/held/' + enc(source) + '/' + enc(hold));
+        if (gen !== state.gen) return; // signed out meanwhile
+        state.heldWho[hold] = one && one.patient ? String(one.patient) : '';
+        button.replaceWith(heldWho(source, hold));
+      } catch (err) {
+        button.disabled = false;
+        toast(err.status === 404 ? 'This booking is no longer held.' : 'The patient could not be shown.', 'error');
+      }
+    });
+    return button;
   }
 
   async function heldAction(source, hold, action, button) {
