@@ -548,8 +548,12 @@ class Booker:
         lease was given back."""
         assert self._store is not None and self._client is not None
         claim = job.claim
-        if not job.resolved and (stopped := await self._identify(job, trace)) is not None:
-            return stopped  # held for its patient, or refused for good
+        if not job.resolved:
+            refs = self._resolver.ready(job.booking, job.ids, job.cached, trace.identity) if self._resolver else None
+            if refs is not None:  # the same people as lately: their references, no look-up
+                job.request, job.resolved = with_references(job.request, job.booking, refs), True
+            elif (stopped := await self._identify(job, trace)) is not None:
+                return stopped  # held for its patient, or refused for good
         if claim.doubt:
             # never re-send blind: an earlier attempt may have booked it
             try:

@@ -198,17 +198,15 @@ def with_references(request: BookingRequest, booking: CanonicalBooking, referenc
     """The request with the org's records in place of the EHR's ids: `references` are the Book body's
     references of the booking's participants, in order (gateway/identity). The slots keep their ids
     (the EHR's) and take their practitioner's new reference."""
-    participants, slots = _resolved(tuple(p.reference for p in booking.participants), request.slots,
-                                    tuple(references))
-    return msgspec.structs.replace(request, participants=participants, slots=slots)
+    slots = None
+    if request.slots:
+        records = dict(zip((p.reference for p in booking.participants), references))
+        slots = tuple(SfSlot(id=s.id, reference=records[s.reference]) for s in request.slots)
+    return msgspec.structs.replace(request, participants=_resolved(tuple(references)), slots=slots)
 
 
 @functools.lru_cache(maxsize=4_096)
-def _resolved(ehr: tuple[str, ...], slots: tuple[SfSlot, ...] | None,
-              references: tuple[str, ...]) -> tuple[tuple[SfParticipant, ...], tuple[SfSlot, ...] | None]:
-    """The participants and slots of a request with the org's references (the same people, the same
-    slots booked again: made once per worker)."""
-    records = dict(zip(ehr, references))
-    return (_sf_participants(references),
-            tuple(SfSlot(id=s.id, reference=records[s.reference]) for s in slots) if slots else None)
+def _resolved(references: tuple[str, ...]) -> tuple[SfParticipant, ...]:
+    """A request's participants as the org's references (the same people again: made once per worker)."""
+    return _sf_participants(references)
 
