@@ -603,7 +603,7 @@ async def test_identity_check_prints_how_each_participant_resolves(gateway, sand
     out = capsys.readouterr().out
     assert code == 1  # one participant does not resolve
     patient = seeded(sandbox, "cerner", "patients", "12724066").account
-    assert f"Appointment.participant[0].actor  patient" in out and patient in out
+    assert "Appointment.participant[0].actor  patient" in out and patient in out
     assert "not-found" in out and "not-a-place" not in out
     assert sandbox_state(sandbox).counters().book_calls == 0  # a dry run
 
@@ -668,3 +668,51 @@ async def test_an_s15_for_a_held_booking_ends_the_hold_over_mllp(redis_url, pref
         sandbox_state(sandbox).org.add_patient("athena", "77770", first_name="Sev", last_name="Enty")
         await asyncio.sleep(1.0)  # several turns of the holds' worker: nothing is held, nothing booked
     assert sandbox_state(sandbox).counters().book_calls == 0
+
+
+async def test_a_batch_resolves_each_entry_on_its_own(gateway, sandbox):
+    """A FHIR batch: each entry's participants found as the org's records; one whose practitioner the
+    org lacks is refused in its own entry, the other booked."""
+    known = video_visit(identifier=[{"system": "urn:test", "value": "batch-1"}])
+    gap = with_actor(video_visit(identifier=[{"system": "urn:test", "value": "batch-2"}],
+                                 start="2020-07-10T17:00:00.000Z", end="2020-07-10T17:15:00.000Z"),
+                     "Practitioner/", "Practitioner/not-on-staff")
+    body = {"resourceType": "Bundle", "type": "batch", "entry": [
+        {"resource": b, "request": {"method": "POST", "url": "Appointment"}} for b in (known, gap)]}
+    r = await gateway.post("/fhir/cerner", content=msgspec.json.encode(body), headers=auth())
+    assert r.status_code == 200, r.text
+    statuses = [e["response"]["status"] for e in validate(r.content, "Bundle")["entry"]]
+    assert [s.split()[0] for s in statuses] == ["201", "422"]
+    (stored,) = sandbox_state(sandbox).appointments()
+    assert {"reference": f"Patient/{seeded(sandbox, 'cerner', 'patients', '12724066').account}"} in \
+        stored.request["participants"]
+
+
+async def test_an_argonaut_book_names_its_patient_by_patient_id_and_epic_by_its_identifier(redis_url, prefix, sandbox):
+    """STU3 `$book`: Argonaut's `patient-id` parameter, and Epic's `patient` identifier, each found under
+    the epic source's SourceSystem (the identifier's system mapped to it)."""
+    settings = identity_settings(make_settings(redis_url, prefix, sandbox.url),
+                                 epic=SourceIdentity(systems={"urn:oid:1.2.840.114350.1.13.0.1.7.5.737384.14": "epic"}))
+    appointment = {
+        "resourceType": "Appointment", "status": "booked", "start": "2026-12-02T14:00:00Z",
+        "end": "2026-12-02T14:30:00Z",
+        "appointmentType": {"coding": [{"system": "http://hl7.org/fhir/v2/0276", "code": "ROUTINE"}]},
+        "participant": [{"actor": {"reference": "Practitioner/eM5CWtq15N0WJeuCet5bJlQ3"}, "status": "accepted"},
+                        {"actor": {"reference": "Location/e4W4rmGe9QzuGm2Dy4NBqVc0JDSNEiE3"}, "status": "accepted"}]}
+    by_reference = {"resourceType": "Parameters", "parameter": [
+        {"name": "appt-resource", "resource": appointment},
+        {"name": "patient-id", "valueUri": "Patient/efvHwbc1k1CQ9XjM1zvvefQ3"}]}
+    by_identifier = {"resourceType": "Parameters", "parameter": [
+        {"name": "appt-resource", "resource": {**appointment, "start": "2026-12-02T15:00:00Z",
+                                               "end": "2026-12-02T15:30:00Z"}},
+        {"name": "patient", "valueIdentifier": {"system": "urn:oid:1.2.840.114350.1.13.0.1.7.5.737384.14",
+                                                "value": "eq7IBvJQy2Y5wZqgZ3bRz6A3"}}]}
+    async with serve_gateway(settings) as gw:
+        for n, body in enumerate((by_reference, by_identifier)):
+            r = await gw.post("/fhir/epic/Appointment/$book", content=msgspec.json.encode(body),
+                              headers=auth("epic", **{"Idempotency-Key": f"argo-{n}"}))
+            assert r.status_code == 201, r.text
+    patients = {p["reference"] for a in sandbox_state(sandbox).appointments() for p in a.request["participants"]
+                if p["reference"].startswith("Patient/")}
+    assert patients == {f"Patient/{seeded(sandbox, 'epic', 'patients', e).account}"
+                        for e in ("efvHwbc1k1CQ9XjM1zvvefQ3", "eq7IBvJQy2Y5wZqgZ3bRz6A3")}
