@@ -99,3 +99,7 @@ class CanonicalBooking(msgspec.Struct, frozen=True, omit_defaults=True):
     # Appointment.id as sent: not part of the booking (left out of its fingerprint), only what an
     # update's body must agree with (FHIR: the id in the URL)
     resource_id: str | None = None
+
+    def first(self, kind: ParticipantKind) -> Participant | None:
+        """The first participant of a kind (the booking's patient: `first("Patient")`)."""
+        return next((p for p in self.participants if p.kind == kind), None)

@@ -52,7 +52,7 @@ from gateway.booking.fhir import (
 from gateway.state.idempotency import REDIS_FAILURES, Claim, IdempotencyStore, fingerprint, key_material
 from gateway.state.links import BOOKED, CANCELLED, Links, Record
 from gateway.booking.holding import Holding, held_answer
-from gateway.booking.job import Answer, Job, Trace
+from gateway.booking.job import Answer, Job, Trace, pack, unpack
 from gateway.booking.mapping import Mapped, cancellation_reason, map_booking, with_references
 from gateway.state.holds import HeldBooking
 from gateway.state.queue import BookingQueue, QueuedBooking
@@ -178,7 +178,7 @@ class Booker:
         issues = list(mapped.issues) + check(booking, mapped.request)
         if trace is not None:  # for the request log, refused or not
             trace.maps_version, trace.maps_used = mapped.maps_version, mapped.used
-            trace.patient = next((p.reference for p in booking.participants if p.kind == "Patient"), None)
+            trace.patient = patient.reference if (patient := booking.first("Patient")) else None
             trace.warnings = tuple(i for i in issues if i.severity == "warning")
         if any(i.severity in ("error", "fatal") for i in issues):
             raise Unprocessable(issues=sorted(issues, key=lambda i: i.severity != "error"))
@@ -346,8 +346,7 @@ class Booker:
         cancel ends the hold, nothing having been booked; any other change replaces what is held, which
         is then tried at once."""
         assert self._store is not None and self._holding is not None
-        claim = await self._store.claim(item.record_key, item.fingerprint, by_queue=True, since_ms=item.accepted_ms,
-                                        held=True)
+        claim = await self._claim_held(item)
         trace.idempotency = claim.state
         if claim.state != "takeover":  # being tried (busy), or just settled (done): the retry sees which
             raise InFlight("this appointment's held booking is being processed; send the change again shortly",
@@ -363,11 +362,17 @@ class Booker:
             raise Unavailable("the held booking cannot be changed now (Redis); send the change again",
                               retry_after=5) from None
 
+    async def _claim_held(self, item: HeldBooking) -> Claim:
+        """The lease of a held booking's record, taken as the holds' worker takes it (not answered 202)."""
+        assert self._store is not None
+        return await self._store.claim(item.record_key, item.fingerprint, by_queue=True, since_ms=item.accepted_ms,
+                                       held=True)
+
     def _check_change(self, source_name: str, booking: CanonicalBooking, trace: Trace) -> tuple[str, Mapped, str | None]:
         """A change's status, mapped request and cancellation reason, once it is one Salesforce can take."""
         source = self.source(source_name)
         maps = self._maps.get(source_name, EMPTY)
-        trace.patient = next((p.reference for p in booking.participants if p.kind == "Patient"), None)
+        trace.patient = patient.reference if (patient := booking.first("Patient")) else None
         status = (booking.status or "").lower()
         mapped = map_booking(booking, source, maps)
         reason = None
@@ -523,14 +528,8 @@ class Booker:
             return "done"
         if claim.state == "busy":
             return "busy"
-        raw_booking, raw_request = item.booking, item.request
-        if item.sealed:
-            if self._sealer is None:
-                raise Unavailable("a queued booking is sealed and this gateway has no data key")
-            context = item.record_key.encode()
-            raw_booking, raw_request = self._sealer.open(raw_booking, context), self._sealer.open(raw_request, context)
-        booking = msgspec.json.decode(raw_booking, type=CanonicalBooking)
-        request = msgspec.json.decode(raw_request, type=BookingRequest)
+        booking, request = unpack(self._sealer, item.record_key, item.booking, item.request, sealed=item.sealed,
+                                  kept_by="queued")
         job = Job(item.source, booking, request, claim, item.fingerprint, origin="queue", resolved=item.resolved)
         try:
             await self._deliver(job, trace)
@@ -648,7 +647,8 @@ class Booker:
         policy = self.source(job.source).identity.unknown_patient
         held_for_operators = job.held is not None and job.held.last_error in OPERATORS_DECIDE
         if policy == "create" and self._creator is not None and not held_for_operators:
-            patient = next(p for p in job.booking.participants if p.kind == "Patient")
+            patient = job.booking.first("Patient")
+            assert patient is not None  # PatientUnknown names the booking's patient
             ehr = job.ids[job.booking.participants.index(patient)]
             try:
                 account = await self._creator.create(job.source, job.booking, patient, ehr, trace.identity)
@@ -708,8 +708,7 @@ class Booker:
         the lease), 'paused' (the circuit is open) or 'retry' (the org could not be asked or booked)."""
         assert self._store is not None and self._holding is not None
         holds = self._holding.store
-        claim = await self._store.claim(item.record_key, item.fingerprint, by_queue=True, since_ms=item.accepted_ms,
-                                        held=True)
+        claim = await self._claim_held(item)
         trace.idempotency = claim.state
         if claim.state in ("done", "mismatch"):
             await holds.settle(item)  # booked, refused or cancelled meanwhile: the hold is over
@@ -768,7 +767,7 @@ class Booker:
         """Whom a held booking waits for (patient data: for PHI operators only)."""
         assert self._holding is not None
         booking, _ = self._holding.opened(item)
-        patient = next((p for p in booking.participants if p.kind == "Patient"), None)
+        patient = booking.first("Patient")
         if patient is None:
             return None
         return f"{patient.system}|{patient.value}" if patient.system else patient.reference
@@ -785,8 +784,7 @@ class Booker:
         item = await self._holding.store.get(source_name, hold)
         if item is None:
             return False
-        claim = await self._store.claim(item.record_key, item.fingerprint, by_queue=True, since_ms=item.accepted_ms,
-                                        held=True)
+        claim = await self._claim_held(item)
         if claim.state == "busy":
             raise InFlight("this held booking is being tried right now; refuse it again shortly",
                            retry_after=self._in_flight_retry_after)
@@ -831,9 +829,7 @@ class Booker:
         lapsing lease (the next holder looks before sending), never a record with no entry."""
         assert self._store is not None and self._queue is not None
         claim = job.claim
-        request, booking = _encoder.encode(job.request), _encoder.encode(job.booking)
-        if self._sealer is not None:
-            request, booking = self._sealer.seal(request, claim.key.encode()), self._sealer.seal(booking, claim.key.encode())
+        booking, request = pack(self._sealer, claim.key, job.booking, job.request)
         item = QueuedBooking(
             record_key=claim.key, fingerprint=fp, source=job.source, sealed=self._sealer is not None,
             request=request, booking=booking,

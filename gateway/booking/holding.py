@@ -11,20 +11,18 @@ held bookings.
 
 from __future__ import annotations
 
-
 import msgspec
 
 from gateway.booking.fhir import FHIR_JSON, error_body, operation_outcome
-from gateway.booking.job import Answer, Job, Trace
+from gateway.booking.job import Answer, Job, Trace, pack, unpack
 from gateway.canonical import CanonicalBooking
-from gateway.errors import GatewayError, Issue, Unavailable
+from gateway.errors import GatewayError, Issue, PatientUnknown, Unavailable
 from gateway.salesforce.wire import BookingRequest
 from gateway.settings import IdentitySettings, SourceSettings
 from gateway.state.holds import HeldBooking, HoldStore, hold_id, identifier_digests
 from gateway.state.idempotency import REDIS_FAILURES, Claim, IdempotencyStore
 from gateway.state.sealing import Sealer
 
-_encoder = msgspec.json.Encoder()
 HELD_TEXT = ("the org does not know this booking's patient yet: the booking is held and will be booked as soon as "
              "it does; the same request again answers 202 until then, then the booking's answer")
 _HELD = operation_outcome([Issue(code="informational", severity="information", diagnostics=HELD_TEXT)])
@@ -89,9 +87,7 @@ class Holding:
 
     def _item(self, job: Job, why: str) -> HeldBooking:
         claim, source = job.claim, self._sources[job.source]
-        booking, request = _encoder.encode(job.booking), _encoder.encode(job.request)
-        if self._sealer is not None:
-            booking, request = self._sealer.seal(booking, claim.key.encode()), self._sealer.seal(request, claim.key.encode())
+        booking, request = pack(self._sealer, claim.key, job.booking, job.request)
         accepted = claim.since_ms or claim.now_ms
         return HeldBooking(hold_id=hold_id(claim.key), record_key=claim.key, fingerprint=job.fp, source=job.source,
                            booking=booking, request=request, sealed=self._sealer is not None, accepted_ms=accepted,
@@ -99,28 +95,17 @@ class Holding:
                            identifiers=identifier_digests(job.source, job.booking.identifiers))
 
     def opened(self, item: HeldBooking) -> tuple[CanonicalBooking, BookingRequest]:
-        booking, request = item.booking, item.request
-        if item.sealed:
-            if self._sealer is None:
-                raise Unavailable("a held booking is sealed and this gateway has no data key")
-            booking = self._sealer.open(booking, item.record_key.encode())
-            request = self._sealer.open(request, item.record_key.encode())
-        return msgspec.json.decode(booking, type=CanonicalBooking), msgspec.json.decode(request, type=BookingRequest)
+        return unpack(self._sealer, item.record_key, item.booking, item.request, sealed=item.sealed, kept_by="held")
 
     def amended(self, item: HeldBooking, booking: CanonicalBooking, request: BookingRequest) -> HeldBooking:
         """The held booking changed by a later message of the same appointment (its next version)."""
-        raw_booking, raw_request = _encoder.encode(booking), _encoder.encode(request)
-        if self._sealer is not None:
-            raw_booking = self._sealer.seal(raw_booking, item.record_key.encode())
-            raw_request = self._sealer.seal(raw_request, item.record_key.encode())
+        raw_booking, raw_request = pack(self._sealer, item.record_key, booking, request)
         return msgspec.structs.replace(item, booking=raw_booking, request=raw_request, version=item.version + 1,
                                        identifiers=tuple(dict.fromkeys(
                                            (*item.identifiers, *identifier_digests(item.source, booking.identifiers)))))
 
 
 def _expired(hours: float) -> GatewayError:
-    from gateway.errors import PatientUnknown
-
     return PatientUnknown(issues=[Issue(
         code="not-found", expression=("Appointment.participant",),
         diagnostics=f"the org did not come to know this booking's patient within {hours:g} hours; the booking "

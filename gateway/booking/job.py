@@ -1,18 +1,24 @@
 """What the booking path carries from step to step: one request's `Trace` (what its summary says),
-the `Answer` it gives, and the `Job` a record's lease holder works on."""
+the `Answer` it gives, the `Job` a record's lease holder works on, and a booking as the queue and the
+holds keep it (`pack`, `unpack`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Literal
 
+import msgspec
+
 from gateway.canonical import CanonicalBooking
-from gateway.errors import GatewayError, Issue, SalesforceRefused
+from gateway.errors import GatewayError, Issue, SalesforceRefused, Unavailable
 from gateway.identity import EhrId, Found, IdentityRecord
 from gateway.outbound.calls import CallRecord
 from gateway.salesforce.wire import BookingRequest
 from gateway.state.holds import HeldBooking
 from gateway.state.idempotency import Claim
+from gateway.state.sealing import Sealer
+
+_encoder = msgspec.json.Encoder()
 
 
 @dataclass(slots=True)
@@ -68,3 +74,25 @@ class Job:
         self.ids = ids or []  # each participant's EHR id as the org keeps it
         self.cached = cached  # what the identity cache already said of them
         self.held = held  # the hold this job releases (origin "hold")
+
+
+def pack(sealer: Sealer | None, record_key: str, booking: CanonicalBooking,
+         request: BookingRequest) -> tuple[bytes, bytes]:
+    """A booking and its request as the queue and the holds keep them: JSON, sealed under the data key
+    and bound to their idempotency record when the gateway has one (they carry patient data)."""
+    raw_booking, raw_request = _encoder.encode(booking), _encoder.encode(request)
+    if sealer is None:
+        return raw_booking, raw_request
+    context = record_key.encode()
+    return sealer.seal(raw_booking, context), sealer.seal(raw_request, context)
+
+
+def unpack(sealer: Sealer | None, record_key: str, booking: bytes, request: bytes, *, sealed: bool,
+           kept_by: str) -> tuple[CanonicalBooking, BookingRequest]:
+    """What `pack` kept, read back; Unavailable when it is sealed and this gateway has no data key."""
+    if sealed:
+        if sealer is None:
+            raise Unavailable(f"a {kept_by} booking is sealed and this gateway has no data key")
+        context = record_key.encode()
+        booking, request = sealer.open(booking, context), sealer.open(request, context)
+    return msgspec.json.decode(booking, type=CanonicalBooking), msgspec.json.decode(request, type=BookingRequest)

@@ -25,8 +25,9 @@ from gateway.settings import SourceSettings
 
 _LOWER, _UPPER = ("ge", "gt"), ("le", "lt")
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
-# a search's actor -> Get Slots' resourceType ("Provider" or "Device")
-_RESOURCE_KINDS = {"Practitioner": "Provider", "PractitionerRole": "Provider", "Device": "Device"}
+# the actors a search takes (a PractitionerRole is a practitioner at a facility)
+_ACTORS = frozenset({"Practitioner", "PractitionerRole", "Device"})
+# a participant's kind -> Get Slots' resourceType
 _KIND_TYPES = {"Practitioner": "Provider", "Device": "Device"}
 _NUMBER = re.compile(r"\d{1,9}")
 
@@ -88,7 +89,7 @@ def slots_request(params: Any, source: SourceSettings, maps: SourceMaps) -> Slot
     location: Participant | None = None
     for value in (v for a in params.getall("actor", []) for v in a.split(",") if v):
         resolved = resolve_reference(value)
-        if resolved is not None and resolved[0] in _RESOURCE_KINDS:
+        if resolved is not None and resolved[0] in _ACTORS:
             kind = "Device" if resolved[0] == "Device" else "Practitioner"
             actors.append(Participant(kind=kind, reference=f"{kind}/{resolved[1]}", path="http.actor",
                                       role=resolved[0] == "PractitionerRole"))

@@ -93,7 +93,6 @@ class QueueWorker:
         if self._request_log is None or (trace.salesforce.status is None and trace.salesforce.error_code is None
                                          and not trace.adopted and trace.unmatched is None):
             return
-        sf = trace.salesforce
         if trace.unmatched is not None:
             logged, status = "unmatched", 422
         elif trace.refusal is not None:
@@ -102,14 +101,7 @@ class QueueWorker:
             logged, status = "booked", 201
         else:
             logged, status = "failed", 503
-        problem = trace.unmatched or trace.refusal
-        issues = logged_issues(problem.issues if problem else ())
-        self._request_log.record(LogEntry(
-            id=new_id(), time_ms=int(time.time() * 1000), source=entry.item.source, op="deliver",
-            outcome=logged, status=status, idempotency=trace.idempotency, sf_status=sf.status,
-            sf_id=trace.salesforce_id, sf_error=sf.error_code, sf_ms=round(sf.latency_ms, 2) if sf.status else None,
-            issues=issues,
-        ))
+        self._request_log.record(_logged(entry.item.source, "deliver", logged, status, trace))
 
 
 class HoldWorker:
@@ -161,11 +153,15 @@ class HoldWorker:
         """A release that booked, or ended the hold, joins the request log (op `release`)."""
         if self._request_log is None or outcome not in ("booked", "refused", "unmatched"):
             return
-        sf = trace.salesforce
-        error = trace.refusal or trace.unmatched
-        status = 201 if outcome == "booked" else 422
-        self._request_log.record(LogEntry(
-            id=new_id(), time_ms=int(time.time() * 1000), source=item.source, op="release", outcome=outcome,
-            status=status, idempotency=trace.idempotency, sf_status=sf.status, sf_id=trace.salesforce_id,
-            sf_error=sf.error_code, sf_ms=round(sf.latency_ms, 2) if sf.status else None,
-            issues=logged_issues(error.issues if error else ())))
+        self._request_log.record(_logged(item.source, "release", outcome, 201 if outcome == "booked" else 422, trace))
+
+
+def _logged(source: str, op: str, outcome: str, status: int, trace: Trace) -> LogEntry:
+    """A worker's attempt as the request log keeps it: its outcome, Salesforce's part, and the issues
+    of a refusal (Salesforce's, or a participant the org lacks)."""
+    sf, problem = trace.salesforce, trace.unmatched or trace.refusal
+    return LogEntry(
+        id=new_id(), time_ms=int(time.time() * 1000), source=source, op=op, outcome=outcome, status=status,
+        idempotency=trace.idempotency, sf_status=sf.status, sf_id=trace.salesforce_id, sf_error=sf.error_code,
+        sf_ms=round(sf.latency_ms, 2) if sf.status else None, issues=logged_issues(problem.issues if problem else ()),
+    )

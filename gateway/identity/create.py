@@ -15,7 +15,6 @@ created (Salesforce requires LastName): that too is for the operators.
 
 from __future__ import annotations
 
-from typing import Any
 from urllib.parse import quote
 
 from gateway.canonical import CanonicalBooking, Participant, Person
@@ -24,7 +23,7 @@ from gateway.errors import GatewayError, NotFound, SalesforceFailed
 from gateway.identity.model import EhrId, IdentityRecord
 from gateway.identity.queries import query_string
 from gateway.outbound.calls import CallRecord
-from gateway.salesforce.client import SALESFORCE_ID, SalesforceClient
+from gateway.salesforce.client import SALESFORCE_ID, SalesforceClient, error_codes
 from gateway.salesforce.wire import CompositeSub, CompositeSubAnswer
 from gateway.settings import SourceSettings
 
@@ -110,7 +109,7 @@ def _account(answers: list[CompositeSubAnswer]) -> str:
     patient = by_ref.get("patient")
     if patient is not None and patient.httpStatusCode == 300:
         raise NeedsOperator("MULTIPLE_CHOICES")
-    codes = [c for a in answers if a.httpStatusCode >= 400 for c in _codes(a.body)]
+    codes = [c for a in answers if a.httpStatusCode >= 400 for c in error_codes(a.body)]
     if reason := next((c for c in codes if c in _FOR_OPERATORS), None):
         raise NeedsOperator(reason)
     if codes or patient is None or patient.httpStatusCode not in (200, 201):
@@ -121,9 +120,3 @@ def _account(answers: list[CompositeSubAnswer]) -> str:
     if not isinstance(account, str) or not SALESFORCE_ID.fullmatch(account):
         raise SalesforceFailed("Salesforce's answer to the patient's creation cannot be read")
     return account
-
-
-def _codes(body: Any) -> list[str]:
-    errors = body if isinstance(body, list) else [body]
-    return [str(e["errorCode"])[:64] for e in errors if isinstance(e, dict) and e.get("errorCode")]
-

@@ -23,7 +23,7 @@ from typing import Any
 from urllib.parse import quote
 
 from gateway.identity.model import EhrId, Found, Hpf
-from gateway.salesforce.client import SALESFORCE_ID, soql_string
+from gateway.salesforce.client import SALESFORCE_ID, error_codes, soql_string
 from gateway.salesforce.wire import CompositeSubAnswer
 
 # at most this many values in one IN list: a Composite's query stays far under SOQL's 100,000 characters
@@ -121,9 +121,7 @@ def _records(answer: CompositeSubAnswer) -> list[dict[str, Any]]:
         if body.get("done") is False:  # over 2,000 records for a handful of ids: not an org to guess in
             raise LookupFailed("QUERY_TOO_LARGE")
         return [r for r in body["records"] if isinstance(r, dict)]
-    errors = body if isinstance(body, list) else [body]
-    raise LookupFailed(next((str(e.get("errorCode"))[:64] for e in errors if isinstance(e, dict)
-                             and e.get("errorCode")), None))
+    raise LookupFailed(next(iter(error_codes(body)), None))
 
 
 def _matching(wanted: dict[tuple[str, str], list[EhrId]], system: Any, value: Any) -> list[EhrId]:

@@ -43,7 +43,7 @@ class Resolver:
         self._sources, self._cache, self._client, self._settings = sources, cache, client, settings
         self._flights = Flights()
         self._ids: dict[tuple[str, tuple[Participant, ...]], tuple[EhrId, ...]] = {}
-        self._refs: dict[tuple[tuple[EhrId, ...], tuple[bytes | None, ...], str | None], tuple[str, ...]] = {}
+        self._refs: dict[tuple[object, ...], tuple[str, ...]] = {}
         # what this worker read of the cache lately: an id the org holds -> (until when, the cached value)
         self._local: dict[EhrId, tuple[float, bytes]] = {}
         self._local_s = settings.local_cache_seconds
@@ -141,7 +141,7 @@ class Resolver:
         is looked for at the booking's facility (its first Location the org holds), on its day."""
         facility = next((found[i].records[0] for p, i in zip(booking.participants, ids)
                          if p.kind == "Facility" and len(found[i].records) == 1), None)
-        day = booking.start.text[:10] if booking.start else None
+        day = _day(booking)
         rows: list[tuple[str | None, Issue | None]] = []
         for p, i in zip(booking.participants, ids):
             if i.kind in ("practitioner", "role"):
@@ -154,10 +154,9 @@ class Resolver:
               record: IdentityRecord) -> tuple[str, ...] | None:
         """The references, when this worker worked them out before for the same ids and the same answer
         of the cache on the same day (the hot path: no look-up, nothing to work out); else None."""
-        if not isinstance(cached, Known):
-            return None
-        refs = self._refs.get((ids, cached.answer, booking.start.text[:10] if booking.start else None))
-        if refs is not None:
+        memo = _memo(booking, ids, cached)
+        refs = self._refs.get(memo) if memo is not None else None
+        if refs is not None and cached is not None:
             record.cached += len(cached)
         return refs
 
@@ -166,8 +165,7 @@ class Resolver:
         the patient's problem too, if it has one), else PatientUnknown for a patient the org lacks.
         The same ids with the same answer of the cache on the same day give the same references:
         worked out once per worker."""
-        day = booking.start.text[:10] if booking.start else None
-        memo = (tuple(ids), found.answer, day) if isinstance(found, Known) else None
+        memo = _memo(booking, ids, found)
         if memo is not None and (refs := self._refs.get(memo)) is not None:
             return refs
         refs = self._references(booking, ids, found)
@@ -366,6 +364,17 @@ def _found(value: bytes) -> Found:
     return _decoder.decode(value)
 
 
+def _day(booking: CanonicalBooking) -> str | None:
+    """The appointment's day (YYYY-MM-DD), on which a practitioner's HPF must be effective."""
+    return booking.start.text[:10] if booking.start else None
+
+
+def _memo(booking: CanonicalBooking, ids: Sequence[EhrId], found: dict[EhrId, Found] | None) -> tuple[object, ...] | None:
+    """The key of a worker's memo of references: the same ids, the same answer of the cache, the same
+    day give the same references (None: the answer was not the cache's alone, so nothing to key on)."""
+    return (tuple(ids), found.answer, _day(booking)) if isinstance(found, Known) else None
+
+
 def _chunks(ids: list[EhrId]) -> list[list[EhrId]]:
     chunks: list[list[EhrId]] = [[]]
     values: set[str] = set()
@@ -378,8 +387,13 @@ def _chunks(ids: list[EhrId]) -> list[list[EhrId]]:
     return chunks
 
 
-def _where(p: Participant, ehr: EhrId) -> str:
+def _where(ehr: EhrId) -> str:
     return f"(Identifier.SourceSystem {ehr.system!r})"
+
+
+def _gap(p: Participant, code: str, diagnostics: str) -> tuple[None, Issue]:
+    """No one record for the participant: its element named, and the SourceSystem, never its id."""
+    return None, Issue(code=code, expression=(p.path,), diagnostics=diagnostics)
 
 
 def _one(p: Participant, ehr: EhrId, found: Found) -> tuple[str | None, Issue | None]:
@@ -387,11 +401,9 @@ def _one(p: Participant, ehr: EhrId, found: Found) -> tuple[str | None, Issue | 
         return found.records[0], None
     word = WORDS[ehr.kind]
     if not found.records:
-        return None, Issue(code="not-found", expression=(p.path,),
-                           diagnostics=f"the org holds no {word} for this id {_where(p, ehr)}")
-    return None, Issue(code="multiple-matches", expression=(p.path,),
-                       diagnostics=f"this id names {len(found.records)} {word} records in the org {_where(p, ehr)}; "
-                                   "it must name one")
+        return _gap(p, "not-found", f"the org holds no {word} for this id {_where(ehr)}")
+    return _gap(p, "multiple-matches", f"this id names {len(found.records)} {word} records in the org {_where(ehr)}; "
+                                       "it must name one")
 
 
 def _hpf_at(p: Participant, ehr: EhrId, found: Found, facility: str, day: str | None) -> tuple[str | None, Issue | None]:
@@ -401,12 +413,9 @@ def _hpf_at(p: Participant, ehr: EhrId, found: Found, facility: str, day: str | 
         return here[0].id, None
     word = WORDS[ehr.kind]
     if len(here) > 1:
-        return None, Issue(code="multiple-matches", expression=(p.path,),
-                           diagnostics=f"this {word} has {len(here)} HealthcarePractitionerFacility records at the "
-                                       f"booking's facility {_where(p, ehr)}; it must have one")
+        return _gap(p, "multiple-matches", f"this {word} has {len(here)} HealthcarePractitionerFacility records at "
+                                           f"the booking's facility {_where(ehr)}; it must have one")
     if not found.known:
-        return None, Issue(code="not-found", expression=(p.path,),
-                           diagnostics=f"the org holds no {word} for this id {_where(p, ehr)}")
-    return None, Issue(code="not-found", expression=(p.path,),
-                       diagnostics=f"the org holds no active HealthcarePractitionerFacility for this {word} at the "
-                                   f"booking's facility {_where(p, ehr)} (the practitioner–facility pair)")
+        return _gap(p, "not-found", f"the org holds no {word} for this id {_where(ehr)}")
+    return _gap(p, "not-found", f"the org holds no active HealthcarePractitionerFacility for this {word} at the "
+                                f"booking's facility {_where(ehr)} (the practitioner–facility pair)")

@@ -166,6 +166,12 @@ def _code(errs: list[dict[str, Any]]) -> str | None:
     return code[:64] if code else None
 
 
+def error_codes(body: Any) -> list[str]:
+    """Each errorCode of a Salesforce error body (an error list, or one error, as a Composite
+    subrequest answers), bounded as `_code`'s; never a message (it may quote values)."""
+    return [str(e["errorCode"])[:64] for e in _errors(body) if e.get("errorCode")]
+
+
 def _scrub(message: str, request: BookingRequest) -> str:
     """Salesforce messages may quote values; never pass a patient's identifiers or comment on."""
     for p in request.participants:
