@@ -24,6 +24,7 @@ from gateway.state.embedded_redis import EmbeddedRedis
 from gateway.sandbox import SandboxConfig, create_sandbox_app
 from gateway.edges.server import ThreadedServer, gateway_server_options
 from gateway.settings import SalesforceConnection, Settings, load_file_settings
+from tests.fhir_server import fhir_server  # noqa: F401  (a fixture: the independent FHIR server, one per session)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "config"
