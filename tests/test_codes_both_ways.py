@@ -1,7 +1,8 @@
-"""Codes both ways (issue 15, item 3): Health Cloud's callouts carry Salesforce's codes, the EHR wants
-its own; the engineers' same ConceptMaps, read in reverse where an element is equivalent or equal,
-give them back, and a reverse group decides where two elements would give two. An ambiguous reverse
-is refused at load, naming the file and the elements."""
+"""Codes both ways (issue 15, item 3): the engineers' same ConceptMaps, read in reverse where an element
+is equivalent or equal, give a Salesforce code's EHR coding back, and a reverse group decides where two
+elements would give two. An ambiguous reverse is refused at load, naming the file and the elements.
+Health Cloud's callouts carry the EHR's own codes (item 5, tests/test_healthcloud_codes.py): the
+reverse is the fallback for a code that no group lists among its source codes."""
 
 from __future__ import annotations
 

@@ -148,9 +148,10 @@ def test_translate_to_ehr_shows_what_a_callout_would_ask_of_the_ehr(tmp_path, ca
     asked = msgspec.json.decode(capsys.readouterr().out)
     assert asked["slot"] == "e-s1-203001070900" and asked["identifiers"] == [
         ["urn:salesforce:ServiceAppointment", "08pxx0000000001AAA"]]
-    # Health Cloud's work-type codes as Epic's own (the code without a map is left out of a create)
+    # Health Cloud's work-type codes are Epic's own: its OID added from the group listing the code; a
+    # code no map knows goes as it came, without a system
     assert asked["service_types"] == [{"system": "urn:oid:1.2.840.114350.1.13.861.1.7.3.808267.11",
-                                       "code": "40111223"}]
+                                       "code": "40111223"}, {"code": "no-such-code"}]
     assert asked["appointment_types"] == [{"system": "http://terminology.hl7.org/CodeSystem/v2-0276",
                                            "code": "ROUTINE"}]
 
@@ -160,7 +161,9 @@ def test_translate_to_ehr_shows_what_a_callout_would_ask_of_the_ehr(tmp_path, ca
     asked = msgspec.json.decode(capsys.readouterr().out)
     assert asked["service_types"] == [{"system": "https://fhir.cerner.com/ec2458f2-1e24-41c8-b71b-0e701af7583d/"
                                                  "codeSet/14249", "code": "2572307911"}]
-    find.write_text(f"service-type=not-mapped&{WINDOW}")  # a search by a code the EHR cannot be asked: refused
+    # a code no map knows has no code system, and Cerner's Slot search takes none without one: refused
+    find.write_text(f"service-type=not-mapped&{WINDOW}")
     assert main(["translate", "--to-ehr", "cerner", str(find)]) == 1
     refused = msgspec.json.decode(capsys.readouterr().out)
-    assert refused["resourceType"] == "OperationOutcome" and "serviceTypes" in refused["issue"][0]["details"]["text"]
+    assert refused["resourceType"] == "OperationOutcome" and refused["issue"][0]["code"] == "code-invalid"
+    assert "system|code" in refused["issue"][0]["details"]["text"]

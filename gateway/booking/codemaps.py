@@ -4,13 +4,15 @@
 as in `Coding.system`) to one Salesforce category (`group.target`). Lookups at request time are
 plain dict gets on the compiled form.
 
-Both ways: Health Cloud's callouts carry Salesforce's codes, and the EHR wants its own. The same maps
-read in reverse (FHIR's `$translate` has `reverse`) give them back, for the categories the callouts
-carry (`REVERSE_CATEGORIES`): an element whose target is `equivalent` or `equal` maps that target
-back to the element's code in the group's system. Where two such elements map one Salesforce code
-back to two EHR codes, a reverse group decides (`source` `urn:ehr-gateway:salesforce:<category>`,
-`target` the EHR system, an element per Salesforce code); without one the maps are refused at load,
-naming the elements.
+Both ways: Health Cloud's callouts carry the EHR's own codes (its Work Type Code Set Bundles hold each
+source system's codes), and a group whose source codes list one (`holding`) gives the code system the
+EHR wants it in (gateway/scheduling/to_ehr.py). A code that no group lists may be a Salesforce-side
+code: the same maps read in reverse (FHIR's `$translate` has `reverse`) give the EHR's back, for the
+categories the callouts carry (`REVERSE_CATEGORIES`): an element whose target is `equivalent` or
+`equal` maps that target back to the element's code in the group's system. Where two such elements
+map one Salesforce code back to two EHR codes, a reverse group decides (`source`
+`urn:ehr-gateway:salesforce:<category>`, `target` the EHR system, an element per Salesforce code);
+without one the maps are refused at load, naming the elements.
 """
 
 from __future__ import annotations
@@ -136,6 +138,13 @@ class SourceMaps(msgspec.Struct, frozen=True):
         """The EHR coding a Salesforce code of `category` maps back to, or None."""
         by_code = self.reverse.get(category)
         return by_code.get(code) if by_code else None
+
+    def holding(self, category: str, code: str) -> list[tuple[str, Group]]:
+        """(EHR system, group) of each group of `category` that lists `code` among its source codes (the
+        EHR's own codes, an element each, whatever its target), in load order: files by name, groups
+        as written. A group's `unmapped` takes any code in, but lists none."""
+        by_system = self.groups.get(category)
+        return [(system, g) for system, g in by_system.items() if code in g.mapping] if by_system else []
 
 
 EMPTY = SourceMaps(groups={}, version="none")
