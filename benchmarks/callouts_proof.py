@@ -63,7 +63,7 @@ import httpx
 from gateway.edges.server import ThreadedServer
 from gateway.twins import TwinConfig, create_ehr_twin
 from gateway.twins.app import base_path
-from gateway.twins.config import default_schedules, key_pair
+from gateway.twins.config import TwinPatient, default_schedules, key_pair
 from gateway.sandbox.iam import Callouts
 from gateway.state.embedded_redis import EmbeddedRedis
 from benchmarks.exactly_once import _children, _cmdline, _free_port
@@ -385,9 +385,12 @@ def _start_twins(stack: ExitStack, opts: ProofOptions, dialects: tuple[str, ...]
     server_log.setLevel(logging.CRITICAL)
     private, public = key_pair()
     twins = {}
+    # every ServiceAppointment's patient (`_plan`), held by each EHR: a create for one it lacks is 404
+    patients = tuple(TwinPatient(id=f"7{i:07d}", family="Proof", given=("Patient",), birthDate="1970-01-01",
+                                 gender="unknown", mrn=f"9{i:07d}") for i in range(opts.appointments))
     for i, d in enumerate(dialects):
         config = TwinConfig(dialect=d, control_key=CONTROL, client_id=CLIENT,  # type: ignore[arg-type]
-                            client_secret=None if d == "epic" else SECRET,
+                            client_secret=None if d == "epic" else SECRET, patients=patients,
                             public_key_pem=public if d == "epic" else None, start_date=today.date().isoformat())
         twins[d] = stack.enter_context(ThreadedServer(create_ehr_twin(config))).url
         before, after = FAULTS[d]

@@ -12,7 +12,9 @@ socket of its own, so the gateway holds a connection pool per EHR as in producti
   service type, schedule) and their two Schedules included (`search.mode` include).
 * Epic, `POST /api/FHIR/STU3/Appointment/$find`: a Bundle of four *proposed* Appointments (their
   practitioner and location as participants) and the informational OperationOutcome entry Epic adds.
-* FHIR, `GET /fhir/Slot?…`: an R4 searchset of four free Slots and their Schedules.
+* FHIR, `GET /fhir/Slot?…`: an R4 searchset of four free Slots and their Schedules; `GET
+  /fhir/Schedule?actor=…`: the two Schedules (the client looks a practitioner's schedules up first,
+  then keeps them a few minutes).
 * `GET …/metadata`: a CapabilityStatement (what a FHIR client may read first).
 * `GET /_standin/counters`: calls answered per kind (the benchmark checks the EHRs were asked);
   `POST /_standin/delay?ms=N`: the delay from now on.
@@ -79,6 +81,17 @@ def _searchset(base: str, kind: str, service: tuple[str, str], schedules, *, cer
             "link": [{"relation": "self", "url": f"{base}/{kind}"}], "entry": entries}
 
 
+def _schedules(base: str, service: tuple[str, str], schedules) -> dict:
+    """An R4 searchset of the Schedules, as `Schedule?actor=` answers."""
+    concept = [{"coding": [{"system": service[0], "code": service[1]}]}]
+    entries = [{"fullUrl": f"{base}/Schedule/{sid}", "search": {"mode": "match"},
+                "resource": {"resourceType": "Schedule", "id": sid, "active": True, "serviceType": concept,
+                             "actor": [{"reference": f"Practitioner/{practitioner}"},
+                                       {"reference": f"Location/{location}"}]}}
+               for sid, practitioner, location in schedules]
+    return {"resourceType": "Bundle", "type": "searchset", "total": len(entries), "entry": entries}
+
+
 def _epic_find(base: str) -> dict:
     """Epic's `$find` answer: proposed Appointments (ids are what `$book` takes) and an outcome entry."""
     schedules = SCHEDULES["epic"]
@@ -130,6 +143,7 @@ def answers(base: str) -> dict[str, bytes]:
                                         cerner=True)),
         "epic": _wire(200, _epic_find(f"{base}/api/FHIR/STU3")),
         "fhir": _wire(200, _searchset(f"{base}/fhir", "Slot", FHIR_SERVICE, SCHEDULES["fhir"], cerner=False)),
+        "fhir_schedules": _wire(200, _schedules(f"{base}/fhir", FHIR_SERVICE, SCHEDULES["fhir"])),
         "metadata": _wire(200, _capability()),
         "unauthorized": _wire(401, _outcome("login", "the bearer token is missing or unknown")),
         "not_found": _wire(404, _outcome("not-found", "not served by the stand-in")),
@@ -149,6 +163,8 @@ def route(method: bytes, path: str, auth: bytes | None) -> str:
         name = "epic"
     elif method == b"GET" and path == "/fhir/Slot":
         name = "fhir"
+    elif method == b"GET" and path == "/fhir/Schedule":
+        name = "fhir_schedules"
     else:
         return "not_found"
     return name if auth == _BEARER else "unauthorized"
@@ -158,7 +174,8 @@ def serve(socks: list[socket.socket], delay_ms: float) -> None:
     import httptools
     import uvloop
 
-    counters = {"token": 0, "cerner": 0, "epic": 0, "fhir": 0, "metadata": 0, "unauthorized": 0, "not_found": 0}
+    counters = {"token": 0, "cerner": 0, "epic": 0, "fhir": 0, "fhir_schedules": 0, "metadata": 0, "unauthorized": 0,
+                "not_found": 0}
     delay = [delay_ms / 1000]  # changed between runs by POST /_standin/delay?ms=N
 
     class Protocol(asyncio.Protocol):
@@ -200,7 +217,7 @@ def serve(socks: list[socket.socket], delay_ms: float) -> None:
                 return
             name = route(self.parser.get_method(), path, self.auth)
             counters[name] += 1
-            if name in ("cerner", "epic", "fhir") and delay[0] > 0:
+            if name in ("cerner", "epic", "fhir", "fhir_schedules") and delay[0] > 0:
                 # the EHR's think time, without blocking the loop
                 self.loop.call_later(delay[0], self._write, self.wire[name])
             else:

@@ -72,31 +72,46 @@ def cmd_translate(args: argparse.Namespace) -> int:
 
 def _translate_to_ehr(source: str, file_settings: FileSettings, maps: dict[str, object], body: bytes) -> int:
     """What the gateway would ask of SOURCE's EHR for a callout: the neutral request its EHR client
-    takes, with Health Cloud's codes as the EHR's."""
+    takes, with Health Cloud's codes as the EHR's (and, on stderr, what gave each its system)."""
     from gateway.booking.fhir import error_body
     from gateway.errors import GatewayError
     from gateway.scheduling.callouts import read_callout, read_search
-    from gateway.scheduling.to_ehr import book_request, slot_query
+    from gateway.scheduling.to_ehr import book_request, ehr_coding, slot_query
 
     src = file_settings.sources.get(source)
     if src is None:
         return _fail(f"no source {source!r} in gateway.toml")
     source_maps = maps.get(source)
+    create = body.lstrip().startswith(b"{")
     try:
-        if body.lstrip().startswith(b"{"):
-            request: object = book_request(source_maps, read_callout(body))  # type: ignore[arg-type]
+        if create:
+            callout = read_callout(body)
+            request: object = book_request(source_maps, callout, dialect=src.adapter)  # type: ignore[arg-type]
+            codes = {"serviceTypes": [c.code for k in callout.serviceType for c in k.coding if c.code],
+                     "appointmentTypes": [c.code for c in (callout.appointmentType.coding
+                                                           if callout.appointmentType else []) if c.code]}
         else:
             search = read_search(body.strip(), [src.source_system], max_days=file_settings.healthcloud.max_search_days,
                                  max_values=file_settings.healthcloud.max_search_values)
             criteria = search.criteria.get(src.source_system)
             if criteria is None:
                 return _fail(f"the search names no value of source system {src.source_system!r}")
-            request = slot_query(source_maps, search, criteria, system=src.source_system)  # type: ignore[arg-type]
+            codes = {"serviceTypes": criteria.service_types, "appointmentTypes": criteria.appointment_types}
+            request = slot_query(source_maps, search, criteria, system=src.source_system,  # type: ignore[arg-type]
+                                 dialect=src.adapter)
     except GatewayError as error:
         print(msgspec.json.format(error_body(error), indent=2).decode())
         return 1
-    kind = "book" if body.lstrip().startswith(b"{") else "find slots"
-    print(f"# {kind} in the {source} EHR ({src.adapter}), as its client is asked", file=sys.stderr)
+    print(f"# {'book' if create else 'find slots'} in the {source} EHR ({src.adapter}), as its client is asked",
+          file=sys.stderr)
+    how = {"map": "the EHR's code, in the system of the group listing it", "reverse": "a Salesforce code, mapped back",
+           "none": "known to no map: sent without a system"}
+    for category, values in codes.items():
+        for value in values:
+            found = ehr_coding(source_maps, category, value, dialect=src.adapter)  # type: ignore[arg-type]
+            where = f" ({found.file} {found.where})" if found.file else ""
+            shown = f"{found.coding.system}|{found.coding.code}" if found.coding.system else found.coding.code
+            print(f"# {category} {value} -> {shown}: {how[found.via]}{where}", file=sys.stderr)
     print(msgspec.json.format(msgspec.json.encode(request), indent=2).decode())
     return 0
 
@@ -142,6 +157,7 @@ def cmd_ehr_sandbox(args: argparse.Namespace) -> int:
     config = TwinConfig(dialect=args.dialect, control_key=control_key,
                         client_id=os.environ.get("EHR_SANDBOX_CLIENT_ID", "ehr-twin-client"), client_secret=secret,
                         public_key_pem=Path(key_file).read_text() if key_file else None,
+                        permissive=args.permissive and args.dialect == "fhir",
                         mllp_port=int(mllp) if mllp else (0 if args.dialect == "epic" else None))
     base = f"http://{args.host}:{args.port}"
     print(f"{args.dialect} EHR twin: its FHIR base {base}{base_path(args.dialect)}, its token endpoint {base}/oauth2/token")
@@ -363,8 +379,10 @@ def _start_ehr_twins(settings: object, data_root: Path, password: str) -> list[o
             key_file.chmod(0o600)
             key_file.write_text(private_pem)
             secret, extra = None, {"private_key_file": str(key_file), "mllp_out": f"127.0.0.1:{_free_port()}"}
+        # the FHIR twin plays a plain server that enforces nothing beyond the spec, as many do: the
+        # gateway's own slot guard is what keeps a slot booked once there
         config = TwinConfig(dialect=dialect, control_key=control_key, client_id="ehr-gateway-demo",
-                            client_secret=secret, public_key_pem=public_pem,
+                            client_secret=secret, public_key_pem=public_pem, permissive=dialect == "fhir",
                             mllp_port=int(extra["mllp_out"].rpartition(":")[2]) if "mllp_out" in extra else None)
         server = ThreadedServer(create_ehr_twin(config)).start()
         started.append(server)
@@ -374,6 +392,8 @@ def _start_ehr_twins(settings: object, data_root: Path, password: str) -> list[o
             ehrs[dialect]["client_secret"] = secret
         print(f"  {dialect} EHR twin at {server.url} (its appointments: {server.url}/twin/appointments with "
               f"Authorization: Bearer {control_key})")
+        if config.permissive:
+            print("    (a plain FHIR server: it enforces nothing beyond the spec, so the gateway guards its slots)")
     os.environ[DEMO_EHRS_ENV] = json.dumps(ehrs)
     os.environ[DEMO_HEALTHCLOUD_ENV] = hashlib.sha256(f"healthcloud-demo:{password}".encode()).hexdigest()
     prefix = settings.file.healthcloud.path_prefix  # type: ignore[attr-defined]
@@ -604,6 +624,8 @@ def build_parser() -> argparse.ArgumentParser:
     ehr_sandbox.add_argument("--dialect", required=True, choices=("cerner", "epic", "fhir"))
     ehr_sandbox.add_argument("--host", default="127.0.0.1")
     ehr_sandbox.add_argument("--port", type=int, default=8700)
+    ehr_sandbox.add_argument("--permissive", action="store_true",
+                             help="fhir: enforce nothing beyond the spec (books a taken slot, checks no reference)")
     ehr_sandbox.set_defaults(func=cmd_ehr_sandbox)
 
     hc = sub.add_parser("healthcloud", help="play Health Cloud: its IAM callouts (find, status, book, cancel, read)")

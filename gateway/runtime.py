@@ -44,6 +44,7 @@ from gateway.salesforce.client import SalesforceClient
 from gateway.scheduling.scheduler import Scheduler
 from gateway.settings import Settings
 from gateway.state.breaker import CircuitBreaker
+from gateway.state.callouts import CalloutState
 from gateway.state.connect import connect_redis
 from gateway.state.holds import HoldStore
 from gateway.state.idempotency import IdempotencyStore
@@ -158,8 +159,10 @@ class Gateway:
                 breaker=breaker)
 
     def _build_scheduling(self) -> None:
+        self.callouts = CalloutState(self.redis, self.cfg.redis.key_prefix,
+                                     retention_days=self.cfg.idempotency.link_retention_days, sealer=self.sealer)
         self.scheduler = Scheduler(self.settings.sources, self.ehr_clients, self.maps, self.cfg.healthcloud, self.store,
-                                   self.links)
+                                   self.links, self.callouts)
 
     def _build_booking(self) -> None:
         cfg, sources = self.cfg, self.settings.sources

@@ -236,6 +236,15 @@ class HealthCloudSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=Tru
     search_timeout_seconds: float = 8.0
     max_search_days: int = 62  # a wider window is refused (400): each EHR would page through it all
     max_search_values: int = 50  # ids and codes in one search
+    # every other callout (slot status, read, create, cancel) is answered within this, the wait for a
+    # connection to the EHR included: Apex's callouts give up after 10 s by default
+    call_timeout_seconds: float = 8.0
+    # which EHR appointments Health Cloud's credential may read and cancel: those the gateway knows
+    # (booked through the callouts, or through the first direction), or "all" for an org that syncs
+    # appointments another way; anything else is 404, as an id that does not exist
+    scope: Literal["known", "all"] = "known"
+    patient_cache_seconds: float = 900.0  # a patient the EHR has, remembered before a create reads it again
+    unknown_patient_cache_seconds: float = 60.0  # ... one it does not have
 
 
 class IdentitySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -484,6 +493,8 @@ def _healthcloud_problems(hc: HealthCloudSettings) -> list[str]:
                 problems.append(f"$.healthcloud.{kind}[{i}]: not a lowercase SHA-256 hex digest")
     if hc.search_timeout_seconds <= 0 or hc.max_search_days < 1 or hc.max_search_values < 1:
         problems.append("$.healthcloud: search_timeout_seconds, max_search_days and max_search_values must be positive")
+    if min(hc.call_timeout_seconds, hc.patient_cache_seconds, hc.unknown_patient_cache_seconds) <= 0:
+        problems.append("$.healthcloud: call_timeout_seconds and the patient cache times must be positive")
     return problems
 
 

@@ -29,7 +29,7 @@ from gateway.ehr import client_class
 from gateway.ehr.fhir import MAX_PAGES, FhirClient
 from gateway.ehr.model import BookRequest, SlotQuery
 from gateway.twins import TwinConfig, create_ehr_twin
-from gateway.errors import EhrFailed, EhrRefused, NotFound, Unavailable
+from gateway.errors import EhrFailed, EhrRefused, InvalidRequest, NotFound, Unavailable
 from gateway.outbound.calls import CallRecord
 from gateway.outbound.http import HttpClient
 from gateway.settings import EhrCredentials, EhrSettings
@@ -40,7 +40,7 @@ CONTROL, SECRET = "fhir-twin-control", "fhir-twin-secret-8c1d"
 DAY = "2030-01-07"  # the twin's first day (a Monday); it has two, 09:00 to 17:00 UTC, 30-minute slots
 SERVICE = Coding(system="http://terminology.hl7.org/CodeSystem/service-type", code="124")
 SF = "urn:ehr-gateway:salesforce:appointment"  # the identifier system the bookings carry
-PATIENT = "pat-4471"
+PATIENT = "pat1"  # one of the twin's patients: it refuses a reference to any other
 
 
 # -- the twin and the client ----------------------------------------------------------------------------
@@ -138,7 +138,7 @@ async def test_metadata_is_public_r4_and_says_whether_conditional_create_is_serv
     capability = validate(r.content, "CapabilityStatement")
     assert capability["fhirVersion"] == "4.0.1" and capability["kind"] == "instance"
     kinds = {res["type"]: {i["code"] for i in res["interaction"]} for res in capability["rest"][0]["resource"]}
-    assert kinds == {"Slot": {"read", "search-type"}, "Schedule": {"read"},
+    assert kinds == {"Slot": {"read", "search-type"}, "Schedule": {"read", "search-type"},
                      "Appointment": {"create", "read", "update", "search-type"}, "Patient": {"read", "search-type"}}
     assert _conditional(capability) is True
     async with ehr_client(twin, redis_url, prefix) as client:
@@ -252,8 +252,8 @@ async def test_book_read_cancel_and_a_conditional_resend_books_nothing_new(twin,
     (stored,) = booked(twin)
     assert (stored["id"], stored["patient"], stored["comment"]) == (made.id, PATIENT, "bring the referral")
 
-    again = await ehr.book(wanted, CallRecord())  # the same identifier: If-None-Exist answers the first
-    assert again.id == made.id and len(booked(twin)) == 1 and counters(twin)["creates"] == 2
+    again = await ehr.book(wanted, CallRecord())  # the same identifier, found on its slot: nothing sent
+    assert again.id == made.id and len(booked(twin)) == 1 and counters(twin)["creates"] == 1
 
     raw = httpx.get(f"{twin.url}/fhir/Appointment/{made.id}", headers=token(twin))
     assert raw.headers["etag"] == 'W/"1"'
@@ -294,9 +294,10 @@ async def test_a_taken_slot_is_refused_without_patient_data(twin, ehr):
     record = CallRecord()
     with pytest.raises(EhrRefused) as refused:
         await ehr.book(request("s1-203001071000", patient="pat-9999", sf_id="08pXX0000002"), record)
-    assert refused.value.issues[0].details_code == "HTTP_409" and "conflict" in str(refused.value)
-    assert "pat-9999" not in str(refused.value) and "no longer free" not in str(refused.value)  # its text stays
-    assert record.status == 409 and len(booked(twin)) == 1
+    # seen taken before anything is sent (a plain FHIR server would book it again)
+    assert refused.value.issues[0].details_code == "SLOT_TAKEN" and record.error_code == "SLOT_TAKEN"
+    assert "pat-9999" not in str(refused.value)
+    assert counters(twin)["creates"] == 1 and len(booked(twin)) == 1
 
 
 async def test_an_identifier_already_booked_on_another_slot_is_refused(twin, ehr):
@@ -311,10 +312,10 @@ async def test_an_identifier_already_booked_on_another_slot_is_refused(twin, ehr
 
 async def test_ids_that_are_no_fhir_ids_are_never_sent(twin, ehr):
     calls = counters(twin)["api_calls"]
-    for odd in ("../metadata", "s1-203001070900?_format=xml", "a/b", ""):
-        with pytest.raises(NotFound):
+    for odd in ("../metadata", "s1-203001070900?_format=xml", "a/b", "", ".."):
+        with pytest.raises(InvalidRequest):  # 400, as at Health Cloud's edge
             await ehr.read_slot(odd, CallRecord())
-        with pytest.raises(NotFound):
+        with pytest.raises(InvalidRequest):
             await ehr.cancel(odd, None, CallRecord())
     assert counters(twin)["api_calls"] == calls
 
@@ -343,8 +344,9 @@ async def test_two_cancels_at_once_one_meets_a_stale_version_and_reads_again(twi
         first, second = await asyncio.gather(one.cancel(made.id, "pat", CallRecord()),
                                              two.cancel(made.id, "prov", CallRecord()))
     assert first.status == second.status == "cancelled" and first.version == second.version == "2"
-    # two reads, two updates (one refused: 412), one read again that finds it cancelled
-    assert counters(twin)["api_calls"] == calls + 5 and counters(twin)["cancels"] == 1
+    # two reads, two updates (one refused: 412), one read again that finds it cancelled, and the
+    # cancel that was applied asks whether its slot is held by another booking
+    assert counters(twin)["api_calls"] == calls + 6 and counters(twin)["cancels"] == 1
 
 
 async def test_find_booked_by_patient_slot_and_time_when_the_booking_has_no_identifier(twin, ehr):
@@ -450,9 +452,12 @@ async def test_without_conditional_create_a_lost_booking_is_found_and_a_refused_
         async with ehr_client(plain, redis_url, prefix) as client:
             made = await client.book(request("s1-203001070900"), CallRecord())
             assert made.status == "booked"
-            # a second send of the same booking is not recognised by this server: the slot is taken
-            with pytest.raises(EhrRefused):
-                await client.book(request("s1-203001070900"), CallRecord())
+            # a second send of the same booking: this server has no conditional create, but the
+            # appointment on the slot carries the booking's identifier, and nothing is sent
+            again = await client.book(request("s1-203001070900"), CallRecord())
+            assert again.id == made.id and counters(plain)["creates"] == 1
+            with pytest.raises(EhrRefused):  # another booking's identifier: the slot is taken
+                await client.book(request("s1-203001070900", sf_id="08pXX0000009"), CallRecord())
 
             faults(plain, fail_after_store=1, after_store="drop")
             record = CallRecord()
@@ -462,10 +467,10 @@ async def test_without_conditional_create_a_lost_booking_is_found_and_a_refused_
             found = await client.find_booked(request("s1-203001070930", sf_id="08pXX0000002"), CallRecord())
             assert found is not None and found.slot == "s1-203001070930"
 
-            faults(plain, expire_tokens=True)
+            faults(plain, expire_tokens_at_create=True)  # the slot's reads pass; the create meets a 401
             creates, record = counters(plain)["creates"], CallRecord()
             timed = request("s1-203001071000", sf_id="08pXX0000003", start="2030-01-07T10:00:00Z",
-                            end="2030-01-07T10:30:00Z")  # the create is the first call: no slot read renews first
+                            end="2030-01-07T10:30:00Z")
             with pytest.raises(Unavailable):
                 await client.book(timed, record)
             assert record.reauthenticated and counters(plain)["creates"] == creates  # refused at the door, not resent
@@ -487,8 +492,9 @@ async def test_a_server_that_answers_no_body_is_read_by_its_location(redis_url, 
             assert again == made and len(booked(minimal)) == 1
             cancelled = await client.cancel(made.id, None, CallRecord())
             assert (cancelled.status, cancelled.version) == ("cancelled", "2")
-            # metadata, a read after each create and one before and after the update
-            assert counters(minimal)["reads"] == reads + 1 + 2 + 2
+            # the slot and its schedule before each create; metadata; a read after the create; one
+            # before and after the update
+            assert counters(minimal)["reads"] == reads + 2 * 2 + 1 + 1 + 2
         raw = httpx.post(f"{minimal.url}/fhir/Appointment", headers=token(minimal),
                          json=appointment(free_slots(minimal, token(minimal))[0]))
         assert raw.status_code == 201 and raw.content == b"" and raw.headers["etag"] == 'W/"1"'
@@ -506,8 +512,20 @@ def _garbage_app(pages: list[int]) -> Any:
         return "<html>maintenance</html>"
 
     @route("/fhir/Appointment")
-    async def appointments() -> Response[bytes]:  # an id that is no string
+    async def appointments(request: Request[Any, Any, Any]) -> Response[bytes]:
+        if "slot" in request.query_params and "patient" not in request.query_params:  # who holds the slots: none
+            return Response(b'{"resourceType":"Bundle","type":"searchset"}', media_type="application/fhir+json")
+        # an id that is no string
         return Response(b'{"resourceType":"Bundle","entry":[{"resource":{"resourceType":"Appointment","id":7}}]}',
+                        media_type="application/fhir+json")
+
+    @route("/fhir/Schedule")
+    async def schedules() -> Response[dict[str, Any]]:
+        return Response({"resourceType": "Bundle", "type": "searchset",
+                         "entry": [{"resource": {"resourceType": "Schedule", "id": "s2",
+                                                 "actor": [{"reference": "Location/l"}, {"reference": "Practitioner/q"}]}},
+                                   {"resource": {"resourceType": "Schedule", "id": "s3",  # not the one asked for
+                                                 "actor": [{"reference": "Practitioner/z"}]}}]},
                         media_type="application/fhir+json")
 
     @route("/fhir/Slot")
@@ -521,12 +539,26 @@ def _garbage_app(pages: list[int]) -> Any:
                                             "end": "2030-01-07T09:30:00Z"}, "search": {"mode": "match"}},
                               {"resource": {"resourceType": "Schedule", "id": "s",
                                             "actor": [{"reference": "Practitioner/p"}]},
-                               "search": {"mode": "include"}}]}
+                               "search": {"mode": "include"}},
+                              # its schedule not included: read
+                              {"resource": {"resourceType": "Slot", "id": "x2", "status": "free",
+                                            "schedule": {"reference": "Schedule/s2"}, "start": "2030-01-07T09:00:00Z",
+                                            "end": "2030-01-07T09:30:00Z"}, "search": {"mode": "match"}},
+                              # what a server that ignores a parameter lets through: left out
+                              {"resource": {"resourceType": "Slot", "id": "x3", "status": "busy",
+                                            "schedule": {"reference": "Schedule/s"}, "start": "2030-01-07T09:30:00Z",
+                                            "end": "2030-01-07T10:00:00Z"}, "search": {"mode": "match"}},
+                              {"resource": {"resourceType": "Slot", "id": "x4", "status": "free",
+                                            "schedule": {"reference": "Schedule/s"}, "start": "2031-01-07T09:30:00Z",
+                                            "end": "2031-01-07T10:00:00Z"}, "search": {"mode": "match"}}]}
             return Response(page, media_type="application/fhir+json")
-        if "schedule.actor" in request.query_params:  # a server that ignores _include
+        if "schedule" in request.query_params:  # the schedules' slots, one of another schedule let through
             page = {"resourceType": "Bundle", "type": "searchset",
                     "entry": [{"resource": {"resourceType": "Slot", "id": "y1", "status": "free",
                                             "schedule": {"reference": "Schedule/s2"}, "start": "2030-01-07T09:00:00Z",
+                                            "end": "2030-01-07T09:30:00Z"}, "search": {"mode": "match"}},
+                              {"resource": {"resourceType": "Slot", "id": "y2", "status": "free",
+                                            "schedule": {"reference": "Schedule/s3"}, "start": "2030-01-07T09:00:00Z",
                                             "end": "2030-01-07T09:30:00Z"}, "search": {"mode": "match"}}]}
             return Response(page, media_type="application/fhir+json")
         elsewhere = "http://127.0.0.1:9/fhir/Slot?_offset=1"  # a next link off the EHR's base
@@ -549,7 +581,7 @@ def _garbage_app(pages: list[int]) -> Any:
     async def appointment_read() -> Response[bytes]:
         return Response(b'{"resourceType":"Appointment","id":"1","status":', media_type="application/fhir+json")
 
-    return Litestar([metadata, appointments, slots, schedule, slot, appointment_read], openapi_config=None,
+    return Litestar([metadata, appointments, schedules, slots, schedule, slot, appointment_read], openapi_config=None,
                     logging_config=None)
 
 
@@ -569,7 +601,8 @@ async def test_answers_that_are_no_fhir_are_failures(redis_url, prefix):
             looped = await client.find_slots(SlotQuery(start=DAY, end="2030-01-08", service_types=(SERVICE,)),
                                              CallRecord())
             assert len(pages) == MAX_PAGES  # followed no further
-            assert [(s.id, s.practitioner) for s in looped] == [("x1", "p")]  # a slot seen twice is one slot
+            # a slot seen twice is one slot; a busy one, and one outside the window, are left out
+            assert [(s.id, s.practitioner, s.location) for s in looped] == [("x1", "p", None), ("x2", "q", "l")]
             bare = await client.find_slots(SlotQuery(start=DAY, end="2030-01-08", practitioners=("q",)), CallRecord())
             assert [(s.id, s.schedule, s.practitioner, s.location) for s in bare] == [("y1", "s2", "q", "l")]
             with pytest.raises(EhrFailed, match="HTTP 502"):
@@ -598,13 +631,14 @@ async def test_an_expired_token_is_renewed_once_and_the_conditional_booking_rese
     await ehr.find_slots(SlotQuery(start=DAY, end="2030-01-07T10:00:00Z"), CallRecord())
     assert await ehr.conditional_create(CallRecord())
     grants, calls = counters(twin)["token_grants"], counters(twin)["api_calls"]
-    faults(twin, expire_tokens=True)
+    faults(twin, expire_tokens_at_create=True)
     record = CallRecord()
     timed = request("s1-203001071600", start="2030-01-07T16:00:00Z", end="2030-01-07T16:30:00Z")
-    made = await ehr.book(timed, record)  # the create is the first call the old token meets
+    made = await ehr.book(timed, record)  # the slot's reads pass; the create is the call the old token meets
     assert made.status == "booked" and record.retried_auth and not record.reauthenticated
     assert counters(twin)["token_grants"] == grants + 1 and counters(twin)["refused_auth"] == 1
-    assert counters(twin)["api_calls"] == calls + 2 and counters(twin)["creates"] == 1  # refused at the door, resent
+    # the slot, its schedule, who holds it; the create refused at the door, and resent
+    assert counters(twin)["api_calls"] == calls + 3 + 2 and counters(twin)["creates"] == 1
     assert len(booked(twin)) == 1
 
 

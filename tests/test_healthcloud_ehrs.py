@@ -19,7 +19,7 @@ import pytest
 from gateway.edges.server import ThreadedServer
 from gateway.twins import TwinConfig, create_ehr_twin
 from gateway.twins.app import base_path
-from gateway.twins.config import default_schedules, key_pair
+from gateway.twins.config import default_patients, default_schedules, key_pair
 from gateway.settings import EhrCredentials, EhrSettings, HealthCloudSettings, Settings
 from tests.conftest import digest, free_port, make_settings, serve_gateway
 from tests.fhir_validate import validate
@@ -107,6 +107,7 @@ async def hc(redis_url, prefix, sandbox, twins, tmp_path):
     async with serve_gateway(settings) as client:
         client.systems = {src.adapter: src.source_system for src in settings.sources.values()  # type: ignore[attr-defined]
                           if src.ehr is not None}
+        _DIALECT.update({system: dialect for dialect, system in client.systems.items()})  # type: ignore[attr-defined]
         yield client
 
 
@@ -118,8 +119,17 @@ def _search(systems: dict[str, str], dialects: tuple[str, ...] = DIALECTS, **ext
     return line + "".join(f"&{k}={v}" for k, v in extra.items())
 
 
-def _create(system: str, slot: str, practitioner: str, salesforce_id: str, patient: str = "12724066",
+_DIALECT: dict[str, str] = {}  # source system -> its EHR's dialect
+
+
+def _patient(system: str, n: int = 0) -> str:
+    """The n-th of the EHR twin's patients (a create for a patient the EHR does not have is 404)."""
+    return default_patients(_DIALECT[system])[n].id  # type: ignore[arg-type]
+
+
+def _create(system: str, slot: str, practitioner: str, salesforce_id: str, patient: str | None = None,
             **changes: Any) -> dict[str, Any]:
+    patient = patient or _patient(system)
     return {"resourceType": "Appointment", "status": "proposed",
             "identifier": [{"system": "urn:salesforce:ServiceAppointment", "value": salesforce_id},
                            {"system": "urn:salesforce:Account", "value": "001xx000003DGb2AAG"},
@@ -241,13 +251,13 @@ async def test_a_taken_slot_is_proposed_with_the_reason(hc, twins, dialect):
     first = await hc.post(f"/iam/Appointment/{system}", json=_create(system, slot["id"], doctor, "08pxx00000000B1AAA"),
                           headers=JSON)
     assert first.json()["status"] == "booked"
-    other = _create(system, slot["id"], doctor, "08pxx00000000B2AAA", patient="99887766")
+    other = _create(system, slot["id"], doctor, "08pxx00000000B2AAA", patient=_patient(system, 1))
     second = await hc.post(f"/iam/Appointment/{system}", json=other, headers=JSON)
     assert second.status_code == 200
     answer = second.json()
     validate(answer, "Appointment")
     assert answer["status"] == "proposed" and "id" not in answer and answer["comment"]
-    assert "99887766" not in answer["comment"]
+    assert _patient(system, 1) not in answer["comment"]
     assert len(twins[dialect].appointments()) == 1
 
 
@@ -357,7 +367,7 @@ async def test_operators_see_the_callouts_with_the_ehrs_answer_and_no_patient_da
     slot = _slots(await _found(hc, _search(hc.systems)), system)[0]
     created = await hc.post(f"/iam/Appointment/{system}", headers=JSON,
                             json=_create(system, slot["id"], default_schedules("epic")[0].practitioner,
-                                         "08pxx00000000E1AAA", patient="55500011"))
+                                         "08pxx00000000E1AAA", patient=_patient(system, 2)))
     assert created.json()["status"] == "booked"
     assert (await hc.post("/fhir/cerner/Appointment", content=corpus(VIDEO_VISIT), headers=auth())).status_code == 201
 
@@ -369,15 +379,15 @@ async def test_operators_see_the_callouts_with_the_ehrs_answer_and_no_patient_da
     inbound = (await hc.get("/admin/api/requests?direction=in", headers=admin)).json()["requests"]
     assert [e["op"] for e in inbound] == ["book"]
     as_phi = (await hc.get(f"/admin/api/requests/{out[0]['id']}", headers={"Authorization": f"Bearer {PHI_KEY}"}))
-    assert as_phi.json()["patient"] == "55500011"
+    assert as_phi.json()["patient"] == _patient(system, 2)
     assert (await hc.get("/admin/api/requests?direction=sideways", headers=admin)).status_code == 400
 
     metrics = {(s.name, tuple(sorted(s.labels.items()))): s.value
                for fam in text_string_to_metric_families((await hc.get("/metrics")).text) for s in fam.samples}
     assert metrics[("ehrgw_callouts_total", (("op", "create"), ("outcome", "booked"), ("status", "200")))] == 1
     assert metrics[("ehrgw_ehr_call_seconds_count", (("source", "epic"),))] >= 2  # the search, the booking
-    assert "55500011" not in (await hc.get("/admin/api/requests", headers=admin)).text
-    assert '"callout"' in log_file.read_text() and "55500011" not in log_file.read_text()
+    assert _patient(system, 2) not in (await hc.get("/admin/api/requests", headers=admin)).text
+    assert '"callout"' in log_file.read_text() and _patient(system, 2) not in log_file.read_text()
 
 
 async def test_the_dashboard_shows_each_direction(hc, twins, chromium):

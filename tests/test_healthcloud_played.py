@@ -20,10 +20,15 @@ from typing import Any
 
 import httpx
 
+from gateway.twins.config import default_patients
 from tests.conftest import ROOT, VIDEO_VISIT, corpus, free_port
 
 EXE = Path(sys.executable).with_name("ehr-gateway")
 SERVICE = {"cerner": "2572307911", "epic": "40111223", "Salesforce": "124"}  # the work-type codes, per source system
+# a patient of each EHR twin (a create for one the EHR does not have is 404)
+PATIENTS = {system: default_patients(dialect)[0].id  # type: ignore[arg-type]
+            for system, dialect in (("cerner", "cerner"), ("epic", "epic"), ("Salesforce", "fhir"))}
+OTHER_FHIR_PATIENT = default_patients("fhir")[1].id
 
 
 def _ready(base: str, proc: subprocess.Popen[bytes], out: Path) -> None:
@@ -85,11 +90,23 @@ def test_a_scripted_health_cloud_books_and_cancels_on_three_ehrs(tmp_path: Path)
         for number, (system, found) in enumerate(sorted(by_system.items())):
             code, status = _healthcloud(hc_env, "status", system, found[0]["id"])
             assert (code, status["status"]) == (0, "free")
-            code, appointment = _healthcloud(hc_env, "book", system, found[0]["id"], "--patient", "12724066",
+            code, appointment = _healthcloud(hc_env, "book", system, found[0]["id"], "--patient", PATIENTS[system],
                                              "--service-appointment", f"08pxx00000000D{number}AAA")
             assert (code, appointment["status"]) == (0, "booked"), appointment
             booked[system] = (found[0], appointment)
         dialect = {"cerner": "cerner", "epic": "epic", "Salesforce": "fhir"}
+
+        # the FHIR twin is a plain server that would book the slot again: the gateway does not
+        slot, appointment = booked["Salesforce"]
+        code, again = _healthcloud(hc_env, "book", "Salesforce", slot["id"], "--patient", OTHER_FHIR_PATIENT,
+                                   "--service-appointment", "08pxx00000000D9AAA")
+        assert (code, again["status"]) == (0, "proposed") and "id" not in again, again
+        code, status = _healthcloud(hc_env, "status", "Salesforce", slot["id"])
+        assert (code, status["status"]) == (0, "busy")
+        code, read = _healthcloud(hc_env, "read", "Salesforce", appointment["id"])
+        shaped = ("identifier", "slot", "participant", "start", "end")  # answered as the create was
+        assert code == 0 and read["id"] == appointment["id"] and read["status"] == "booked"
+        assert {k: read[k] for k in shaped} == {k: appointment[k] for k in shaped}
         for system, (slot, appointment) in booked.items():
             url, key = twins[dialect[system]]
             stored = _get(f"{url}/twin/appointments", key)["appointments"]
@@ -123,7 +140,7 @@ def test_a_scripted_health_cloud_books_and_cancels_on_three_ehrs(tmp_path: Path)
             assert [a["status"] for a in _get(f"{url}/twin/appointments", key)["appointments"]] == ["cancelled"]
         url, key = twins["epic"]
         assert _get(f"{url}/twin/counters", key)["mllp_messages"] == 1
-        assert "12724066" not in out.read_text()  # the patient: never logged
+        assert not [p for p in (*PATIENTS.values(), OTHER_FHIR_PATIENT) if p in out.read_text()]  # never logged
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

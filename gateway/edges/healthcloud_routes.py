@@ -33,15 +33,17 @@ from gateway.booking.fhir import FHIR_JSON
 from gateway.edges.answers import check_media, error_response, media, negotiate_request, read_body, refused_while_reading
 from gateway.edges.inbound import basic_credential, key_digest
 from gateway.edges.smart import SmartAuth
+from gateway.ehr.base import R4_ID_LENGTH, ehr_id
 from gateway.errors import CallerGone, Forbidden, GatewayError, InvalidRequest, Unauthorized, UnsupportedMediaType
 from gateway.ids import new_id
 from gateway.operators.summary import Recorder
-from gateway.scheduling.answers import appointment_answer, booked_answer, searchset, slot_answer
-from gateway.scheduling.callouts import Callout, read_callout, read_search
+from gateway.scheduling.answers import booked_answer, kept_answer, searchset, slot_answer
+from gateway.scheduling.callouts import LOCATION_ID, PRACTITIONER_ID, Callout, Search, read_callout, read_search
 from gateway.scheduling.scheduler import Calls, Scheduler
 from gateway.settings import HealthCloudSettings
 
 FORM = "application/x-www-form-urlencoded"
+_ACTORS = ("Patient", "Practitioner", "Location")  # the participants whose ids a create sends (`Callout.actor`)
 _json = msgspec.json.Encoder()
 
 
@@ -109,6 +111,7 @@ class HealthCloudEdge:
         s = self.scheduler
         search = read_search(body, s.systems, max_days=s.settings.max_search_days,
                              max_values=s.settings.max_search_values)
+        self._search_ids(search)
         found = await _unless_gone(request, s.find(search, calls))
         if len(search.criteria) == 1 and next(iter(search.criteria)) in s.systems:
             calls.source = s.source(next(iter(search.criteria)))
@@ -119,6 +122,7 @@ class HealthCloudEdge:
         return searchset(found, warnings, several=len(s.systems) > 1, url=f"{self._base}/Slot/_search")
 
     async def slot(self, system: str | None, slot_id: str, calls: Calls) -> bytes:
+        self._ehr_id(system, slot_id, "Slot.id")
         self._name(calls, system)
         found_in, slot = await self.scheduler.slot(system, slot_id, calls)
         self._name(calls, found_in)
@@ -133,16 +137,17 @@ class HealthCloudEdge:
             system, appointment_id = self._cancel_target(first, second, callout)
             reason = _reason(callout)
             self._name(calls, system)
-            found_in, appointment = await self.scheduler.cancel(system, appointment_id, reason, calls)
-            self._name(calls, found_in)
+            kept = await self.scheduler.cancel(system, appointment_id, reason, calls)
+            self._name(calls, kept.system)
             calls.outcome = "cancelled"
-            return appointment_answer(found_in, appointment, callout)
+            return kept_answer(kept, callout)
         if second is not None:
             raise InvalidRequest("a POST to an appointment cancels it: status cancelled",
                                  expression=("Appointment.status",))
         if first not in self.scheduler.systems:
             raise InvalidRequest("a create is POST /Appointment/{sourceSystem}, and no EHR is configured for this "
                                  "source system (a POST to an appointment's id cancels it: status cancelled)")
+        self._create_ids(first, callout)
         self._name(calls, first)
         calls.patient = callout.actor("Patient")
         booked = await self.scheduler.create(first, callout, calls)
@@ -159,14 +164,44 @@ class HealthCloudEdge:
             system, appointment_id = None, first
         if callout.id is not None and callout.id != appointment_id:
             raise InvalidRequest("id: the body's id is not the appointment in the path", expression=("Appointment.id",))
-        return system, appointment_id
+        return system, self._ehr_id(system, appointment_id, "Appointment.id")
 
     async def read(self, system: str | None, appointment_id: str, calls: Calls) -> bytes:
+        self._ehr_id(system, appointment_id, "Appointment.id")
         self._name(calls, system)
-        found_in, appointment = await self.scheduler.read(system, appointment_id, calls)
-        self._name(calls, found_in)
+        kept = await self.scheduler.read(system, appointment_id, calls)
+        self._name(calls, kept.system)
         calls.outcome = "found"
-        return appointment_answer(found_in, appointment, None)
+        return kept_answer(kept, None)
+
+    # -- the ids a callout names, checked before any EHR is asked about them (one grammar: `ehr_id`)
+
+    def _ehr_id(self, system: str | None, value: str, element: str, *, parameter: bool = False) -> str:
+        """`value` in the id grammar of `system`'s EHR; for a bare id (or a source system with no EHR),
+        of the most lenient configured. 400 otherwise, and no EHR hears of it."""
+        s = self.scheduler
+        targets = [system] if system in s.systems else s.systems
+        longest = max((s.client(t).longest_id for t in targets), default=R4_ID_LENGTH)
+        return ehr_id(value, element, longest, parameter=parameter)
+
+    def _create_ids(self, system: str, callout: Callout) -> None:
+        """A create's ids that its EHR is sent: the slot's (`Slot/<id>`, or the bare id) and the
+        patient's, practitioner's and location's (`<Kind>/<id>`, as `Callout.actor` reads them)."""
+        reference = callout.slot[0].reference if callout.slot else None
+        if reference is not None:
+            self._ehr_id(system, reference.removeprefix("Slot/"), "Appointment.slot[0].reference")
+        for i, participant in enumerate(callout.participant):
+            kind, slash, value = ((participant.actor.reference if participant.actor else None) or "").partition("/")
+            if slash and kind in _ACTORS:
+                self._ehr_id(system, value, f"Appointment.participant[{i}].actor.reference")
+
+    def _search_ids(self, search: Search) -> None:
+        """A search's practitioner and location ids, for the source systems that have an EHR."""
+        for system, criteria in search.criteria.items():
+            if system in self.scheduler.systems:
+                for name, ids in ((PRACTITIONER_ID, criteria.practitioners), (LOCATION_ID, criteria.locations)):
+                    for value in ids:
+                        self._ehr_id(system, value, name, parameter=True)
 
     def _name(self, calls: Calls, system: str | None) -> None:
         if system is not None and system in self.scheduler.systems:

@@ -10,6 +10,7 @@ A dialect's client (cerner.py, epic.py, fhir.py) subclasses `EhrClient` and turn
 from __future__ import annotations
 
 import base64
+import re
 import secrets
 import time
 from typing import Any
@@ -21,7 +22,7 @@ import redis.asyncio as redis
 
 from gateway.canonical import Person
 from gateway.ehr.model import BookRequest, EhrAppointment, EhrSlot, SlotQuery
-from gateway.errors import EhrFailed, EhrRefused, NotFound, Unavailable
+from gateway.errors import EhrFailed, EhrRefused, InvalidRequest, NotFound, Unavailable, http
 from gateway.outbound.calls import Caller, CallRecord
 from gateway.outbound.http import Answer, HttpClient, Lost, NeverSent, Params
 from gateway.outbound.tokens import SharedToken, Token, connection_key
@@ -31,6 +32,30 @@ from gateway.state.breaker import CircuitBreaker
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 FHIR_JSON = "application/fhir+json"
 _decoders: dict[Any, msgspec.json.Decoder[Any]] = {}  # one per answer shape, made at first use
+R4_ID_LENGTH = 64  # R4's id type: [A-Za-z0-9\-.]{1,64}
+_ID = re.compile(r"(?!\.*\Z)[A-Za-z0-9\-.]+")  # the id type's alphabet, and not only dots
+
+
+def ehr_id(value: str, element: str, longest: int = R4_ID_LENGTH, *, parameter: bool = False) -> str:
+    """`value` as an id an EHR may be asked about: FHIR's id type (letters, digits, `-` and `.`), at
+    most `longest` characters (the EHR's own limit: `EhrClient.longest_id`), and not only dots (`.` and
+    `..` are path segments of their own, which a URL resolves away). Else InvalidRequest naming
+    `element` (a FHIRPath; a query or form parameter's name when `parameter`) and never the value:
+    nothing outside the grammar can steer the EHR's URL or query, or an HL7 field."""
+    if len(value) > longest or not _ID.fullmatch(value):
+        where = {"location": http(element)} if parameter else {"expression": (element,)}
+        raise InvalidRequest(f"{element}: not an id the EHR takes (1 to {longest} letters, digits, '-' and '.', "
+                             "not only dots)", **where)  # type: ignore[arg-type]
+    return value
+
+
+def segment(value: str) -> str:
+    """`value` as one segment of a path a client builds: percent-encoded whole (`/`, `?`, `#` and `%`
+    too), so it names one resource and never another path or a query. A value that is empty or only
+    dots is refused (InvalidRequest): encoding does not stop a server resolving `%2E%2E` as `..`."""
+    if not value.strip("."):
+        raise InvalidRequest("an id is empty or only dots: no EHR's id")
+    return quote(value, safe="")
 
 
 class _TokenAnswer(msgspec.Struct):
@@ -99,6 +124,7 @@ class EhrClient:
     """The calls to one source's EHR. `dialect` is the source's adapter."""
 
     dialect = ""
+    longest_id = R4_ID_LENGTH  # the longest id the EHR gives (`ehr_id`'s limit for what is sent to it)
 
     def __init__(self, source: str, settings: EhrSettings, credentials: EhrCredentials | None, http: HttpClient,
                  client: redis.Redis, prefix: str, *, workers: int = 1, breaker: CircuitBreaker | None = None) -> None:
@@ -181,7 +207,7 @@ class EhrClient:
         identifier of `system`), as much of it as creating the patient in the org needs. NotFound when
         the EHR has none (or several: that is no one patient), else as any call fails."""
         if system is None:
-            answer = await self.call("GET", f"{self.patient_base}/Patient/{quote(value, safe='')}", record,
+            answer = await self.call("GET", f"{self.patient_base}/Patient/{segment(value)}", record,
                                      counted=False)
             if answer.status != 200:
                 raise self.failure(answer, record, "the patient read")

@@ -22,7 +22,7 @@ import hl7
 import msgspec
 
 from gateway.canonical import Coding
-from gateway.ehr.base import EhrClient
+from gateway.ehr.base import EhrClient, segment
 from gateway.ehr.model import BookRequest, EhrAppointment, EhrSlot, SlotQuery
 from gateway.errors import EhrFailed, EhrRefused, NotFound, Unavailable
 from gateway.outbound.calls import CallRecord
@@ -79,6 +79,11 @@ class _Bundle(msgspec.Struct, rename="camel"):
     entry: list[_Entry] = []
 
 
+class _Schedule(msgspec.Struct, rename="camel"):
+    resource_type: str
+    actor: list[_Reference] = []
+
+
 class _Slot(msgspec.Struct, rename="camel"):
     resource_type: str
     id: str
@@ -116,6 +121,9 @@ def _escape(value: str) -> str:
 
 class EpicClient(EhrClient):
     dialect = "epic"
+    # Epic's ids run past R4's 64 characters (its $book example's proposed appointment id has 66; 70 and
+    # more are reported for its R4 resources): the id type's alphabet, to a limit of its own
+    longest_id = 256
 
     # -- reading answers
 
@@ -164,7 +172,7 @@ class EpicClient(EhrClient):
 
     async def read_slot(self, slot_id: str, record: CallRecord) -> EhrSlot:
         """The slot behind a proposed appointment, by STU3 Slot.Read: free or busy as Epic has it now."""
-        response = await self.call("GET", f"/Slot/{slot_id}", record)
+        response = await self.call("GET", f"/Slot/{segment(slot_id)}", record)
         if response.status != 200:
             raise self.failure(response, record, "the slot read")
         slot = self.decoded(response, _Slot, record, "the slot read")
@@ -191,7 +199,7 @@ class EpicClient(EhrClient):
         return self._appointment(booked[0])
 
     async def read(self, appointment_id: str, record: CallRecord) -> EhrAppointment:
-        response = await self.call("GET", f"/Appointment/{appointment_id}", record)
+        response = await self.call("GET", f"/Appointment/{segment(appointment_id)}", record)
         if response.status != 200:
             raise self.failure(response, record, "the appointment read")
         found = self.decoded(response, _Resource, record, "the appointment read")
@@ -200,26 +208,54 @@ class EpicClient(EhrClient):
         return self._appointment(found)
 
     async def find_booked(self, request: BookRequest, record: CallRecord) -> EhrAppointment | None:
-        """The patient's appointment at the slot's start (and practitioner, when known), not cancelled."""
-        start, practitioner = request.start, request.practitioner
-        if start is None:  # the slot says when (and whose) it was
-            slot = await self.read_slot(request.slot, CallRecord())
-            start = slot.start
-        moment = _moment(start)
-        if moment is None:
-            raise EhrFailed("the booking's start is no date-time")
-        day = moment.astimezone(timezone.utc).date()
+        """The patient's live appointment on this very slot. Epic's appointments name no slot, so:
+        the slot must be busy (Slot.Read), and the appointment at its start and end, with its
+        schedule's practitioner and location (Schedule.Read, else those the request names). When
+        nothing tells the patient's appointments apart, the look-up is inconclusive (in doubt), never
+        a guess: adopting another appointment would leave this booking's in Epic with nothing
+        pointing to it."""
+        slot = await self.read_slot(request.slot, record)
+        if slot.status == "free":  # nothing is booked on it, this booking's least of all
+            record.matches = 0
+            return None
+        practitioner, location = await self._actors(slot.schedule, record)
+        practitioner, location = practitioner or request.practitioner, location or request.location
+        if practitioner is None and location is None:
+            raise EhrFailed(f"the {self.source} EHR's slot names no schedule to tell this booking's appointment "
+                            "from the patient's others")
+        start, end = _moment(slot.start), _moment(slot.end)
+        if start is None:
+            raise EhrFailed(f"the {self.source} EHR's slot has no readable start")
+        day = start.astimezone(timezone.utc).date()
         params = [("patient", request.patient), ("date", f"ge{day.isoformat()}"),
                   ("date", f"lt{(day + timedelta(days=1)).isoformat()}")]
         response = await self.call("GET", "/Appointment", record, params=params)
         if response.status != 200:
             raise self.failure(response, record, "the appointment search")
         found = [self._appointment(r) for r in self._bundle(response.content, "the appointment search", record)
-                 if r.resource_type == "Appointment" and r.status not in ("cancelled", "entered-in-error", "proposed")
-                 and _moment(r.start) == moment
-                 and (practitioner is None or _actor(r.participant, "Practitioner") == practitioner)]
+                 if r.resource_type == "Appointment" and r.status not in ("cancelled", "entered-in-error", "proposed",
+                                                                          "noshow")
+                 and _moment(r.start) == start and (end is None or _moment(r.end) == end)
+                 and (practitioner is None or _actor(r.participant, "Practitioner") == practitioner)
+                 and (location is None or _actor(r.participant, "Location") == location)]
         record.matches = len(found)
+        if len(found) > 1:
+            raise EhrFailed(f"the {self.source} EHR holds several of the patient's appointments on this schedule and "
+                            "time; which is this booking's is unknown")
         return found[0] if found else None
+
+    async def _actors(self, schedule: str | None, record: CallRecord) -> tuple[str | None, str | None]:
+        """The practitioner and location of a schedule (STU3 Schedule.Read); none when Epic has none."""
+        if not schedule:
+            return None, None
+        response = await self.call("GET", f"/Schedule/{segment(schedule)}", record)
+        if response.status == 404:
+            return None, None
+        if response.status != 200:
+            raise self.failure(response, record, "the schedule read")
+        found = self.decoded(response, _Schedule, record, "the schedule read")
+        refs = [_Participant(actor=a) for a in found.actor]
+        return _actor(refs, "Practitioner"), _actor(refs, "Location")
 
     # -- cancel, over HL7 v2
 

@@ -15,7 +15,7 @@ from gateway.booking.fhir import outcome_resource
 from gateway.ehr.model import EhrAppointment, EhrSlot
 from gateway.errors import Issue
 from gateway.scheduling.callouts import Callout
-from gateway.scheduling.results import Booked, Found
+from gateway.scheduling.results import Booked, Found, Kept
 
 # the extension that names the source system of an entry (a failing EHR's OperationOutcome, a
 # Slot or Schedule when the org has several)
@@ -143,3 +143,20 @@ def booked_answer(booked: Booked, callout: Callout) -> bytes:
     if booked.appointment is None:
         return appointment_answer(booked.system, None, callout, status="proposed", reason=booked.reason)
     return appointment_answer(booked.system, booked.appointment, callout)
+
+
+def kept_answer(kept: Kept, callout: Callout | None) -> bytes:
+    """A read's or a cancel's answer, shaped as its create's where one was kept (Health Cloud's codes,
+    identifiers and participants, as it sent them), with the EHR's status and version now."""
+    if kept.answer is None:
+        return appointment_answer(kept.system, kept.appointment, callout)
+    resource = msgspec.json.decode(kept.answer)
+    a = kept.appointment
+    resource["status"] = a.status
+    resource.pop("meta", None)
+    if a.version is not None:
+        resource = {"resourceType": "Appointment", "id": resource.get("id", a.id), "meta": {"versionId": a.version},
+                    **{k: v for k, v in resource.items() if k not in ("resourceType", "id")}}
+    if callout is not None and callout.cancelationReason is not None:
+        resource["cancelationReason"] = msgspec.to_builtins(callout.cancelationReason)
+    return _encoder.encode(resource)

@@ -13,6 +13,7 @@ from urllib.parse import parse_qsl
 
 import msgspec
 
+from adapters._keys import check_keys
 from gateway.canonical import Coding
 from gateway.errors import InvalidRequest, cut, http
 
@@ -22,6 +23,11 @@ PRACTITIONER_IDENTIFIER = "schedule:Schedule.actor:Practitioner.identifier"
 # what Find sends beside the criteria, accepted as the only values it documents
 _FIXED = {"status": "free", "_include": "Slot:schedule", "_sort": "start"}
 _CRITERIA = (PRACTITIONER_ID, LOCATION_ID, "appointment-type", "service-type")
+# the instants Salesforce's Date and DateTime fields hold: a slot outside could never become a
+# ServiceAppointment, and the arithmetic on a bound (its whole day, its offset) stays far from the
+# years 1 and 9999 past which Python's datetime overflows
+EARLIEST = datetime(1700, 1, 1, tzinfo=timezone.utc)
+LATEST = datetime(4000, 12, 31, tzinfo=timezone.utc)
 
 
 class SourceCriteria(msgspec.Struct, kw_only=True):
@@ -42,16 +48,25 @@ class Search(msgspec.Struct, kw_only=True):
 
 
 def _instant(value: str, *, end: bool) -> datetime:
-    """A search date or date-time as an aware instant; a date is its whole day (UTC)."""
+    """A search date or date-time as an aware instant in UTC; a date is its whole day (UTC). One
+    outside what Salesforce holds (EARLIEST to LATEST) is refused, and so is one past what datetime
+    can hold once its day or offset is applied (OverflowError)."""
     try:
         if len(value) == 10:
             day = date.fromisoformat(value)
             moment = datetime(day.year, day.month, day.day, tzinfo=timezone.utc)
-            return moment + timedelta(days=1) if end else moment
-        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+            moment = moment + timedelta(days=1) if end else moment
+        else:
+            moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+            moment = (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).astimezone(timezone.utc)
     except ValueError:
         raise InvalidRequest(f"start: not a FHIR date or dateTime ({cut(value, 40)})", location=http("start")) from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+    except OverflowError:
+        moment = None
+    if moment is None or not EARLIEST <= moment <= LATEST:
+        raise InvalidRequest(f"start: outside the dates Salesforce holds ({EARLIEST:%Y-%m-%d} to {LATEST:%Y-%m-%d})",
+                             location=http("start"))
+    return moment
 
 
 def _window(values: list[str], max_days: int) -> tuple[str, str]:
@@ -72,8 +87,7 @@ def _window(values: list[str], max_days: int) -> tuple[str, str]:
         raise InvalidRequest("start: the upper bound is not after the lower", location=http("start"))
     if upper - lower > timedelta(days=max_days):
         raise InvalidRequest(f"start: a search spans at most {max_days} days", location=http("start"))
-    return (lower.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            upper.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
+    return lower.strftime("%Y-%m-%dT%H:%M:%SZ"), upper.strftime("%Y-%m-%dT%H:%M:%SZ")  # UTC already
 
 
 def read_search(body: bytes, systems: list[str], *, max_days: int, max_values: int) -> Search:
@@ -181,11 +195,20 @@ _callout = msgspec.json.Decoder(Callout)
 
 
 def read_callout(body: bytes) -> Callout:
+    """The Appointment of a create or a cancel. InvalidRequest for a body that is not one, nests
+    arrays or objects past msgspec's depth limit (RecursionError), or names a key twice in one object
+    (`adapters._keys.check_keys`, as the first direction refuses it: `"status"` twice must not cancel
+    what a reader keeping the first one would book)."""
     try:
         callout = _callout.decode(body)
+        if callout.resourceType != "Appointment":
+            raise InvalidRequest("resourceType: Appointment expected", expression=("Appointment.resourceType",))
+        check_keys(body)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         # msgspec names the path, never a value: safe to pass on
         raise InvalidRequest(f"not a FHIR Appointment: {cut(str(exc), 200)}") from None
-    if callout.resourceType != "Appointment":
-        raise InvalidRequest("resourceType: Appointment expected", expression=("Appointment.resourceType",))
+    except UnicodeDecodeError:  # msgspec's, for bad UTF-8 inside a string; its position says nothing
+        raise InvalidRequest("not a FHIR Appointment: a string in it is not UTF-8") from None
+    except RecursionError:  # msgspec's own depth guard
+        raise InvalidRequest("not a FHIR Appointment: the body nests arrays or objects too deeply") from None
     return callout

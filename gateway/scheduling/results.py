@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import msgspec
+
 from gateway.ehr.model import EhrAppointment, EhrSlot
 from gateway.errors import GatewayError
 from gateway.outbound.calls import CallRecord
@@ -48,3 +50,21 @@ class Booked:
     came_from_ehr: bool = False  # booked through the first direction: nothing was booked now
     answer: bytes | None = None  # the answer as given (a repeated create answers it again)
     replayed: bool = False  # answered from the record of an earlier create
+
+
+@dataclass(slots=True)
+class Kept:
+    """An appointment read or cancelled: as its EHR has it now, and the answer its create gave
+    (None when the callouts did not book it), which a read and a cancel answer again."""
+
+    system: str
+    appointment: EhrAppointment
+    answer: bytes | None = None
+
+    def slot(self) -> str | None:
+        """The slot its create booked, as the kept answer names it."""
+        if self.answer is None:
+            return None
+        refs = msgspec.json.decode(self.answer).get("slot") or [{}]
+        reference = refs[0].get("reference") or ""
+        return reference.rpartition("/")[2] or None

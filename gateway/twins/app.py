@@ -85,6 +85,8 @@ async def gate(request: Request[Any, Any, Any], *kinds: str) -> ASGIApp | None:
     faults = state.faults()
     if faults.latency_ms:
         await asyncio.sleep(faults.latency_ms / 1000)
+    if create:
+        state.expire_at_create()
     if state.config.require_auth:
         scheme, _, token = (request.headers.get("authorization") or "").partition(" ")
         if scheme.lower() != "bearer" or not state.token_ok(token.strip()):

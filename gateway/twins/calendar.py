@@ -93,18 +93,20 @@ class Calendar:
             return self._slot(schedule, start)
 
     def book(self, slot_id: str, patient: str, *, identifiers: tuple[tuple[str, str], ...] = (),
-             comment: str | None = None, status: str = "booked") -> Appointment:
-        """Raises KeyError for an unknown slot, Taken for one no longer free."""
+             comment: str | None = None, status: str = "booked", exclusive: bool = True) -> Appointment:
+        """Raises KeyError for an unknown slot, Taken for one no longer free. Not `exclusive`: a
+        server that keeps no occupancy books the slot again and leaves it free."""
         slot = self.slot(slot_id)
         if slot is None:
             raise KeyError(slot_id)
         with self._lock:
-            if slot_id in self._taken:
+            if slot_id in self._taken and exclusive:
                 raise Taken(slot_id)
             appointment = Appointment(id=str(10_000_000 + next(self._numbers)), slot=slot_id, schedule=slot.schedule,
                                       start=slot.start, end=slot.end, patient=patient, status=status, version=0,
                                       identifiers=identifiers, comment=comment)
-            self._taken[slot_id] = appointment.id
+            if exclusive:
+                self._taken[slot_id] = appointment.id
             self._appointments[appointment.id] = appointment
             return appointment
 

@@ -107,6 +107,7 @@ class TwinConfig(msgspec.Struct, frozen=True, kw_only=True):
     mllp_port: int | None = None  # epic: its incoming HL7 v2 scheduling interface (0: any free port)
     conditional_create: bool = True  # fhir: If-None-Exist honoured and said so in its CapabilityStatement
     return_minimal: bool = False  # fhir: creates and updates answer no body, whatever Prefer asks
+    permissive: bool = False  # fhir: enforces nothing beyond the spec (no occupancy, no reference checks)
     patients: tuple[TwinPatient, ...] | None = None  # None: default_patients(dialect)
 
     def all_schedules(self) -> tuple[TwinSchedule, ...]:

@@ -295,6 +295,20 @@ async def search_appointments(request: Request[Any, Any, Any]) -> ASGIApp:
     return answer(200, _bundle(request, [_appointment(a) for a in sorted(found, key=lambda a: a.start)]))
 
 
+@get(f"{BASE_PATH}/Schedule/{{schedule_id:str}}")
+async def read_schedule(request: Request[Any, Any, Any]) -> ASGIApp:
+    """STU3 Schedule.Read: whose calendar, where."""
+    if (refused := await gate(request, "reads")) is not None:
+        return refused
+    found = next((s for s in twin(request).calendar.schedules if s.id == request.path_params["schedule_id"]), None)
+    if found is None:
+        return outcome(404, "not-found", "no such schedule")
+    return answer(200, {"resourceType": "Schedule", "id": found.id, "active": True,
+                        "serviceType": _services(found),
+                        "actor": [{"reference": f"Practitioner/{found.practitioner}"},
+                                  {"reference": f"Location/{found.location}"}]})
+
+
 @get(f"{BASE_PATH}/Slot/{{slot_id:str}}")
 async def read_slot(request: Request[Any, Any, Any]) -> ASGIApp:
     if (refused := await gate(request, "reads")) is not None:
@@ -425,7 +439,7 @@ async def read_patient(request: Request[Any, Any, Any]) -> ASGIApp:
 
 
 def route_handlers() -> list[Any]:
-    return [find, book, read_appointment, search_appointments, read_slot, search_patients, read_patient]
+    return [find, book, read_appointment, search_appointments, read_slot, read_schedule, search_patients, read_patient]
 
 
 # -- HL7 v2 over MLLP ---------------------------------------------------------------------------------

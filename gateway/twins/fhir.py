@@ -6,7 +6,8 @@ Written from FHIR R4's RESTful API and `scheduling-out.md` §3, never from the g
   [&_count=]`: a searchset sorted by start, paged by absolute `next` links. FHIR's rules: a repeated
   parameter is an AND, commas inside one are an OR; a parameter the server does not know is ignored
   (and left out of the `self` link), or refused (400) under `Prefer: handling=strict`.
-- `GET /fhir/Slot/{id}` (any status), `GET /fhir/Schedule/{id}`.
+- `GET /fhir/Slot/{id}` (any status), `GET /fhir/Schedule/{id}`, `GET /fhir/Schedule?actor=…` (a
+  practitioner's or location's schedules).
 - `POST /fhir/Appointment`: a full booked Appointment on one free slot. `If-None-Exist:
   identifier=system|value` when conditional create is on: one match answers it (200, nothing
   created), several 412; a server without it (`conditional_create` off) never reads the header. A slot
@@ -17,6 +18,10 @@ Written from FHIR R4's RESTful API and `scheduling-out.md` §3, never from the g
 - `GET /fhir/Appointment/{id}`, `GET /fhir/Appointment?identifier=…|patient=…&date=…&slot=…&status=…`.
 - `PUT /fhir/Appointment/{id}`: only a change of status to `cancelled`, with a cancelationReason
   (anything else is 422: this server reschedules by a cancel and a new booking); `If-Match` honoured.
+- `permissive` (TwinConfig): the server that enforces nothing beyond the spec, as many do: it books
+  a taken slot, leaves `Slot.status` as it was, and takes any participant and time (only the slot must
+  be one of its own, to place the appointment on its calendar); Slots are never updated by a client.
+  Otherwise, as an EHR that checks references: an unknown Patient is refused (400, `not-found`).
 - `GET /fhir/Patient/{id}` (404 unknown), `GET /fhir/Patient?identifier=…&_id=…[&_count=&_offset=]`:
   FHIR's token forms (`system|value`, `|value` no system, `value` any system), commas an OR, repeats an
   AND, unknown parameters ignored as above. The MRN: `urn:mrn:example`, of type v2-0203 MR.
@@ -44,6 +49,7 @@ _FAR_FUTURE = datetime(9999, 12, 30, tzinfo=timezone.utc)
 _PAGE, _MAX_PAGE = 50, 200
 _SLOT_PARAMS = frozenset({"schedule.actor", "schedule", "start", "service-type", "status", "_include", "_count",
                           "_offset"})
+_SCHEDULE_PARAMS = frozenset({"actor", "_id", "_count"})
 _APPOINTMENT_PARAMS = frozenset({"identifier", "patient", "date", "status", "slot", "_count"})
 _INCLUDES = frozenset({"Slot:schedule", "Slot:schedule:Schedule"})
 _PATIENT_PARAMS = frozenset({"_id", "identifier", "_count", "_offset"})
@@ -212,6 +218,9 @@ def _capability(request: Request[Any, Any, Any], config: TwinConfig) -> dict[str
             "searchParam": params(("schedule", "reference", "also chained: schedule.actor=Practitioner/…,Location/…"),
                                   ("start", "date", "ge, gt, le, lt, eq"), ("service-type", "token", "system|code"),
                                   ("status", "token", "free, busy"))}
+    schedule = {"type": "Schedule", "interaction": [{"code": "read"}, {"code": "search-type"}],
+                "searchParam": params(("actor", "reference", "Practitioner/id, Location/id"),
+                                      ("_id", "token", "the Schedule's id"))}
     appointment = {"type": "Appointment",
                    "interaction": [{"code": c} for c in ("create", "read", "update", "search-type")],
                    "versioning": "versioned-update", "readHistory": False, "updateCreate": False,
@@ -229,8 +238,7 @@ def _capability(request: Request[Any, Any, Any], config: TwinConfig) -> dict[str
             "fhirVersion": "4.0.1", "format": ["application/fhir+json", "json"],
             "rest": [{"mode": "server",
                       "security": {"description": "OAuth 2.0 client credentials (Bearer) from /oauth2/token"},
-                      "resource": [slot, {"type": "Schedule", "interaction": [{"code": "read"}]}, appointment,
-                                   patient]}]}
+                      "resource": [slot, schedule, appointment, patient]}]}
 
 
 # -- search parameters ------------------------------------------------------------------------------------
@@ -409,6 +417,26 @@ async def read_schedule(request: Request[Any, Any, Any]) -> ASGIApp:
     return outcome(404, "not-found", "no such Schedule") if found is None else answer(200, _schedule(found))
 
 
+@get(f"{BASE_PATH}/Schedule")
+async def search_schedules(request: Request[Any, Any, Any]) -> ASGIApp:
+    if (refused := await gate(request, "searches")) is not None:
+        return refused
+    pairs = _pairs(request)
+    unknown = _unknown(pairs, _SCHEDULE_PARAMS)
+    if unknown and _strict(request):
+        return outcome(400, "not-supported", f"unknown search parameters: {', '.join(unknown)}")
+    used = [(n, v) for n, v in pairs if n not in unknown and n != "_count"]
+    found = twin(request).calendar.schedules
+    for name, value in used:
+        if name == "actor":
+            refs = set(value.split(","))
+            found = [s for s in found if {f"Practitioner/{s.practitioner}", f"Location/{s.location}"} & refs]
+        elif name == "_id":
+            found = [s for s in found if s.id in set(value.split(","))]
+    self_link = f"{_base(request)}/Schedule?{urlencode(used)}"
+    return answer(200, _bundle(request, [("self", self_link)], len(found), [(_schedule(s), "match") for s in found]))
+
+
 @get(f"{BASE_PATH}/Appointment/{{appointment_id:str}}")
 async def read_appointment(request: Request[Any, Any, Any]) -> ASGIApp:
     appointment_id = request.path_params["appointment_id"]
@@ -466,6 +494,10 @@ def _booking(resource: _AppointmentIn, state: Any) -> tuple[Slot, str] | ASGIApp
     patients = [a.removeprefix("Patient/") for a in actors if a.startswith("Patient/")]
     if len(patients) != 1 or not patients[0]:
         return outcome(422, "required", "an Appointment needs exactly one Patient participant")
+    if state.config.permissive:
+        return slot, patients[0]  # nothing beyond the spec: any participant, any time
+    if state.patients.get(patients[0]) is None:
+        return outcome(400, "not-found", "the Patient referenced is not a resource of this server")
     for kind, expected in (("Practitioner", slot.schedule.practitioner), ("Location", slot.schedule.location)):
         if any(a.startswith(f"{kind}/") and a != f"{kind}/{expected}" for a in actors):
             return outcome(422, "business-rule", f"the {kind} participant is not the Slot's schedule's")
@@ -518,7 +550,8 @@ async def create_appointment(request: Request[Any, Any, Any]) -> ASGIApp:
 def _store(request: Request[Any, Any, Any], resource: _AppointmentIn, slot: Slot, patient: str) -> ASGIApp:
     identifiers = tuple((i.system or "", i.value) for i in resource.identifier if i.value)
     try:
-        made = twin(request).calendar.book(slot.id, patient, identifiers=identifiers, comment=resource.comment)
+        made = twin(request).calendar.book(slot.id, patient, identifiers=identifiers, comment=resource.comment,
+                                           exclusive=not twin(request).config.permissive)
     except Taken:
         return outcome(409, "conflict", "the Slot is no longer free")
     _records(request).stamp(made, serviceType=msgspec.to_builtins(resource.serviceType),
@@ -610,5 +643,5 @@ async def read_patient(request: Request[Any, Any, Any]) -> ASGIApp:
 
 
 def route_handlers() -> list[Any]:
-    return [metadata, search_slots, read_slot, read_schedule, read_appointment, search_appointments,
+    return [metadata, search_slots, read_slot, read_schedule, search_schedules, read_appointment, search_appointments,
             create_appointment, update_appointment, search_patients, read_patient]

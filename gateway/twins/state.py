@@ -39,6 +39,7 @@ class Faults(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     fail_after_store: int = 0  # the next n creates are stored, then answered as `after_store` says
     after_store: Literal["drop", "500", "503", "504"] = "drop"  # drop: the connection closes mid-answer
     expire_tokens: bool = False  # every token issued so far is refused (401) from now on
+    expire_tokens_at_create: bool = False  # ... from the next create on (the calls before it still pass)
     stale_writes: int = 0  # the next n conditional updates find the record changed by someone else first
     # a share of creates failing, drawn per create from a seeded generator (a run can be repeated):
     # of those, `after_store_share` are stored first and answered as `after_store`, the rest are
@@ -95,6 +96,13 @@ class TwinState:
                 self._tokens.clear()
                 self._faults = msgspec.structs.replace(self._faults, expire_tokens=False)
             return msgspec.structs.replace(self._faults)
+
+    def expire_at_create(self) -> None:
+        """A create arrived: the tokens issued so far expire now, if the fault says so."""
+        with self._lock:
+            if self._faults.expire_tokens_at_create:
+                self._tokens.clear()
+                self._faults = msgspec.structs.replace(self._faults, expire_tokens_at_create=False)
 
     def take(self, name: Literal["fail_before", "fail_after_store", "stale_writes"]) -> bool:
         """Spend one of a counted fault: True when this call is to fail."""
