@@ -142,7 +142,8 @@ def answers(base: str) -> dict[str, bytes]:
         "cerner": _wire(200, _searchset(f"{base}/r4/{CERNER_TENANT}", "Slot", CERNER_SERVICE, SCHEDULES["cerner"],
                                         cerner=True)),
         "epic": _wire(200, _epic_find(f"{base}/api/FHIR/STU3")),
-        "fhir": _wire(200, _searchset(f"{base}/fhir", "Slot", FHIR_SERVICE, SCHEDULES["fhir"], cerner=False)),
+        # the FHIR server honours Find's practitioner: its slots are all of that practitioner's schedule
+        "fhir": _wire(200, _searchset(f"{base}/fhir", "Slot", FHIR_SERVICE, SCHEDULES["fhir"][:1], cerner=False)),
         "fhir_schedules": _wire(200, _schedules(f"{base}/fhir", FHIR_SERVICE, SCHEDULES["fhir"])),
         "metadata": _wire(200, _capability()),
         "unauthorized": _wire(401, _outcome("login", "the bearer token is missing or unknown")),

@@ -159,7 +159,7 @@ class Gateway:
                 breaker=breaker)
 
     def _build_scheduling(self) -> None:
-        self.callouts = CalloutState(self.redis, self.cfg.redis.key_prefix,
+        self.callouts = CalloutState(self.redis, self.cfg.redis.key_prefix, scripts=self.scripts,
                                      retention_days=self.cfg.idempotency.link_retention_days, sealer=self.sealer)
         self.scheduler = Scheduler(self.settings.sources, self.ehr_clients, self.maps, self.cfg.healthcloud, self.store,
                                    self.links, self.callouts)

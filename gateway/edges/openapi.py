@@ -395,11 +395,13 @@ def _healthcloud_paths(prefix: str) -> dict[str, Any]:
     """Health Cloud's callouts (scheduling-out.md §1): the gateway as its external scheduling system."""
     security: list[dict[str, list[str]]] = [{"healthCloudBasic": []}, {"healthCloudBearer": []}]
     errors = {
-        "400": _outcome("a search Find would not send, a window over [healthcloud] max_search_days, an Appointment "
-                        "that is not one, or a create without its ServiceAppointment id"),
+        "400": _outcome("a search Find would not send, a window over [healthcloud] max_search_days or outside "
+                        "1700-4000, an Appointment that is not one (a key named twice, nested too deep), an id "
+                        "that is no FHIR id, or a create without its ServiceAppointment id"),
         "401": _outcome("no credential, or not Health Cloud's"),
         "403": _outcome("a source's key or token: it opens only that source's routes"),
-        "404": _outcome("no EHR has it, or no EHR is configured for that source system"),
+        "404": _outcome("no EHR has it, no EHR is configured for that source system, the appointment is not one "
+                        "the gateway booked (`[healthcloud] scope`), or a create's patient is not the EHR's"),
         "415": _outcome("Find is a form (application/x-www-form-urlencoded); the others FHIR JSON"),
         "502": _outcome("the EHR failed"),
         "503": _outcome("the EHR (or Redis) cannot answer now", retry_after=True),
@@ -418,7 +420,7 @@ def _healthcloud_paths(prefix: str) -> dict[str, Any]:
     slot_read = _operation("Get slot status: the slot's status now, from its EHR", "Health Cloud",
                            {"200": fhir("Slot", "the Slot"), **errors}, operation_id="healthcloudSlot",
                            security=security, parameters=[path_param("slot_id", "the slot's id as Find gave it")])
-    read = _operation("Get appointment: read from its EHR", "Health Cloud",
+    read = _operation("Get appointment: read from its EHR, answered as its create was", "Health Cloud",
                       {"200": fhir("Appointment", "the Appointment"), **errors}, operation_id="healthcloudRead",
                       security=security, parameters=[path_param("appointment_id", "the EHR's appointment id")])
     post_text = ("Create: `POST …/Appointment/{sourceSystem}` books the Appointment's slot in that EHR, once per "

@@ -124,6 +124,8 @@ class EhrClient:
     """The calls to one source's EHR. `dialect` is the source's adapter."""
 
     dialect = ""
+    # the EHR's own slot search leaves out a slot once booked (Cerner, Epic); a plain FHIR server may not
+    keeps_slot_status = True
     longest_id = R4_ID_LENGTH  # the longest id the EHR gives (`ehr_id`'s limit for what is sent to it)
 
     def __init__(self, source: str, settings: EhrSettings, credentials: EhrCredentials | None, http: HttpClient,

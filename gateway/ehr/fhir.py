@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from datetime import datetime, timezone
 from typing import Any, NamedTuple
-from urllib.parse import quote, urlencode
+from urllib.parse import urlencode
 
 import msgspec
 
@@ -149,6 +149,12 @@ def _id(reference: str | None, kind: str) -> str | None:
     return parts[-1] if len(parts) >= 2 and parts[-2] == kind and parts[-1] else None
 
 
+def _key(reference: str | None) -> str:
+    """A Schedule reference as `Schedule/<id>`, relative or absolute as the server wrote it."""
+    found = _id(reference, "Schedule")
+    return f"Schedule/{found}" if found else ""
+
+
 def _first(references: list[str | None], kind: str) -> str | None:
     return next((i for i in (_id(r, kind) for r in references) if i), None)
 
@@ -188,6 +194,7 @@ class FhirClient(EhrClient):
     marks a slot it booked `busy` where the server lets Slots be updated (and `free` again on cancel)."""
 
     dialect = "fhir"
+    keeps_slot_status = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -275,14 +282,14 @@ class FhirClient(EhrClient):
             slot = self.decoded(raw, _Slot, record, "a slot search")
             # what a server that ignored a parameter let through is left out here
             if slot.status == "free" and lower <= _instant(slot.start) < upper \
-                    and (wanted is None or slot.schedule.reference in wanted) and _offers(slot, query):
+                    and (wanted is None or _key(slot.schedule.reference) in wanted) and _offers(slot, query):
                 unique[slot.id] = slot
-        for missing in {s.schedule.reference for s in unique.values()} - set(schedules):
+        for missing in {_key(s.schedule.reference) for s in unique.values()} - set(schedules):
             schedules[missing] = await self._schedule(missing, record)  # a server that ignored _include
         # a slot booked elsewhere that the server still calls free is offered here (one call per search
         # is kept): the scheduler leaves out what the callouts booked, and a create checks the slot
         record.matches = len(unique)
-        return [self._slot(s, schedules.get(s.schedule.reference)) for s in unique.values()]
+        return [self._slot(s, schedules.get(_key(s.schedule.reference))) for s in unique.values()]
 
     async def _schedules_of(self, query: SlotQuery, record: CallRecord) -> dict[str, _Schedule]:
         """The schedules of the query's practitioners and of its locations (both, when both are named),
@@ -331,7 +338,7 @@ class FhirClient(EhrClient):
         schedule_id = _id(reference, "Schedule")
         if schedule_id is None:
             return None
-        response = await self.call("GET", f"/Schedule/{quote(schedule_id, safe='')}", record)
+        response = await self.call("GET", f"/Schedule/{segment(schedule_id)}", record)
         if response.status != 200:
             raise self.failure(response, record, "the schedule")
         return self.decoded(response, _Schedule, record, "a schedule read")

@@ -83,6 +83,8 @@ class Scheduler:
                                dialect=self._dialects[system])
             slots = await self._bounded(client.find_slots(query, calls.record(system)), system, "a slot search",
                                         self.settings.search_timeout_seconds)
+            if client.keeps_slot_status:
+                return Found(system, slots=slots)
             try:  # what the callouts booked stays out, whatever the EHR calls it
                 booked = await self._state.booked(self._names[system], [s.id for s in slots])
             except REDIS_FAILURES:

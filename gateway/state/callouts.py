@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
+from gateway.state.redis_mux import MultiplexedRedis
 from gateway.state.sealing import Sealer, SealError
 
 # KEYS[1]: the appointment's binding; ARGV: Salesforce id, answer, ttl ms. The Salesforce id it is
@@ -49,8 +50,11 @@ _PLAIN, _SEALED = b"p", b"s"
 
 
 class CalloutState:
-    def __init__(self, client: Any, prefix: str, *, retention_days: float, sealer: Sealer | None = None) -> None:
+    def __init__(self, client: Any, prefix: str, *, retention_days: float, sealer: Sealer | None = None,
+                 scripts: MultiplexedRedis | Any = None) -> None:
+        """`scripts`: the pipelined link, for Find's one read (redis-py's `client` when absent)."""
         self._redis, self._prefix, self._sealer = client, prefix, sealer
+        self._scripts = scripts if scripts is not None else client
         self._ttl_ms = int(retention_days * 86_400_000)
         self._bind = client.register_script(_BIND)
         self._hold = client.register_script(_HOLD)
@@ -100,25 +104,30 @@ class CalloutState:
 
     # -- booked slots ----------------------------------------------------------------------------------
 
+    def _booked_key(self, source: str, slot: str) -> str:
+        # one hash tag per source: a Find's share is one MGET, on a Cluster too
+        digest = hashlib.sha256(f"{source}\0{slot}".encode()).hexdigest()[:40]
+        return f"{self._prefix}:hc:booked:{{{self._prefix}:hc:{source}}}:{digest}"
+
     async def mark_booked(self, source: str, slot: str, appointment_id: str, ttl_seconds: float | None = None) -> None:
         """`ttl_seconds`: until the slot is past (a cancel made in the EHR itself, not through the
         callouts, leaves the mark no longer than that); else the retention."""
         ttl_ms = self._ttl_ms if ttl_seconds is None else max(60_000, min(self._ttl_ms, int(ttl_seconds * 1000)))
-        await self._redis.set(self._key("booked", source, slot), appointment_id.encode(), px=ttl_ms)
+        await self._redis.set(self._booked_key(source, slot), appointment_id.encode(), px=ttl_ms)
 
     async def unmark_booked(self, source: str, slot: str, appointment_id: str) -> None:
-        await self._release(keys=[self._key("booked", source, slot)], args=[appointment_id])
+        await self._release(keys=[self._booked_key(source, slot)], args=[appointment_id])
 
     async def booked(self, source: str, slots: list[str]) -> set[str]:
-        """Those of `slots` the callouts booked (one pipelined round trip; each key on its own shard
-        on a Cluster)."""
+        """Those of `slots` the callouts booked: one MGET."""
         if not slots:
             return set()
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for slot in slots:
-                pipe.exists(self._key("booked", source, slot))
-            found = await pipe.execute()
-        return {slot for slot, n in zip(slots, found) if n}
+        keys = [self._booked_key(source, slot) for slot in slots]
+        if isinstance(self._scripts, MultiplexedRedis):
+            found = await self._scripts.execute("MGET", *keys)
+        else:
+            found = await self._scripts.execute_command("MGET", *keys)
+        return {slot for slot, value in zip(slots, found) if value is not None}
 
     # -- known patients -------------------------------------------------------------------------------
 
