@@ -67,6 +67,8 @@ class ProofOptions:
     seed: int = 20261124
     deadline_seconds: float = 240.0
     late_share: float = 0.2  # of bookings whose patient the org knows only later: held, then booked
+    settle_seconds: float = 0.5  # [idempotency] in_doubt_settle_seconds (the shipped default is 60)
+    retry_after_cap: float = 0.3  # the EHRs honour Retry-After up to this (a real interface: in full)
 
 
 @dataclass
@@ -94,6 +96,10 @@ class Figures:
     redis_restarts: int = 0
     workers_killed: int = 0
     seconds: float = 0.0
+    # from a booking's first send to its 201, over the bookings answered 201 (held ones left out: their
+    # patient's arrival sets their pace)
+    resolve_median_s: float = 0.0
+    resolve_worst_s: float = 0.0
     refusals: list[str] = field(default_factory=list)
 
     def table(self) -> str:
@@ -107,7 +113,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _write_config(target: Path) -> Path:
+def _write_config(target: Path, settle: float = 0.5) -> Path:
     shutil.copytree(ROOT / "config" / "codemaps" / "cerner", target / "codemaps" / "cerner")
     shutil.copytree(ROOT / "config" / "codemaps" / "cerner", target / "codemaps" / "cernerq")
     digest = {s: hashlib.sha256(k.encode()).hexdigest() for s, k in SOURCES.items()}
@@ -127,7 +133,7 @@ delivery = "queue"
 
 [idempotency]
 lease_seconds = 3
-in_doubt_settle_seconds = 0.5
+in_doubt_settle_seconds = {settle}
 in_flight_retry_after_seconds = 1
 
 [salesforce]
@@ -168,6 +174,8 @@ class _Booking:
     held: bool = False  # answered 202: held for its patient
     answers: list[str] = field(default_factory=list)
     refusal: str | None = None
+    first_sent: float | None = None
+    resolved_s: float | None = None  # first send to first 201
 
 
 def _bookings(opts: ProofOptions) -> list[_Booking]:
@@ -215,6 +223,8 @@ class _Run:
     async def post(self, client: httpx.AsyncClient, b: _Booking, deadline: float) -> None:
         headers = {"Authorization": f"Bearer {SOURCES[b.source]}", "Content-Type": "application/fhir+json",
                    "Idempotency-Key": b.key}
+        if b.first_sent is None:
+            b.first_sent = time.monotonic()
         while time.monotonic() < deadline:
             self.figures.posts += 1
             try:
@@ -224,6 +234,8 @@ class _Run:
                 continue
             if r.status_code == 201:
                 b.answers.append(r.json()["id"])
+                if b.resolved_s is None and not b.held:
+                    b.resolved_s = time.monotonic() - b.first_sent
                 return
             if r.status_code == 202 and "/admin/api/requests/" in r.headers.get("location", ""):
                 self.figures.held += 1
@@ -231,7 +243,7 @@ class _Run:
                 return  # asked after again later, as an interface does with an accepted message
             if r.status_code in RETRY_STATUSES:
                 self.figures.queued += r.status_code == 202
-                await asyncio.sleep(min(float(r.headers.get("retry-after", "1")), 0.3))
+                await asyncio.sleep(min(float(r.headers.get("retry-after", "1")), self.opts.retry_after_cap))
                 continue
             b.refusal = f"{r.status_code} {r.text[:200]}"
             return
@@ -281,7 +293,7 @@ async def run_proof(opts: ProofOptions, workdir: Path | None = None) -> Figures:
     log = run.log_path.open("w")
     gateway = subprocess.Popen(
         [str(BIN), "serve", "--port", str(gateway_port), "--workers", str(opts.workers),
-         "--config", str(_write_config(workdir / "config"))],
+         "--config", str(_write_config(workdir / "config", opts.settle_seconds))],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         env={**env, "REDIS_URL": redis_server.url, "SALESFORCE_LOGIN_URL": f"http://127.0.0.1:{sandbox_port}",
              "SALESFORCE_CLIENT_ID": CLIENT_ID, "SALESFORCE_CLIENT_SECRET": CLIENT_SECRET},
@@ -391,6 +403,10 @@ def _count(fig: Figures, bookings: list[_Booking], listing: list[dict], counters
         ids_at.setdefault(slot, set()).add(appt["id"])
     fig.appointments = len(listing)
     fig.sends = counters.get("book_calls", 0)
+    resolved = sorted(b.resolved_s for b in bookings if b.resolved_s is not None)
+    if resolved:
+        fig.resolve_median_s = round(resolved[len(resolved) // 2], 2)
+        fig.resolve_worst_s = round(resolved[-1], 2)
     fig.faults_before_store = counters.get("faults_before_store", 0)
     fig.faults_dropped_after_store = counters.get("faults_dropped_after_store", 0)
     fig.faults_answered_after_store = counters.get("faults_answered_after_store", 0)
@@ -429,9 +445,16 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=48)
     parser.add_argument("--fault-ratio", type=float, default=0.2)
     parser.add_argument("--deadline", type=float, default=900)
+    parser.add_argument("--settle", type=float, default=0.5, help="in_doubt_settle_seconds (shipped: 60)")
+    parser.add_argument("--retry-after-cap", type=float, default=0.3,
+                        help="the EHRs wait at most this of a Retry-After (a real interface: all of it)")
+    parser.add_argument("--calm", action="store_true",
+                        help="no Redis kill, no worker kill, no late patients: the time a blip costs, alone")
     args = parser.parse_args()
+    calm = {"restart_redis": False, "kill_worker": False, "late_share": 0.0} if args.calm else {}
     opts = ProofOptions(bookings=args.bookings, workers=args.workers, concurrency=args.concurrency,
-                        fault_ratio=args.fault_ratio, deadline_seconds=args.deadline)
+                        fault_ratio=args.fault_ratio, deadline_seconds=args.deadline, settle_seconds=args.settle,
+                        retry_after_cap=args.retry_after_cap, **calm)
     figures = asyncio.run(run_proof(opts))
     print(figures.table())
     for line in figures.refusals[:10]:

@@ -64,7 +64,10 @@ async def test_in_doubt_booking_is_sent_again_only_after_the_settle_window(redis
     settings = make_settings(redis_url, prefix, sandbox.url, config_dir=config_dir(tmp_path, prefix, settle=0.5))
     async with serve_gateway(settings) as gw:
         await warm(gw)  # the people looked up first: the faults below meet the Book
-        state(sandbox).faults.set(server_error=1, server_error_status=500)  # refused before storing
+        # a proxy's 502 page before the org stored anything: not Salesforce's word, so Salesforce may
+        # still be working on it for all the gateway knows
+        state(sandbox).faults.set(book_answer=1, book_answer_status=502, book_answer_body="html",
+                                  book_answer_before_store=True)
         first = await book(gw, "doubt-1")
         assert first.status_code == 502 and first.headers["retry-after"] == "1"
         soon = await book(gw, "doubt-1")
@@ -75,6 +78,24 @@ async def test_in_doubt_booking_is_sent_again_only_after_the_settle_window(redis
         assert settled.status_code == 201
         assert state(sandbox).counters().book_calls == 2
         assert [a.id for a in state(sandbox).appointments()] == [settled.json()["id"]]
+
+
+@pytest.mark.parametrize("status", [503, 500])
+async def test_after_salesforces_own_error_the_look_up_is_final_and_the_retry_is_sent_at_once(
+        redis_url, prefix, sandbox, tmp_path, status):
+    """Salesforce answered in full, in its own error shape (SERVER_UNAVAILABLE, UNKNOWN_EXCEPTION): it
+    is done with the request, so the look-up that finds nothing is final; no settle window (60 s
+    here) holds the EHR's retry back."""
+    settings = make_settings(redis_url, prefix, sandbox.url, config_dir=config_dir(tmp_path, prefix, settle=60))
+    async with serve_gateway(settings) as gw:
+        await warm(gw)
+        state(sandbox).faults.set(server_error=1, server_error_status=status)
+        first = await book(gw, f"blip-{status}")
+        assert first.status_code in (502, 503) and first.headers["retry-after"]
+        again = await book(gw, f"blip-{status}")  # at once, as soon as the EHR retries
+        assert again.status_code == 201, again.text
+        assert state(sandbox).counters().book_calls == 2
+        assert [a.id for a in state(sandbox).appointments()] == [again.json()["id"]]
 
 
 async def test_timeout_while_salesforce_still_works_is_found_not_resent(redis_url, prefix, sandbox, tmp_path):

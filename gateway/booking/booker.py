@@ -604,6 +604,12 @@ class Booker:
                     # a 401, and the look-up with the renewed token finds nothing: send it once more
                     trace.salesforce.reauthenticated = trace.salesforce.in_doubt = False
                     continue
+                if trace.salesforce.answered and trace.looked_up == "absent":
+                    # Salesforce answered in full, in its own shape: it is done with the request, and
+                    # the look-up is final. The next attempt sends at once, with no settle window.
+                    await self._park(job, trace, in_doubt=False)
+                    failure.retry_after = failure.retry_after or 1
+                    raise
                 await self._park(job, trace, in_doubt=True)
                 failure.retry_after = failure.retry_after or self._settle_retry_after
                 raise

@@ -31,6 +31,10 @@ class CallRecord:
     error_code: str | None = None
     retried_auth: bool = False
     in_doubt: bool = False  # the request may have reached the system without its answer reaching us
+    # in doubt, but the system itself answered in full (its own error shape): it is done with the
+    # request, so a look-up now is final; else (a drop, a timeout, an intermediary's page) it may
+    # still be working on it
+    answered: bool = False
     reauthenticated: bool = False  # answered 401 and not re-sent (`resend` false): the token was renewed
     matches: int | None = None  # a look-up: how many records matched
 

@@ -462,6 +462,7 @@ class SalesforceClient:
         if errs is not None and (status < 300 or 400 <= status < 500) and status not in (401, 408, 429):
             return self._refused(status, errs, request, record)
         record.in_doubt = True  # the request went out; this answer does not prove it was not stored
+        record.answered = errs is not None  # ... but in Salesforce's own shape: it is done with it
         if status == 401:
             raise Unavailable("Salesforce refused the gateway's credentials", retry_after=retry_after)
         if status in (429, 503):
