@@ -544,6 +544,11 @@ def cmd_requests(args: argparse.Namespace) -> int:
             async def table():  # type: ignore[no-untyped-def]
                 found = await reqlog.search(source=args.source, outcome=args.outcome, limit=args.limit)
                 return _request_table(found, "ehr-gateway requests")
+            if not args.follow and not sys.stdout.isatty():
+                # piped: one JSON object a line (what the table shows, no patient data), for jq and grep
+                for entry in await reqlog.search(source=args.source, outcome=args.outcome, limit=args.limit):
+                    sys.stdout.write(msgspec.json.encode(reqlog.view(entry, phi=False)).decode() + "\n")
+                return 0
             if not args.follow:
                 console.print(await table())
                 return 0
@@ -607,12 +612,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ehr-gateway", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="run the gateway")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--workers", type=int, default=1)
-    serve.add_argument("--config")
-    serve.add_argument("--sandbox-port", type=int, default=0, help="port of the in-process sandbox (default: any free)")
+    serve = sub.add_parser("serve", help="run the gateway", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                           description="Run the gateway. With no Salesforce credentials in the environment it "
+                                       "starts the Health Cloud sandbox in the same process and, with no EHR "
+                                       "configured, a twin of each EHR, and prints every demo key it needs.")
+    serve.add_argument("--host", default="127.0.0.1", help="the address to listen on")
+    serve.add_argument("--port", type=int, default=8000, help="the HTTP port (FHIR, Health Cloud's callouts, "
+                                                               "the operators' dashboard)")
+    serve.add_argument("--workers", type=int, default=1, help="worker processes sharing the port and Redis")
+    serve.add_argument("--config", help="the config directory (gateway.toml and codemaps/); default: "
+                                        "EHR_GATEWAY_CONFIG, else ./config")
+    serve.add_argument("--sandbox-port", type=int, default=0, help="port of the in-process sandbox (0: any free)")
     serve.set_defaults(func=cmd_serve)
 
     sandbox = sub.add_parser("sandbox", help="run the Health Cloud sandbox alone")
@@ -654,7 +664,9 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("system")
         cmd.add_argument("appointment")
         if name == "cancel":
-            cmd.add_argument("--reason", default="pat-mv")
+            cmd.add_argument("--reason", default="pat-mv",
+                             help="the cancelationReason sent: an appointment-cancellation-reason code "
+                                  "(default pat-mv: the patient moved the appointment)")
     hc.set_defaults(func=cmd_healthcloud)
 
     codemaps = sub.add_parser("codemaps", help="code map tools")

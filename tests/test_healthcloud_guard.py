@@ -321,3 +321,16 @@ async def test_against_an_independent_fhir_server_a_slot_is_booked_once_read_and
         assert search(base, "Slot", _id=slot["id"])[0]["status"] == "free"  # freed: the gateway had marked it
         again = validate((await create("08pxx00000000V2AAA", two)).json(), "Appointment")
         assert again["status"] == "booked"
+
+
+async def test_a_bare_id_two_ehrs_booked_asks_for_the_source_system(hc, loose):
+    made = {}
+    for dialect in ("cerner", "fhir"):
+        system = hc.systems[dialect]
+        slot = _slots(await _found(hc, _search(hc.systems, (dialect,))))[0]["id"]
+        made[dialect] = (await _book(hc, system, slot, f"08pxx00000000W{dialect[0].upper()}AAA")).json()["id"]
+    assert made["cerner"] == made["fhir"]  # the twins number their appointments alike
+    both = await hc.get(f"/iam/Appointment/{made['cerner']}", headers=JSON)
+    assert both.status_code == 400
+    text = validate(both.json(), "OperationOutcome")["issue"][0]["details"]["text"]
+    assert text.startswith("several EHRs have an appointment of this id: name its source system")

@@ -177,7 +177,8 @@ class Scheduler:
         if len(known) == 1:
             return known[0]  # type: ignore[return-value]
         if len(known) > 1:
-            raise InvalidRequest(f"several EHRs have a {what} of this id: name its source system in the path "
+            article = "an" if what[0] in "aeiou" else "a"
+            raise InvalidRequest(f"several EHRs have {article} {what} of this id: name its source system in the path "
                                  f"(…/{what.capitalize()}/<sourceSystem>/<id>)")
         failed = next((a for a in answers if isinstance(a, GatewayError)), None)
         if failed is not None:
