@@ -8,6 +8,7 @@ import os
 import secrets
 import signal
 import sys
+import time
 from pathlib import Path
 
 import msgspec
@@ -245,7 +246,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                    } if demo_ehrs else {}
             sandbox_server = ThreadedServer(
                 create_sandbox_app(SandboxConfig(client_id="ehr-gateway-demo", client_secret=secret,
-                                                 control_key=control_key, **iam)),
+                                                 control_key=control_key, first_number=_clock_number(), **iam)),
                 port=args.sandbox_port,
             ).start()
             os.environ.update(
@@ -354,6 +355,17 @@ def cmd_healthcloud(args: argparse.Namespace) -> int:
     return 0 if status == 200 else 1
 
 
+# each demo twin's appointment ids in a space of its own: a bare id names one EHR's appointment
+_ID_SPACES = {"cerner": 0, "epic": 200_000_000_000, "fhir": 400_000_000_000}
+
+
+def _clock_number() -> int:
+    """Where a demo's numbering starts: tenths of a second since 1970, so that ids made after a
+    restart on the same data never repeat the ones before it (unless a start made more than ten a
+    second since the last)."""
+    return int(time.time() * 10)
+
+
 def _start_ehr_twins(settings: object, data_root: Path, password: str) -> list[object]:
     """With no EHR configured, one twin per EHR dialect the sources speak, each on a free loopback
     port, and Health Cloud's demo credential: what a scripted Health Cloud needs to book on their
@@ -383,6 +395,7 @@ def _start_ehr_twins(settings: object, data_root: Path, password: str) -> list[o
         # gateway's own slot guard is what keeps a slot booked once there
         config = TwinConfig(dialect=dialect, control_key=control_key, client_id="ehr-gateway-demo",
                             client_secret=secret, public_key_pem=public_pem, permissive=dialect == "fhir",
+                            first_number=_clock_number() + _ID_SPACES[dialect],
                             mllp_port=int(extra["mllp_out"].rpartition(":")[2]) if "mllp_out" in extra else None)
         server = ThreadedServer(create_ehr_twin(config)).start()
         started.append(server)

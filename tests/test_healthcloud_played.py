@@ -95,6 +95,8 @@ def test_a_scripted_health_cloud_books_and_cancels_on_three_ehrs(tmp_path: Path)
             assert (code, appointment["status"]) == (0, "booked"), appointment
             booked[system] = (found[0], appointment)
         dialect = {"cerner": "cerner", "epic": "epic", "Salesforce": "fhir"}
+        # each twin numbers its appointments in a space of its own: a bare id names one EHR's
+        assert len({appointment["id"] for _, appointment in booked.values()}) == 3, booked
 
         # the FHIR twin is a plain server that would book the slot again: the gateway does not
         slot, appointment = booked["Salesforce"]

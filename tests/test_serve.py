@@ -4,6 +4,7 @@ appointment over real HTTP."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -211,3 +212,24 @@ def test_demo_keys_are_accepted_only_while_the_loopback_sandbox_stands_in():
         real = settings(login_url)
         kept, none = demo_credentials(real, flags)
         assert none is None and kept.file.admin == real.file.admin, login_url
+
+
+def test_a_restart_on_the_same_data_never_gives_an_old_id_to_a_new_booking(tmp_path: Path):
+    """The gateway's records outlive the in-process sandbox: after `serve` is restarted on the same data,
+    a new booking must get an id of its own, not one the records already hold (which answered it as a
+    replay, or refused its cancel as 'this appointment is cancelled')."""
+    body = json.loads(VIDEO_VISIT.read_bytes())
+    headers = {"Authorization": "Bearer demo-cerner-key", "Content-Type": "application/fhir+json"}
+    ids = []
+    for run, key in enumerate(("before-restart", "after-restart")):
+        with demo(tmp_path) as (base, _):
+            body["identifier"] = [{"system": "urn:test:restart", "value": key}]
+            r = httpx.post(f"{base}/fhir/cerner/Appointment", json=body, timeout=10,
+                           headers={**headers, "Idempotency-Key": key})
+            assert r.status_code == 201 and "idempotent-replayed" not in r.headers, r.text
+            ids.append(r.json()["id"])
+            cancelled = {**body, "id": ids[-1], "status": "cancelled"}
+            done = httpx.put(f"{base}/fhir/cerner/Appointment/{ids[-1]}", json=cancelled, timeout=10,
+                             headers={**headers, "Idempotency-Key": f"{key}-cancel"})
+            assert done.status_code == 200 and done.json()["status"] == "cancelled", done.text
+    assert ids[0] != ids[1]

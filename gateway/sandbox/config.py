@@ -35,6 +35,9 @@ class SandboxConfig(msgspec.Struct, kw_only=True, frozen=True):
     slot_minutes: int = 30
     workday_start_hour: int = 9
     workday_end_hour: int = 17
+    # its ServiceAppointments are numbered from this: `serve` starts it from the clock, so that an id
+    # never repeats across starts on the same data (the gateway's records outlive the sandbox's)
+    first_number: int = 1
     max_slot_range_days: int = 62
     # Get Slots' times: with their zone, or without one, as one of Salesforce's samples writes them
     slot_times: Literal["utc", "zoneless"] = "utc"

@@ -317,7 +317,7 @@ class SandboxState:
         self._sessions: dict[str, _Session] = {}
         self._appointments: dict[str, StoredAppointment] = {}
         self._records: dict[str, tuple[StoredAppointment, dict[str, Any]]] = {}  # see service_appointments
-        self._next_number = 1
+        self._first_number = self._next_number = config.first_number
         self._counters = Counters()
         self.faults = SandboxFaults(on_expire_tokens=self._expire_sessions)
         self.org = Org(seed.plant if config.org_seed == "demo" else None)
@@ -451,7 +451,7 @@ class SandboxState:
             self._appointments.clear()
             self._records.clear()
             self._sessions.clear()
-            self._next_number = 1
+            self._next_number = self._first_number
             self._counters = Counters()
         self.faults.reset()
         self.org.reset()

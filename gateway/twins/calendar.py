@@ -51,7 +51,7 @@ class Calendar:
         self._lock = threading.Lock()
         self._taken: dict[str, str] = {}  # slot id -> appointment id
         self._appointments: dict[str, Appointment] = {}
-        self._numbers = itertools.count(1)
+        self._numbers = itertools.count(config.first_number)
 
     @property
     def schedules(self) -> list[TwinSchedule]:

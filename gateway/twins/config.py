@@ -108,6 +108,9 @@ class TwinConfig(msgspec.Struct, frozen=True, kw_only=True):
     conditional_create: bool = True  # fhir: If-None-Exist honoured and said so in its CapabilityStatement
     return_minimal: bool = False  # fhir: creates and updates answer no body, whatever Prefer asks
     permissive: bool = False  # fhir: enforces nothing beyond the spec (no occupancy, no reference checks)
+    # its appointments are numbered from this (ids 10000000 + n): `serve` starts each twin from the clock,
+    # in an id space of its own, so no id repeats across twins or across starts on the same data
+    first_number: int = 1
     patients: tuple[TwinPatient, ...] | None = None  # None: default_patients(dialect)
 
     def all_schedules(self) -> tuple[TwinSchedule, ...]:
