@@ -377,7 +377,7 @@ def _start_ehr_twins(settings: object, data_root: Path, password: str) -> list[o
     from gateway.edges.server import ThreadedServer
     from gateway.twins import TwinConfig, create_ehr_twin
     from gateway.twins.app import base_path
-    from gateway.twins.config import key_pair
+    from gateway.twins.config import corpus_bookings, key_pair
 
     sources = settings.sources  # type: ignore[attr-defined]
     started, ehrs = [], {}
@@ -395,7 +395,7 @@ def _start_ehr_twins(settings: object, data_root: Path, password: str) -> list[o
         # gateway's own slot guard is what keeps a slot booked once there
         config = TwinConfig(dialect=dialect, control_key=control_key, client_id="ehr-gateway-demo",
                             client_secret=secret, public_key_pem=public_pem, permissive=dialect == "fhir",
-                            first_number=_clock_number() + _ID_SPACES[dialect],
+                            first_number=_clock_number() + _ID_SPACES[dialect], booked=corpus_bookings(dialect),
                             mllp_port=int(extra["mllp_out"].rpartition(":")[2]) if "mllp_out" in extra else None)
         server = ThreadedServer(create_ehr_twin(config)).start()
         started.append(server)

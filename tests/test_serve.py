@@ -101,6 +101,17 @@ def test_serve_with_embedded_defaults_books_the_demo(tmp_path: Path, workers: in
                            headers={"Authorization": f"Bearer {control}"}).json()
         listing = stored if isinstance(stored, list) else stored.get("appointments", stored)
         assert [a["id"] for a in listing] == [r.json()["id"]]
+        # the org (IAM configured) calls back into the Cerner twin for this booking: the twin holds the
+        # corpus's slot and the appointment the EHR made on it, so the loop is recognised, not refused
+        deadline = time.monotonic() + 20
+        while not (called := [c for c in httpx.get(f"{sandbox_url}/sandbox/iam-callouts", timeout=5,
+                                                   headers={"Authorization": f"Bearer {control}"}).json()
+                              if c["service_appointment"] == r.json()["id"] and c.get("create_status")]):
+            assert time.monotonic() < deadline, "the org made no callout"
+            time.sleep(0.2)
+        assert (called[0]["slot_status"], called[0]["slot_state"]) == (200, "busy"), called
+        assert (called[0]["create_status"], called[0]["appointment_status"], called[0]["ehr_appointment"]) == \
+            (200, "booked", "4817572"), called
         assert "12724066" not in (tmp_path / "stdout").read_text()  # the patient id: never logged
         # /metrics on whichever worker answers counts every worker's requests (two bookings sent)
         from prometheus_client.parser import text_string_to_metric_families

@@ -52,6 +52,17 @@ class Calendar:
         self._taken: dict[str, str] = {}  # slot id -> appointment id
         self._appointments: dict[str, Appointment] = {}
         self._numbers = itertools.count(config.first_number)
+        self._extra: dict[str, Slot] = {}  # the booked ones' slots, off the grid
+        self._hold_booked()
+
+    def _hold_booked(self) -> None:
+        for b in self._config.booked:
+            start, end = (datetime.fromisoformat(t.replace("Z", "+00:00")) for t in (b.start, b.end))
+            self._extra[b.slot_id] = Slot(id=b.slot_id, schedule=b.schedule, start=start, end=end, status="busy")
+            self._taken[b.slot_id] = b.appointment_id
+            self._appointments[b.appointment_id] = Appointment(
+                id=b.appointment_id, slot=b.slot_id, schedule=b.schedule, start=start, end=end, patient=b.patient,
+                status="booked", version=0)
 
     @property
     def schedules(self) -> list[TwinSchedule]:
@@ -81,6 +92,10 @@ class Calendar:
         return [s for s in found if s.status == "free" or not free_only]
 
     def slot(self, slot_id: str) -> Slot | None:
+        extra = self._extra.get(slot_id)
+        if extra is not None:
+            with self._lock:
+                return msgspec.structs.replace(extra, status="busy" if slot_id in self._taken else "free")
         schedule_id, _, stamp = slot_id.rpartition("-")
         schedule = self._schedules.get(schedule_id)
         try:
@@ -147,3 +162,4 @@ class Calendar:
         with self._lock:
             self._taken.clear()
             self._appointments.clear()
+        self._hold_booked()

@@ -49,6 +49,31 @@ def default_schedules(dialect: Dialect) -> tuple[TwinSchedule, ...]:
     return tuple(TwinSchedule(id=s, practitioner=p, location=loc, service_types=services) for s, p, loc in ids)
 
 
+class TwinBooking(msgspec.Struct, frozen=True, kw_only=True):
+    """An appointment the EHR holds from the start, on a slot of its own outside the calendar's grid:
+    what the EHR booked before the gateway saw it (the corpus's bookings, which the demo posts)."""
+
+    appointment_id: str
+    slot_id: str
+    schedule: TwinSchedule
+    start: str  # ISO 8601 instants
+    end: str
+    patient: str
+
+
+def corpus_bookings(dialect: Dialect) -> tuple[TwinBooking, ...]:
+    """What the README's first booking is on the EHR's side: the corpus's Cerner video visit
+    (`cerner-millennium-r4/r4_appointment_video_visit_entry.json`), booked on its slot for its patient,
+    with its practitioner at its location. The demo's Cerner twin holds it, so that the org's callouts
+    for that booking (IAM configured) find it there, as they would in the real EHR."""
+    if dialect != "cerner":
+        return ()
+    services = ((f"https://fhir.cerner.com/{CERNER_TENANT}/codeSet/14249", "2572307911"),)
+    schedule = TwinSchedule(id="21265426", practitioner="593923", location="21304876", service_types=services)
+    return (TwinBooking(appointment_id="4817572", slot_id="21265426-633867-6828001-60", schedule=schedule,
+                        start="2020-07-10T13:00:00Z", end="2020-07-10T13:15:00Z", patient="12724066"),)
+
+
 class TwinPatient(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """A person the twin holds, with one MRN in the dialect's system (`MRN_SYSTEMS`). The JSON of
     `POST /twin/patients` (`given` there a list or one string)."""
@@ -111,6 +136,7 @@ class TwinConfig(msgspec.Struct, frozen=True, kw_only=True):
     # its appointments are numbered from this (ids 10000000 + n): `serve` starts each twin from the clock,
     # in an id space of its own, so no id repeats across twins or across starts on the same data
     first_number: int = 1
+    booked: tuple[TwinBooking, ...] = ()  # held from the start (`corpus_bookings`: the demo's)
     patients: tuple[TwinPatient, ...] | None = None  # None: default_patients(dialect)
 
     def all_schedules(self) -> tuple[TwinSchedule, ...]:
