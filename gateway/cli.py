@@ -304,6 +304,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_mllp_send(args: argparse.Namespace) -> int:
+    """Send one HL7 v2 message over MLLP, as an EHR's interface engine does, and print the ACK."""
+    import asyncio
+
+    from gateway.outbound.http import Lost, NeverSent
+    from gateway.outbound.mllp import MllpClient
+
+    try:
+        text = Path(args.file).read_bytes()
+    except OSError as exc:
+        return _fail(f"{args.file}: {exc.strerror}")
+    # a file keeps its segments a line each: HL7 ends them with CR
+    message = b"\r".join(line.rstrip(b"\r") for line in text.splitlines() if line.strip()) + b"\r"
+    client = MllpClient(f"{args.host}:{args.port}", connect_timeout=5, timeout=args.timeout)
+    try:
+        ack = asyncio.run(client.exchange(message))
+    except NeverSent:
+        return _fail(f"nothing listens for MLLP on {args.host}:{args.port}; nothing was sent")
+    except Lost:
+        return _fail("the message went out but no ACK came back (it may or may not have been acted on)")
+    shown = ack.decode("utf-8", errors="replace")
+    print(shown.replace("\r", "\n").rstrip("\n"))
+    code = next((line.split(shown[3] if len(shown) > 3 else "|")[1] for line in shown.split("\r")
+                 if line.startswith("MSA")), "")
+    return 0 if code in ("AA", "CA") else 1
+
+
 def cmd_healthcloud(args: argparse.Namespace) -> int:
     """Health Cloud's callouts, as an org with IAM configured makes them (gateway/sandbox/iam.py),
     with its named credential from EHR_GATEWAY_HEALTHCLOUD_CREDENTIAL (`user:password` for HTTP
@@ -681,6 +708,14 @@ def build_parser() -> argparse.ArgumentParser:
                              help="the cancelationReason sent: an appointment-cancellation-reason code "
                                   "(default pat-mv: the patient moved the appointment)")
     hc.set_defaults(func=cmd_healthcloud)
+
+    mllp = sub.add_parser("mllp-send", help="send an HL7 v2 message (a file, a segment a line) over MLLP; print the ACK",
+                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    mllp.add_argument("file", help="the message, e.g. ../shared/corpus/hl7v2/athena-siu-s12-403.hl7")
+    mllp.add_argument("--host", default="127.0.0.1")
+    mllp.add_argument("--port", type=int, default=2575, help="the source's mllp_port (the shipped athena source's)")
+    mllp.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the ACK")
+    mllp.set_defaults(func=cmd_mllp_send)
 
     codemaps = sub.add_parser("codemaps", help="code map tools")
     codemaps_sub = codemaps.add_subparsers(dest="codemaps_command", required=True)

@@ -1,6 +1,7 @@
 """The command line as a newcomer meets it: `serve --help` says what each option does and its default,
-`healthcloud cancel --help` says which reason it sends, and `requests` piped to another program prints
-one JSON object a line, not a table drawn for a terminal."""
+`healthcloud cancel --help` says which reason it sends, `requests` piped to another program prints
+one JSON object a line, not a table drawn for a terminal, and `mllp-send` sends a corpus SIU and prints
+the ACK."""
 
 from __future__ import annotations
 
@@ -56,3 +57,24 @@ async def test_requests_piped_prints_one_json_object_a_line(redis_url, prefix, s
     entry = next(e for e in lines if e["id"] == request_id)
     assert (entry["outcome"], entry["source"], entry["sf_id"]) == ("booked", "cerner", booked.json()["id"])
     assert "patient" not in entry  # what the table shows: no patient data
+
+
+async def test_mllp_send_sends_a_corpus_siu_and_prints_the_ack(redis_url, prefix, sandbox):
+    from tests.hl7_strict import read
+    from tests.test_hl7v2 import mllp_gateway
+
+    siu = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "hl7v2" / "athena-siu-s12-403.hl7"
+    settings = make_settings(redis_url, prefix, sandbox.url)
+    async with mllp_gateway(settings) as (port, _):
+        sent = await asyncio.to_thread(_run, "mllp-send", str(siu), "--port", str(port))
+        stopped = await asyncio.to_thread(_run, "mllp-send", str(siu), "--port", str(free_port_closed()))
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    ack = read((sent.stdout.strip().replace("\n", "\r") + "\r").encode("ascii"))  # parsed strictly, as an engine would
+    assert ack.code == "AA"
+    assert stopped.returncode != 0 and "nothing was sent" in stopped.stderr
+
+
+def free_port_closed() -> int:
+    """A port nothing listens on."""
+    from tests.conftest import free_port
+    return free_port()
