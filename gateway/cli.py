@@ -247,7 +247,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             sandbox_server = ThreadedServer(
                 create_sandbox_app(SandboxConfig(client_id="ehr-gateway-demo", client_secret=secret,
                                                  control_key=control_key, first_number=_clock_number(), **iam)),
-                port=args.sandbox_port,
+                port=args.sandbox_port, shutdown_timeout=0.2,  # stopped after the gateway: nobody waits for it
             ).start()
             os.environ.update(
                 SALESFORCE_LOGIN_URL=sandbox_server.url,
@@ -424,7 +424,7 @@ def _start_ehr_twins(settings: object, data_root: Path, password: str) -> list[o
                             client_secret=secret, public_key_pem=public_pem, permissive=dialect == "fhir",
                             first_number=_clock_number() + _ID_SPACES[dialect], booked=corpus_bookings(dialect),
                             mllp_port=int(extra["mllp_out"].rpartition(":")[2]) if "mllp_out" in extra else None)
-        server = ThreadedServer(create_ehr_twin(config)).start()
+        server = ThreadedServer(create_ehr_twin(config), shutdown_timeout=0.2).start()
         started.append(server)
         ehrs[dialect] = {"base_url": server.url + base_path(dialect), "token_url": f"{server.url}/oauth2/token",
                          "client_id": "ehr-gateway-demo", **extra}

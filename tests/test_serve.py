@@ -244,3 +244,59 @@ def test_a_restart_on_the_same_data_never_gives_an_old_id_to_a_new_booking(tmp_p
                              headers={**headers, "Idempotency-Key": f"{key}-cancel"})
             assert done.status_code == 200 and done.json()["status"] == "cancelled", done.text
     assert ids[0] != ids[1]
+
+
+def test_serve_stops_within_five_seconds_of_sigterm_with_a_booking_in_flight(tmp_path: Path):
+    """An operator's or a process manager's SIGTERM while Salesforce holds a booking: the gateway
+    stops within 5 s (the booking is answered or its connection closed; it stays in its record, in
+    doubt or not sent, for the EHR's retry), and nothing it started outlives it."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SALESFORCE_", "REDIS_URL", "EHR_GATEWAY_DATA_KEY"))}
+    env["EHR_GATEWAY_DATA"] = str(tmp_path / "data")
+    out = (tmp_path / "stdout").open("w+")
+    exe = Path(sys.executable).with_name("ehr-gateway")
+    proc = subprocess.Popen([str(exe), "serve", "--port", str(port)], cwd=ROOT, env=env,
+                            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{base}/health/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "stdout").read_text()
+            time.sleep(0.2)
+        printed = (tmp_path / "stdout").read_text()
+        sandbox_url = re.search(r"sandbox at (http://127\.0\.0\.1:\d+)", printed).group(1)
+        control = re.search(r"sandbox/appointments with Authorization: Bearer (\S+)", printed).group(1)
+        httpx.post(f"{sandbox_url}/sandbox/faults", json={"latency_ms": 15000}, timeout=5,
+                   headers={"Authorization": f"Bearer {control}"}).raise_for_status()
+        answers: list[object] = []
+
+        def booking() -> None:
+            try:
+                answers.append(httpx.post(f"{base}/fhir/cerner/Appointment", content=VIDEO_VISIT.read_bytes(),
+                                          timeout=30, headers={"Authorization": "Bearer demo-cerner-key",
+                                                               "Content-Type": "application/fhir+json",
+                                                               "Idempotency-Key": "in-flight"}))
+            except httpx.HTTPError as exc:
+                answers.append(exc)
+
+        import threading
+        sender = threading.Thread(target=booking)
+        sender.start()
+        time.sleep(1.5)  # the booking is waiting on Salesforce
+        assert not answers
+        stopping = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
+        took = time.monotonic() - stopping
+        sender.join(30)
+        assert took < 5.0, f"stopped after {took:.1f} s"
+        assert answers  # answered, or its connection closed: never left hanging
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert _processes_mentioning(str(tmp_path)) == [], "something the gateway started outlived it"

@@ -26,6 +26,9 @@ from gateway.settings import FileSettings
 __all__ = ["ThreadedServer", "gateway_server_options"]
 
 
+SHUTDOWN_GRACE_SECONDS = 2
+
+
 def gateway_server_options(cfg: FileSettings, config_dir: Path) -> dict[str, Any]:
     """uvicorn options for the gateway from its settings: limits, slow-client timeouts, forwarded
     headers, TLS, and mutual TLS when a client CA is configured. `serve` and the tests use the same ones."""
@@ -35,6 +38,9 @@ def gateway_server_options(cfg: FileSettings, config_dir: Path) -> dict[str, Any
                                  max_header_bytes=lim.max_header_bytes),
         "timeout_keep_alive": max(1, round(lim.keep_alive_seconds)),
         "limit_concurrency": lim.max_connections,
+        # on SIGTERM, in-flight requests get this long to be answered, then are cancelled (a booking
+        # stays in its record for the EHR's retry): with the process's own teardown, a stop takes < 5 s
+        "timeout_graceful_shutdown": SHUTDOWN_GRACE_SECONDS,
         **forwarded_options(cfg.server.trusted_proxies),
     }
     if tls.certificate_file and tls.key_file:
