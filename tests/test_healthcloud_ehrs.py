@@ -415,12 +415,22 @@ async def test_the_dashboard_shows_each_direction(hc, twins, chromium):
         create = page.locator('[data-testid="request-row"][data-outcome="booked"]')
         await expect(create).to_have_count(1)
         await expect(create.get_by_test_id("row-ehr")).to_contain_text("EHR 201")  # Cerner's create
+        await create.click()  # its detail shows the EHR's side, not Salesforce's empty one
+        await expect(page.get_by_test_id("detail-ehr-status")).to_have_text("201")
+        await expect(page.get_by_test_id("detail-sf-id")).to_have_count(0)
         await expect(page.locator('[data-testid="request-row"][data-outcome="found"]')).to_have_count(1)
         await page.get_by_test_id("filter-direction").select_option("in")
         await expect(rows).to_have_count(1)
         await expect(rows.first).to_have_attribute("data-outcome", "booked")
         await expect(rows.first.get_by_test_id("row-sf-id")).to_be_visible()
+        # each direction counted on its own: the EHR's booking, and Health Cloud's two callouts (the
+        # create answered "booked" is not a booking from an EHR)
+        await expect(page.get_by_test_id("kpi-booked")).to_have_text("1")
+        await expect(page.get_by_test_id("kpi-callouts")).to_have_text("2")
         assert problems == []
+    stats = (await hc.get("/admin/api/stats", headers={"Authorization": f"Bearer {ADMIN_KEY}"})).json()
+    by_direction = {(p["direction"], p["outcome"]): p["count"] for p in stats["series"]}
+    assert by_direction == {("in", "booked"): 1, ("out", "booked"): 1, ("out", "found"): 1}
 
 
 @pytest.mark.parametrize("status", [503, 429, 500])

@@ -835,7 +835,7 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
             operation_id="audit", security=admin_read,
         )},
         "/admin/api/stats": {"get": _operation(
-            "Counts per minute by source and outcome, latency percentiles, Salesforce usage", "Admin",
+            "Counts per minute by source, outcome and direction, latency percentiles, Salesforce usage", "Admin",
             {"200": _json_answer("the window's statistics", _ref("Stats")), **_admin_errors("400")},
             operation_id="stats", security=admin_read,
             parameters=[_query("minutes", "the window, 1 to 1440 (clamped)", {"type": "integer", "default": 60})],
@@ -932,8 +932,11 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
             "csrf": {"type": ["string", "null"], "description": "the session's CSRF token; null for a bearer key"}}},
         "Stats": {"type": "object", "required": ["bucket_seconds", "series", "latency", "salesforce"], "properties": {
             "bucket_seconds": {"const": 60},
-            "series": _array({"type": "object", "required": ["t", "source", "outcome", "count"], "properties": {
+            "series": _array({"type": "object", "required": ["t", "source", "outcome", "direction", "count"],
+                              "properties": {
                 "t": {"type": "integer"}, "source": _STRING, "outcome": {"enum": list(OUTCOMES)},
+                "direction": {"enum": ["in", "out"], "description": "in: bookings from the EHRs; out: Health "
+                                                                     "Cloud's callouts"},
                 "count": {"type": "integer"}}}),
             "latency": _array({"type": "object", "required": ["t", "p50", "p95", "p99", "count"], "properties": {
                 "t": {"type": "integer"}, "p50": {"type": "number"}, "p95": {"type": "number"},

@@ -43,7 +43,7 @@ from gateway.state.idempotency import IdempotencyStore
 from gateway.ids import new_id
 from gateway.state.queue import BookingQueue
 from gateway.state.ratelimit import FailureThrottle
-from gateway.state.requestlog import HEALTHCLOUD, OUTCOMES, Entry, RequestLog, View
+from gateway.state.requestlog import CALLOUT_OPS, HEALTHCLOUD, OUTCOMES, Entry, RequestLog, View
 from gateway.settings import AdminSettings
 
 DASHBOARD = Path(__file__).parent / "dashboard"
@@ -332,15 +332,18 @@ def admin_router(deps: AdminDeps) -> Router:
         since = int(time.time() * 1000) - minutes * 60_000
         # the newest 20,000 entries of the window: enough for a clinic's hour, bounded for Redis
         entries = await deps.log.search(since_ms=since, limit=20_000, cap=20_000)
-        counts: dict[tuple[int, str, str], int] = defaultdict(int)
+        counts: dict[tuple[int, str, str, str], int] = defaultdict(int)
         latencies: dict[int, list[float]] = defaultdict(list)
         for e in entries:
             t = e.time_ms - e.time_ms % 60_000
-            counts[(t, e.source, e.outcome)] += 1 + (e.suppressed or 0)  # the door's refusals not stored
+            # each direction counted on its own: a callout's "booked" is Health Cloud's, not an EHR's booking
+            direction = "out" if e.op in CALLOUT_OPS else "in"
+            counts[(t, e.source, e.outcome, direction)] += 1 + (e.suppressed or 0)  # the door's refusals not stored
             latencies[t].append(e.ms)
         return _ok({
             "bucket_seconds": 60,
-            "series": [{"t": t, "source": s, "outcome": o, "count": n} for (t, s, o), n in sorted(counts.items())],
+            "series": [{"t": t, "source": s, "outcome": o, "direction": d, "count": n}
+                       for (t, s, o, d), n in sorted(counts.items())],
             "latency": [{"t": t, **_percentiles(v)} for t, v in sorted(latencies.items())],
             "salesforce": deps.usage(),
         })

@@ -24,6 +24,8 @@
     half_open: ['Half-open', 'One probe call decides whether calls resume.'],
     open: ['Open', 'Salesforce is failing: bookings are queued or refused at once.'],
   };
+  // Health Cloud's callouts (the second direction): every other op is a booking's
+  const CALLOUT_OPS = new Set(['find', 'slot-status', 'create', 'cancel', 'read']);
   const OPS = {
     book: 'Booking', change: 'Reschedule or cancellation', replay: 'Operator replay', deliver: 'Queue delivery',
     release: 'Held booking tried again',
@@ -636,14 +638,21 @@
         v.sf_status ? ' (HTTP ' + v.sf_status + ').' : '.')));
     }
 
+    // a callout of Health Cloud's went to an EHR, not to Salesforce: its side is the EHR's
+    const callout = CALLOUT_OPS.has(v.op);
+    const called = callout
+      ? [field('Latency', v.ehr_ms !== undefined && v.ehr_ms !== null ? fmtMs(v.ms) + ' (EHR ' + fmtMs(v.ehr_ms) + ')' : fmtMs(v.ms)),
+        field('EHR status', v.ehr_status ? String(v.ehr_status) : null, 'detail-ehr-status'),
+        field('EHR error', v.ehr_error ? h('code', null, v.ehr_error) : null, 'detail-ehr-error')]
+      : [field('Latency', v.sf_ms !== undefined && v.sf_ms !== null ? fmtMs(v.ms) + ' (Salesforce ' + fmtMs(v.sf_ms) + ')' : fmtMs(v.ms)),
+        field('Salesforce status', v.sf_status ? String(v.sf_status) : null),
+        field('Salesforce id', v.sf_id ? h('code', null, v.sf_id) : null, 'detail-sf-id'),
+        field('Salesforce error', v.sf_error ? h('code', null, v.sf_error) : null)];
     body.append(section('Summary', h('dl', { class: 'dl' },
       field('Source', v.source, 'detail-source'),
       field('Received', timeEl(v.time_ms)),
       field('Idempotency', v.idempotency),
-      field('Latency', v.sf_ms !== undefined && v.sf_ms !== null ? fmtMs(v.ms) + ' (Salesforce ' + fmtMs(v.sf_ms) + ')' : fmtMs(v.ms)),
-      field('Salesforce status', v.sf_status ? String(v.sf_status) : null),
-      field('Salesforce id', v.sf_id ? h('code', null, v.sf_id) : null, 'detail-sf-id'),
-      field('Salesforce error', v.sf_error ? h('code', null, v.sf_error) : null),
+      called,
       v.suppressed ? field('Not stored', v.suppressed + ' more refused like this one since the last stored', 'detail-suppressed') : null,
       v.input_too_large ? field('Input', 'not kept: ' + v.input_too_large + ' bytes, over the request log\'s limit', 'detail-input-too-large') : null,
       v.replay_of ? field('Replay of', idButton(v.replay_of, 'Open')) : null,
@@ -776,6 +785,7 @@
     const per = Array.from({ length: axis.count }, () => ({}));
     const totals = {};
     for (const p of Array.isArray(stats.series) ? stats.series : []) {
+      if (p.direction === 'out') continue; // Health Cloud's callouts: counted on their own tile
       if (state.chartSource && p.source !== state.chartSource) continue;
       const i = axis.index(p.t);
       if (i < 0 || i >= axis.count) continue;
@@ -787,7 +797,7 @@
     const summary = Object.keys(totals).length
       ? Object.entries(totals).map(([o, c]) => c + ' ' + (OUTCOME_LABEL[o] || o).toLowerCase()).join(', ')
       : 'none';
-    const f = frame(box, 'Bookings per minute over the last hour' + (state.chartSource ? ' from ' + state.chartSource : '') + ': ' + summary, 'count', scale);
+    const f = frame(box, 'Bookings from the EHRs per minute over the last hour' + (state.chartSource ? ' from ' + state.chartSource : '') + ': ' + summary, 'count', scale);
     const slot = xAxis(f, axis);
     const barW = Math.max(1, slot * 0.72);
     const order = OUTCOMES.map(([o]) => o);
@@ -901,11 +911,14 @@
     // the tiles count every source, whatever the chart shows
     let booked = 0;
     let attention = 0;
+    let callouts = 0;
     for (const p of Array.isArray(stats.series) ? stats.series : []) {
-      if (p.outcome === 'booked') booked += p.count || 0;
+      if (p.direction === 'out') callouts += p.count || 0;
+      else if (p.outcome === 'booked') booked += p.count || 0;
       if (ATTENTION.has(p.outcome)) attention += p.count || 0;
     }
     byId('kpi-booked').textContent = numFmt.format(booked);
+    byId('kpi-callouts').textContent = numFmt.format(callouts);
     const att = byId('kpi-attention');
     att.textContent = numFmt.format(attention);
     att.classList.toggle('kpi-bad', attention > 0);
