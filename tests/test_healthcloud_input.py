@@ -165,10 +165,23 @@ async def test_the_grammar_is_the_ehrs_own(hc, twins):
             assert [r[0] for r in twins[dialect].ears.requests if r[1] != "/oauth2/token"] == ["GET"]
 
 
+async def test_a_bare_id_only_one_ehrs_grammar_admits_is_asked_of_that_ehr_alone(hc, twins):
+    """A bare id (no source system) of 66 characters: only Epic's ids run that long, so Cerner and the
+    FHIR server are not asked, and the slot no EHR has is 404, as any unknown slot is (not a 400 from
+    the EHRs whose grammar it is outside)."""
+    counters = _forget(twins)
+    response = await hc.get(f"/iam/Slot/{EPIC_PROPOSED}", headers=READ)
+    assert response.status_code == 404, response.text
+    validate(response.json(), "OperationOutcome")
+    assert [r[0] for r in twins["epic"].ears.requests if r[1] != "/oauth2/token"] == ["GET"]
+    for dialect in ("cerner", "fhir"):
+        assert twins[dialect].counters()["api_calls"] == counters[dialect]["api_calls"], dialect
+
+
 async def test_each_client_sends_an_id_as_one_path_segment(twins, redis_url, prefix):
-    """Behind the edge's check, each EHR client still percent-encodes every id it puts in a path (a
-    query or a fragment in it stays part of the id: the EHR answers 404), refuses a dot segment, and
-    the FHIR client holds its server to R4's id type (400, nothing sent)."""
+    """Behind the edge's check, each EHR client holds a slot or appointment id to its EHR's grammar (400,
+    nothing sent), refuses a dot segment, and percent-encodes every id it puts in a path (the patient
+    read's: a query or a fragment in it stays part of the id, and the EHR answers 404)."""
     kinds = {"cerner": (CernerClient, EhrCredentials(client_secret=SECRET)),
              "epic": (EpicClient, EhrCredentials(private_key_pem=PRIVATE)),
              "fhir": (FhirClient, EhrCredentials(client_secret=SECRET))}
@@ -185,11 +198,11 @@ async def test_each_client_sends_an_id_as_one_path_segment(twins, redis_url, pre
                 twin.ears.requests.clear()
                 with pytest.raises(InvalidRequest):
                     await call("..")
-                r4_only = dialect == "fhir" and name != "patient"  # the patient read is the shared one
-                with pytest.raises(InvalidRequest if r4_only else NotFound):
+                checked = name != "patient"  # the patient read is looked up by any id the EHR gave
+                with pytest.raises(InvalidRequest if checked else NotFound):
                     await call("x?a=1#y")
                 heard = [(m, p.rpartition("/")[2], q) for m, p, q in twin.ears.requests if p != "/oauth2/token"]
-                assert heard == ([] if r4_only else [("GET", "x%3Fa%3D1%23y", "")]), (dialect, name, heard)
+                assert heard == ([] if checked else [("GET", "x%3Fa%3D1%23y", "")]), (dialect, name, heard)
         finally:
             await http.aclose()
             await store.aclose()

@@ -169,6 +169,11 @@ class EhrClient:
     def retry_after(self) -> int:
         return self.settings.unavailable_retry_after_seconds
 
+    def path_id(self, value: str, element: str) -> str:
+        """An id as it goes into this EHR's URL: in its grammar (else 400, and nothing is sent: no id of
+        its own looks so), and one percent-encoded path segment."""
+        return segment(ehr_id(value, element, self.longest_id))
+
     def failure(self, response: Answer, record: CallRecord, what: str) -> Exception:
         """The error for an answer that is not the one expected: the EHR's refusal in its own shape
         (an OperationOutcome with a 4xx: EhrRefused, or NotFound for a 404), it being unavailable

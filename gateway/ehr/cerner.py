@@ -17,7 +17,7 @@ from datetime import date, datetime, timedelta, timezone
 import msgspec
 
 from gateway.canonical import Coding
-from gateway.ehr.base import EhrClient, segment
+from gateway.ehr.base import EhrClient
 from gateway.ehr.model import BookRequest, EhrAppointment, EhrSlot, SlotQuery
 from gateway.errors import EhrFailed, GatewayError, Unprocessable
 from gateway.outbound.calls import CallRecord
@@ -197,7 +197,7 @@ class CernerClient(EhrClient):
         return slots
 
     async def read_slot(self, slot_id: str, record: CallRecord) -> EhrSlot:
-        response = await self.call("GET", f"/Slot/{segment(slot_id)}", record)
+        response = await self.call("GET", f"/Slot/{self.path_id(slot_id, 'Slot.id')}", record)
         if response.status != 200:
             raise self.failure(response, record, "the slot read of a slot")
         resource = self.decoded(response, _Resource, record, "a slot read")
@@ -206,7 +206,7 @@ class CernerClient(EhrClient):
         return _slot(resource, {})
 
     async def read(self, appointment_id: str, record: CallRecord) -> EhrAppointment:
-        response = await self.call("GET", f"/Appointment/{segment(appointment_id)}", record)
+        response = await self.call("GET", f"/Appointment/{self.path_id(appointment_id, 'Appointment.id')}", record)
         if response.status != 200:
             raise self.failure(response, record, "the read of an appointment")
         resource = self.decoded(response, _Resource, record, "an appointment read")
@@ -248,7 +248,7 @@ class CernerClient(EhrClient):
 
     async def cancel(self, appointment_id: str, reason: str | None, record: CallRecord) -> EhrAppointment:
         current = await self.read(appointment_id, record)
-        path = f"/Appointment/{segment(appointment_id)}"
+        path = f"/Appointment/{self.path_id(appointment_id, 'Appointment.id')}"
         for attempt in (1, 2):
             if current.status == "cancelled":
                 return current  # already done: nothing is sent

@@ -172,7 +172,7 @@ class EpicClient(EhrClient):
 
     async def read_slot(self, slot_id: str, record: CallRecord) -> EhrSlot:
         """The slot behind a proposed appointment, by STU3 Slot.Read: free or busy as Epic has it now."""
-        response = await self.call("GET", f"/Slot/{segment(slot_id)}", record)
+        response = await self.call("GET", f"/Slot/{self.path_id(slot_id, 'Slot.id')}", record)
         if response.status != 200:
             raise self.failure(response, record, "the slot read")
         slot = self.decoded(response, _Slot, record, "the slot read")
@@ -199,7 +199,7 @@ class EpicClient(EhrClient):
         return self._appointment(booked[0])
 
     async def read(self, appointment_id: str, record: CallRecord) -> EhrAppointment:
-        response = await self.call("GET", f"/Appointment/{segment(appointment_id)}", record)
+        response = await self.call("GET", f"/Appointment/{self.path_id(appointment_id, 'Appointment.id')}", record)
         if response.status != 200:
             raise self.failure(response, record, "the appointment read")
         found = self.decoded(response, _Resource, record, "the appointment read")

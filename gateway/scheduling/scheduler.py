@@ -169,7 +169,7 @@ class Scheduler:
         async def attempt(s: str) -> T | None:
             try:
                 return await self._bounded(read(s), s, f"the {what} read")
-            except NotFound:
+            except (NotFound, InvalidRequest):  # an id outside this EHR's grammar: not one of its own
                 return None
 
         answers = await asyncio.gather(*(attempt(s) for s in systems), return_exceptions=True)
