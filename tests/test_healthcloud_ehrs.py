@@ -5,7 +5,7 @@ a real Redis. What Health Cloud reads back is checked with the suite's own R4 va
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import date, timedelta
@@ -66,17 +66,27 @@ class Twin:
                            timeout_seconds=3.0, connect_timeout_seconds=1.0)
 
 
+def start_twins(stack: ExitStack, *, wrap: Callable[[Any], Any] = lambda app: app,
+                make: Callable[[str, ThreadedServer, int | None, Any], Twin] = lambda d, server, mllp, _: Twin(d, server, mllp),
+                **fhir: Any) -> dict[str, Twin]:
+    """A twin of each EHR on a port of its own (Epic's MLLP cancel interface too), stopped with `stack`;
+    `fhir`: the FHIR twin's own settings (permissive, conditional_create); `wrap` the app served."""
+    found = {}
+    for dialect in DIALECTS:
+        mllp = free_port() if dialect == "epic" else None
+        config = TwinConfig(dialect=dialect, control_key=CONTROL, client_id=CLIENT,
+                            client_secret=None if dialect == "epic" else SECRET,
+                            public_key_pem=PUBLIC if dialect == "epic" else None, mllp_port=mllp,
+                            **(fhir if dialect == "fhir" else {}))
+        app = wrap(create_ehr_twin(config))
+        found[dialect] = make(dialect, stack.enter_context(ThreadedServer(app)), mllp, app)
+    return found
+
+
 @pytest.fixture
 def twins() -> Iterator[dict[str, Twin]]:
     with ExitStack() as stack:
-        found = {}
-        for dialect in DIALECTS:
-            mllp = free_port() if dialect == "epic" else None
-            config = TwinConfig(dialect=dialect, control_key=CONTROL, client_id=CLIENT,
-                                client_secret=None if dialect == "epic" else SECRET,
-                                public_key_pem=PUBLIC if dialect == "epic" else None, mllp_port=mllp)
-            found[dialect] = Twin(dialect, stack.enter_context(ThreadedServer(create_ehr_twin(config))), mllp)
-        yield found
+        yield start_twins(stack)
 
 
 def fleet_settings(redis_url: str, prefix: str, login_url: str, twins: dict[str, Twin], tmp: Path) -> Settings:

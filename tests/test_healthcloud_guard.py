@@ -15,34 +15,20 @@ import httpx
 import msgspec
 import pytest
 
-from gateway.edges.server import ThreadedServer
 from gateway.settings import EhrSettings
-from gateway.twins import TwinConfig, create_ehr_twin
 from gateway.twins.config import default_schedules
-from tests.conftest import free_port, serve_gateway
+from tests.conftest import serve_gateway
 from tests.fhir_server import actors, fresh_day, search, seed_patient, seed_schedule, seed_slots
 from tests.fhir_validate import validate
-from tests.test_healthcloud_ehrs import (CLIENT, CONTROL, DIALECTS, JSON, PUBLIC, SECRET, Twin, _DIALECT, _create,
-                                         _found, _patient, _search, _slots, fleet_settings)
-
-
-def _twins(**fhir: Any) -> Iterator[dict[str, Twin]]:
-    with ExitStack() as stack:
-        found = {}
-        for dialect in DIALECTS:
-            mllp = free_port() if dialect == "epic" else None
-            config = TwinConfig(dialect=dialect, control_key=CONTROL, client_id=CLIENT,
-                                client_secret=None if dialect == "epic" else SECRET,
-                                public_key_pem=PUBLIC if dialect == "epic" else None, mllp_port=mllp,
-                                **(fhir if dialect == "fhir" else {}))
-            found[dialect] = Twin(dialect, stack.enter_context(ThreadedServer(create_ehr_twin(config))), mllp)
-        yield found
+from tests.test_healthcloud_ehrs import (CLIENT, DIALECTS, JSON, SECRET, Twin, _DIALECT, _create, _found, _patient,
+                                         _search, _slots, fleet_settings, start_twins)
 
 
 @pytest.fixture
 def loose() -> Iterator[dict[str, Twin]]:
     """The three twins, the FHIR one permissive and without conditional create, as plain servers are."""
-    yield from _twins(permissive=True, conditional_create=False)
+    with ExitStack() as stack:
+        yield start_twins(stack, permissive=True, conditional_create=False)
 
 
 @asynccontextmanager

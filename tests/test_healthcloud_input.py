@@ -18,7 +18,6 @@ import httpx
 import pytest
 import redis.asyncio as aredis
 
-from gateway.edges.server import ThreadedServer
 from gateway.ehr.cerner import CernerClient
 from gateway.ehr.epic import EpicClient
 from gateway.ehr.fhir import FhirClient
@@ -26,12 +25,11 @@ from gateway.errors import InvalidRequest, NotFound
 from gateway.outbound.calls import CallRecord
 from gateway.outbound.http import HttpClient
 from gateway.settings import EhrCredentials
-from gateway.twins import TwinConfig, create_ehr_twin
 from gateway.twins.config import default_patients, default_schedules
-from tests.conftest import free_port, serve_gateway
+from tests.conftest import serve_gateway
 from tests.fhir_validate import validate
-from tests.test_healthcloud_ehrs import (CLIENT, CONTROL, DIALECTS, FORM, HC, JSON, PRIVATE, PUBLIC, SECRET, SERVICE,
-                                         Twin, _create, _found, _search, _slots, fleet_settings)
+from tests.test_healthcloud_ehrs import (DIALECTS, FORM, HC, JSON, PRIVATE, SECRET, SERVICE, Twin, _create, _found,
+                                         _search, _slots, fleet_settings, start_twins)
 
 READ = {"Authorization": HC}
 PATIENT = {d: default_patients(d)[0].id for d in DIALECTS}  # a patient each twin has
@@ -68,15 +66,7 @@ class HeardTwin(Twin):
 @pytest.fixture
 def twins() -> Iterator[dict[str, HeardTwin]]:
     with ExitStack() as stack:
-        found = {}
-        for dialect in DIALECTS:
-            mllp = free_port() if dialect == "epic" else None
-            config = TwinConfig(dialect=dialect, control_key=CONTROL, client_id=CLIENT,
-                                client_secret=None if dialect == "epic" else SECRET,
-                                public_key_pem=PUBLIC if dialect == "epic" else None, mllp_port=mllp)
-            ears = Ears(create_ehr_twin(config))
-            found[dialect] = HeardTwin(dialect, stack.enter_context(ThreadedServer(ears)), mllp, ears)
-        yield found
+        yield start_twins(stack, wrap=Ears, make=HeardTwin)  # type: ignore[arg-type,misc]
 
 
 @pytest.fixture

@@ -45,10 +45,9 @@ def _processes_mentioning(text: str) -> list[int]:
     return found
 
 
-@contextmanager
-def demo(tmp_path: Path, workers: int = 1) -> Iterator[tuple[str, str]]:
-    """`ehr-gateway serve` as the README's first command runs it, with nothing configured: its address
-    and what it printed once ready. Stopped as an operator stops it; nothing of it may outlive it."""
+def _started(tmp_path: Path, workers: int = 1) -> tuple[subprocess.Popen[bytes], str]:
+    """`ehr-gateway serve` with nothing configured, its data under `tmp_path`, once ready: the process
+    and its address (what it printed: `tmp_path / "stdout"`)."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SALESFORCE_", "REDIS_URL", "EHR_GATEWAY_DATA_KEY"))}
     env["EHR_GATEWAY_DATA"] = str(tmp_path / "data")
@@ -56,18 +55,27 @@ def demo(tmp_path: Path, workers: int = 1) -> Iterator[tuple[str, str]]:
     exe = Path(sys.executable).with_name("ehr-gateway")
     proc = subprocess.Popen([str(exe), "serve", "--port", str(port), "--workers", str(workers)], cwd=ROOT, env=env,
                             stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"{base}/health/ready", timeout=2).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            raise AssertionError(f"gateway did not become ready:\n{(tmp_path / 'stdout').read_text()}")
+        time.sleep(0.2)
+
+
+@contextmanager
+def demo(tmp_path: Path, workers: int = 1) -> Iterator[tuple[str, str]]:
+    """`ehr-gateway serve` as the README's first command runs it, with nothing configured: its address
+    and what it printed once ready. Stopped as an operator stops it; nothing of it may outlive it."""
+    proc, base = _started(tmp_path, workers)
     try:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{base}/health/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None, (tmp_path / "stdout").read_text()
-            assert time.monotonic() < deadline, "gateway did not become ready"
-            time.sleep(0.2)
         yield base, (tmp_path / "stdout").read_text()
     finally:
         proc.send_signal(signal.SIGTERM)  # as an operator or a process manager stops it
@@ -250,24 +258,8 @@ def test_serve_stops_within_five_seconds_of_sigterm_with_a_booking_in_flight(tmp
     """An operator's or a process manager's SIGTERM while Salesforce holds a booking: the gateway
     stops within 5 s (the booking is answered or its connection closed; it stays in its record, in
     doubt or not sent, for the EHR's retry), and nothing it started outlives it."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SALESFORCE_", "REDIS_URL", "EHR_GATEWAY_DATA_KEY"))}
-    env["EHR_GATEWAY_DATA"] = str(tmp_path / "data")
-    out = (tmp_path / "stdout").open("w+")
-    exe = Path(sys.executable).with_name("ehr-gateway")
-    proc = subprocess.Popen([str(exe), "serve", "--port", str(port)], cwd=ROOT, env=env,
-                            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
+    proc, base = _started(tmp_path)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{base}/health/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "stdout").read_text()
-            time.sleep(0.2)
         printed = (tmp_path / "stdout").read_text()
         sandbox_url = re.search(r"sandbox at (http://127\.0\.0\.1:\d+)", printed).group(1)
         control = re.search(r"sandbox/appointments with Authorization: Bearer (\S+)", printed).group(1)
